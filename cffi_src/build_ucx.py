@@ -1,0 +1,57 @@
+"""cffi build module for gpuwire._ucx (API mode, out of line).
+
+One module per C header, as pyca/cryptography's _cffi_src does: this one binds
+cffi_src/gw_ucx.h, the UCX engine. It compiles against the headers of the
+`libucx` wheel found in the build environment and links with an rpath to the
+wheel's lib dir next to the installed package ($ORIGIN/../libucx/lib); at import
+gpuwire preloads the libraries through `libucx.load_library()` and checks the
+runtime version (gpuwire/transport/_lib.py).
+"""
+import os
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _ucx_prefix():
+    override = os.environ.get("GPUWIRE_UCX_BUILD_PREFIX")
+    if override:
+        return pathlib.Path(override)
+    import libucx  # the libucx-cu13 wheel (a build requirement)
+
+    return pathlib.Path(libucx.__file__).resolve().parent
+
+
+def _cdef_from_header(path):
+    """The cdef is the header itself minus preprocessor lines."""
+    out = []
+    for line in path.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            if s.startswith("#define GW_"):
+                name = s.split()[1]
+                if not name.endswith("_H"):
+                    out.append(f"#define {name} ...")
+            continue
+        out.append(line)
+    return "\n".join(out)
+
+
+prefix = _ucx_prefix()
+ffi = FFI()
+ffi.cdef(_cdef_from_header(HERE / "gw_ucx.h"))
+ffi.set_source(
+    "gpuwire._ucx",
+    '#include "gw_ucx.h"',
+    sources=[str(HERE / "gw_ucx.c")],
+    include_dirs=[str(HERE), str(prefix / "include")],
+    library_dirs=[str(prefix / "lib")],
+    libraries=["ucp", "uct", "ucs", "dl", "pthread"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
+    extra_link_args=["-Wl,-rpath,$ORIGIN/../libucx/lib", "-Wl,--disable-new-dtags"],
+)
+
+if __name__ == "__main__":
+    ffi.compile(verbose=True)

@@ -1,0 +1,1692 @@
+/* gpuwire UCX engine (see gw_ucx.h).
+ *
+ * Threading: one mutex per worker serialises every call into UCX (the worker
+ * runs in UCS_THREAD_MODE_SERIALIZED).  Waits take the lock only around each
+ * progress pass, so other threads can post sends while one thread waits.
+ * UCX callbacks run inside progress, with the lock held; they only set flags
+ * and queue events, which are handled after progress returns.
+ *
+ * Connections: a sockaddr connect makes a control endpoint (tcp, error mode
+ * PEER: UCX reports a dead peer on it) and, when both sides sit on one node,
+ * a data endpoint made from the peer's worker address in error mode NONE so
+ * UCX may pick shared memory.  Liveness on the data endpoint comes from the
+ * control endpoint and, on one node, from a pidfd of the peer process.
+ */
+#define _GNU_SOURCE
+#include "gw_ucx.h"
+
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <ucp/api/ucp.h>
+
+#define GW_MAGIC 0x67777531u /* "gwu1" */
+#define GW_PROTO 1
+#define AM_HELLO 0x4711
+#define AM_WELCOME 0x4712
+#define AM_BYE 0x4713
+#define MAX_CONNS 65536
+#define BLOCK_SLICE_NS 100000000LL
+#define LIVE_CHECK_NS 2000000LL
+
+#define TAG_USER_MASK 0xFFFFFFull
+#define TAG_CONN_MASK 0xFFFFFFFF00000000ull
+
+static inline int64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ types */
+
+struct gw_ctx {
+  ucp_context_h ctx;
+  size_t req_size;
+};
+
+typedef struct {
+  uint32_t magic, proto;
+  uint32_t sender_id;    /* the sender's local id for this connection */
+  uint32_t receiver_id;  /* WELCOME: the client's id; HELLO: 0 */
+  uint32_t via_sockaddr; /* HELLO came over a sockaddr control endpoint */
+  int32_t pid;
+  uint64_t ipc_ns, pid_ns;
+  char boot_id[40];
+  char host[64];
+  uint32_t addr_len;
+  uint32_t pad;
+} gw_hello_t;
+
+/* a worker address as gpuwire hands it out: identity + UCX's address */
+typedef struct {
+  uint32_t magic, proto;
+  int32_t pid;
+  uint32_t ucx_len;
+  uint64_t ipc_ns, pid_ns;
+  char boot_id[40];
+  char host[64];
+} gw_addr_hdr_t;
+
+struct gw_req {
+  gw_worker_t *w;
+  gw_conn_t *conn;          /* pending list owner, NULL if none */
+  gw_req_t *prev, *next;    /* conn pending list */
+  gw_req_t *free_next;
+  volatile int done;
+  int status;
+  int ucx_busy;             /* UCX still owns the request memory */
+  int released;             /* the user let go of it */
+  int is_recv;
+  size_t length;
+  uint64_t sender_tag;
+  int64_t t_done;
+  ucp_tag_recv_info_t info;
+  ucp_dt_iov_t iov[2];
+};
+
+struct gw_conn {
+  gw_worker_t *w;
+  uint32_t id, remote_id;
+  int state;
+  int lost_status;
+  int via_sockaddr;
+  int is_client;
+  ucp_ep_h ctrl_ep, data_ep;
+  gw_listener_t *listener;  /* accepted through this listener */
+  gw_conn_t *accept_next;
+  gw_req_t *pending;        /* outstanding ops on this conn */
+  int pidfd;
+  int32_t peer_pid;
+  char peer[160];
+  gw_hello_t hello_out;     /* stays valid while the AM is in flight */
+  int epoll_added;
+};
+
+struct gw_listener {
+  gw_worker_t *w;
+  ucp_listener_h l;
+  int port;
+  int closed;
+  gw_conn_t *q_head, *q_tail;
+};
+
+typedef enum { EV_CONN_REQUEST, EV_HELLO, EV_WELCOME, EV_BYE, EV_EP_ERROR } ev_kind_t;
+
+typedef struct gw_event {
+  ev_kind_t kind;
+  struct gw_event *next;
+  gw_listener_t *listener;
+  ucp_conn_request_h conn_request;
+  ucp_ep_h reply_ep;
+  uint32_t conn_id;
+  int status;
+  gw_hello_t hello;
+  size_t addr_len;
+  unsigned char addr[];
+} gw_event_t;
+
+struct gw_worker {
+  gw_ctx_t *ctx;
+  ucp_worker_h w;
+  pthread_mutex_t lock;
+  int efd, epfd;
+  int64_t spin_ns;
+  int64_t rtt_half_ns;
+  int64_t last_live_check;
+  gw_conn_t **conns;
+  uint16_t *gens;
+  uint32_t next_idx;
+  gw_event_t *ev_head, *ev_tail;
+  gw_req_t *free_reqs;
+  unsigned char *addr;      /* gpuwire worker address: hdr + ucx address */
+  size_t addr_len;
+  ucp_address_t *ucx_addr;
+  size_t ucx_addr_len;
+  gw_conn_t *addr_q_head, *addr_q_tail; /* accepted by address */
+  uint32_t *lost;           /* ring of lost conn ids */
+  int lost_n, lost_cap;
+  int n_pidfds;
+  volatile int n_blocked;
+  gw_hello_t self;          /* our identity */
+};
+
+/* ------------------------------------------------------------- versions */
+
+uint32_t gw_built_api_version(void) { return (UCP_API_MAJOR << 16) | UCP_API_MINOR; }
+
+void gw_runtime_version(unsigned *major, unsigned *minor, unsigned *release) {
+  ucp_get_version(major, minor, release);
+}
+
+const char *gw_status_string(int status) {
+  switch (status) {
+  case GW_ERR_CONN_LOST: return "connection lost";
+  case GW_ERR_OUT_OF_RANGE: return "remote address outside the registered region";
+  case GW_ERR_BAD_STATE: return "connection is closed";
+  case GW_ERR_PROTOCOL: return "peer is not a gpuwire peer of this protocol version";
+  case GW_ERR_TRUNCATED: return "message longer than the receive buffer";
+  default: return ucs_status_string((ucs_status_t)status);
+  }
+}
+
+int gw_lib_path(char *buf, size_t len) {
+  Dl_info info;
+  if (!dladdr((void *)&ucp_get_version, &info) || !info.dli_fname) return -1;
+  snprintf(buf, len, "%s", info.dli_fname);
+  return 0;
+}
+
+/* ---------------------------------------------------------------- identity */
+
+static uint64_t ns_inode(const char *path) {
+  struct stat st;
+  if (stat(path, &st) != 0) return 0;
+  return (uint64_t)st.st_ino;
+}
+
+static void fill_identity(gw_hello_t *h) {
+  memset(h, 0, sizeof(*h));
+  h->magic = GW_MAGIC;
+  h->proto = GW_PROTO;
+  h->pid = (int32_t)getpid();
+  h->ipc_ns = ns_inode("/proc/self/ns/ipc");
+  h->pid_ns = ns_inode("/proc/self/ns/pid");
+  FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+  if (f) {
+    if (!fgets(h->boot_id, sizeof(h->boot_id), f)) h->boot_id[0] = 0;
+    fclose(f);
+    h->boot_id[strcspn(h->boot_id, "\n")] = 0;
+  }
+  gethostname(h->host, sizeof(h->host) - 1);
+}
+
+/* same kernel and same IPC namespace: UCX's shared memory can reach the peer */
+static int same_node(const gw_hello_t *a, const char *boot_id, uint64_t ipc_ns) {
+  return a->boot_id[0] && strcmp(a->boot_id, boot_id) == 0 && a->ipc_ns == ipc_ns;
+}
+
+/* ----------------------------------------------------------------- context */
+
+int gw_ctx_create(const char **keys, const char **vals, int n, gw_ctx_t **out, char *err,
+                  size_t errlen) {
+  ucp_config_t *cfg;
+  ucs_status_t st = ucp_config_read(NULL, NULL, &cfg);
+  if (st != UCS_OK) {
+    snprintf(err, errlen, "ucp_config_read: %s", ucs_status_string(st));
+    return st;
+  }
+  for (int i = 0; i < n; i++) {
+    st = ucp_config_modify(cfg, keys[i], vals[i]);
+    if (st != UCS_OK) {
+      snprintf(err, errlen, "UCX setting %s=%s: %s", keys[i], vals[i], ucs_status_string(st));
+      ucp_config_release(cfg);
+      return st;
+    }
+  }
+  ucp_params_t p;
+  memset(&p, 0, sizeof(p));
+  p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+  p.features = UCP_FEATURE_TAG | UCP_FEATURE_AM | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  p.mt_workers_shared = 1;
+  gw_ctx_t *c = calloc(1, sizeof(*c));
+  st = ucp_init(&p, cfg, &c->ctx);
+  ucp_config_release(cfg);
+  if (st != UCS_OK) {
+    snprintf(err, errlen, "ucp_init: %s", ucs_status_string(st));
+    free(c);
+    return st;
+  }
+  ucp_context_attr_t a;
+  a.field_mask = UCP_ATTR_FIELD_REQUEST_SIZE;
+  ucp_context_query(c->ctx, &a);
+  c->req_size = (a.request_size + 63) & ~(size_t)63;
+  *out = c;
+  return 0;
+}
+
+void gw_ctx_destroy(gw_ctx_t *c) {
+  if (!c) return;
+  ucp_cleanup(c->ctx);
+  free(c);
+}
+
+static int print_to_buf(char *buf, size_t len, void (*fn)(void *, FILE *), void *arg) {
+  FILE *f = fmemopen(buf, len, "w");
+  if (!f) return -1;
+  fn(arg, f);
+  long n = ftell(f);
+  fclose(f);
+  if (n >= (long)len) n = (long)len - 1;
+  buf[n < 0 ? 0 : n] = 0;
+  return (int)n;
+}
+
+static void print_info_cb(void *arg, FILE *f) { ucp_context_print_info((ucp_context_h)arg, f); }
+
+int gw_ctx_info(gw_ctx_t *c, char *buf, size_t len) {
+  return print_to_buf(buf, len, print_info_cb, c->ctx);
+}
+
+static void print_cfg_cb(void *arg, FILE *f) {
+  (void)arg;
+  ucp_config_t *cfg;
+  if (ucp_config_read(NULL, NULL, &cfg) != UCS_OK) return;
+  ucp_config_print(cfg, f, NULL, UCS_CONFIG_PRINT_CONFIG);
+  ucp_config_release(cfg);
+}
+
+int gw_ctx_config(gw_ctx_t *c, char *buf, size_t len) {
+  (void)c;
+  return print_to_buf(buf, len, print_cfg_cb, NULL);
+}
+
+/* ----------------------------------------------------------- request pool */
+
+static gw_req_t *req_get(gw_worker_t *w) {
+  gw_req_t *r = w->free_reqs;
+  if (r) {
+    w->free_reqs = r->free_next;
+  } else {
+    size_t rs = w->ctx->req_size;
+    unsigned char *mem = aligned_alloc(64, rs + ((sizeof(gw_req_t) + 63) & ~(size_t)63));
+    if (!mem) return NULL;
+    r = (gw_req_t *)(mem + rs);
+  }
+  memset(r, 0, sizeof(*r));
+  r->w = w;
+  return r;
+}
+
+static void req_put(gw_worker_t *w, gw_req_t *r) {
+  r->free_next = w->free_reqs;
+  w->free_reqs = r;
+}
+
+static void req_unlink(gw_req_t *r) {
+  gw_conn_t *c = r->conn;
+  if (!c) return;
+  if (r->prev) r->prev->next = r->next;
+  else c->pending = r->next;
+  if (r->next) r->next->prev = r->prev;
+  r->prev = r->next = NULL;
+  r->conn = NULL;
+}
+
+static void req_link(gw_conn_t *c, gw_req_t *r) {
+  r->conn = c;
+  r->prev = NULL;
+  r->next = c->pending;
+  if (c->pending) c->pending->prev = r;
+  c->pending = r;
+}
+
+static void req_complete(gw_req_t *r, int status) {
+  if (!r->done) {
+    r->status = status;
+    if (r->w->rtt_half_ns) r->t_done = now_ns();
+    r->done = 1;
+  }
+  req_unlink(r);
+}
+
+/* UCX is done with the request memory */
+static void req_ucx_done(gw_req_t *r) {
+  r->ucx_busy = 0;
+  if (r->released) req_put(r->w, r);
+  else if (r->w->n_blocked) ucp_worker_signal(r->w->w);
+}
+
+static void send_cb(void *request, ucs_status_t status, void *user_data) {
+  (void)user_data;
+  gw_req_t *r = (gw_req_t *)request;
+  req_complete(r, status);
+  req_ucx_done(r);
+}
+
+static void recv_cb(void *request, ucs_status_t status, const ucp_tag_recv_info_t *info,
+                    void *user_data) {
+  (void)user_data;
+  gw_req_t *r = (gw_req_t *)request;
+  if (status == UCS_OK || status == UCS_ERR_MESSAGE_TRUNCATED) {
+    r->length = info->length;
+    r->sender_tag = info->sender_tag;
+  }
+  req_complete(r, status == UCS_ERR_MESSAGE_TRUNCATED ? GW_ERR_TRUNCATED : status);
+  req_ucx_done(r);
+}
+
+/* ----------------------------------------------------------------- events */
+
+static void ev_push(gw_worker_t *w, gw_event_t *e) {
+  e->next = NULL;
+  if (w->ev_tail) w->ev_tail->next = e;
+  else w->ev_head = e;
+  w->ev_tail = e;
+}
+
+static gw_event_t *ev_new(ev_kind_t kind, size_t extra) {
+  gw_event_t *e = calloc(1, sizeof(gw_event_t) + extra);
+  if (e) e->kind = kind;
+  return e;
+}
+
+static gw_conn_t *conn_lookup(gw_worker_t *w, uint32_t id) {
+  uint32_t idx = id & 0xFFFF;
+  gw_conn_t *c = w->conns[idx];
+  if (c && c->id == id) return c;
+  return NULL;
+}
+
+static gw_conn_t *conn_new(gw_worker_t *w) {
+  for (uint32_t k = 0; k < MAX_CONNS; k++) {
+    uint32_t idx = (w->next_idx + k) % MAX_CONNS;
+    if (idx == 0 || w->conns[idx]) continue;
+    gw_conn_t *c = calloc(1, sizeof(*c));
+    if (!c) return NULL;
+    w->gens[idx] = (uint16_t)(w->gens[idx] + 1);
+    if (w->gens[idx] == 0) w->gens[idx] = 1;
+    c->id = ((uint32_t)w->gens[idx] << 16) | idx;
+    c->w = w;
+    c->pidfd = -1;
+    c->state = GW_CONN_CONNECTING;
+    w->conns[idx] = c;
+    w->next_idx = idx + 1;
+    return c;
+  }
+  return NULL;
+}
+
+static void lost_push(gw_worker_t *w, uint32_t id) {
+  if (w->lost_n == w->lost_cap) {
+    int cap = w->lost_cap ? w->lost_cap * 2 : 64;
+    uint32_t *n = realloc(w->lost, cap * sizeof(uint32_t));
+    if (!n) return;
+    w->lost = n;
+    w->lost_cap = cap;
+  }
+  w->lost[w->lost_n++] = id;
+}
+
+static void pidfd_drop(gw_conn_t *c) {
+  if (c->pidfd >= 0) {
+    epoll_ctl(c->w->epfd, EPOLL_CTL_DEL, c->pidfd, NULL);
+    close(c->pidfd);
+    c->pidfd = -1;
+    c->w->n_pidfds--;
+  }
+}
+
+/* fail every outstanding op of the conn with `status` */
+static void conn_fail_pending(gw_conn_t *c, int status) {
+  while (c->pending) {
+    gw_req_t *r = c->pending;
+    req_complete(r, status); /* unlinks */
+    if (r->ucx_busy && r->is_recv) ucp_request_cancel(c->w->w, r);
+  }
+}
+
+static void conn_mark_lost(gw_conn_t *c, int status) {
+  if (c->state == GW_CONN_LOST || c->state == GW_CONN_CLOSED) return;
+  int was_up = c->state == GW_CONN_UP;
+  c->state = GW_CONN_LOST;
+  c->lost_status = status;
+  conn_fail_pending(c, GW_ERR_CONN_LOST);
+  pidfd_drop(c);
+  if (was_up) lost_push(c->w, c->id);
+}
+
+static void ep_err_cb(void *arg, ucp_ep_h ep, ucs_status_t status) {
+  (void)ep;
+  gw_conn_t *c = (gw_conn_t *)arg;
+  gw_event_t *e = ev_new(EV_EP_ERROR, 0);
+  if (!e) return;
+  e->conn_id = c->id;
+  e->status = status;
+  ev_push(c->w, e);
+}
+
+static void conn_req_cb(ucp_conn_request_h conn_request, void *arg) {
+  gw_listener_t *l = (gw_listener_t *)arg;
+  gw_event_t *e = ev_new(EV_CONN_REQUEST, 0);
+  if (!e) {
+    ucp_listener_reject(l->l, conn_request);
+    return;
+  }
+  e->listener = l;
+  e->conn_request = conn_request;
+  ev_push(l->w, e);
+}
+
+static ucs_status_t am_cb(void *arg, const void *header, size_t header_length, void *data,
+                          size_t length, const ucp_am_recv_param_t *param, ev_kind_t kind) {
+  gw_worker_t *w = (gw_worker_t *)arg;
+  if (kind == EV_BYE) {
+    if (header_length != sizeof(uint32_t)) return UCS_OK;
+    gw_event_t *e = ev_new(EV_BYE, 0);
+    if (!e) return UCS_OK;
+    memcpy(&e->conn_id, header, sizeof(uint32_t));
+    ev_push(w, e);
+    return UCS_OK;
+  }
+  if (header_length != sizeof(gw_hello_t)) return UCS_OK; /* not ours: drop */
+  if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) return UCS_OK;
+  gw_event_t *e = ev_new(kind, length);
+  if (!e) return UCS_OK;
+  memcpy(&e->hello, header, sizeof(gw_hello_t));
+  memcpy(e->addr, data, length);
+  e->addr_len = length;
+  e->reply_ep = (param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP) ? param->reply_ep : NULL;
+  ev_push(w, e);
+  return UCS_OK;
+}
+
+static ucs_status_t am_hello_cb(void *arg, const void *h, size_t hl, void *d, size_t l,
+                                const ucp_am_recv_param_t *p) {
+  return am_cb(arg, h, hl, d, l, p, EV_HELLO);
+}
+static ucs_status_t am_welcome_cb(void *arg, const void *h, size_t hl, void *d, size_t l,
+                                  const ucp_am_recv_param_t *p) {
+  return am_cb(arg, h, hl, d, l, p, EV_WELCOME);
+}
+static ucs_status_t am_bye_cb(void *arg, const void *h, size_t hl, void *d, size_t l,
+                              const ucp_am_recv_param_t *p) {
+  return am_cb(arg, h, hl, d, l, p, EV_BYE);
+}
+
+static void am_send_cb(void *request, ucs_status_t status, void *user_data) {
+  (void)status;
+  (void)user_data;
+  ucp_request_free(request);
+}
+
+static void am_send(ucp_ep_h ep, unsigned id, const void *hdr, size_t hlen, const void *data,
+                    size_t len, int reply) {
+  ucp_request_param_t p;
+  memset(&p, 0, sizeof(p));
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_FLAGS;
+  p.cb.send = am_send_cb;
+  p.flags = reply ? UCP_AM_SEND_FLAG_REPLY : 0;
+  ucs_status_ptr_t sp = ucp_am_send_nbx(ep, id, hdr, hlen, data, len, &p);
+  (void)sp; /* freed in the callback when pending; errors surface on the ep */
+}
+
+/* data endpoint from a peer's UCX address; on one node in mode NONE so shared
+ * memory is allowed, keeping it only if UCX did not pick tcp for it. */
+static ucp_ep_h make_addr_ep(gw_conn_t *c, const void *ucx_addr, int local) {
+  ucp_ep_params_t ep;
+  memset(&ep, 0, sizeof(ep));
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.address = (const ucp_address_t *)ucx_addr;
+  ep.err_mode = local ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = ep_err_cb;
+  ep.err_handler.arg = c;
+  ucp_ep_h h;
+  if (ucp_ep_create(c->w->w, &ep, &h) != UCS_OK) return NULL;
+  return h;
+}
+
+static int ep_uses_tcp(ucp_ep_h ep) {
+  ucp_transport_entry_t ents[16];
+  ucp_ep_attr_t a;
+  memset(&a, 0, sizeof(a));
+  a.field_mask = UCP_EP_ATTR_FIELD_TRANSPORTS;
+  a.transports.entries = ents;
+  a.transports.num_entries = 16;
+  a.transports.entry_size = sizeof(ucp_transport_entry_t);
+  if (ucp_ep_query(ep, &a) != UCS_OK) return 1;
+  for (unsigned i = 0; i < a.transports.num_entries; i++)
+    if (ents[i].transport_name && strcmp(ents[i].transport_name, "tcp") == 0) return 1;
+  return 0;
+}
+
+static void ep_close_force(gw_worker_t *w, ucp_ep_h ep) {
+  ucp_request_param_t p;
+  memset(&p, 0, sizeof(p));
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  void *r = ucp_ep_close_nbx(ep, &p);
+  if (UCS_PTR_IS_PTR(r)) {
+    int64_t end = now_ns() + 200000000LL;
+    while (ucp_request_check_status(r) == UCS_INPROGRESS && now_ns() < end)
+      ucp_worker_progress(w->w);
+    ucp_request_free(r);
+  }
+}
+
+static void conn_watch_pid(gw_conn_t *c, const gw_hello_t *peer) {
+  gw_worker_t *w = c->w;
+  c->peer_pid = peer->pid;
+  if (!same_node(peer, w->self.boot_id, w->self.ipc_ns) || peer->pid_ns != w->self.pid_ns)
+    return;
+  int fd = (int)syscall(SYS_pidfd_open, (pid_t)peer->pid, 0);
+  if (fd < 0) return;
+  struct epoll_event ev = {.events = EPOLLIN, .data = {.u64 = c->id}};
+  if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    close(fd);
+    return;
+  }
+  c->pidfd = fd;
+  w->n_pidfds++;
+}
+
+static void conn_set_data_ep(gw_conn_t *c, const gw_hello_t *peer, const void *ucx_addr) {
+  gw_worker_t *w = c->w;
+  c->data_ep = c->ctrl_ep;
+  if (ucx_addr && same_node(peer, w->self.boot_id, w->self.ipc_ns)) {
+    ucp_ep_h ep = make_addr_ep(c, ucx_addr, 1);
+    if (ep && ep_uses_tcp(ep)) {
+      ep_close_force(w, ep);
+      ep = NULL;
+    }
+    if (ep) c->data_ep = ep;
+  }
+}
+
+static void peer_name(gw_conn_t *c, const gw_hello_t *h, const char *how) {
+  snprintf(c->peer, sizeof(c->peer), "%s pid %d (%s)", h->host, h->pid, how);
+}
+
+static void handle_conn_request(gw_worker_t *w, gw_event_t *e) {
+  gw_listener_t *l = e->listener;
+  if (l->closed) {
+    ucp_listener_reject(l->l, e->conn_request);
+    return;
+  }
+  gw_conn_t *c = conn_new(w);
+  if (!c) {
+    ucp_listener_reject(l->l, e->conn_request);
+    return;
+  }
+  ucp_ep_params_t ep;
+  memset(&ep, 0, sizeof(ep));
+  ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.conn_request = e->conn_request;
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = ep_err_cb;
+  ep.err_handler.arg = c;
+  if (ucp_ep_create(w->w, &ep, &c->ctrl_ep) != UCS_OK) {
+    w->conns[c->id & 0xFFFF] = NULL;
+    free(c);
+    return;
+  }
+  c->listener = l;
+  c->via_sockaddr = 1;
+}
+
+static void accept_push(gw_conn_t **head, gw_conn_t **tail, gw_conn_t *c) {
+  c->accept_next = NULL;
+  if (*tail) (*tail)->accept_next = c;
+  else *head = c;
+  *tail = c;
+}
+
+static void handle_hello(gw_worker_t *w, gw_event_t *e) {
+  gw_hello_t *h = &e->hello;
+  if (h->magic != GW_MAGIC || h->proto != GW_PROTO) return;
+  gw_conn_t *c = NULL;
+  if (h->via_sockaddr) {
+    if (!e->reply_ep) return;
+    for (uint32_t i = 1; i < MAX_CONNS && !c; i++) {
+      gw_conn_t *x = w->conns[i];
+      if (x && x->state == GW_CONN_CONNECTING && !x->is_client && x->ctrl_ep == e->reply_ep)
+        c = x;
+    }
+    if (!c) return;
+    c->remote_id = h->sender_id;
+    conn_set_data_ep(c, h, e->addr);
+    peer_name(c, h, "sockaddr");
+  } else {
+    c = conn_new(w);
+    if (!c) return;
+    c->remote_id = h->sender_id;
+    int local = same_node(h, w->self.boot_id, w->self.ipc_ns);
+    c->data_ep = make_addr_ep(c, e->addr, local);
+    if (!c->data_ep) {
+      w->conns[c->id & 0xFFFF] = NULL;
+      free(c);
+      return;
+    }
+    peer_name(c, h, "address");
+  }
+  conn_watch_pid(c, h);
+  c->hello_out = w->self;
+  c->hello_out.sender_id = c->id;
+  c->hello_out.receiver_id = h->sender_id;
+  c->hello_out.addr_len = (uint32_t)w->ucx_addr_len;
+  am_send(c->ctrl_ep ? c->ctrl_ep : c->data_ep, AM_WELCOME, &c->hello_out, sizeof(gw_hello_t),
+          w->ucx_addr, w->ucx_addr_len, 0);
+  c->state = GW_CONN_UP;
+  if (c->listener) accept_push(&c->listener->q_head, &c->listener->q_tail, c);
+  else accept_push(&w->addr_q_head, &w->addr_q_tail, c);
+}
+
+static void handle_welcome(gw_worker_t *w, gw_event_t *e) {
+  gw_hello_t *h = &e->hello;
+  gw_conn_t *c = conn_lookup(w, h->receiver_id);
+  if (!c || !c->is_client || c->state != GW_CONN_CONNECTING) return;
+  if (h->magic != GW_MAGIC || h->proto != GW_PROTO) {
+    conn_mark_lost(c, GW_ERR_PROTOCOL);
+    return;
+  }
+  c->remote_id = h->sender_id;
+  if (c->via_sockaddr) conn_set_data_ep(c, h, e->addr);
+  peer_name(c, h, c->via_sockaddr ? "sockaddr" : "address");
+  conn_watch_pid(c, h);
+  c->state = GW_CONN_UP;
+}
+
+static void process_events(gw_worker_t *w) {
+  while (w->ev_head) {
+    gw_event_t *e = w->ev_head;
+    w->ev_head = e->next;
+    if (!w->ev_head) w->ev_tail = NULL;
+    switch (e->kind) {
+    case EV_CONN_REQUEST: handle_conn_request(w, e); break;
+    case EV_HELLO: handle_hello(w, e); break;
+    case EV_WELCOME: handle_welcome(w, e); break;
+    case EV_BYE: {
+      gw_conn_t *c = conn_lookup(w, e->conn_id);
+      if (c) conn_mark_lost(c, UCS_ERR_CONNECTION_RESET);
+      break;
+    }
+    case EV_EP_ERROR: {
+      gw_conn_t *c = conn_lookup(w, e->conn_id);
+      if (c) conn_mark_lost(c, e->status);
+      break;
+    }
+    }
+    free(e);
+  }
+}
+
+static void check_liveness(gw_worker_t *w) {
+  if (!w->n_pidfds) return;
+  for (uint32_t i = 1; i < MAX_CONNS; i++) {
+    gw_conn_t *c = w->conns[i];
+    if (!c || c->pidfd < 0) continue;
+    struct pollfd p = {.fd = c->pidfd, .events = POLLIN};
+    if (poll(&p, 1, 0) > 0) conn_mark_lost(c, UCS_ERR_ENDPOINT_TIMEOUT);
+  }
+}
+
+static inline int progress_locked(gw_worker_t *w) {
+  int n = ucp_worker_progress(w->w);
+  if (n) n += ucp_worker_progress(w->w);
+  if (w->ev_head) process_events(w);
+  return n;
+}
+
+#define LOCK(w) pthread_mutex_lock(&(w)->lock)
+#define UNLOCK(w) pthread_mutex_unlock(&(w)->lock)
+
+/* ------------------------------------------------------------------ worker */
+
+int gw_worker_create(gw_ctx_t *ctx, gw_worker_t **out) {
+  gw_worker_t *w = calloc(1, sizeof(*w));
+  if (!w) return UCS_ERR_NO_MEMORY;
+  w->ctx = ctx;
+  w->spin_ns = 50000; /* 50 us spin before blocking */
+  w->conns = calloc(MAX_CONNS, sizeof(gw_conn_t *));
+  w->gens = calloc(MAX_CONNS, sizeof(uint16_t));
+  w->next_idx = 1;
+  pthread_mutex_init(&w->lock, NULL);
+  fill_identity(&w->self);
+  ucp_worker_params_t p;
+  memset(&p, 0, sizeof(p));
+  p.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  p.thread_mode = UCS_THREAD_MODE_SERIALIZED;
+  ucs_status_t st = ucp_worker_create(ctx->ctx, &p, &w->w);
+  if (st != UCS_OK) goto fail;
+  st = ucp_worker_get_efd(w->w, &w->efd);
+  if (st != UCS_OK) goto fail_w;
+  w->epfd = epoll_create1(EPOLL_CLOEXEC);
+  struct epoll_event ev = {.events = EPOLLIN, .data = {.u64 = 0}};
+  epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->efd, &ev);
+  st = ucp_worker_get_address(w->w, &w->ucx_addr, &w->ucx_addr_len);
+  if (st != UCS_OK) goto fail_w;
+  w->addr_len = sizeof(gw_addr_hdr_t) + w->ucx_addr_len;
+  w->addr = malloc(w->addr_len);
+  gw_addr_hdr_t ah;
+  memset(&ah, 0, sizeof(ah));
+  ah.magic = GW_MAGIC;
+  ah.proto = GW_PROTO;
+  ah.pid = w->self.pid;
+  ah.ucx_len = (uint32_t)w->ucx_addr_len;
+  ah.ipc_ns = w->self.ipc_ns;
+  ah.pid_ns = w->self.pid_ns;
+  memcpy(ah.boot_id, w->self.boot_id, sizeof(ah.boot_id));
+  memcpy(ah.host, w->self.host, sizeof(ah.host));
+  memcpy(w->addr, &ah, sizeof(ah));
+  memcpy(w->addr + sizeof(ah), w->ucx_addr, w->ucx_addr_len);
+  ucp_am_handler_param_t hp;
+  memset(&hp, 0, sizeof(hp));
+  hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                  UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
+  hp.arg = w;
+  hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+  hp.id = AM_HELLO;
+  hp.cb = am_hello_cb;
+  ucp_worker_set_am_recv_handler(w->w, &hp);
+  hp.id = AM_WELCOME;
+  hp.cb = am_welcome_cb;
+  ucp_worker_set_am_recv_handler(w->w, &hp);
+  hp.id = AM_BYE;
+  hp.cb = am_bye_cb;
+  ucp_worker_set_am_recv_handler(w->w, &hp);
+  *out = w;
+  return 0;
+fail_w:
+  ucp_worker_destroy(w->w);
+fail:
+  free(w->conns);
+  free(w->gens);
+  free(w);
+  return st;
+}
+
+void gw_worker_destroy(gw_worker_t *w) {
+  if (!w) return;
+  LOCK(w);
+  for (uint32_t i = 1; i < MAX_CONNS; i++) {
+    gw_conn_t *c = w->conns[i];
+    if (!c) continue;
+    conn_fail_pending(c, GW_ERR_BAD_STATE);
+    pidfd_drop(c);
+    if (c->data_ep && c->data_ep != c->ctrl_ep) ep_close_force(w, c->data_ep);
+    if (c->ctrl_ep) ep_close_force(w, c->ctrl_ep);
+    c->data_ep = c->ctrl_ep = NULL;
+    c->state = GW_CONN_CLOSED;
+    w->conns[i] = NULL; /* the Python owner frees the struct */
+  }
+  for (int k = 0; k < 10; k++) ucp_worker_progress(w->w);
+  while (w->ev_head) {
+    gw_event_t *e = w->ev_head;
+    w->ev_head = e->next;
+    if (e->kind == EV_CONN_REQUEST && !e->listener->closed)
+      ucp_listener_reject(e->listener->l, e->conn_request);
+    free(e);
+  }
+  ucp_worker_release_address(w->w, w->ucx_addr);
+  ucp_worker_destroy(w->w);
+  UNLOCK(w);
+  close(w->epfd);
+  while (w->free_reqs) {
+    gw_req_t *r = w->free_reqs;
+    w->free_reqs = r->free_next;
+    free((unsigned char *)r - w->ctx->req_size);
+  }
+  free(w->addr);
+  free(w->conns);
+  free(w->gens);
+  free(w->lost);
+  free(w);
+}
+
+void gw_worker_set_spin(gw_worker_t *w, int64_t spin_ns) { w->spin_ns = spin_ns < 0 ? 0 : spin_ns; }
+void gw_worker_set_rtt_emulation(gw_worker_t *w, int64_t rtt_ns) {
+  w->rtt_half_ns = rtt_ns > 0 ? rtt_ns / 2 : 0;
+}
+
+int gw_worker_address(gw_worker_t *w, void *buf, size_t cap, size_t *len) {
+  *len = w->addr_len;
+  if (cap < w->addr_len) return UCS_ERR_BUFFER_TOO_SMALL;
+  memcpy(buf, w->addr, w->addr_len);
+  return 0;
+}
+
+int gw_worker_progress(gw_worker_t *w) {
+  LOCK(w);
+  int n = progress_locked(w);
+  UNLOCK(w);
+  return n;
+}
+
+int gw_worker_efd(gw_worker_t *w) { return w->epfd; }
+
+/* arm and sleep on the event fd; returns when woken or after ns */
+static void block_once(gw_worker_t *w, int64_t ns) {
+  LOCK(w);
+  ucs_status_t st = ucp_worker_arm(w->w);
+  if (st == UCS_OK) w->n_blocked++;
+  UNLOCK(w);
+  if (st != UCS_OK) return; /* BUSY: events pending, go progress */
+  struct epoll_event evs[8];
+  int ms = (int)((ns + 999999) / 1000000);
+  if (ms > 100) ms = 100;
+  int n = epoll_wait(w->epfd, evs, 8, ms);
+  __atomic_fetch_sub(&w->n_blocked, 1, __ATOMIC_RELAXED);
+  if (n > 0 && w->n_pidfds) {
+    for (int i = 0; i < n; i++)
+      if (evs[i].data.u64 != 0) {
+        LOCK(w);
+        gw_conn_t *c = conn_lookup(w, (uint32_t)evs[i].data.u64);
+        if (c) conn_mark_lost(c, UCS_ERR_ENDPOINT_TIMEOUT);
+        UNLOCK(w);
+      }
+  }
+}
+
+/* Generic wait: spin progress until cond(arg) holds, then block. */
+typedef int (*cond_fn)(void *arg);
+
+static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns) {
+  int64_t t0 = now_ns();
+  int64_t deadline = timeout_ns < 0 ? INT64_MAX : t0 + timeout_ns;
+  int64_t spin_end = t0 + w->spin_ns;
+  unsigned it = 0;
+  for (;;) {
+    if (cond(arg)) return 0;
+    LOCK(w);
+    progress_locked(w);
+    UNLOCK(w);
+    if (cond(arg)) return 0;
+    if ((++it & 15) == 0 || w->spin_ns == 0) {
+      int64_t t = now_ns();
+      if (w->n_pidfds && t - w->last_live_check > LIVE_CHECK_NS) {
+        w->last_live_check = t;
+        LOCK(w);
+        check_liveness(w);
+        UNLOCK(w);
+        if (cond(arg)) return 0;
+      }
+      if (t >= deadline) return UCS_ERR_TIMED_OUT;
+      if (t >= spin_end) {
+        int64_t left = deadline - t;
+        block_once(w, left < BLOCK_SLICE_NS ? left : BLOCK_SLICE_NS);
+      }
+    }
+  }
+}
+
+static int cond_any_event(void *arg) { return *(int *)arg; }
+
+int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
+  int64_t deadline = timeout_ns < 0 ? INT64_MAX : now_ns() + timeout_ns;
+  int64_t spin_end = now_ns() + w->spin_ns;
+  for (;;) {
+    LOCK(w);
+    int n = progress_locked(w);
+    UNLOCK(w);
+    if (n) return 1;
+    int64_t t = now_ns();
+    if (t >= deadline) return 0;
+    if (t >= spin_end) block_once(w, deadline - t < BLOCK_SLICE_NS ? deadline - t : BLOCK_SLICE_NS);
+  }
+  (void)cond_any_event;
+}
+
+int gw_worker_poll_lost(gw_worker_t *w, uint32_t *ids, int cap) {
+  LOCK(w);
+  int n = w->lost_n < cap ? w->lost_n : cap;
+  memcpy(ids, w->lost, n * sizeof(uint32_t));
+  memmove(w->lost, w->lost + n, (w->lost_n - n) * sizeof(uint32_t));
+  w->lost_n -= n;
+  UNLOCK(w);
+  return n;
+}
+
+/* ---------------------------------------------------------------- listener */
+
+static int make_sockaddr(const char *ip, int port, struct sockaddr_storage *ss, socklen_t *len) {
+  memset(ss, 0, sizeof(*ss));
+  if (strchr(ip, ':')) {
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
+    s6->sin6_family = AF_INET6;
+    s6->sin6_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET6, ip, &s6->sin6_addr) != 1) return UCS_ERR_INVALID_ADDR;
+    *len = sizeof(*s6);
+  } else {
+    struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+    s4->sin_family = AF_INET;
+    s4->sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, ip, &s4->sin_addr) != 1) return UCS_ERR_INVALID_ADDR;
+    *len = sizeof(*s4);
+  }
+  return 0;
+}
+
+int gw_listen(gw_worker_t *w, const char *ip, int port, gw_listener_t **out) {
+  if (port < 0 || port > 65535) return UCS_ERR_INVALID_PARAM;
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  int rc = make_sockaddr(ip, port, &ss, &sl);
+  if (rc) return rc;
+  gw_listener_t *l = calloc(1, sizeof(*l));
+  l->w = w;
+  ucp_listener_params_t p;
+  memset(&p, 0, sizeof(p));
+  p.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  p.sockaddr.addr = (struct sockaddr *)&ss;
+  p.sockaddr.addrlen = sl;
+  p.conn_handler.cb = conn_req_cb;
+  p.conn_handler.arg = l;
+  LOCK(w);
+  ucs_status_t st = ucp_listener_create(w->w, &p, &l->l);
+  if (st == UCS_OK) {
+    ucp_listener_attr_t a;
+    a.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+    if (ucp_listener_query(l->l, &a) == UCS_OK) {
+      if (a.sockaddr.ss_family == AF_INET6)
+        l->port = ntohs(((struct sockaddr_in6 *)&a.sockaddr)->sin6_port);
+      else
+        l->port = ntohs(((struct sockaddr_in *)&a.sockaddr)->sin_port);
+    }
+  }
+  UNLOCK(w);
+  if (st != UCS_OK) {
+    free(l);
+    return st;
+  }
+  *out = l;
+  return 0;
+}
+
+int gw_listener_port(gw_listener_t *l) { return l->port; }
+
+void gw_listener_close(gw_listener_t *l) {
+  if (!l) return;
+  gw_worker_t *w = l->w;
+  LOCK(w);
+  if (!l->closed) {
+    l->closed = 1;
+    progress_locked(w); /* reject queued requests while the listener exists */
+    ucp_listener_destroy(l->l);
+  }
+  /* conns accepted but never taken stay owned by the worker */
+  for (uint32_t i = 1; i < MAX_CONNS; i++)
+    if (w->conns[i] && w->conns[i]->listener == l) w->conns[i]->listener = NULL;
+  UNLOCK(w);
+  free(l);
+}
+
+typedef struct {
+  gw_conn_t **head;
+} q_arg_t;
+
+static int cond_queue(void *arg) { return *((q_arg_t *)arg)->head != NULL; }
+
+static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, int64_t timeout_ns,
+                       gw_conn_t **out) {
+  q_arg_t a = {head};
+  int rc = wait_cond(w, cond_queue, &a, timeout_ns);
+  if (rc) return rc;
+  LOCK(w);
+  gw_conn_t *c = *head;
+  *head = c->accept_next;
+  if (!*head) *tail = NULL;
+  UNLOCK(w);
+  *out = c;
+  return 0;
+}
+
+int gw_accept(gw_listener_t *l, int64_t timeout_ns, gw_conn_t **out) {
+  return accept_from(l->w, &l->q_head, &l->q_tail, timeout_ns, out);
+}
+
+int gw_accept_any(gw_worker_t *w, int64_t timeout_ns, gw_conn_t **out) {
+  return accept_from(w, &w->addr_q_head, &w->addr_q_tail, timeout_ns, out);
+}
+
+/* ----------------------------------------------------------------- connect */
+
+static int cond_conn_settled(void *arg) {
+  return ((gw_conn_t *)arg)->state != GW_CONN_CONNECTING;
+}
+
+static int connect_finish(gw_worker_t *w, gw_conn_t *c, int64_t timeout_ns, gw_conn_t **out) {
+  int rc = wait_cond(w, cond_conn_settled, c, timeout_ns);
+  if (rc == 0 && c->state == GW_CONN_UP) {
+    *out = c;
+    return 0;
+  }
+  int st = rc ? rc : (c->lost_status ? c->lost_status : GW_ERR_CONN_LOST);
+  LOCK(w);
+  if (c->data_ep && c->data_ep != c->ctrl_ep) ep_close_force(w, c->data_ep);
+  if (c->ctrl_ep) ep_close_force(w, c->ctrl_ep);
+  pidfd_drop(c);
+  w->conns[c->id & 0xFFFF] = NULL;
+  progress_locked(w);
+  UNLOCK(w);
+  free(c);
+  return st;
+}
+
+int gw_connect(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_conn_t **out) {
+  if (port <= 0 || port > 65535) return UCS_ERR_INVALID_PARAM;
+  struct sockaddr_storage ss;
+  socklen_t sl;
+  int rc = make_sockaddr(ip, port, &ss, &sl);
+  if (rc) return rc;
+  LOCK(w);
+  gw_conn_t *c = conn_new(w);
+  if (!c) {
+    UNLOCK(w);
+    return UCS_ERR_EXCEEDS_LIMIT;
+  }
+  c->is_client = 1;
+  c->via_sockaddr = 1;
+  ucp_ep_params_t ep;
+  memset(&ep, 0, sizeof(ep));
+  ep.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
+  ep.sockaddr.addr = (struct sockaddr *)&ss;
+  ep.sockaddr.addrlen = sl;
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = ep_err_cb;
+  ep.err_handler.arg = c;
+  ucs_status_t st = ucp_ep_create(w->w, &ep, &c->ctrl_ep);
+  if (st != UCS_OK) {
+    w->conns[c->id & 0xFFFF] = NULL;
+    UNLOCK(w);
+    free(c);
+    return st;
+  }
+  c->hello_out = w->self;
+  c->hello_out.sender_id = c->id;
+  c->hello_out.via_sockaddr = 1;
+  c->hello_out.addr_len = (uint32_t)w->ucx_addr_len;
+  am_send(c->ctrl_ep, AM_HELLO, &c->hello_out, sizeof(gw_hello_t), w->ucx_addr,
+          w->ucx_addr_len, 1);
+  UNLOCK(w);
+  return connect_finish(w, c, timeout_ns, out);
+}
+
+int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t timeout_ns,
+                       gw_conn_t **out) {
+  gw_addr_hdr_t ah;
+  if (len < sizeof(ah)) return UCS_ERR_INVALID_ADDR;
+  memcpy(&ah, addr, sizeof(ah));
+  if (ah.magic != GW_MAGIC || ah.proto != GW_PROTO || sizeof(ah) + ah.ucx_len != len)
+    return UCS_ERR_INVALID_ADDR;
+  gw_hello_t peer;
+  memset(&peer, 0, sizeof(peer));
+  memcpy(peer.boot_id, ah.boot_id, sizeof(ah.boot_id));
+  peer.ipc_ns = ah.ipc_ns;
+  LOCK(w);
+  gw_conn_t *c = conn_new(w);
+  if (!c) {
+    UNLOCK(w);
+    return UCS_ERR_EXCEEDS_LIMIT;
+  }
+  c->is_client = 1;
+  int local = same_node(&peer, w->self.boot_id, w->self.ipc_ns);
+  c->data_ep = make_addr_ep(c, (const unsigned char *)addr + sizeof(ah), local);
+  if (!c->data_ep) {
+    w->conns[c->id & 0xFFFF] = NULL;
+    UNLOCK(w);
+    free(c);
+    return UCS_ERR_UNREACHABLE;
+  }
+  c->hello_out = w->self;
+  c->hello_out.sender_id = c->id;
+  c->hello_out.addr_len = (uint32_t)w->ucx_addr_len;
+  am_send(c->data_ep, AM_HELLO, &c->hello_out, sizeof(gw_hello_t), w->ucx_addr,
+          w->ucx_addr_len, 0);
+  UNLOCK(w);
+  return connect_finish(w, c, timeout_ns, out);
+}
+
+typedef struct {
+  void *req;
+} close_arg_t;
+
+static int cond_req_done(void *arg) {
+  void *r = ((close_arg_t *)arg)->req;
+  return ucp_request_check_status(r) != UCS_INPROGRESS;
+}
+
+static void ep_close_wait(gw_worker_t *w, ucp_ep_h ep, int force, int64_t timeout_ns) {
+  ucp_request_param_t p;
+  memset(&p, 0, sizeof(p));
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+  LOCK(w);
+  void *r = ucp_ep_close_nbx(ep, &p);
+  UNLOCK(w);
+  if (!UCS_PTR_IS_PTR(r)) return;
+  close_arg_t a = {r};
+  int rc = wait_cond(w, cond_req_done, &a, timeout_ns);
+  LOCK(w);
+  if (rc) ucp_request_cancel(w->w, r);
+  ucp_request_free(r);
+  UNLOCK(w);
+}
+
+int gw_conn_close(gw_conn_t *c, int64_t timeout_ns) {
+  gw_worker_t *w = c->w;
+  LOCK(w);
+  if (c->state == GW_CONN_CLOSED) {
+    UNLOCK(w);
+    return 0;
+  }
+  int was_up = c->state == GW_CONN_UP;
+  conn_fail_pending(c, GW_ERR_BAD_STATE);
+  pidfd_drop(c);
+  if (was_up) {
+    uint32_t rid = c->remote_id;
+    c->hello_out.receiver_id = rid; /* stable storage for the BYE header */
+    am_send(c->ctrl_ep ? c->ctrl_ep : c->data_ep, AM_BYE, &c->hello_out.receiver_id,
+            sizeof(uint32_t), NULL, 0, 0);
+  }
+  c->state = GW_CONN_CLOSED;
+  w->conns[c->id & 0xFFFF] = NULL;
+  ucp_ep_h data = c->data_ep != c->ctrl_ep ? c->data_ep : NULL, ctrl = c->ctrl_ep;
+  c->data_ep = c->ctrl_ep = NULL;
+  UNLOCK(w);
+  int64_t per = timeout_ns < 0 ? 1000000000LL : timeout_ns / 2;
+  if (data) ep_close_wait(w, data, !was_up, per);
+  if (ctrl) ep_close_wait(w, ctrl, !was_up, per);
+  return 0;
+}
+
+void gw_conn_free(gw_conn_t *c) {
+  if (!c) return;
+  if (c->state != GW_CONN_CLOSED) gw_conn_close(c, 0);
+  free(c);
+}
+
+int gw_conn_state(gw_conn_t *c) { return c->state; }
+int gw_conn_lost_status(gw_conn_t *c) { return c->lost_status; }
+uint32_t gw_conn_id(gw_conn_t *c) { return c->id; }
+int gw_conn_peer_pid(gw_conn_t *c) { return c->peer_pid; }
+
+int gw_conn_peer(gw_conn_t *c, char *buf, size_t len) {
+  snprintf(buf, len, "%s", c->peer);
+  return 0;
+}
+
+static int ep_transports(ucp_ep_h ep, char *buf, size_t len) {
+  ucp_transport_entry_t ents[16];
+  ucp_ep_attr_t a;
+  memset(&a, 0, sizeof(a));
+  a.field_mask = UCP_EP_ATTR_FIELD_TRANSPORTS;
+  a.transports.entries = ents;
+  a.transports.num_entries = 16;
+  a.transports.entry_size = sizeof(ucp_transport_entry_t);
+  buf[0] = 0;
+  if (ucp_ep_query(ep, &a) != UCS_OK) return -1;
+  size_t off = 0;
+  for (unsigned i = 0; i < a.transports.num_entries && off < len; i++)
+    off += snprintf(buf + off, len - off, "%s%s/%s", i ? "," : "", ents[i].transport_name,
+                    ents[i].device_name);
+  return 0;
+}
+
+int gw_conn_transports(gw_conn_t *c, char *buf, size_t len) {
+  gw_worker_t *w = c->w;
+  LOCK(w);
+  int rc = c->data_ep ? ep_transports(c->data_ep, buf, len) : -1;
+  UNLOCK(w);
+  return rc;
+}
+
+/* ---------------------------------------------------------------- messages */
+
+static inline int conn_usable(gw_conn_t *c) {
+  if (c->state == GW_CONN_UP) return 0;
+  if (c->state == GW_CONN_LOST) return GW_ERR_CONN_LOST;
+  return GW_ERR_BAD_STATE;
+}
+
+/* post a tagged send; caller holds the lock */
+static int send_locked(gw_conn_t *c, uint32_t tag, const void *hdr, size_t hlen, const void *buf,
+                       size_t len, gw_req_t *r) {
+  ucp_request_param_t p;
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_REQUEST;
+  p.cb.send = send_cb;
+  p.request = r;
+  uint64_t t = ((uint64_t)c->remote_id << 32) | ((uint64_t)hlen << 24) | (tag & TAG_USER_MASK);
+  const void *data = buf;
+  size_t count = len;
+  if (hlen && len) {
+    r->iov[0].buffer = (void *)hdr;
+    r->iov[0].length = hlen;
+    r->iov[1].buffer = (void *)buf;
+    r->iov[1].length = len;
+    p.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    p.datatype = ucp_dt_make_iov();
+    data = r->iov;
+    count = 2;
+  } else if (hlen) {
+    data = hdr;
+    count = hlen;
+  }
+  ucs_status_ptr_t sp = ucp_tag_send_nbx(c->data_ep, data, count, t, &p);
+  if (sp == NULL) {
+    r->done = 1;
+    r->status = 0;
+    return 0;
+  }
+  if (UCS_PTR_IS_ERR(sp)) {
+    r->done = 1;
+    r->status = UCS_PTR_STATUS(sp);
+    return r->status;
+  }
+  r->ucx_busy = 1;
+  req_link(c, r);
+  return 1;
+}
+
+static int recv_locked(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_mask, void *buf,
+                       size_t cap, gw_req_t *r) {
+  ucp_request_param_t p;
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_REQUEST |
+                   UCP_OP_ATTR_FIELD_RECV_INFO;
+  p.cb.recv = recv_cb;
+  p.request = r;
+  p.recv_info.tag_info = &r->info;
+  uint64_t t = tag & TAG_USER_MASK, m = tag_mask & TAG_USER_MASK;
+  if (c) {
+    t |= (uint64_t)c->id << 32;
+    m |= TAG_CONN_MASK;
+  }
+  r->is_recv = 1;
+  ucs_status_ptr_t sp = ucp_tag_recv_nbx(w->w, buf, cap, t, m, &p);
+  if (UCS_PTR_IS_ERR(sp)) {
+    r->done = 1;
+    r->status = UCS_PTR_STATUS(sp);
+    if (r->status == UCS_ERR_MESSAGE_TRUNCATED) r->status = GW_ERR_TRUNCATED;
+    return r->status;
+  }
+  if (sp == NULL) {
+    r->done = 1;
+    r->status = 0;
+    r->length = r->info.length;
+    r->sender_tag = r->info.sender_tag;
+    if (w->rtt_half_ns) r->t_done = now_ns();
+    return 0;
+  }
+  r->ucx_busy = 1;
+  if (c) req_link(c, r);
+  return 1;
+}
+
+int gw_send(gw_conn_t *c, uint32_t tag, const void *hdr, size_t hlen, const void *buf,
+            size_t len, gw_req_t **out) {
+  gw_worker_t *w = c->w;
+  *out = NULL;
+  if (hlen > 255) return UCS_ERR_INVALID_PARAM;
+  LOCK(w);
+  int rc = conn_usable(c);
+  if (rc) {
+    UNLOCK(w);
+    return rc;
+  }
+  gw_req_t *r = req_get(w);
+  if (!r) {
+    UNLOCK(w);
+    return UCS_ERR_NO_MEMORY;
+  }
+  rc = send_locked(c, tag, hdr, hlen, buf, len, r);
+  if (rc < 0) {
+    req_put(w, r);
+    UNLOCK(w);
+    return rc;
+  }
+  UNLOCK(w);
+  *out = r;
+  return rc;
+}
+
+int gw_recv(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_mask, void *buf,
+            size_t cap, gw_req_t **out) {
+  *out = NULL;
+  LOCK(w);
+  if (c) {
+    int rc = conn_usable(c);
+    if (rc) {
+      UNLOCK(w);
+      return rc;
+    }
+  }
+  gw_req_t *r = req_get(w);
+  if (!r) {
+    UNLOCK(w);
+    return UCS_ERR_NO_MEMORY;
+  }
+  int rc = recv_locked(w, c, tag, tag_mask, buf, cap, r);
+  if (rc < 0 && rc != GW_ERR_TRUNCATED) {
+    req_put(w, r);
+    UNLOCK(w);
+    return rc;
+  }
+  UNLOCK(w);
+  *out = r;
+  return rc < 0 ? 0 : rc;
+}
+
+int gw_req_test(gw_req_t *r) {
+  if (!r->done) return 0;
+  if (r->w->rtt_half_ns && r->is_recv && now_ns() < r->t_done + r->w->rtt_half_ns) return 0;
+  return 1;
+}
+
+static int cond_req(void *arg) { return gw_req_test((gw_req_t *)arg); }
+
+int gw_wait(gw_worker_t *w, gw_req_t *r, int64_t timeout_ns) {
+  if (gw_req_test(r)) return r->status;
+  int rc = wait_cond(w, cond_req, r, timeout_ns);
+  return rc ? rc : r->status;
+}
+
+typedef struct {
+  gw_req_t **reqs;
+  int n;
+  int any;
+  int idx;
+} multi_arg_t;
+
+static int cond_multi(void *arg) {
+  multi_arg_t *a = (multi_arg_t *)arg;
+  for (int i = 0; i < a->n; i++) {
+    int d = gw_req_test(a->reqs[i]);
+    if (a->any && d) {
+      a->idx = i;
+      return 1;
+    }
+    if (!a->any && !d) return 0;
+  }
+  return !a->any;
+}
+
+int gw_wait_all(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns) {
+  multi_arg_t a = {reqs, n, 0, -1};
+  int rc = wait_cond(w, cond_multi, &a, timeout_ns);
+  if (rc) return rc;
+  for (int i = 0; i < n; i++)
+    if (reqs[i]->status) return reqs[i]->status;
+  return 0;
+}
+
+int gw_wait_any(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns) {
+  multi_arg_t a = {reqs, n, 1, -1};
+  int rc = wait_cond(w, cond_multi, &a, timeout_ns);
+  return rc ? rc : a.idx;
+}
+
+void gw_req_info(gw_req_t *r, int *status, size_t *length, uint32_t *conn_id, uint32_t *tag,
+                 uint32_t *hlen) {
+  *status = r->status;
+  *length = r->length;
+  *conn_id = (uint32_t)(r->sender_tag >> 32);
+  *tag = (uint32_t)(r->sender_tag & TAG_USER_MASK);
+  *hlen = (uint32_t)((r->sender_tag >> 24) & 0xFF);
+}
+
+void gw_req_release(gw_worker_t *w, gw_req_t *r) {
+  if (!r) return;
+  LOCK(w);
+  r->released = 1;
+  if (r->ucx_busy) {
+    req_unlink(r);
+    if (r->is_recv) ucp_request_cancel(w->w, r); /* callback frees it */
+  } else {
+    req_put(w, r);
+  }
+  UNLOCK(w);
+}
+
+typedef struct {
+  gw_req_t *a, *b;
+} pair_arg_t;
+
+static int cond_pair(void *arg) {
+  pair_arg_t *p = (pair_arg_t *)arg;
+  return gw_req_test(p->a) && p->b->done;
+}
+
+int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag, void *rbuf,
+            size_t rcap, int64_t timeout_ns, size_t *rlen) {
+  gw_worker_t *w = c->w;
+  LOCK(w);
+  int rc = conn_usable(c);
+  if (rc) {
+    UNLOCK(w);
+    return rc;
+  }
+  gw_req_t *rr = req_get(w), *sr = req_get(w);
+  if (!rr || !sr) {
+    if (rr) req_put(w, rr);
+    if (sr) req_put(w, sr);
+    UNLOCK(w);
+    return UCS_ERR_NO_MEMORY;
+  }
+  rc = recv_locked(w, c, rtag, TAG_USER_MASK, rbuf, rcap, rr);
+  if (rc >= 0 || rc == GW_ERR_TRUNCATED) rc = send_locked(c, tag, NULL, 0, sbuf, slen, sr);
+  UNLOCK(w);
+  if (rc >= 0) {
+    pair_arg_t a = {rr, sr};
+    rc = wait_cond(w, cond_pair, &a, timeout_ns);
+    if (rc == 0) rc = sr->status ? sr->status : rr->status;
+    *rlen = rr->length;
+  }
+  gw_req_release(w, rr);
+  gw_req_release(w, sr);
+  return rc;
+}
+
+int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) {
+  gw_worker_t *w = c->w;
+  (void)tag;
+  for (int64_t i = 0; n < 0 || i < n; i++) {
+    gw_req_t *r;
+    int rc = gw_recv(w, c, 0, 0, buf, cap, &r);
+    if (rc < 0) return rc;
+    rc = gw_wait(w, r, -1);
+    size_t len = r->length;
+    uint32_t t = (uint32_t)(r->sender_tag & TAG_USER_MASK);
+    uint32_t hl = (uint32_t)((r->sender_tag >> 24) & 0xFF);
+    gw_req_release(w, r);
+    if (rc) return rc;
+    if (t == 0xFFFFFF) return 0; /* stop message */
+    gw_req_t *s;
+    rc = gw_send(c, t, buf, hl, (char *)buf + hl, len - hl, &s);
+    if (rc < 0) return rc;
+    rc = gw_wait(w, s, -1);
+    gw_req_release(w, s);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------ memory + RMA */
+
+struct gw_mem {
+  gw_ctx_t *ctx;
+  ucp_mem_h mem;
+  uint64_t base;
+  size_t len;
+};
+
+struct gw_rkey {
+  ucp_rkey_h rkey;
+  uint64_t base;
+  size_t len;
+};
+
+typedef struct {
+  uint32_t magic, proto;
+  uint64_t base, len;
+  uint32_t ucx_len, pad;
+} gw_rkey_hdr_t;
+
+int gw_mem_map(gw_ctx_t *ctx, void *addr, size_t len, gw_mem_t **out) {
+  if (len == 0) return UCS_ERR_INVALID_PARAM;
+  ucp_mem_map_params_t p;
+  memset(&p, 0, sizeof(p));
+  p.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+  p.address = addr;
+  p.length = len;
+  if (!addr) {
+    p.field_mask |= UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+    p.flags = UCP_MEM_MAP_ALLOCATE;
+  }
+  gw_mem_t *m = calloc(1, sizeof(*m));
+  ucs_status_t st = ucp_mem_map(ctx->ctx, &p, &m->mem);
+  if (st != UCS_OK) {
+    free(m);
+    return st;
+  }
+  ucp_mem_attr_t a;
+  a.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+  ucp_mem_query(m->mem, &a);
+  m->ctx = ctx;
+  m->base = addr ? (uint64_t)(uintptr_t)addr : (uint64_t)(uintptr_t)a.address;
+  m->len = len;
+  *out = m;
+  return 0;
+}
+
+void gw_mem_unmap(gw_mem_t *m) {
+  if (!m) return;
+  ucp_mem_unmap(m->ctx->ctx, m->mem);
+  free(m);
+}
+
+uint64_t gw_mem_base(gw_mem_t *m) { return m->base; }
+size_t gw_mem_length(gw_mem_t *m) { return m->len; }
+
+int gw_mem_pack(gw_mem_t *m, void *buf, size_t cap, size_t *len) {
+  void *rb;
+  size_t rl;
+  ucs_status_t st = ucp_rkey_pack(m->ctx->ctx, m->mem, &rb, &rl);
+  if (st != UCS_OK) return st;
+  *len = sizeof(gw_rkey_hdr_t) + rl;
+  if (cap < *len) {
+    ucp_rkey_buffer_release(rb);
+    return UCS_ERR_BUFFER_TOO_SMALL;
+  }
+  gw_rkey_hdr_t h = {GW_MAGIC, GW_PROTO, m->base, m->len, (uint32_t)rl, 0};
+  memcpy(buf, &h, sizeof(h));
+  memcpy((char *)buf + sizeof(h), rb, rl);
+  ucp_rkey_buffer_release(rb);
+  return 0;
+}
+
+int gw_rkey_unpack(gw_conn_t *c, const void *blob, size_t len, gw_rkey_t **out) {
+  gw_rkey_hdr_t h;
+  if (len < sizeof(h)) return UCS_ERR_INVALID_PARAM;
+  memcpy(&h, blob, sizeof(h));
+  if (h.magic != GW_MAGIC || h.proto != GW_PROTO || sizeof(h) + h.ucx_len != len)
+    return UCS_ERR_INVALID_PARAM;
+  gw_worker_t *w = c->w;
+  LOCK(w);
+  int rc = conn_usable(c);
+  if (rc) {
+    UNLOCK(w);
+    return rc;
+  }
+  gw_rkey_t *k = calloc(1, sizeof(*k));
+  ucs_status_t st = ucp_ep_rkey_unpack(c->data_ep, (const char *)blob + sizeof(h), &k->rkey);
+  UNLOCK(w);
+  if (st != UCS_OK) {
+    free(k);
+    return st;
+  }
+  k->base = h.base;
+  k->len = h.len;
+  *out = k;
+  return 0;
+}
+
+void gw_rkey_destroy(gw_rkey_t *k) {
+  if (!k) return;
+  ucp_rkey_destroy(k->rkey);
+  free(k);
+}
+
+uint64_t gw_rkey_base(gw_rkey_t *k) { return k->base; }
+size_t gw_rkey_length(gw_rkey_t *k) { return k->len; }
+
+static int rma(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
+               gw_req_t **out, int is_put) {
+  *out = NULL;
+  if (raddr < k->base || len > k->len || raddr - k->base > k->len - len)
+    return GW_ERR_OUT_OF_RANGE;
+  gw_worker_t *w = c->w;
+  LOCK(w);
+  int rc = conn_usable(c);
+  if (rc) {
+    UNLOCK(w);
+    return rc;
+  }
+  gw_req_t *r = req_get(w);
+  ucp_request_param_t p;
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_REQUEST;
+  p.cb.send = send_cb;
+  p.request = r;
+  ucs_status_ptr_t sp = is_put ? ucp_put_nbx(c->data_ep, local, len, raddr, k->rkey, &p)
+                               : ucp_get_nbx(c->data_ep, local, len, raddr, k->rkey, &p);
+  if (UCS_PTR_IS_ERR(sp)) {
+    req_put(w, r);
+    UNLOCK(w);
+    return UCS_PTR_STATUS(sp);
+  }
+  if (sp == NULL) {
+    r->done = 1;
+    rc = 0;
+  } else {
+    r->ucx_busy = 1;
+    req_link(c, r);
+    rc = 1;
+  }
+  UNLOCK(w);
+  *out = r;
+  return rc;
+}
+
+int gw_put(gw_conn_t *c, const void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
+           gw_req_t **out) {
+  return rma(c, (void *)local, len, raddr, k, out, 1);
+}
+
+int gw_get(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
+           gw_req_t **out) {
+  return rma(c, local, len, raddr, k, out, 0);
+}
+
+int gw_flush(gw_conn_t *c, int64_t timeout_ns) {
+  gw_worker_t *w = c->w;
+  LOCK(w);
+  int rc = conn_usable(c);
+  if (rc) {
+    UNLOCK(w);
+    return rc;
+  }
+  gw_req_t *r = req_get(w);
+  ucp_request_param_t p;
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_REQUEST;
+  p.cb.send = send_cb;
+  p.request = r;
+  ucs_status_ptr_t sp = ucp_ep_flush_nbx(c->data_ep, &p);
+  if (UCS_PTR_IS_ERR(sp)) {
+    req_put(w, r);
+    UNLOCK(w);
+    return UCS_PTR_STATUS(sp);
+  }
+  if (sp == NULL) {
+    req_put(w, r);
+    UNLOCK(w);
+    return 0;
+  }
+  r->ucx_busy = 1;
+  req_link(c, r);
+  UNLOCK(w);
+  rc = gw_wait(w, r, timeout_ns);
+  gw_req_release(w, r);
+  return rc;
+}

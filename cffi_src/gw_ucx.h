@@ -1,0 +1,118 @@
+/* gpuwire UCX engine: the C hot paths under gpuwire.transport.
+ *
+ * Everything here is called from Python through cffi (API mode, out of line).
+ * cffi releases the GIL around every call, so the waits below spin and block
+ * without holding it.  Status codes are UCX's ucs_status_t values (0 = OK,
+ * 1 = in progress, negative = error); gw_status_string() names them.
+ */
+#ifndef GW_UCX_H
+#define GW_UCX_H
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct gw_ctx gw_ctx_t;
+typedef struct gw_worker gw_worker_t;
+typedef struct gw_conn gw_conn_t;
+typedef struct gw_listener gw_listener_t;
+typedef struct gw_mem gw_mem_t;
+typedef struct gw_rkey gw_rkey_t;
+typedef struct gw_req gw_req_t;
+
+/* Our status codes beyond UCX's (UCX uses -1..-80 and -100..-110). */
+#define GW_ERR_CONN_LOST   (-1001)  /* peer died, closed, or connection reset */
+#define GW_ERR_OUT_OF_RANGE (-1002) /* RMA outside the remote registered region */
+#define GW_ERR_BAD_STATE   (-1003)  /* operation on a closed connection */
+#define GW_ERR_PROTOCOL    (-1004)  /* handshake: not a gpuwire peer or bad version */
+#define GW_ERR_TRUNCATED   (-1005)  /* message longer than the receive buffer */
+
+/* conn states */
+#define GW_CONN_CONNECTING 0
+#define GW_CONN_UP         1
+#define GW_CONN_LOST       2
+#define GW_CONN_CLOSED     3
+
+/* versions */
+uint32_t gw_built_api_version(void);           /* (major << 16) | minor of the headers */
+void gw_runtime_version(unsigned *major, unsigned *minor, unsigned *release);
+const char *gw_status_string(int status);
+int gw_lib_path(char *buf, size_t len);          /* file the running libucp came from */
+
+/* context: UCX config passthrough (keys without the UCX_ prefix) */
+int gw_ctx_create(const char **keys, const char **vals, int n, gw_ctx_t **out,
+                  char *err, size_t errlen);
+void gw_ctx_destroy(gw_ctx_t *ctx);
+int gw_ctx_info(gw_ctx_t *ctx, char *buf, size_t len);   /* ucp_context_print_info text */
+int gw_ctx_config(gw_ctx_t *ctx, char *buf, size_t len); /* ucp_config_print text */
+
+/* worker + progress engine */
+int gw_worker_create(gw_ctx_t *ctx, gw_worker_t **out);
+void gw_worker_destroy(gw_worker_t *w);
+void gw_worker_set_spin(gw_worker_t *w, int64_t spin_ns);
+void gw_worker_set_rtt_emulation(gw_worker_t *w, int64_t rtt_ns);
+int gw_worker_address(gw_worker_t *w, void *buf, size_t cap, size_t *len);
+int gw_worker_progress(gw_worker_t *w);
+/* spin then block on the event fd until something happens or timeout; 1 if work */
+int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns);
+int gw_worker_efd(gw_worker_t *w);
+/* conns the worker saw go down since the last call: their ids */
+int gw_worker_poll_lost(gw_worker_t *w, uint32_t *ids, int cap);
+
+/* listener (sockaddr; needs tcp in UCX_TLS) */
+int gw_listen(gw_worker_t *w, const char *ip, int port, gw_listener_t **out);
+int gw_listener_port(gw_listener_t *l);
+void gw_listener_close(gw_listener_t *l);
+/* wait for one connection to finish its handshake; GW: 0 and *out, or UCS_ERR_TIMED_OUT */
+int gw_accept(gw_listener_t *l, int64_t timeout_ns, gw_conn_t **out);
+/* connections accepted by address (connect_address from a peer) arrive here */
+int gw_accept_any(gw_worker_t *w, int64_t timeout_ns, gw_conn_t **out);
+
+/* connect: sockaddr (host:port), or a peer worker's address */
+int gw_connect(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_conn_t **out);
+int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t timeout_ns,
+                       gw_conn_t **out);
+int gw_conn_close(gw_conn_t *c, int64_t timeout_ns);     /* idempotent */
+void gw_conn_free(gw_conn_t *c);                         /* after close */
+int gw_conn_state(gw_conn_t *c);
+int gw_conn_lost_status(gw_conn_t *c);
+uint32_t gw_conn_id(gw_conn_t *c);
+int gw_conn_peer(gw_conn_t *c, char *buf, size_t len);   /* "host pid N" */
+int gw_conn_transports(gw_conn_t *c, char *buf, size_t len); /* data path "tcp/lo,..." */
+int gw_conn_peer_pid(gw_conn_t *c);
+
+/* messages: tag = 24-bit user tag; hdr (<=255 B) + payload go as one message */
+int gw_send(gw_conn_t *c, uint32_t tag, const void *hdr, size_t hlen,
+            const void *buf, size_t len, gw_req_t **out);
+/* conn NULL: from any connection of the worker */
+int gw_recv(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_mask,
+            void *buf, size_t cap, gw_req_t **out);
+int gw_req_test(gw_req_t *r);                            /* 1 done, 0 not */
+int gw_wait(gw_worker_t *w, gw_req_t *r, int64_t timeout_ns);
+int gw_wait_all(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns);
+/* wait until any of reqs is done: returns index or a negative status */
+int gw_wait_any(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns);
+void gw_req_info(gw_req_t *r, int *status, size_t *length, uint32_t *conn_id,
+                 uint32_t *tag, uint32_t *hlen);
+void gw_req_release(gw_worker_t *w, gw_req_t *r);        /* cancels if still pending */
+/* send then wait for the reply tagged rtag, all in C: the request/reply hot path */
+int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag,
+            void *rbuf, size_t rcap, int64_t timeout_ns, size_t *rlen);
+/* serve echo in C until the conn goes down or n messages (bench server) */
+int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n);
+
+/* memory registration and RMA */
+int gw_mem_map(gw_ctx_t *ctx, void *addr, size_t len, gw_mem_t **out);
+void gw_mem_unmap(gw_mem_t *m);
+uint64_t gw_mem_base(gw_mem_t *m);
+size_t gw_mem_length(gw_mem_t *m);
+int gw_mem_pack(gw_mem_t *m, void *buf, size_t cap, size_t *len);
+int gw_rkey_unpack(gw_conn_t *c, const void *blob, size_t len, gw_rkey_t **out);
+void gw_rkey_destroy(gw_rkey_t *k);
+uint64_t gw_rkey_base(gw_rkey_t *k);
+size_t gw_rkey_length(gw_rkey_t *k);
+int gw_put(gw_conn_t *c, const void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
+           gw_req_t **out);
+int gw_get(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
+           gw_req_t **out);
+int gw_flush(gw_conn_t *c, int64_t timeout_ns);
+
+#endif
