@@ -41,11 +41,34 @@ def _cdef_from_header(path):
 
 prefix = _ucx_prefix()
 ffi = FFI()
-ffi.cdef(_cdef_from_header(HERE / "gw_ucx.h"))
+# UCX status codes the Python layer maps to exceptions (values come from ucs/type/status.h)
+_UCS_CODES = """
+static const int UCS_OK;
+static const int UCS_INPROGRESS;
+static const int UCS_ERR_TIMED_OUT;
+static const int UCS_ERR_CANCELED;
+static const int UCS_ERR_UNREACHABLE;
+static const int UCS_ERR_REJECTED;
+static const int UCS_ERR_CONNECTION_RESET;
+static const int UCS_ERR_ENDPOINT_TIMEOUT;
+static const int UCS_ERR_NOT_CONNECTED;
+static const int UCS_ERR_BUSY;
+static const int UCS_ERR_INVALID_ADDR;
+static const int UCS_ERR_INVALID_PARAM;
+static const int UCS_ERR_NO_MEMORY;
+static const int UCS_ERR_IO_ERROR;
+static const int UCS_ERR_EXCEEDS_LIMIT;
+static const int UCS_ERR_BUFFER_TOO_SMALL;
+static const int UCS_ERR_NO_RESOURCE;
+static const int UCS_ERR_NO_DEVICE;
+static const int UCS_ERR_UNSUPPORTED;
+"""
+
+ffi.cdef(_cdef_from_header(HERE / "gw_ucx.h") + _UCS_CODES)
 ffi.set_source(
     "gpuwire._ucx",
-    '#include "gw_ucx.h"',
-    sources=[str(HERE / "gw_ucx.c")],
+    '#include <ucp/api/ucp.h>\n#include "gw_ucx.h"',
+    sources=[os.path.relpath(HERE / "gw_ucx.c")],
     include_dirs=[str(HERE), str(prefix / "include")],
     library_dirs=[str(prefix / "lib")],
     libraries=["ucp", "uct", "ucs", "dl", "pthread"],

@@ -138,9 +138,11 @@ typedef struct gw_event {
 
 struct gw_worker {
   gw_ctx_t *ctx;
-  ucp_worker_h w;
+  ucp_worker_h w;           /* data: tagged messages, RMA, address eps */
+  ucp_worker_h cw;          /* control: sockaddr listener/eps (tcp, error mode PEER) */
   pthread_mutex_t lock;
-  int efd, epfd;
+  int efd, cefd, epfd;
+  int ctrl_hot;             /* >0: progress the control worker on every pass */
   int64_t spin_ns;
   int64_t rtt_half_ns;
   int64_t last_live_check;
@@ -521,6 +523,17 @@ static void am_send(ucp_ep_h ep, unsigned id, const void *hdr, size_t hlen, cons
   (void)sp; /* freed in the callback when pending; errors surface on the ep */
 }
 
+/* Error mode of data endpoints. PEER costs ~2.3 us per message on tcp
+ * (ucx_perftest -e) and disables shared memory, so data endpoints run in mode
+ * NONE; peer failure is detected on the control endpoint (sockaddr, PEER) or
+ * by a pidfd on one node. An address connection to another node has neither,
+ * so it runs in PEER mode. */
+static int data_err_none(gw_conn_t *c, const gw_hello_t *peer) {
+  gw_worker_t *w = c->w;
+  return c->via_sockaddr ||
+         (same_node(peer, w->self.boot_id, w->self.ipc_ns) && peer->pid_ns == w->self.pid_ns);
+}
+
 /* data endpoint from a peer's UCX address; on one node in mode NONE so shared
  * memory is allowed, keeping it only if UCX did not pick tcp for it. */
 static ucp_ep_h make_addr_ep(gw_conn_t *c, const void *ucx_addr, int local) {
@@ -537,20 +550,6 @@ static ucp_ep_h make_addr_ep(gw_conn_t *c, const void *ucx_addr, int local) {
   return h;
 }
 
-static int ep_uses_tcp(ucp_ep_h ep) {
-  ucp_transport_entry_t ents[16];
-  ucp_ep_attr_t a;
-  memset(&a, 0, sizeof(a));
-  a.field_mask = UCP_EP_ATTR_FIELD_TRANSPORTS;
-  a.transports.entries = ents;
-  a.transports.num_entries = 16;
-  a.transports.entry_size = sizeof(ucp_transport_entry_t);
-  if (ucp_ep_query(ep, &a) != UCS_OK) return 1;
-  for (unsigned i = 0; i < a.transports.num_entries; i++)
-    if (ents[i].transport_name && strcmp(ents[i].transport_name, "tcp") == 0) return 1;
-  return 0;
-}
-
 static void ep_close_force(gw_worker_t *w, ucp_ep_h ep) {
   ucp_request_param_t p;
   memset(&p, 0, sizeof(p));
@@ -559,8 +558,10 @@ static void ep_close_force(gw_worker_t *w, ucp_ep_h ep) {
   void *r = ucp_ep_close_nbx(ep, &p);
   if (UCS_PTR_IS_PTR(r)) {
     int64_t end = now_ns() + 200000000LL;
-    while (ucp_request_check_status(r) == UCS_INPROGRESS && now_ns() < end)
+    while (ucp_request_check_status(r) == UCS_INPROGRESS && now_ns() < end) {
       ucp_worker_progress(w->w);
+      ucp_worker_progress(w->cw);
+    }
     ucp_request_free(r);
   }
 }
@@ -581,17 +582,11 @@ static void conn_watch_pid(gw_conn_t *c, const gw_hello_t *peer) {
   w->n_pidfds++;
 }
 
-static void conn_set_data_ep(gw_conn_t *c, const gw_hello_t *peer, const void *ucx_addr) {
-  gw_worker_t *w = c->w;
-  c->data_ep = c->ctrl_ep;
-  if (ucx_addr && same_node(peer, w->self.boot_id, w->self.ipc_ns)) {
-    ucp_ep_h ep = make_addr_ep(c, ucx_addr, 1);
-    if (ep && ep_uses_tcp(ep)) {
-      ep_close_force(w, ep);
-      ep = NULL;
-    }
-    if (ep) c->data_ep = ep;
-  }
+/* the data endpoint lives on the data worker, made from the peer's data-worker
+ * address; 0 if UCX could not make one */
+static int conn_set_data_ep(gw_conn_t *c, const gw_hello_t *peer, const void *ucx_addr) {
+  c->data_ep = make_addr_ep(c, ucx_addr, data_err_none(c, peer));
+  return c->data_ep != NULL;
 }
 
 static void peer_name(gw_conn_t *c, const gw_hello_t *h, const char *how) {
@@ -617,7 +612,7 @@ static void handle_conn_request(gw_worker_t *w, gw_event_t *e) {
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = ep_err_cb;
   ep.err_handler.arg = c;
-  if (ucp_ep_create(w->w, &ep, &c->ctrl_ep) != UCS_OK) {
+  if (ucp_ep_create(w->cw, &ep, &c->ctrl_ep) != UCS_OK) {
     w->conns[c->id & 0xFFFF] = NULL;
     free(c);
     return;
@@ -646,14 +641,16 @@ static void handle_hello(gw_worker_t *w, gw_event_t *e) {
     }
     if (!c) return;
     c->remote_id = h->sender_id;
-    conn_set_data_ep(c, h, e->addr);
+    if (!conn_set_data_ep(c, h, e->addr)) {
+      conn_mark_lost(c, UCS_ERR_UNREACHABLE);
+      return;
+    }
     peer_name(c, h, "sockaddr");
   } else {
     c = conn_new(w);
     if (!c) return;
     c->remote_id = h->sender_id;
-    int local = same_node(h, w->self.boot_id, w->self.ipc_ns);
-    c->data_ep = make_addr_ep(c, e->addr, local);
+    c->data_ep = make_addr_ep(c, e->addr, data_err_none(c, h));
     if (!c->data_ep) {
       w->conns[c->id & 0xFFFF] = NULL;
       free(c);
@@ -682,7 +679,10 @@ static void handle_welcome(gw_worker_t *w, gw_event_t *e) {
     return;
   }
   c->remote_id = h->sender_id;
-  if (c->via_sockaddr) conn_set_data_ep(c, h, e->addr);
+  if (c->via_sockaddr && !conn_set_data_ep(c, h, e->addr)) {
+    conn_mark_lost(c, UCS_ERR_UNREACHABLE);
+    return;
+  }
   peer_name(c, h, c->via_sockaddr ? "sockaddr" : "address");
   conn_watch_pid(c, h);
   c->state = GW_CONN_UP;
@@ -724,7 +724,15 @@ static void check_liveness(gw_worker_t *w) {
 
 static inline int progress_locked(gw_worker_t *w) {
   int n = ucp_worker_progress(w->w);
-  if (n) n += ucp_worker_progress(w->w);
+  if (w->ctrl_hot) n += ucp_worker_progress(w->cw);
+  if (w->ev_head) process_events(w);
+  return n;
+}
+
+/* the control worker's tcp polling costs a syscall: it runs every LIVE_CHECK_NS
+ * from waits, on every pass while a connect/accept waits, and on wake-ups */
+static inline int progress_ctrl_locked(gw_worker_t *w) {
+  int n = ucp_worker_progress(w->cw);
   if (w->ev_head) process_events(w);
   return n;
 }
@@ -750,11 +758,19 @@ int gw_worker_create(gw_ctx_t *ctx, gw_worker_t **out) {
   p.thread_mode = UCS_THREAD_MODE_SERIALIZED;
   ucs_status_t st = ucp_worker_create(ctx->ctx, &p, &w->w);
   if (st != UCS_OK) goto fail;
+  st = ucp_worker_create(ctx->ctx, &p, &w->cw);
+  if (st != UCS_OK) {
+    ucp_worker_destroy(w->w);
+    goto fail;
+  }
   st = ucp_worker_get_efd(w->w, &w->efd);
+  if (st == UCS_OK) st = ucp_worker_get_efd(w->cw, &w->cefd);
   if (st != UCS_OK) goto fail_w;
   w->epfd = epoll_create1(EPOLL_CLOEXEC);
   struct epoll_event ev = {.events = EPOLLIN, .data = {.u64 = 0}};
   epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->efd, &ev);
+  ev.data.u64 = 1;
+  epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->cefd, &ev);
   st = ucp_worker_get_address(w->w, &w->ucx_addr, &w->ucx_addr_len);
   if (st != UCS_OK) goto fail_w;
   w->addr_len = sizeof(gw_addr_hdr_t) + w->ucx_addr_len;
@@ -777,18 +793,22 @@ int gw_worker_create(gw_ctx_t *ctx, gw_worker_t **out) {
                   UCP_AM_HANDLER_PARAM_FIELD_ARG | UCP_AM_HANDLER_PARAM_FIELD_FLAGS;
   hp.arg = w;
   hp.flags = UCP_AM_FLAG_WHOLE_MSG;
-  hp.id = AM_HELLO;
-  hp.cb = am_hello_cb;
-  ucp_worker_set_am_recv_handler(w->w, &hp);
-  hp.id = AM_WELCOME;
-  hp.cb = am_welcome_cb;
-  ucp_worker_set_am_recv_handler(w->w, &hp);
-  hp.id = AM_BYE;
-  hp.cb = am_bye_cb;
-  ucp_worker_set_am_recv_handler(w->w, &hp);
+  ucp_worker_h both[2] = {w->w, w->cw};
+  for (int i = 0; i < 2; i++) {
+    hp.id = AM_HELLO;
+    hp.cb = am_hello_cb;
+    ucp_worker_set_am_recv_handler(both[i], &hp);
+    hp.id = AM_WELCOME;
+    hp.cb = am_welcome_cb;
+    ucp_worker_set_am_recv_handler(both[i], &hp);
+    hp.id = AM_BYE;
+    hp.cb = am_bye_cb;
+    ucp_worker_set_am_recv_handler(both[i], &hp);
+  }
   *out = w;
   return 0;
 fail_w:
+  ucp_worker_destroy(w->cw);
   ucp_worker_destroy(w->w);
 fail:
   free(w->conns);
@@ -811,7 +831,10 @@ void gw_worker_destroy(gw_worker_t *w) {
     c->state = GW_CONN_CLOSED;
     w->conns[i] = NULL; /* the Python owner frees the struct */
   }
-  for (int k = 0; k < 10; k++) ucp_worker_progress(w->w);
+  for (int k = 0; k < 10; k++) {
+    ucp_worker_progress(w->w);
+    ucp_worker_progress(w->cw);
+  }
   while (w->ev_head) {
     gw_event_t *e = w->ev_head;
     w->ev_head = e->next;
@@ -820,6 +843,7 @@ void gw_worker_destroy(gw_worker_t *w) {
     free(e);
   }
   ucp_worker_release_address(w->w, w->ucx_addr);
+  ucp_worker_destroy(w->cw);
   ucp_worker_destroy(w->w);
   UNLOCK(w);
   close(w->epfd);
@@ -859,7 +883,9 @@ int gw_worker_efd(gw_worker_t *w) { return w->epfd; }
 /* arm and sleep on the event fd; returns when woken or after ns */
 static void block_once(gw_worker_t *w, int64_t ns) {
   LOCK(w);
+  progress_ctrl_locked(w);
   ucs_status_t st = ucp_worker_arm(w->w);
+  if (st == UCS_OK) st = ucp_worker_arm(w->cw);
   if (st == UCS_OK) w->n_blocked++;
   UNLOCK(w);
   if (st != UCS_OK) return; /* BUSY: events pending, go progress */
@@ -895,9 +921,10 @@ static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns
     if (cond(arg)) return 0;
     if ((++it & 15) == 0 || w->spin_ns == 0) {
       int64_t t = now_ns();
-      if (w->n_pidfds && t - w->last_live_check > LIVE_CHECK_NS) {
+      if (t - w->last_live_check > LIVE_CHECK_NS) {
         w->last_live_check = t;
         LOCK(w);
+        progress_ctrl_locked(w);
         check_liveness(w);
         UNLOCK(w);
         if (cond(arg)) return 0;
@@ -918,7 +945,7 @@ int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
   int64_t spin_end = now_ns() + w->spin_ns;
   for (;;) {
     LOCK(w);
-    int n = progress_locked(w);
+    int n = progress_locked(w) + progress_ctrl_locked(w);
     UNLOCK(w);
     if (n) return 1;
     int64_t t = now_ns();
@@ -974,7 +1001,7 @@ int gw_listen(gw_worker_t *w, const char *ip, int port, gw_listener_t **out) {
   p.conn_handler.cb = conn_req_cb;
   p.conn_handler.arg = l;
   LOCK(w);
-  ucs_status_t st = ucp_listener_create(w->w, &p, &l->l);
+  ucs_status_t st = ucp_listener_create(w->cw, &p, &l->l);
   if (st == UCS_OK) {
     ucp_listener_attr_t a;
     a.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
@@ -1002,7 +1029,7 @@ void gw_listener_close(gw_listener_t *l) {
   LOCK(w);
   if (!l->closed) {
     l->closed = 1;
-    progress_locked(w); /* reject queued requests while the listener exists */
+    progress_ctrl_locked(w); /* reject queued requests while the listener exists */
     ucp_listener_destroy(l->l);
   }
   /* conns accepted but never taken stay owned by the worker */
@@ -1021,7 +1048,9 @@ static int cond_queue(void *arg) { return *((q_arg_t *)arg)->head != NULL; }
 static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, int64_t timeout_ns,
                        gw_conn_t **out) {
   q_arg_t a = {head};
+  __atomic_fetch_add(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
   int rc = wait_cond(w, cond_queue, &a, timeout_ns);
+  __atomic_fetch_sub(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
   if (rc) return rc;
   LOCK(w);
   gw_conn_t *c = *head;
@@ -1047,7 +1076,9 @@ static int cond_conn_settled(void *arg) {
 }
 
 static int connect_finish(gw_worker_t *w, gw_conn_t *c, int64_t timeout_ns, gw_conn_t **out) {
+  __atomic_fetch_add(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
   int rc = wait_cond(w, cond_conn_settled, c, timeout_ns);
+  __atomic_fetch_sub(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
   if (rc == 0 && c->state == GW_CONN_UP) {
     *out = c;
     return 0;
@@ -1088,7 +1119,7 @@ int gw_connect(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = ep_err_cb;
   ep.err_handler.arg = c;
-  ucs_status_t st = ucp_ep_create(w->w, &ep, &c->ctrl_ep);
+  ucs_status_t st = ucp_ep_create(w->cw, &ep, &c->ctrl_ep);
   if (st != UCS_OK) {
     w->conns[c->id & 0xFFFF] = NULL;
     UNLOCK(w);
@@ -1116,6 +1147,7 @@ int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t tim
   memset(&peer, 0, sizeof(peer));
   memcpy(peer.boot_id, ah.boot_id, sizeof(ah.boot_id));
   peer.ipc_ns = ah.ipc_ns;
+  peer.pid_ns = ah.pid_ns;
   LOCK(w);
   gw_conn_t *c = conn_new(w);
   if (!c) {
@@ -1123,8 +1155,7 @@ int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t tim
     return UCS_ERR_EXCEEDS_LIMIT;
   }
   c->is_client = 1;
-  int local = same_node(&peer, w->self.boot_id, w->self.ipc_ns);
-  c->data_ep = make_addr_ep(c, (const unsigned char *)addr + sizeof(ah), local);
+  c->data_ep = make_addr_ep(c, (const unsigned char *)addr + sizeof(ah), data_err_none(c, &peer));
   if (!c->data_ep) {
     w->conns[c->id & 0xFFFF] = NULL;
     UNLOCK(w);
@@ -1480,12 +1511,16 @@ int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t 
 }
 
 int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) {
+  /* Two halves of buf take turns, so the next receive is posted before the
+   * reply goes out and the next request lands in a posted (expected) receive. */
   gw_worker_t *w = c->w;
   (void)tag;
+  size_t half = cap / 2;
+  char *bufs[2] = {(char *)buf, (char *)buf + half};
+  gw_req_t *r;
+  int rc = gw_recv(w, c, 0, 0, bufs[0], half, &r);
+  if (rc < 0) return rc;
   for (int64_t i = 0; n < 0 || i < n; i++) {
-    gw_req_t *r;
-    int rc = gw_recv(w, c, 0, 0, buf, cap, &r);
-    if (rc < 0) return rc;
     rc = gw_wait(w, r, -1);
     size_t len = r->length;
     uint32_t t = (uint32_t)(r->sender_tag & TAG_USER_MASK);
@@ -1493,13 +1528,23 @@ int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) 
     gw_req_release(w, r);
     if (rc) return rc;
     if (t == 0xFFFFFF) return 0; /* stop message */
-    gw_req_t *s;
-    rc = gw_send(c, t, buf, hl, (char *)buf + hl, len - hl, &s);
+    char *cur = bufs[i & 1];
+    rc = gw_recv(w, c, 0, 0, bufs[(i + 1) & 1], half, &r);
     if (rc < 0) return rc;
+    gw_req_t *s;
+    rc = gw_send(c, t, cur, hl, cur + hl, len - hl, &s);
+    if (rc < 0) {
+      gw_req_release(w, r);
+      return rc;
+    }
     rc = gw_wait(w, s, -1);
     gw_req_release(w, s);
-    if (rc) return rc;
+    if (rc) {
+      gw_req_release(w, r);
+      return rc;
+    }
   }
+  gw_req_release(w, r);
   return 0;
 }
 

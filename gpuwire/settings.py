@@ -20,7 +20,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator
 
-__all__ = ["Setting", "register", "get", "set", "override", "all_settings", "describe"]
+__all__ = ["Setting", "register", "get", "set", "override", "all_settings", "describe",
+           "reload_environment"]
 
 
 def _parse_bool(text: str) -> bool:
@@ -64,6 +65,7 @@ class Setting:
 _lock = threading.Lock()
 _registry: Dict[str, Setting] = {}
 _values: Dict[str, Any] = {}
+_env_cache: Dict[str, Any] = {}
 
 
 def register(name: str, default: Any, type: Callable[[str], Any], doc: str, layer: str = "core") -> Setting:
@@ -83,13 +85,26 @@ def _lookup(name: str) -> Setting:
 
 
 def get(name: str) -> Any:
-    s = _lookup(name)
-    if name in _values:
+    """The value in force: set()/override() first, else the environment (read once,
+    at first use), else the default."""
+    try:
         return _values[name]
+    except KeyError:
+        pass
+    try:
+        return _env_cache[name]
+    except KeyError:
+        pass
+    s = _lookup(name)
     raw = os.environ.get(s.env)
-    if raw is None:
-        return s.default
-    return s.parse(raw)
+    value = s.default if raw is None else s.parse(raw)
+    _env_cache[name] = value
+    return value
+
+
+def reload_environment() -> None:
+    """Forget cached environment values (after changing os.environ at run time)."""
+    _env_cache.clear()
 
 
 def set(name: str, value: Any) -> None:  # noqa: A001 - mirrors kvikio.defaults.set

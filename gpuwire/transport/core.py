@@ -1,0 +1,849 @@
+"""The transport's Python API over the C engine (cffi_src/gw_ucx.c).
+
+Threading model (docs/transport.md): every object may be used from any thread.
+Calls into UCX are serialised by one lock per Worker; waits release the GIL and
+take the lock only around each progress pass, so one thread can send while
+another waits. Progress happens inside waits (and :meth:`Worker.progress`);
+there is no hidden background thread.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from .. import settings
+
+_INF = -1
+from ._lib import ffi, lib
+from .errors import (
+    ConnectionClosed, ConnectionLost, ConnectTimeout, ConnectionRefused, MessageTruncated,
+    RMAOutOfRange, OperationTimeout, TransportError,
+)
+
+settings.register("spin_us", 50, float,
+                  "Microseconds a wait spins on the worker before blocking on its event fd "
+                  "(0: block at once; idle cost ~0% CPU either way).", layer="transport")
+settings.register("connect_timeout_s", 10.0, float,
+                  "Seconds a connect waits for the peer's handshake.", layer="transport")
+settings.register("op_timeout_s", 0.0, float,
+                  "Default timeout in seconds for blocking sends/receives/calls (0: none).",
+                  layer="transport")
+settings.register("emulate_rtt_us", 0.0, float,
+                  "Emulated network round trip in microseconds: each received message becomes "
+                  "visible rtt/2 after it arrived (for benches; there is no netem here).",
+                  layer="transport")
+
+_gw_call = lib.gw_call
+_OP_NS = [_INF]  # default op timeout in ns, refreshed when a Worker is made
+
+ANY_TAG_MASK = 0
+EXACT_TAG = 0xFFFFFF
+MAX_TAG = 0xFFFFFE  # 0xFFFFFF is reserved (stop message of the echo server)
+
+
+def _ns(timeout: Optional[float], default_setting: Optional[str] = "op_timeout_s") -> int:
+    if timeout is None:
+        if default_setting is None:
+            return _INF
+        d = settings.get(default_setting)
+        return int(d * 1e9) if d and d > 0 else _INF
+    if not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+    if timeout < 0:
+        return _INF
+    return int(timeout * 1e9)
+
+
+@dataclass(frozen=True)
+class RawBuffer:
+    """A raw pointer and size, for memory Python did not allocate (e.g. pinned or device)."""
+    ptr: int
+    size: int
+    readonly: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.ptr, int) or self.ptr <= 0:
+            raise ValueError(f"RawBuffer: ptr must be a positive integer address, got {self.ptr!r}")
+        if not isinstance(self.size, int) or self.size < 0:
+            raise ValueError(f"RawBuffer: size must be a non-negative integer, got {self.size!r}")
+
+
+class Buffer:
+    """A buffer with its pointer derived once (the fast path for repeated ops).
+
+    Wraps anything with the buffer protocol (bytearray, numpy array, mmap,
+    memoryview) or a :class:`RawBuffer`; keeps it alive.
+    """
+    __slots__ = ("obj", "cdata", "nbytes", "readonly", "ptr")
+
+    def __init__(self, obj: Any, writable: bool = False):
+        if isinstance(obj, Buffer):
+            self.obj, self.cdata, self.nbytes, self.readonly, self.ptr = (
+                obj.obj, obj.cdata, obj.nbytes, obj.readonly, obj.ptr)
+            if writable and self.readonly:
+                raise TypeError("buffer is read-only but the operation writes into it")
+            return
+        self.obj = obj
+        if isinstance(obj, RawBuffer):
+            if writable and obj.readonly:
+                raise TypeError("RawBuffer is read-only but the operation writes into it")
+            self.cdata = ffi.cast("char *", obj.ptr)
+            self.nbytes = obj.size
+            self.readonly = obj.readonly
+            self.ptr = obj.ptr
+            return
+        if isinstance(obj, (str, int, float)) or obj is None:
+            raise TypeError(f"expected a buffer (bytes, bytearray, numpy array, mmap, memoryview "
+                            f"or RawBuffer), got {type(obj).__name__}")
+        try:
+            mv = memoryview(obj)
+        except TypeError:
+            raise TypeError(f"expected a buffer (bytes, bytearray, numpy array, mmap, memoryview "
+                            f"or RawBuffer), got {type(obj).__name__}") from None
+        if not mv.c_contiguous:
+            raise ValueError("buffer must be C-contiguous")
+        self.readonly = mv.readonly
+        if writable and mv.readonly:
+            raise TypeError(f"{type(obj).__name__} is read-only but the operation writes into it")
+        self.nbytes = mv.nbytes
+        self.cdata = ffi.from_buffer("char[]", obj, require_writable=writable)
+        self.ptr = int(ffi.cast("uintptr_t", self.cdata))
+
+
+def _buf(obj: Any, writable: bool) -> Buffer:
+    if type(obj) is Buffer:
+        if writable and obj.readonly:
+            raise TypeError("buffer is read-only but the operation writes into it")
+        return obj
+    return Buffer(obj, writable)
+
+
+_STATUS_NAMES: Dict[int, str] = {}
+
+
+def status_string(st: int) -> str:
+    s = _STATUS_NAMES.get(st)
+    if s is None:
+        s = ffi.string(lib.gw_status_string(st)).decode()
+        _STATUS_NAMES[st] = s
+    return s
+
+
+def _raise(st: int, what: str, ep: "Optional[Endpoint]" = None) -> None:
+    msg = f"{what}: {status_string(st)}"
+    if st == lib.GW_ERR_CONN_LOST or (ep is not None and ep._lost_status()):
+        if ep is not None:
+            raise ConnectionLost(ep.peer, ep.lost_reason() or status_string(st), what)
+        raise ConnectionLost("?", status_string(st), what)
+    if st == lib.GW_ERR_BAD_STATE:
+        raise ConnectionClosed(f"{what}: endpoint is closed" + (f" (peer {ep.peer})" if ep else ""))
+    if st == lib.UCS_ERR_TIMED_OUT:
+        raise OperationTimeout(msg)
+    if st == lib.GW_ERR_TRUNCATED:
+        raise MessageTruncated(msg)
+    if st == lib.GW_ERR_OUT_OF_RANGE:
+        raise RMAOutOfRange(msg)
+    if st in (lib.UCS_ERR_INVALID_PARAM, lib.UCS_ERR_INVALID_ADDR):
+        raise ValueError(msg)
+    raise TransportError(msg, st)
+
+
+@dataclass
+class Received:
+    """What a receive delivered: ``nbytes`` bytes (header first), from ``endpoint``."""
+    nbytes: int
+    tag: int
+    header_len: int
+    endpoint: "Optional[Endpoint]"
+
+    @property
+    def payload_len(self) -> int:
+        return self.nbytes - self.header_len
+
+
+class Request:
+    """An outstanding send, receive, put or get. Wait on it, test it, or drop it
+    (dropping an unfinished receive cancels it)."""
+    __slots__ = ("_worker", "_r", "_keep", "_ep", "_what", "_recv", "__weakref__")
+
+    def __init__(self, worker: "Worker", r, keep, ep, what: str, recv: bool):
+        self._worker = worker
+        self._r = r
+        self._keep = keep
+        self._ep = ep
+        self._what = what
+        self._recv = recv
+
+    def done(self) -> bool:
+        return self._r == ffi.NULL or bool(lib.gw_req_test(self._r))
+
+    def wait(self, timeout: Optional[float] = None):
+        """Wait for completion; returns :class:`Received` for receives, else None."""
+        r = self._r
+        if r == ffi.NULL:
+            raise TransportError(f"{self._what}: request already released", 0)
+        st = lib.gw_wait(self._worker._w, r, _ns(timeout))
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise OperationTimeout(f"{self._what}: timed out after {timeout}s")
+        return self._result(st)
+
+    def _result(self, st: int):
+        r = self._r
+        if self._recv:
+            info = self._worker._info
+            lib.gw_req_info(r, info.st, info.len, info.cid, info.tag, info.hlen)
+            st = info.st[0]
+            if st:
+                self.release()
+                _raise(st, self._what, self._ep)
+            ep = self._ep or self._worker._endpoints.get(info.cid[0])
+            res = Received(info.len[0], info.tag[0], info.hlen[0], ep)
+            self.release()
+            return res
+        self.release()
+        if st:
+            _raise(st, self._what, self._ep)
+        return None
+
+    def release(self) -> None:
+        r = self._r
+        if r != ffi.NULL:
+            self._r = ffi.NULL
+            w = self._worker
+            if not w._closed:
+                lib.gw_req_release(w._w, r)
+        self._keep = None
+
+    cancel = release
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
+class _Info:
+    __slots__ = ("st", "len", "cid", "tag", "hlen")
+
+    def __init__(self):
+        self.st = ffi.new("int *")
+        self.len = ffi.new("size_t *")
+        self.cid = ffi.new("uint32_t *")
+        self.tag = ffi.new("uint32_t *")
+        self.hlen = ffi.new("uint32_t *")
+
+
+class Context:
+    """A UCX context. ``config`` passes UCX settings through, e.g. ``{"TLS": "tcp,self"}``
+    (keys with or without the ``UCX_`` prefix); UCX_* environment variables apply too."""
+
+    def __init__(self, config: Optional[Dict[str, str]] = None):
+        config = dict(config or {})
+        keys = [k[4:] if k.upper().startswith("UCX_") else k for k in config]
+        vals = [str(v) for v in config.values()]
+        ckeys = [ffi.new("char[]", k.encode()) for k in keys]
+        cvals = [ffi.new("char[]", v.encode()) for v in vals]
+        karr = ffi.new("const char *[]", ckeys or [ffi.NULL])
+        varr = ffi.new("const char *[]", cvals or [ffi.NULL])
+        out = ffi.new("gw_ctx_t **")
+        err = ffi.new("char[512]")
+        st = lib.gw_ctx_create(karr, varr, len(keys), out, err, 512)
+        if st:
+            raise TransportError("UCX context: " + ffi.string(err).decode(), st)
+        self._c = out[0]
+        self.config = dict(zip(keys, vals))
+        self._closed = False
+        self._workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+        self._mems: "weakref.WeakSet[MemoryRegion]" = weakref.WeakSet()
+
+    def worker(self) -> "Worker":
+        return Worker(self)
+
+    def register(self, buf: Any = None, *, size: Optional[int] = None) -> "MemoryRegion":
+        """Register memory for zero-copy and RMA: a buffer object, a RawBuffer, or
+        ``size=N`` to have UCX allocate N registered bytes."""
+        return MemoryRegion(self, buf, size)
+
+    def info(self) -> str:
+        buf = ffi.new("char[65536]")
+        lib.gw_ctx_info(self._c, buf, 65536)
+        return ffi.string(buf).decode(errors="replace")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for m in list(self._mems):
+            m.close()
+        for w in list(self._workers):
+            w.close()
+        self._closed = True
+        lib.gw_ctx_destroy(self._c)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def parse_hostport(text: str, default_port: Optional[int] = None) -> Tuple[str, int]:
+    """'host:port', '[v6]:port' or 'host' (with default_port) -> (ip, port)."""
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"address must be 'host:port', got {text!r}")
+    host, port = text, None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"bad address {text!r}: missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"bad address {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"address {text!r} has no port (expected 'host:port')")
+        port = default_port
+    try:
+        port = int(port)
+    except ValueError:
+        raise ValueError(f"bad port in address {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port out of range in address {text!r}")
+    return resolve_host(host), port
+
+
+def resolve_host(host: str) -> str:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve host {host!r}: {e}") from None
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        for info in infos:
+            if info[0] == fam:
+                return info[4][0]
+    raise ValueError(f"cannot resolve host {host!r}")
+
+
+class Worker:
+    """A UCX worker with gpuwire's progress engine (spin, then block on the event fd)."""
+
+    def __init__(self, ctx: Context):
+        out = ffi.new("gw_worker_t **")
+        st = lib.gw_worker_create(ctx._c, out)
+        if st:
+            raise TransportError(f"UCX worker: {status_string(st)}", st)
+        self._w = out[0]
+        self.ctx = ctx
+        self._closed = False
+        self._endpoints: "weakref.WeakValueDictionary[int, Endpoint]" = weakref.WeakValueDictionary()
+        self._listeners: "weakref.WeakSet[Listener]" = weakref.WeakSet()
+        self._info = _Info()
+        self._lock = threading.Lock()
+        self.spin_us = settings.get("spin_us")
+        self.emulate_rtt_us = settings.get("emulate_rtt_us")
+        _OP_NS[0] = _ns(None)
+        ctx._workers.add(self)
+
+    # -- settings
+    @property
+    def spin_us(self) -> float:
+        return self._spin_us
+
+    @spin_us.setter
+    def spin_us(self, us: float) -> None:
+        self._spin_us = float(us)
+        lib.gw_worker_set_spin(self._w, int(us * 1000))
+
+    @property
+    def emulate_rtt_us(self) -> float:
+        return self._rtt_us
+
+    @emulate_rtt_us.setter
+    def emulate_rtt_us(self, us: float) -> None:
+        self._rtt_us = float(us or 0)
+        lib.gw_worker_set_rtt_emulation(self._w, int(self._rtt_us * 1000))
+
+    @property
+    def address(self) -> bytes:
+        """This worker's address (bytes) for :meth:`connect_address` by a peer."""
+        n = ffi.new("size_t *")
+        buf = ffi.new("char[8192]")
+        st = lib.gw_worker_address(self._w, buf, 8192, n)
+        if st:
+            _raise(st, "worker address")
+        return bytes(ffi.buffer(buf, n[0]))
+
+    def _check(self):
+        if self._closed:
+            raise ConnectionClosed("worker is closed")
+
+    # -- connections
+    def listen(self, host: str = "0.0.0.0", port: int = 0) -> "Listener":
+        """Listen for sockaddr connections (needs tcp in UCX_TLS). port 0 picks a free port."""
+        self._check()
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
+        ip = resolve_host(host)
+        out = ffi.new("gw_listener_t **")
+        st = lib.gw_listen(self._w, ip.encode(), port, out)
+        if st:
+            _raise(st, f"listen on {host}:{port}")
+        l = Listener(self, out[0], ip)
+        self._listeners.add(l)
+        return l
+
+    def connect(self, address: str, port: Optional[int] = None,
+                timeout: Optional[float] = None) -> "Endpoint":
+        """Connect to a listener at 'host:port' (or host, port)."""
+        self._check()
+        if port is not None:
+            ip, port = resolve_host(address), port
+            if not isinstance(port, int) or not 0 < port <= 65535:
+                raise ValueError(f"port must be an integer in 1..65535, got {port!r}")
+        else:
+            ip, port = parse_hostport(address)
+            if port == 0:
+                raise ValueError(f"cannot connect to port 0 ({address!r})")
+        if timeout is None:
+            timeout = settings.get("connect_timeout_s")
+        out = ffi.new("gw_conn_t **")
+        st = lib.gw_connect(self._w, ip.encode(), port, _ns(timeout, None), out)
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise ConnectTimeout(f"connect to {ip}:{port}: no handshake within {timeout}s")
+        if st:
+            raise ConnectionRefused(f"connect to {ip}:{port}: {status_string(st)}")
+        return self._adopt(out[0], f"{ip}:{port}")
+
+    def connect_address(self, address: bytes, timeout: Optional[float] = None) -> "Endpoint":
+        """Connect by a peer worker's :attr:`address` (no listener needed; shared memory
+        is used when both sit on one node)."""
+        self._check()
+        if not isinstance(address, (bytes, bytearray, memoryview)):
+            raise TypeError(f"worker address must be bytes, got {type(address).__name__}")
+        if timeout is None:
+            timeout = settings.get("connect_timeout_s")
+        b = bytes(address)
+        out = ffi.new("gw_conn_t **")
+        st = lib.gw_connect_address(self._w, b, len(b), _ns(timeout, None), out)
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise ConnectTimeout(f"connect by address: no handshake within {timeout}s")
+        if st == lib.UCS_ERR_INVALID_ADDR:
+            raise ValueError("connect by address: not a gpuwire worker address")
+        if st:
+            raise ConnectionRefused(f"connect by address: {status_string(st)}")
+        return self._adopt(out[0], "address")
+
+    def accept_address(self, timeout: Optional[float] = None) -> "Endpoint":
+        """Take the next connection a peer made to this worker's :attr:`address`."""
+        self._check()
+        out = ffi.new("gw_conn_t **")
+        st = lib.gw_accept_any(self._w, _ns(timeout, None), out)
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise OperationTimeout(f"accept by address: nothing within {timeout}s")
+        if st:
+            _raise(st, "accept by address")
+        return self._adopt(out[0], "address")
+
+    def _adopt(self, c, where: str) -> "Endpoint":
+        ep = Endpoint(self, c, where)
+        self._endpoints[ep.id] = ep
+        return ep
+
+    def endpoints(self) -> List["Endpoint"]:
+        return list(self._endpoints.values())
+
+    def poll_lost(self) -> List["Endpoint"]:
+        """Endpoints that went down since the last call (peer died or closed)."""
+        ids = ffi.new("uint32_t[256]")
+        out = []
+        while True:
+            n = lib.gw_worker_poll_lost(self._w, ids, 256)
+            for i in range(n):
+                ep = self._endpoints.get(ids[i])
+                if ep is not None:
+                    out.append(ep)
+            if n < 256:
+                return out
+
+    # -- progress
+    def progress(self) -> int:
+        self._check()
+        return lib.gw_worker_progress(self._w)
+
+    def wait_event(self, timeout: Optional[float] = None) -> bool:
+        """Spin then block until UCX has something to do (or timeout); True if it did."""
+        self._check()
+        return bool(lib.gw_worker_wait_event(self._w, _ns(timeout, None)))
+
+    @property
+    def event_fd(self) -> int:
+        """An epoll fd that becomes readable when the worker needs progress (for event loops)."""
+        return lib.gw_worker_efd(self._w)
+
+    # -- any-source receive
+    def recv_nb(self, buf: Any, tag: int = 0, tag_mask: int = ANY_TAG_MASK) -> Request:
+        """Receive from any endpoint of this worker."""
+        self._check()
+        b = _buf(buf, True)
+        out = ffi.new("gw_req_t **")
+        st = lib.gw_recv(self._w, ffi.NULL, tag, tag_mask, b.cdata, b.nbytes, out)
+        if st < 0:
+            _raise(st, "recv")
+        return Request(self, out[0], b, None, "recv", True)
+
+    def recv(self, buf: Any, tag: int = 0, tag_mask: int = ANY_TAG_MASK,
+             timeout: Optional[float] = None) -> Received:
+        return self.recv_nb(buf, tag, tag_mask).wait(timeout)
+
+    def wait_all(self, reqs: Iterable[Request], timeout: Optional[float] = None) -> list:
+        reqs = list(reqs)
+        if not reqs:
+            return []
+        arr = ffi.new("gw_req_t *[]", [r._r for r in reqs])
+        st = lib.gw_wait_all(self._w, arr, len(reqs), _ns(timeout))
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise OperationTimeout(f"wait_all: timed out after {timeout}s")
+        return [r._result(_req_status(r)) for r in reqs]
+
+    def wait_any(self, reqs: List[Request], timeout: Optional[float] = None) -> int:
+        """Index of a finished request among reqs (it stays unreleased: wait() it)."""
+        arr = ffi.new("gw_req_t *[]", [r._r for r in reqs])
+        i = lib.gw_wait_any(self._w, arr, len(reqs), _ns(timeout))
+        if i == lib.UCS_ERR_TIMED_OUT:
+            raise OperationTimeout(f"wait_any: timed out after {timeout}s")
+        return i
+
+    def close(self) -> None:
+        """Close every endpoint and listener, then the worker. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            for ep in list(self._endpoints.values()):
+                ep.close(timeout=0.2)
+            for l in list(self._listeners):
+                l.close()
+            self._closed = True
+            lib.gw_worker_destroy(self._w)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def _req_status(r: Request) -> int:
+    info = r._worker._info
+    lib.gw_req_info(r._r, info.st, info.len, info.cid, info.tag, info.hlen)
+    return info.st[0]
+
+
+class Listener:
+    def __init__(self, worker: Worker, l, ip: str):
+        self.worker = worker
+        self._l = l
+        self.ip = ip
+        self.port = lib.gw_listener_port(l)
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}" if ":" not in self.ip else f"[{self.ip}]:{self.port}"
+
+    def accept(self, timeout: Optional[float] = None) -> "Endpoint":
+        """Wait for the next client whose handshake finished."""
+        if self._closed:
+            raise ConnectionClosed("listener is closed")
+        out = ffi.new("gw_conn_t **")
+        st = lib.gw_accept(self._l, _ns(timeout, None), out)
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise OperationTimeout(f"accept on {self.address}: nobody within {timeout}s")
+        if st:
+            _raise(st, "accept")
+        return self.worker._adopt(out[0], "accepted")
+
+    def close(self) -> None:
+        if not self._closed and not self.worker._closed:
+            self._closed = True
+            lib.gw_listener_close(self._l)
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+class Endpoint:
+    """A connection to one peer: tagged messages (header + payload), RMA, request/reply."""
+
+    def __init__(self, worker: Worker, c, where: str):
+        self.worker = worker
+        self._c = c
+        self._w = worker._w
+        self.id = lib.gw_conn_id(c)
+        buf = ffi.new("char[256]")
+        lib.gw_conn_peer(c, buf, 256)
+        self.peer = f"{ffi.string(buf).decode(errors='replace')} via {where}"
+        self._closed = False
+        self._rlen = ffi.new("size_t *")
+        self._out = ffi.new("gw_req_t **")
+
+    def __repr__(self):
+        return f"<Endpoint {self.id:#x} peer={self.peer!r} state={self.state}>"
+
+    @property
+    def state(self) -> str:
+        if self._closed:
+            return "closed"
+        return ("connecting", "up", "lost", "closed")[lib.gw_conn_state(self._c)]
+
+    @property
+    def transports(self) -> str:
+        """Transports/devices of the data path, e.g. 'posix/memory,sysv/memory' or 'tcp/lo'."""
+        if self._closed:
+            return ""
+        buf = ffi.new("char[512]")
+        lib.gw_conn_transports(self._c, buf, 512)
+        return ffi.string(buf).decode()
+
+    @property
+    def peer_pid(self) -> int:
+        return lib.gw_conn_peer_pid(self._c)
+
+    def _lost_status(self) -> int:
+        return 0 if self._closed else (lib.gw_conn_state(self._c) == lib.GW_CONN_LOST)
+
+    def lost_reason(self) -> str:
+        if self._closed:
+            return ""
+        st = lib.gw_conn_lost_status(self._c)
+        return status_string(st) if st else ""
+
+    def _check(self):
+        if self._closed:
+            raise ConnectionClosed(f"endpoint to {self.peer} is closed")
+
+    # -- messages
+    def send_nb(self, payload: Any = b"", header: Any = b"", tag: int = 0) -> Request:
+        """Start sending header+payload as one message tagged ``tag`` (0..0xFFFFFE)."""
+        self._check()
+        if not 0 <= tag <= MAX_TAG:
+            raise ValueError(f"tag must be in 0..{MAX_TAG:#x}, got {tag!r}")
+        p = _buf(payload, False)
+        if header:
+            h = _buf(header, False)
+            if h.nbytes > 255:
+                raise ValueError(f"header is {h.nbytes} bytes; at most 255")
+            hc, hn = h.cdata, h.nbytes
+            keep = (p, h)
+        else:
+            hc, hn, keep = ffi.NULL, 0, p
+        out = self._out
+        st = lib.gw_send(self._c, tag, hc, hn, p.cdata, p.nbytes, out)
+        if st < 0:
+            _raise(st, f"send to {self.peer}", self)
+        return Request(self.worker, out[0], keep, self, f"send to {self.peer}", False)
+
+    def send(self, payload: Any = b"", header: Any = b"", tag: int = 0,
+             timeout: Optional[float] = None) -> None:
+        """Send and wait for local completion (the buffers may be reused after)."""
+        self.send_nb(payload, header, tag).wait(timeout)
+
+    def recv_nb(self, buf: Any, tag: int = 0, tag_mask: int = ANY_TAG_MASK) -> Request:
+        """Start receiving one message from this peer into ``buf``; by default any tag."""
+        self._check()
+        b = _buf(buf, True)
+        out = self._out
+        st = lib.gw_recv(self._w, self._c, tag, tag_mask, b.cdata, b.nbytes, out)
+        if st < 0:
+            _raise(st, f"recv from {self.peer}", self)
+        return Request(self.worker, out[0], b, self, f"recv from {self.peer}", True)
+
+    def recv(self, buf: Any, tag: int = 0, tag_mask: int = ANY_TAG_MASK,
+             timeout: Optional[float] = None) -> Received:
+        return self.recv_nb(buf, tag, tag_mask).wait(timeout)
+
+    def call(self, msg: Any, reply: Any, tag: int = 0, reply_tag: Optional[int] = None,
+             timeout: Optional[float] = None) -> int:
+        """Send ``msg`` and wait for the reply tagged ``reply_tag`` (default ``tag``) into
+        ``reply``; returns the reply's length. Post, send and wait all run in C.
+        Pass :class:`Buffer` objects on hot paths: their pointers are derived once."""
+        m = msg if type(msg) is Buffer else _buf(msg, False)
+        r = reply if type(reply) is Buffer else _buf(reply, True)
+        st = _gw_call(self._c, tag, m.cdata, m.nbytes, tag if reply_tag is None else reply_tag,
+                      r.cdata, r.nbytes, _OP_NS[0] if timeout is None else _ns(timeout), self._rlen)
+        if st:
+            if st == lib.UCS_ERR_TIMED_OUT:
+                raise OperationTimeout(f"call to {self.peer}: no reply within {timeout}s")
+            _raise(st, f"call to {self.peer}", self)
+        return self._rlen[0]
+
+    def serve_echo(self, buf: Any, count: int = -1) -> None:
+        """Echo every message back to this peer from C (bench server) until a stop
+        message (tag 0xFFFFFF), ``count`` messages, or the connection goes down."""
+        b = _buf(buf, True)
+        st = lib.gw_echo_serve(self._c, 0, b.cdata, b.nbytes, count)
+        if st:
+            _raise(st, f"echo with {self.peer}", self)
+
+    # -- RMA
+    def unpack_rkey(self, packed: bytes) -> "RemoteKey":
+        self._check()
+        if not isinstance(packed, (bytes, bytearray, memoryview)):
+            raise TypeError(f"packed rkey must be bytes, got {type(packed).__name__}")
+        b = bytes(packed)
+        out = ffi.new("gw_rkey_t **")
+        st = lib.gw_rkey_unpack(self._c, b, len(b), out)
+        if st == lib.UCS_ERR_INVALID_PARAM:
+            raise ValueError("not a packed gpuwire memory key")
+        if st:
+            _raise(st, "unpack rkey", self)
+        return RemoteKey(self, out[0])
+
+    def _rma(self, local, remote_addr: int, rkey: "RemoteKey", put: bool) -> Request:
+        self._check()
+        if not isinstance(rkey, RemoteKey):
+            raise TypeError(f"rkey must be a RemoteKey (from Endpoint.unpack_rkey), got {type(rkey).__name__}")
+        if rkey.endpoint is not self:
+            raise ValueError("rkey was unpacked on another endpoint")
+        if not isinstance(remote_addr, int) or remote_addr < 0:
+            raise ValueError(f"remote address must be a non-negative int, got {remote_addr!r}")
+        b = _buf(local, not put)
+        out = self._out
+        fn = lib.gw_put if put else lib.gw_get
+        st = fn(self._c, b.cdata, b.nbytes, remote_addr, rkey._k, out)
+        what = f"{'put' if put else 'get'} {b.nbytes} B at {remote_addr:#x} ({self.peer})"
+        if st == lib.GW_ERR_OUT_OF_RANGE:
+            raise RMAOutOfRange(f"{what}: outside the remote region "
+                                f"[{rkey.base:#x}, {rkey.base + rkey.length:#x})")
+        if st < 0:
+            _raise(st, what, self)
+        return Request(self.worker, out[0], (b, rkey), self, what, False)
+
+    def put_nb(self, local: Any, remote_addr: int, rkey: "RemoteKey") -> Request:
+        return self._rma(local, remote_addr, rkey, True)
+
+    def get_nb(self, local: Any, remote_addr: int, rkey: "RemoteKey") -> Request:
+        return self._rma(local, remote_addr, rkey, False)
+
+    def put(self, local: Any, remote_addr: int, rkey: "RemoteKey", timeout: Optional[float] = None) -> None:
+        """Write ``local`` to the peer's memory; remote visibility after :meth:`flush`."""
+        self._rma(local, remote_addr, rkey, True).wait(timeout)
+
+    def get(self, local: Any, remote_addr: int, rkey: "RemoteKey", timeout: Optional[float] = None) -> None:
+        self._rma(local, remote_addr, rkey, False).wait(timeout)
+
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Wait until every operation posted on this endpoint completed at the peer."""
+        self._check()
+        st = lib.gw_flush(self._c, _ns(timeout))
+        if st:
+            _raise(st, f"flush to {self.peer}", self)
+
+    # -- lifetime
+    def close(self, timeout: float = 1.0) -> None:
+        """Close cleanly (flush, then tell the peer). Pending operations fail with
+        ConnectionClosed. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self.worker._closed:
+            lib.gw_conn_close(self._c, int(timeout * 1e9))
+            lib.gw_conn_free(self._c)
+        self._c = ffi.NULL
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+    def __del__(self):
+        try:
+            if not self._closed and not self.worker._closed:
+                self.close(timeout=0.1)
+        except Exception:
+            pass
+
+
+class MemoryRegion:
+    """Memory registered with UCX: zero-copy sends/receives and RMA target."""
+
+    def __init__(self, ctx: Context, buf: Any, size: Optional[int]):
+        if ctx._closed:
+            raise ConnectionClosed("context is closed")
+        out = ffi.new("gw_mem_t **")
+        if buf is None:
+            if not isinstance(size, int) or size <= 0:
+                raise ValueError(f"register: size must be a positive int, got {size!r}")
+            st = lib.gw_mem_map(ctx._c, ffi.NULL, size, out)
+            self._buf = None
+        else:
+            if size is not None:
+                raise ValueError("register: give a buffer or size=, not both")
+            self._buf = _buf(buf, False)
+            if self._buf.nbytes == 0:
+                raise ValueError("register: buffer is empty")
+            st = lib.gw_mem_map(ctx._c, self._buf.cdata, self._buf.nbytes, out)
+        if st:
+            _raise(st, "register memory")
+        self._m = out[0]
+        self.ctx = ctx
+        self.base = int(lib.gw_mem_base(self._m))
+        self.length = int(lib.gw_mem_length(self._m))
+        ctx._mems.add(self)
+
+    @property
+    def buffer(self) -> Buffer:
+        """The registered bytes as a Buffer (usable in sends/receives/RMA)."""
+        if self._buf is not None:
+            return self._buf
+        return Buffer(RawBuffer(self.base, self.length))
+
+    def view(self) -> memoryview:
+        return memoryview(ffi.buffer(ffi.cast("char *", self.base), self.length))
+
+    def pack(self) -> bytes:
+        """The remote key for peers (bytes; send it, then Endpoint.unpack_rkey)."""
+        buf = ffi.new("char[8192]")
+        n = ffi.new("size_t *")
+        st = lib.gw_mem_pack(self._m, buf, 8192, n)
+        if st:
+            _raise(st, "pack rkey")
+        return bytes(ffi.buffer(buf, n[0]))
+
+    def close(self) -> None:
+        if self._m is not None and not self.ctx._closed:
+            lib.gw_mem_unmap(self._m)
+        self._m = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+class RemoteKey:
+    def __init__(self, ep: Endpoint, k):
+        self.endpoint = ep
+        self._k = k
+        self.base = int(lib.gw_rkey_base(k))
+        self.length = int(lib.gw_rkey_length(k))
+
+    def __del__(self):
+        try:
+            if self._k is not None and not self.endpoint.worker._closed:
+                lib.gw_rkey_destroy(self._k)
+            self._k = None
+        except Exception:
+            pass
