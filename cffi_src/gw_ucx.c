@@ -178,6 +178,7 @@ const char *gw_status_string(int status) {
   case GW_ERR_BAD_STATE: return "connection is closed";
   case GW_ERR_PROTOCOL: return "peer is not a gpuwire peer of this protocol version";
   case GW_ERR_TRUNCATED: return "message longer than the receive buffer";
+  case GW_ERR_PEER_EXITED: return "peer process exited";
   default: return ucs_status_string((ucs_status_t)status);
   }
 }
@@ -718,7 +719,7 @@ static void check_liveness(gw_worker_t *w) {
     gw_conn_t *c = w->conns[i];
     if (!c || c->pidfd < 0) continue;
     struct pollfd p = {.fd = c->pidfd, .events = POLLIN};
-    if (poll(&p, 1, 0) > 0) conn_mark_lost(c, UCS_ERR_ENDPOINT_TIMEOUT);
+    if (poll(&p, 1, 0) > 0) conn_mark_lost(c, GW_ERR_PEER_EXITED);
   }
 }
 
@@ -899,7 +900,7 @@ static void block_once(gw_worker_t *w, int64_t ns) {
       if (evs[i].data.u64 != 0) {
         LOCK(w);
         gw_conn_t *c = conn_lookup(w, (uint32_t)evs[i].data.u64);
-        if (c) conn_mark_lost(c, UCS_ERR_ENDPOINT_TIMEOUT);
+        if (c) conn_mark_lost(c, GW_ERR_PEER_EXITED);
         UNLOCK(w);
       }
   }

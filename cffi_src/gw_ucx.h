@@ -24,6 +24,7 @@ typedef struct gw_req gw_req_t;
 #define GW_ERR_BAD_STATE   (-1003)  /* operation on a closed connection */
 #define GW_ERR_PROTOCOL    (-1004)  /* handshake: not a gpuwire peer or bad version */
 #define GW_ERR_TRUNCATED   (-1005)  /* message longer than the receive buffer */
+#define GW_ERR_PEER_EXITED (-1006)  /* the peer process exited (seen through its pidfd) */
 
 /* conn states */
 #define GW_CONN_CONNECTING 0
