@@ -713,13 +713,16 @@ static void process_events(gw_worker_t *w) {
   }
 }
 
+/* pidfds sit in the worker's epoll set (data.u64 = conn id; 0/1 are the UCX
+ * event fds): one non-blocking epoll_wait finds peers that exited. */
 static void check_liveness(gw_worker_t *w) {
   if (!w->n_pidfds) return;
-  for (uint32_t i = 1; i < MAX_CONNS; i++) {
-    gw_conn_t *c = w->conns[i];
-    if (!c || c->pidfd < 0) continue;
-    struct pollfd p = {.fd = c->pidfd, .events = POLLIN};
-    if (poll(&p, 1, 0) > 0) conn_mark_lost(c, GW_ERR_PEER_EXITED);
+  struct epoll_event evs[16];
+  int n = epoll_wait(w->epfd, evs, 16, 0);
+  for (int i = 0; i < n; i++) {
+    if (evs[i].data.u64 <= 1) continue;
+    gw_conn_t *c = conn_lookup(w, (uint32_t)evs[i].data.u64);
+    if (c) conn_mark_lost(c, GW_ERR_PEER_EXITED);
   }
 }
 

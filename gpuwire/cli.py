@@ -14,7 +14,8 @@ import sys
 # (module, attribute) pairs; each module's add_parser registers one subcommand
 _TOP = [
     ("gpuwire.info", "add_parser"),
-    ("gpuwire.rpc.cli", "add_parser"),      # serve, apigen
+    ("gpuwire.rpc.apigen", "add_parser"),   # apigen
+    ("gpuwire.rpc.cli", "add_parser"),      # serve
 ]
 # `gpuwire bench <name>`: modules under gpuwire.bench
 _BENCH = ["transport", "rpc", "pinned", "gds"]

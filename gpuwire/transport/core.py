@@ -8,6 +8,7 @@ there is no hidden background thread.
 """
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import weakref
@@ -682,10 +683,36 @@ class Endpoint:
         st = _gw_call(self._c, tag, m.cdata, m.nbytes, tag if reply_tag is None else reply_tag,
                       r.cdata, r.nbytes, _OP_NS[0] if timeout is None else _ns(timeout), self._rlen)
         if st:
-            if st == lib.UCS_ERR_TIMED_OUT:
-                raise OperationTimeout(f"call to {self.peer}: no reply within {timeout}s")
-            _raise(st, f"call to {self.peer}", self)
+            self._call_failed(st, timeout)
         return self._rlen[0]
+
+    def prepare_call(self, msg: Any, reply: Any, tag: int = 0, reply_tag: Optional[int] = None,
+                     timeout: Optional[float] = None):
+        """A bound request/reply for a hot loop: ``f = ep.prepare_call(msg, reply)`` then
+        ``n = f()`` sends the current bytes of ``msg`` and returns the reply length.
+        Buffers, pointers, tags and timeout are resolved once here."""
+        m, r = _buf(msg, False), _buf(reply, True)
+        rtag = tag if reply_tag is None else reply_tag
+        for name, v in (("tag", tag), ("reply_tag", rtag)):
+            if not 0 <= v <= MAX_TAG:
+                raise ValueError(f"{name} must be in 0..{MAX_TAG:#x}, got {v!r}")
+        rlen = ffi.new("size_t *")
+        bound = functools.partial(_gw_call, self._c, tag, m.cdata, m.nbytes, rtag, r.cdata,
+                                  r.nbytes, _ns(timeout), rlen)
+
+        def call() -> int:
+            st = bound()
+            if st:
+                self._call_failed(st, timeout)
+            return rlen[0]
+
+        call.buffers = (m, r)  # keep them alive with the callable
+        return call
+
+    def _call_failed(self, st: int, timeout) -> None:
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise OperationTimeout(f"call to {self.peer}: no reply within {timeout}s")
+        _raise(st, f"call to {self.peer}", self)
 
     def serve_echo(self, buf: Any, count: int = -1) -> None:
         """Echo every message back to this peer from C (bench server) until a stop
