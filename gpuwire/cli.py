@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name and e.name.startswith("gpuwire"):
                 continue  # layer not present in this build
             raise
-        getattr(m, attr)(sub)
+        try:
+            getattr(m, attr)(sub)
+        except argparse.ArgumentError:
+            pass  # already registered by another module (e.g. rpc.cli also adds apigen)
     b = sub.add_parser("bench", help="latency/bandwidth sweeps (transport, rpc, pinned, gds)")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH")
     for name in _BENCH:

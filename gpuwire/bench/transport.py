@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_echo({"bench": "transport", "tls": {n: tls_pair(n) for n in tls_names},
                        "sizes": [human_size(s) for s in sizes], "tests": tests,
                        "warmup": args.warmup, "iters": args.iters, "bw_count": args.count,
-                       "window": args.window, "server": args.server or "loopback (own process)",
+                       "window": args.window, "repeat": args.repeat, "server": args.server or "loopback (own process)",
                        "server_cpu": args.server_cpu, "client_cpu": args.client_cpu,
                        "baseline": "none" if args.no_baseline else (perftest.perftest_path() or "missing")})
     print_config(cfg)
@@ -273,13 +273,18 @@ def run(args: argparse.Namespace) -> int:
                     row: Dict[str, Any] = {"bench": "transport", "backend": "gpuwire", "tls": name,
                                            "size_bytes": size, "test": test, "transports": transports}
                     if test == "lat":
-                        row.update(cl.latency(size, args.warmup, lat_iters(size, args.iters)))
+                        trials = [cl.latency(size, args.warmup, lat_iters(size, args.iters))
+                                  for _ in range(args.repeat)]
                     else:
-                        row.update(cl.bandwidth(size, bw_count(size, args.count), args.window))
+                        trials = [cl.bandwidth(size, bw_count(size, args.count), args.window)
+                                  for _ in range(args.repeat)]
+                    row.update(_median(trials, test))
                     rows.append(row)
                     prog.update(1, f"gpuwire {name} {human_size(size)} {test}")
                     if not args.no_baseline:
-                        rows.append(_baseline(perftest, args, cl, name, theirs, size, test))
+                        trials = [_baseline(perftest, args, cl, name, theirs, size, test)
+                                  for _ in range(args.repeat)]
+                        rows.append(_median(trials, test))
                         prog.update(1, f"perftest {name} {human_size(size)} {test}")
         finally:
             cl.close()
@@ -334,6 +339,22 @@ def _baseline(perftest, args, cl, name, tls, size, test) -> Dict[str, Any]:
     return row
 
 
+def _median(trials: List[Dict[str, Any]], test: str) -> Dict[str, Any]:
+    """The median trial by the test's main metric (mean RTT for lat, bandwidth for bw);
+    the same rule for gpuwire and ucx_perftest."""
+    ok = [t for t in trials if "error" not in t]
+    if not ok:
+        return trials[0]
+
+    def key(t):
+        return t["rtt_us"]["mean"] if test == "lat" else t["bw_MBps"]
+    ok.sort(key=key)
+    best = dict(ok[len(ok) // 2])
+    if len(trials) > 1:
+        best["trials"] = len(trials)
+    return best
+
+
 def _merge(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per (backend, tls, size): latency and bandwidth fields together."""
     out: Dict[tuple, Dict[str, Any]] = {}
@@ -378,6 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=1000, help="untimed round trips before each size")
     p.add_argument("--count", type=int, default=100000, help="messages per bandwidth point (capped by 2 GiB)")
     p.add_argument("--window", type=int, default=32, help="outstanding sends in the bandwidth test")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="trials per point, both backends; the median trial is reported")
     p.add_argument("--server", help="HOST:PORT of a `gpuwire bench transport --serve` (else loopback)")
     p.add_argument("--serve", action="store_true", help="run the bench server")
     p.add_argument("--listen", default="0.0.0.0:13370", help="server: HOST:PORT to listen on")
