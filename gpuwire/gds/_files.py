@@ -1,0 +1,133 @@
+"""A reference-counted LRU cache of open files, shared by the read backends.
+
+Readers must not open a file per read, and must never close a descriptor another
+thread is reading from: an entry is only closed when no caller holds it.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+__all__ = ["FileHandle", "FileCache"]
+
+
+class FileHandle:
+    """An open file of a reader: ``path``, ``size`` (bytes, at open) and the backend object.
+
+    Handles returned by :meth:`Reader.open` keep the file open until :meth:`close`.
+    """
+
+    __slots__ = ("path", "size", "obj", "fd", "_refs", "_cache")
+
+    def __init__(self, path: str, size: int, obj: Any, fd: int, cache: "FileCache"):
+        self.path, self.size, self.obj, self.fd = path, size, obj, fd
+        self._refs = 0
+        self._cache = cache
+
+    def refresh_size(self) -> int:
+        """Re-read the size from the open descriptor (the file may have grown or shrunk)."""
+        self.size = os.fstat(self.fd).st_size
+        return self.size
+
+    def close(self) -> None:
+        """Release this handle; the file is closed once no reader uses it and it is evicted."""
+        self._cache.release(self)
+
+    def __enter__(self) -> "FileHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FileHandle({self.path!r}, size={self.size})"
+
+
+class FileCache:
+    """Open files keyed by path, at most ``max_open`` of them unused at a time.
+
+    ``opener(path) -> (obj, fd)`` opens one file; ``closer(obj)`` closes it.
+    """
+
+    def __init__(self, opener: Callable[[str], tuple], closer: Callable[[Any], None], max_open: int):
+        self._opener, self._closer, self.max_open = opener, closer, max(1, int(max_open))
+        self._lock = threading.Lock()
+        self._open: "OrderedDict[str, FileHandle]" = OrderedDict()
+        self.opens = 0  # how many times a file was actually opened (for tests and stats)
+
+    def acquire(self, path: str) -> FileHandle:
+        with self._lock:
+            h = self._open.get(path)
+            if h is not None:
+                self._open.move_to_end(path)
+                h._refs += 1
+                return h
+        obj, fd = self._opener(path)  # outside the lock: opening can be slow
+        size = os.fstat(fd).st_size
+        with self._lock:
+            h = self._open.get(path)
+            if h is not None:  # another thread opened it meanwhile: keep theirs
+                h._refs += 1
+                dup = obj
+            else:
+                h = FileHandle(path, size, obj, fd, self)
+                h._refs = 1
+                self._open[path] = h
+                self.opens += 1
+                dup = None
+            victims = self._evict_locked()
+        if dup is not None:
+            self._closer(dup)
+        for v in victims:
+            self._closer(v.obj)
+        return h
+
+    def release(self, h: FileHandle) -> None:
+        with self._lock:
+            if h._refs <= 0:
+                return
+            h._refs -= 1
+            victims = self._evict_locked()
+        for v in victims:
+            self._closer(v.obj)
+
+    def _evict_locked(self) -> list:
+        victims = []
+        excess = len(self._open) - self.max_open
+        if excess <= 0:
+            return victims
+        for path in list(self._open):
+            if excess <= 0:
+                break
+            h = self._open[path]
+            if h._refs == 0:
+                del self._open[path]
+                victims.append(h)
+                excess -= 1
+        return victims
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def close_all(self) -> None:
+        with self._lock:
+            handles = list(self._open.values())
+            self._open.clear()
+        for h in handles:
+            self._closer(h.obj)
+
+
+def open_fd(path: str) -> tuple:
+    """Default opener: a read-only descriptor (it is both the object and the fd)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    return fd, fd
+
+
+def close_fd(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

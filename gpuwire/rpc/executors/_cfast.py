@@ -1,0 +1,143 @@
+"""The server's C paths (gpuwire._rpc): frame scan, the hot-call dispatch loop, and the
+launch helper. Everything here is optional: without the extension the server runs
+the same calls in Python (``available()`` says which)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from .. import protocol as P
+
+try:
+    from ... import _rpc
+    ffi, lib = _rpc.ffi, _rpc.lib
+except ImportError:  # pragma: no cover - depends on the build
+    _rpc = ffi = lib = None
+
+# hot calls the C loop runs, with the wire layout it reads them in
+HOT = (
+    ("cuLaunchKernel", "<QIIIIIIIQ"),
+    ("cuMemsetD8Async", "<QBQQ"),
+    ("cuMemsetD16Async", "<QHQQ"),
+    ("cuMemsetD32Async", "<QIQQ"),
+    ("cuMemcpyDtoDAsync", "<QQQQ"),
+    ("cuEventRecord", "<QQ"),
+    ("cuStreamWaitEvent", "<QQI"),
+)
+KIND = {"stream": 0, "event": 1, "function": 2}
+
+
+def available() -> bool:
+    return lib is not None and lib.gw_rpc_abi() == 1
+
+
+def _consistent(spec) -> bool:
+    """The C code reads the hot calls at fixed offsets: only use it if the spec agrees."""
+    if lib is None:
+        return False
+    if (lib.GW_RPC_TAG_IN_FIRST, lib.GW_RPC_TAG_IN_LAST, lib.GW_RPC_TAG_OUT_FIRST, lib.GW_RPC_TAG_OUT_LAST) != (
+            P.TAG_BULK_IN_FIRST, P.TAG_BULK_IN_LAST, P.TAG_BULK_OUT_FIRST, P.TAG_BULK_OUT_LAST):
+        return False
+    for name, fmt in HOT:
+        c = spec.calls.get(name)
+        if c is None or c.wire_format.request != fmt:
+            return False
+    return True
+
+
+class Scanner:
+    """gw_rpc_scan with the call table of the spec."""
+
+    def __init__(self, table: Dict[int, Any]):
+        n = max(table) + 1
+        self.desc = ffi.new("gw_rpc_desc_t[]", n)
+        self.n = n
+        for cid, e in table.items():
+            d = self.desc[cid]
+            d.fixed = e.fixed.size
+            d.nvar = e.nvar
+            d.nroute = e.nroutes
+            d.deferred = 1 if e.call.deferred else 0
+            d.valid = 1 if e.nvar <= 4 and e.nroutes <= 4 else 0
+        self.err = ffi.new("char[512]")
+
+    def scan(self, frame_c, off: int, end: int, ncalls: int, sync: bool, recs) -> "tuple[int, str]":
+        st = lib.gw_rpc_scan(frame_c, off, end, ncalls, 1 if sync else 0, self.desc, self.n, recs, self.err, 512)
+        return st, (ffi.string(self.err).decode("utf-8", "replace") if st else "")
+
+
+class Dispatch:
+    """A gw_rpc_sess_t: id tables and the allocation map mirrored from Python, and the
+    driver entry points of the hot calls this executor lets C run."""
+
+    def __init__(self, spec, fns: Dict[int, int]):
+        self.s = ffi.gc(lib.gw_rpc_sess_new(), lib.gw_rpc_sess_free)
+        self.hot_ids = set()
+        for which, (name, _fmt) in enumerate(HOT):
+            fp = fns.get(which)
+            if fp:
+                cid = spec.calls[name].id
+                lib.gw_rpc_set_call(self.s, which, cid, ffi.cast("void *", fp))
+                self.hot_ids.add(cid)
+        self.res = ffi.new("int *")
+        self.err = ffi.new("char[512]")
+
+    def bind(self, kind: str, hid: int, obj: Any) -> None:
+        k = KIND.get(kind)
+        if k is None:
+            return
+        lib.gw_rpc_bind(self.s, k, hid, int(getattr(obj, "ptr", 0) or 0), int(getattr(obj, "size", 0) or 0))
+
+    def unbind(self, kind: str, hid: int) -> None:
+        k = KIND.get(kind)
+        if k is not None:
+            lib.gw_rpc_unbind(self.s, k, hid)
+
+    def alloc(self, start: int, size: int) -> None:
+        lib.gw_rpc_alloc_add(self.s, start, size)
+
+    def free(self, start: int) -> None:
+        lib.gw_rpc_alloc_del(self.s, start)
+
+    def run(self, frame_c, recs, i: int, n: int) -> "tuple[int, int, str]":
+        k = lib.gw_rpc_exec(self.s, frame_c, recs, i, n, self.res, self.err, 512)
+        r = self.res[0]
+        return k, r, (ffi.string(self.err).decode("utf-8", "replace") if r else "")
+
+
+def host_fns(which: Optional[list] = None) -> Dict[int, int]:
+    """The C host 'driver' (memsets and copies on host memory) for the CPU executor."""
+    out = {}
+    for w in (which or []):
+        out[w] = int(ffi.cast("uintptr_t", lib.gw_rpc_host_fn(w)))
+    return out
+
+
+class Launcher:
+    """cuLaunchKernel through the driver entry point with a packed parameter buffer."""
+
+    def __init__(self, fn: int):
+        self.fn = ffi.cast("void *", fn)
+
+    def launch(self, f: int, gx, gy, gz, bx, by, bz, shmem, stream: int, data: Any, n: int) -> int:
+        return lib.gw_rpc_launch(self.fn, f, gx, gy, gz, bx, by, bz, shmem, stream,
+                                 ffi.from_buffer(data) if n else ffi.NULL, n)
+
+
+def driver_fns(d) -> Dict[int, int]:
+    """Entry points of the hot calls from cuda.bindings' cuGetProcAddress."""
+    out: Dict[int, int] = {}
+    for which, (name, _fmt) in enumerate(HOT):
+        r = d.cuGetProcAddress(name.encode(), 12000, d.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
+        if int(r[0]) == 0 and int(r[1]):
+            out[which] = int(r[1])
+    return out
+
+
+def load(d) -> Optional[Launcher]:
+    """The launch helper for the GPU executor (None when the C module is missing)."""
+    if not available():
+        return None
+    fns = driver_fns(d)
+    if 0 not in fns:
+        return None
+    return Launcher(fns[0])

@@ -1,0 +1,324 @@
+"""gpuwire's RPC wire protocol: frame layout, tags, status codes, exceptions.
+
+The normative description is docs/protocol.md; this module is its executable form.
+Everything is little-endian and unpadded.
+
+Frame (client->server on TAG_REQ, server->client on TAG_REP)::
+
+    header  magic u16 | version u8 | flags u8 | seq u32 | ncalls u32 | body_len u32   (16 B)
+    body    ncalls call records (requests) or a reply body (replies)
+
+Call record::
+
+    call_id u16 | rflags u16 | len u32 (whole record, header included)
+    fixed arguments packed with the call's ``wire_format.request``
+    one slot per ``wire_format.request_var`` entry:
+        u32 n, n bytes                      inline blob
+        u32 0xFFFFFFFF, u32 tag, u64 n      bulk: n bytes arrive as tagged message(s)
+    one u32 route per out hostbuf (``reply_var`` entries of kind hostbuf):
+        0 = inline in the reply, else the tag the bytes are sent to
+
+Only the last record of a SYNC frame may be a sync call; non-SYNC frames carry
+deferred calls only and get no reply (unless they are malformed).
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any, Dict, Optional
+
+from .. import settings
+
+# Settings of the rpc layer (docs/settings.md), registered here so client and server see them.
+settings.register("rpc_batch_bytes", 256 << 10, int,
+                  "Client: flush the batch of deferred calls when it holds this many bytes.", layer="rpc")
+settings.register("rpc_batch_calls", 4096, int,
+                  "Client: flush the batch of deferred calls when it holds this many calls.", layer="rpc")
+settings.register("rpc_flush_us", 200.0, float,
+                  "Client: flush a started batch after this many microseconds (0: only on the other "
+                  "triggers).", layer="rpc")
+settings.register("rpc_inline_max", 64 << 10, int,
+                  "Client: host buffers up to this size travel inside the frame; larger ones as separate "
+                  "zero-copy messages.", layer="rpc")
+settings.register("rpc_timeout_s", 0.0, float,
+                  "Client: seconds a sync call waits for its reply (0: forever).", layer="rpc")
+settings.register("rpc_tls", "", str,
+                  "UCX_TLS for gpuwire.connect and the server ('' = UCX's default).", layer="rpc")
+settings.register("rpc_token", "", str,
+                  "Shared-secret token sent by gpuwire.connect when none is given.", layer="rpc")
+settings.register("rpc_c_encoder", False, bool,
+                  "Client: encode deferred calls with the C batch encoder (gpuwire._rpc) instead of "
+                  "struct.pack_into (see `gpuwire bench rpc` for which is faster).", layer="rpc")
+
+
+PROTOCOL_VERSION = 1
+MAGIC = 0x5747                      # b"GW" on the wire
+HEADER = struct.Struct("<HBBIII")   # magic, version, flags, seq, ncalls, body_len
+HEADER_SIZE = HEADER.size           # 16
+RECORD = struct.Struct("<HHI")      # call id, record flags, record length
+RECORD_SIZE = RECORD.size           # 8
+U32 = struct.Struct("<I")
+BULK_SLOT = struct.Struct("<IIQ")   # 0xFFFFFFFF, tag, nbytes
+BULK_MARK = 0xFFFFFFFF
+
+# frame flags
+F_SYNC = 0x01      # request: the last record is a sync call, reply expected
+F_HELLO = 0x02     # request: first frame of a connection (auth, versions)
+F_BYE = 0x04       # request: clean end of the session (after running the frame)
+F_ERROR = 0x08     # reply: frame-level error (error body layout)
+F_KNOWN = F_SYNC | F_HELLO | F_BYE
+
+# hello: after the header, before the gwHello record
+HELLO_REQ = struct.Struct("<HHIII")  # proto_min, proto_max, client pid, token length, info length
+# reply bodies
+REPLY_HEAD = struct.Struct("<II")    # frame status (0), DtoH pushes sent so far (mod 2**32)
+ERROR_HEAD = struct.Struct("<IH")    # frame status (!= 0), message length; then the message
+REPORT = struct.Struct("<IHIIQIH")   # result, call id, batch position, frame seq, call seq, later failures, text len
+
+# Tags (24-bit user tag space of the transport)
+TAG_REQ = 0x000001          # request frames
+TAG_REP = 0x000002          # reply frames
+TAG_BULK_IN_FIRST = 0x100000   # host->device bulk payloads (client picks, round robin)
+TAG_BULK_IN_LAST = 0x7FFFFF
+TAG_BULK_OUT_FIRST = 0x800000  # device->host bulk payloads (client picks, server sends there)
+TAG_BULK_OUT_LAST = 0xEFFFFF
+# 0xF00000..0xFFFFFF: reserved (transport benches, stop message)
+
+# Frame-level status codes (error replies)
+ST_OK = 0
+ST_BAD_MAGIC = 1
+ST_BAD_VERSION = 2
+ST_TRUNCATED = 3
+ST_MALFORMED = 4
+ST_UNKNOWN_CALL = 5
+ST_AUTH = 6
+ST_HELLO_REQUIRED = 7
+ST_SPEC_MISMATCH = 8
+ST_TOO_LARGE = 9
+ST_INTERNAL = 10
+STATUS_NAMES = {
+    ST_OK: "ok", ST_BAD_MAGIC: "bad magic", ST_BAD_VERSION: "unsupported protocol version",
+    ST_TRUNCATED: "truncated frame", ST_MALFORMED: "malformed frame", ST_UNKNOWN_CALL: "unknown call id",
+    ST_AUTH: "authentication failed", ST_HELLO_REQUIRED: "hello required",
+    ST_SPEC_MISMATCH: "spec mismatch", ST_TOO_LARGE: "frame too large", ST_INTERNAL: "internal server error",
+}
+
+# Handle ids: 0 is NULL; streams 1 and 2 are CU_STREAM_LEGACY / CU_STREAM_PER_THREAD.
+STREAM_LEGACY = 1
+STREAM_PER_THREAD = 2
+FIRST_CLIENT_HANDLE = 0x100
+
+# CUresult names (values from cuda.h of CUDA 13.0)
+CURESULT_NAMES: Dict[int, str] = {
+    0: "CUDA_SUCCESS",
+    1: "CUDA_ERROR_INVALID_VALUE",
+    2: "CUDA_ERROR_OUT_OF_MEMORY",
+    3: "CUDA_ERROR_NOT_INITIALIZED",
+    4: "CUDA_ERROR_DEINITIALIZED",
+    5: "CUDA_ERROR_PROFILER_DISABLED",
+    6: "CUDA_ERROR_PROFILER_NOT_INITIALIZED",
+    7: "CUDA_ERROR_PROFILER_ALREADY_STARTED",
+    8: "CUDA_ERROR_PROFILER_ALREADY_STOPPED",
+    34: "CUDA_ERROR_STUB_LIBRARY",
+    36: "CUDA_ERROR_CALL_REQUIRES_NEWER_DRIVER",
+    46: "CUDA_ERROR_DEVICE_UNAVAILABLE",
+    100: "CUDA_ERROR_NO_DEVICE",
+    101: "CUDA_ERROR_INVALID_DEVICE",
+    102: "CUDA_ERROR_DEVICE_NOT_LICENSED",
+    200: "CUDA_ERROR_INVALID_IMAGE",
+    201: "CUDA_ERROR_INVALID_CONTEXT",
+    202: "CUDA_ERROR_CONTEXT_ALREADY_CURRENT",
+    205: "CUDA_ERROR_MAP_FAILED",
+    206: "CUDA_ERROR_UNMAP_FAILED",
+    207: "CUDA_ERROR_ARRAY_IS_MAPPED",
+    208: "CUDA_ERROR_ALREADY_MAPPED",
+    209: "CUDA_ERROR_NO_BINARY_FOR_GPU",
+    210: "CUDA_ERROR_ALREADY_ACQUIRED",
+    211: "CUDA_ERROR_NOT_MAPPED",
+    212: "CUDA_ERROR_NOT_MAPPED_AS_ARRAY",
+    213: "CUDA_ERROR_NOT_MAPPED_AS_POINTER",
+    214: "CUDA_ERROR_ECC_UNCORRECTABLE",
+    215: "CUDA_ERROR_UNSUPPORTED_LIMIT",
+    216: "CUDA_ERROR_CONTEXT_ALREADY_IN_USE",
+    217: "CUDA_ERROR_PEER_ACCESS_UNSUPPORTED",
+    218: "CUDA_ERROR_INVALID_PTX",
+    219: "CUDA_ERROR_INVALID_GRAPHICS_CONTEXT",
+    220: "CUDA_ERROR_NVLINK_UNCORRECTABLE",
+    221: "CUDA_ERROR_JIT_COMPILER_NOT_FOUND",
+    222: "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
+    223: "CUDA_ERROR_JIT_COMPILATION_DISABLED",
+    224: "CUDA_ERROR_UNSUPPORTED_EXEC_AFFINITY",
+    225: "CUDA_ERROR_UNSUPPORTED_DEVSIDE_SYNC",
+    226: "CUDA_ERROR_CONTAINED",
+    300: "CUDA_ERROR_INVALID_SOURCE",
+    301: "CUDA_ERROR_FILE_NOT_FOUND",
+    302: "CUDA_ERROR_SHARED_OBJECT_SYMBOL_NOT_FOUND",
+    303: "CUDA_ERROR_SHARED_OBJECT_INIT_FAILED",
+    304: "CUDA_ERROR_OPERATING_SYSTEM",
+    400: "CUDA_ERROR_INVALID_HANDLE",
+    401: "CUDA_ERROR_ILLEGAL_STATE",
+    402: "CUDA_ERROR_LOSSY_QUERY",
+    500: "CUDA_ERROR_NOT_FOUND",
+    600: "CUDA_ERROR_NOT_READY",
+    700: "CUDA_ERROR_ILLEGAL_ADDRESS",
+    701: "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES",
+    702: "CUDA_ERROR_LAUNCH_TIMEOUT",
+    703: "CUDA_ERROR_LAUNCH_INCOMPATIBLE_TEXTURING",
+    704: "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED",
+    705: "CUDA_ERROR_PEER_ACCESS_NOT_ENABLED",
+    708: "CUDA_ERROR_PRIMARY_CONTEXT_ACTIVE",
+    709: "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+    710: "CUDA_ERROR_ASSERT",
+    711: "CUDA_ERROR_TOO_MANY_PEERS",
+    712: "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED",
+    713: "CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED",
+    714: "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    715: "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    716: "CUDA_ERROR_MISALIGNED_ADDRESS",
+    717: "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    718: "CUDA_ERROR_INVALID_PC",
+    719: "CUDA_ERROR_LAUNCH_FAILED",
+    720: "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
+    721: "CUDA_ERROR_TENSOR_MEMORY_LEAK",
+    800: "CUDA_ERROR_NOT_PERMITTED",
+    801: "CUDA_ERROR_NOT_SUPPORTED",
+    802: "CUDA_ERROR_SYSTEM_NOT_READY",
+    803: "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
+    804: "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
+    805: "CUDA_ERROR_MPS_CONNECTION_FAILED",
+    806: "CUDA_ERROR_MPS_RPC_FAILURE",
+    807: "CUDA_ERROR_MPS_SERVER_NOT_READY",
+    808: "CUDA_ERROR_MPS_MAX_CLIENTS_REACHED",
+    809: "CUDA_ERROR_MPS_MAX_CONNECTIONS_REACHED",
+    810: "CUDA_ERROR_MPS_CLIENT_TERMINATED",
+    811: "CUDA_ERROR_CDP_NOT_SUPPORTED",
+    812: "CUDA_ERROR_CDP_VERSION_MISMATCH",
+    900: "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+    901: "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
+    902: "CUDA_ERROR_STREAM_CAPTURE_MERGE",
+    903: "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED",
+    904: "CUDA_ERROR_STREAM_CAPTURE_UNJOINED",
+    905: "CUDA_ERROR_STREAM_CAPTURE_ISOLATION",
+    906: "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT",
+    907: "CUDA_ERROR_CAPTURED_EVENT",
+    908: "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD",
+    909: "CUDA_ERROR_TIMEOUT",
+    910: "CUDA_ERROR_GRAPH_EXEC_UPDATE_FAILURE",
+    911: "CUDA_ERROR_EXTERNAL_DEVICE",
+    912: "CUDA_ERROR_INVALID_CLUSTER_SIZE",
+    913: "CUDA_ERROR_FUNCTION_NOT_LOADED",
+    914: "CUDA_ERROR_INVALID_RESOURCE_TYPE",
+    915: "CUDA_ERROR_INVALID_RESOURCE_CONFIGURATION",
+    916: "CUDA_ERROR_KEY_ROTATION",
+    999: "CUDA_ERROR_UNKNOWN",
+
+}
+CURESULT = {v: k for k, v in CURESULT_NAMES.items()}
+CUDA_SUCCESS = 0
+CUDA_ERROR_INVALID_VALUE = CURESULT["CUDA_ERROR_INVALID_VALUE"]
+CUDA_ERROR_OUT_OF_MEMORY = CURESULT["CUDA_ERROR_OUT_OF_MEMORY"]
+CUDA_ERROR_NOT_INITIALIZED = CURESULT["CUDA_ERROR_NOT_INITIALIZED"]
+CUDA_ERROR_INVALID_DEVICE = CURESULT["CUDA_ERROR_INVALID_DEVICE"]
+CUDA_ERROR_INVALID_IMAGE = CURESULT["CUDA_ERROR_INVALID_IMAGE"]
+CUDA_ERROR_INVALID_CONTEXT = CURESULT["CUDA_ERROR_INVALID_CONTEXT"]
+CUDA_ERROR_INVALID_HANDLE = CURESULT["CUDA_ERROR_INVALID_HANDLE"]
+CUDA_ERROR_NOT_FOUND = CURESULT["CUDA_ERROR_NOT_FOUND"]
+CUDA_ERROR_NOT_READY = CURESULT["CUDA_ERROR_NOT_READY"]
+CUDA_ERROR_ILLEGAL_ADDRESS = CURESULT["CUDA_ERROR_ILLEGAL_ADDRESS"]
+CUDA_ERROR_LAUNCH_FAILED = CURESULT["CUDA_ERROR_LAUNCH_FAILED"]
+CUDA_ERROR_NOT_SUPPORTED = CURESULT["CUDA_ERROR_NOT_SUPPORTED"]
+CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = CURESULT["CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"]
+CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = CURESULT["CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED"]
+CUDA_ERROR_UNKNOWN = CURESULT["CUDA_ERROR_UNKNOWN"]
+
+
+def result_name(code: int) -> str:
+    return CURESULT_NAMES.get(code, f"CUresult({code})")
+
+
+def result_string(code: int) -> str:
+    """A short description of a CUresult (the GPU executor answers with the driver's own)."""
+    name = CURESULT_NAMES.get(code)
+    if name is None:
+        return f"unknown CUresult {code}"
+    if code == 0:
+        return "no error"
+    return name.replace("CUDA_ERROR_", "").replace("_", " ").lower()
+
+
+def pack_error(seq: int, status: int, message: str) -> bytes:
+    """An error reply: header (F_ERROR) + status + message (UTF-8, at most 4000 bytes)."""
+    msg = message.encode("utf-8", "replace")[:4000]
+    body = ERROR_HEAD.pack(status, len(msg)) + msg
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, F_ERROR, seq & 0xFFFFFFFF, 0, len(body)) + body
+
+
+def parse_error(buf: Any, n: int) -> "tuple[int, str]":
+    """(status, message) of an error reply of n bytes (any protocol version)."""
+    mv = memoryview(buf)
+    if n < HEADER_SIZE + ERROR_HEAD.size:
+        return ST_TRUNCATED, "truncated error reply"
+    st, ln = ERROR_HEAD.unpack_from(mv, HEADER_SIZE)
+    text = bytes(mv[HEADER_SIZE + ERROR_HEAD.size:min(n, HEADER_SIZE + ERROR_HEAD.size + ln)])
+    return st, text.decode("utf-8", "replace")
+
+
+# ----------------------------------------------------------------------------- exceptions
+
+class RPCError(Exception):
+    """Base of gpuwire.rpc errors."""
+
+
+class ProtocolError(RPCError):
+    """The peer sent something this side cannot accept, or refused our frame."""
+
+    def __init__(self, message: str, status: int = ST_MALFORMED):
+        super().__init__(message)
+        self.status = status
+
+
+class AuthenticationError(ProtocolError, PermissionError):
+    """The server refused the token."""
+
+
+class VersionMismatch(ProtocolError):
+    """Client and server speak different protocol versions or specs."""
+
+
+class SessionClosed(RPCError):
+    """The session was closed (by us, or the server went away)."""
+
+
+class CudaError(RPCError):
+    """A CUDA call failed on the server: ``result`` is the CUresult."""
+
+    def __init__(self, result: int, call: str = "", message: Optional[str] = None):
+        self.result = int(result)
+        self.name = result_name(self.result)
+        self.call = call
+        super().__init__(message or (f"{call}: {self.name}" if call else self.name))
+
+
+class DeferredCudaError(CudaError):
+    """A deferred (batched) call failed; raised at the next sync point.
+
+    Attributes: ``call`` (name of the failing call), ``call_id``, ``call_args`` (the
+    call with its arguments as rendered by the server, and the server's reason), ``batch_position`` (index of the call in
+    its frame), ``frame_seq``, ``call_seq`` (index of the call on the connection),
+    ``later_failures`` (deferred calls that failed after it, not reported
+    separately) and ``surfaced_at`` (the sync call that reported it)."""
+
+    def __init__(self, result: int, call: str, call_id: int, args: str, batch_position: int,
+                 frame_seq: int, call_seq: int, later_failures: int, surfaced_at: str):
+        self.call_id = call_id
+        self.call_args = args
+        self.batch_position = batch_position
+        self.frame_seq = frame_seq
+        self.call_seq = call_seq
+        self.later_failures = later_failures
+        self.surfaced_at = surfaced_at
+        msg = (f"deferred call {args or call} failed with {result_name(result)} "
+               f"(call #{batch_position} of batch {frame_seq}, call {call_seq} on the connection); "
+               f"reported at {surfaced_at}")
+        if later_failures:
+            msg += f"; {later_failures} later deferred call(s) also failed"
+        super().__init__(result, call, msg)

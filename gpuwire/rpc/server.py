@@ -1,0 +1,1293 @@
+"""``gpuwire serve``: runs clients' CUDA calls on this machine's GPU (or on the CPU executor).
+
+One UCX worker per server. The main thread accepts connections; each session gets
+a thread that receives its frames (endpoint receive on TAG_REQ), so one session
+waiting on its GPU never holds up another, and a session's CUDA context stays
+current on its own thread. Per session the server keeps its own executor session
+(GPU: a CUDA context and a reserved VA range), handle tables, the allocation map
+every device range is checked against, and the last-error / deferred-error state.
+However a session ends (bye, lost connection, client killed), everything it made
+is released.
+"""
+from __future__ import annotations
+
+import ctypes
+import hmac
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .. import __version__, settings
+from .. import transport as t
+from . import protocol as P
+from .codegen import QUERY_RESULT, STATUS_RESULT, server_table
+from .executors import make_executor
+from .executors import _cfast as _cf
+from .executors.base import CudaCallError, Executor, MemoryMap, fail
+from .spec import SPEC_VERSION, default_spec
+
+log = logging.getLogger("gpuwire.rpc.server")
+
+settings.register("rpc_va_gib", 64.0, float,
+                  "Server: device address space reserved per session for client-side allocation (GiB).",
+                  layer="rpc")
+settings.register("rpc_c_server", True, bool,
+                  "Server: decode frames and run the hot calls (launches, async memsets/copies, event "
+                  "record/wait) in C (gpuwire._rpc) when it is built.", layer="rpc")
+settings.register("rpc_worker_pool", 2, int,
+                  "Server, process isolation: session worker processes kept started ahead (CUDA initialised), "
+                  "so a connect does not wait for one.", layer="rpc")
+settings.register("rpc_worker_claim_s", 30.0, float,
+                  "Server, process isolation: seconds a session worker waits for its client to reconnect.",
+                  layer="rpc")
+settings.register("rpc_bulk_timeout_s", 120.0, float,
+                  "Server: seconds to wait for a bulk payload a frame announced.", layer="rpc")
+
+MAX_FRAME = 1 << 20
+DEFAULT_PORT = 13371
+_BYTES_MAX = 1 << 30          # largest bulk blob the server reads into host memory (images)
+SESSION_CTX_BASE = 0xC0000000  # client id of a session's context: base + device
+
+_NO_STICKY = {"gwHello", "gwGetLastError", "gwPeekAtLastError", "cuGetErrorName", "cuGetErrorString",
+              "cuDriverGetVersion", "cuDeviceGetCount"}
+
+
+class FrameError(Exception):
+    def __init__(self, status: int, msg: str):
+        super().__init__(msg)
+        self.status = status
+
+
+class StatusResult:
+    """A session-level call whose CUresult is its value (gwGetLastError): not an error."""
+    __slots__ = ("code", "outs")
+
+    def __init__(self, code: int, outs: tuple):
+        self.code, self.outs = code, outs
+
+
+def _chunks(n: int, chunk: int):
+    if n == 0:
+        return [(0, 0)]
+    if not chunk or n <= chunk:
+        return [(0, n)]
+    return [(o, min(chunk, n - o)) for o in range(0, n, chunk)]
+
+
+# ----------------------------------------------------------------------------- bulk in / out
+
+class BulkIn:
+    """A request blob that arrives as separate tagged message(s)."""
+    __slots__ = ("s", "tag", "nbytes", "done")
+
+    def __init__(self, s: "ServerSession", tag: int, nbytes: int):
+        self.s, self.tag, self.nbytes, self.done = s, tag, nbytes, False
+
+    def _recv(self, ptr: int, n: int) -> None:
+        ep, chunk, tmo = self.s.ep, self.s.chunk, self.s.bulk_timeout
+        for off, ln in _chunks(n, chunk):
+            target = t.Buffer(t.RawBuffer(ptr + off, ln), writable=True) if ln else t.Buffer(bytearray(1), True)
+            r = ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=tmo)
+            if r.nbytes != ln:
+                self.done = True
+                raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
+        self.done = True
+
+    def recv_part(self, ptr: int, ln: int) -> None:
+        """Receive the next chunk message (of ``ln`` bytes) into ``ptr`` (chunked consumers)."""
+        target = t.Buffer(t.RawBuffer(ptr, ln), writable=True) if ln else t.Buffer(bytearray(1), True)
+        r = self.s.ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=self.s.bulk_timeout)
+        if r.nbytes != ln:
+            self.done = True
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
+
+    def recv_into_ptr(self, ptr: int, n: int) -> None:
+        """Receive the payload straight into memory at ``ptr`` (zero copy)."""
+        if n != self.nbytes:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload is {self.nbytes} B, the call copies {n}")
+        self._recv(ptr, n)
+
+    def recv_into(self, buf: Any) -> None:
+        b = t.Buffer(buf, writable=True)
+        if b.nbytes < self.nbytes:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, "bulk payload larger than its target")
+        self._recv(b.ptr, self.nbytes)
+
+    def read(self) -> bytearray:
+        if self.nbytes > _BYTES_MAX:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk blob of {self.nbytes} B is too large")
+        out = bytearray(self.nbytes)
+        if self.nbytes:
+            self.recv_into(out)
+        else:
+            self._recv(0, 0)
+        return out
+
+    def drain(self) -> None:
+        """Consume the payload without using it (the call failed before it was read)."""
+        if self.done:
+            return
+        self.done = True
+        ep, scratch = self.s.ep, self.s.scratch
+        for _off, _ln in _chunks(self.nbytes, self.s.chunk):
+            try:
+                ep.recv(scratch, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=self.s.bulk_timeout)
+            except t.MessageTruncated:
+                pass
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+class OutSink:
+    """Where an out hostbuf goes: inline in the reply (route 0) or to a client tag."""
+    __slots__ = ("s", "route", "nbytes", "deferred", "data", "sent")
+
+    def __init__(self, s: "ServerSession", route: int, nbytes: int, deferred: bool):
+        self.s, self.route, self.nbytes, self.deferred = s, route, nbytes, deferred
+        self.data: Any = None
+        self.sent = False
+
+    def _send(self, ptr: int, n: int, keep: Any) -> None:
+        ep, w = self.s.ep, self.s.server.worker
+        reqs = []
+        for off, ln in _chunks(n, self.s.chunk):
+            reqs.append(ep.send_nb(t.Buffer(t.RawBuffer(ptr + off, ln)) if ln else b"", tag=self.route))
+        w.wait_all(reqs, timeout=self.s.bulk_timeout)
+        self.sent = True
+
+    def put_ptr(self, ptr: int, n: int, view: Any = None) -> None:
+        """The bytes are at host address ``ptr`` (``view``: keeps them alive)."""
+        if n != self.nbytes:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, "out buffer size mismatch")
+        if self.route:
+            self._send(ptr, n, view)
+        else:
+            self.data = ctypes.string_at(ptr, n) if n else b""
+            self.sent = True
+
+    def send_part(self, ptr: int, ln: int) -> None:
+        """Send one chunk message (chunked producers; the caller sets ``sent`` at the end)."""
+        req = self.s.ep.send_nb(t.Buffer(t.RawBuffer(ptr, ln)) if ln else b"", tag=self.route)
+        req.wait(timeout=self.s.bulk_timeout)
+
+    def put_bytes(self, b: Any) -> None:
+        mv = memoryview(b).cast("B")
+        if mv.nbytes < self.nbytes:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, "short out buffer")
+        if self.route:
+            buf = t.Buffer(mv[:self.nbytes]) if self.nbytes else None
+            self._send(buf.ptr if buf else 0, self.nbytes, buf)
+        else:
+            self.data = bytes(mv[:self.nbytes])
+            self.sent = True
+
+    def finish(self) -> None:
+        """A deferred push that failed still sends (empty) messages: the client posted receives."""
+        if self.route and not self.sent:
+            ep = self.s.ep
+            reqs = [ep.send_nb(b"", tag=self.route) for _ in _chunks(self.nbytes, self.s.chunk)]
+            self.s.server.worker.wait_all(reqs, timeout=self.s.bulk_timeout)
+            self.sent = True
+
+
+# ----------------------------------------------------------------------------- session
+
+_TABLE = None
+
+
+def _table():
+    global _TABLE
+    if _TABLE is None:
+        tab = server_table()
+        for e in tab.values():
+            e.session_level = hasattr(ServerSession, e.call.name)  # type: ignore[attr-defined]
+            codes = e.reply.format[2:]  # after '<I'
+            e.zero = tuple(0.0 if c in "fd" else 0 for c in codes)  # type: ignore[attr-defined]
+        _TABLE = tab
+    return _TABLE
+
+
+_SCANNER = None
+
+
+def _scanner():
+    """The C frame scanner, or None (Python decoding) when gpuwire._rpc is not built or
+    disabled (GPUWIRE_RPC_C_SERVER=0)."""
+    global _SCANNER
+    if _SCANNER is None:
+        ok = settings.get("rpc_c_server") and _cf.available() and _cf._consistent(default_spec())
+        _SCANNER = _cf.Scanner(_table()) if ok else False
+    return _SCANNER or None
+
+
+class ServerSession:
+    """Server-side state of one client connection (also the target of session-level calls)."""
+
+    def __init__(self, server: "Server", ep: t.Endpoint, sid: int):
+        self.server = server
+        self.ep = ep
+        self.id = sid
+        self.peer = ep.peer
+        self.es = None                     # executor session
+        self.mm: Optional[MemoryMap] = None
+        self.ready = False
+        self.device = 0
+        self.ctx_id = 0
+        self.ctx_current = True
+        self.tables: Dict[str, Dict[int, Any]] = {"stream": {}, "event": {}, "module": {}, "function": {}}
+        self.parents: Dict[int, int] = {}
+        self.hosts: Dict[int, Tuple[int, Any]] = {}
+        self.last = (0, 0, 0)
+        self.latch: Optional[List[Any]] = None
+        self.call_seq = 0
+        self.pushes = 0
+        self.errmsg = ""
+        self.chunk = server.executor.bulk_chunk if server.executor is not None else 0
+        self.bulk_timeout = float(settings.get("rpc_bulk_timeout_s"))
+        self.scratch = t.Buffer(bytearray(64 << 10), writable=True)
+        self.rep = bytearray(int(settings.get("rpc_inline_max")) + (64 << 10))
+        self.stop = False
+        self.thread: Optional[threading.Thread] = None
+        self.scanner = _scanner()
+        self.frame_c = None
+        self.recs_c = _cf.ffi.new("gw_rpc_rec_t[]", 256) if self.scanner is not None else None
+        self.disp = None
+        self.frames = 0
+        self.errors = 0
+        self.closed_reason = ""
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        buf = bytearray(MAX_FRAME)
+        bb = t.Buffer(buf, writable=True)
+        if self.scanner is not None:
+            self.frame_c = _cf.ffi.cast("uint8_t *", bb.ptr)
+        mv = memoryview(buf)
+        ep = self.ep
+        try:
+            while not self.stop:
+                try:
+                    r = ep.recv(bb, tag=P.TAG_REQ, tag_mask=t.EXACT_TAG)
+                except t.MessageTruncated:
+                    self._send_error(0, P.ST_TOO_LARGE, f"frame larger than {MAX_FRAME} bytes")
+                    continue
+                self.frames += 1
+                if not self.handle_frame(mv, r.nbytes):
+                    break
+        except (t.ConnectionLost, t.ConnectionClosed) as e:
+            self.closed_reason = str(e)
+        except Exception as e:  # pragma: no cover - a bug; the session ends, the server stays
+            log.exception("session %d (%s) failed", self.id, self.peer)
+            self.closed_reason = f"internal error: {e}"
+        finally:
+            self.cleanup()
+            self.server._session_done(self)
+
+    def _send_error(self, seq: int, status: int, msg: str) -> None:
+        self.errors += 1
+        log.info("session %d (%s): frame %d refused: %s", self.id, self.peer, seq, msg)
+        try:
+            self.ep.send(P.pack_error(seq, status, msg), tag=P.TAG_REP, timeout=5.0)
+        except t.TransportError:
+            pass
+
+    def handle_frame(self, mv: memoryview, n: int) -> bool:
+        """Run one frame; False ends the session."""
+        if n < P.HEADER_SIZE:
+            self._send_error(0, P.ST_TRUNCATED, f"frame of {n} bytes is shorter than the {P.HEADER_SIZE}-byte header")
+            return True
+        magic, ver, flags, seq, ncalls, blen = P.HEADER.unpack_from(mv, 0)
+        if magic != P.MAGIC:
+            self._send_error(seq if magic == P.MAGIC else 0, P.ST_BAD_MAGIC,
+                             f"bad magic {magic:#06x}: not a gpuwire RPC frame")
+            return True
+        if ver != P.PROTOCOL_VERSION:
+            self._send_error(seq, P.ST_BAD_VERSION,
+                             f"protocol version {ver} is not supported (this server speaks {P.PROTOCOL_VERSION})")
+            return True
+        if flags & ~P.F_KNOWN:
+            self._send_error(seq, P.ST_MALFORMED, f"unknown frame flags {flags:#x}")
+            return True
+        if blen != n - P.HEADER_SIZE:
+            st = P.ST_TRUNCATED if blen > n - P.HEADER_SIZE else P.ST_MALFORMED
+            self._send_error(seq, st, f"header announces {blen} body bytes, the frame has {n - P.HEADER_SIZE}")
+            return True
+        if not self.ready:
+            if not flags & P.F_HELLO:
+                self._send_error(seq, P.ST_HELLO_REQUIRED, "the first frame must be a hello")
+                return True
+            return self._hello(mv, n, seq)
+        if flags & P.F_HELLO:
+            self._send_error(seq, P.ST_MALFORMED, "hello on an established session")
+            return True
+        if self.scanner is not None and self.frame_c is not None:
+            if ncalls > len(self.recs_c):
+                if ncalls > blen // P.RECORD_SIZE:
+                    self._send_error(seq, P.ST_TRUNCATED, f"{ncalls} calls cannot fit {blen} body bytes")
+                    return True
+                self.recs_c = _cf.ffi.new("gw_rpc_rec_t[]", max(ncalls, 2 * len(self.recs_c)))
+            st, msg = self.scanner.scan(self.frame_c, P.HEADER_SIZE, n, ncalls, bool(flags & P.F_SYNC), self.recs_c)
+            if st:
+                self._send_error(seq, st, msg)
+                return True
+            self._execute_c(mv, ncalls, seq, flags)
+        else:
+            try:
+                recs = self._parse(mv, P.HEADER_SIZE, n, ncalls, bool(flags & P.F_SYNC))
+            except FrameError as e:
+                self._send_error(seq, e.status, str(e))
+                return True
+            self._execute(recs, seq, flags)
+        if flags & P.F_BYE:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ parsing
+    def _parse(self, mv: memoryview, off: int, end: int, ncalls: int, sync: bool):
+        tab = _table()
+        recs = []
+        try:
+            for i in range(ncalls):
+                if end - off < P.RECORD_SIZE:
+                    raise FrameError(P.ST_TRUNCATED, f"call {i}: record header runs past the frame end")
+                cid, rflags, ln = P.RECORD.unpack_from(mv, off)
+                e = tab.get(cid)
+                if e is None:
+                    raise FrameError(P.ST_UNKNOWN_CALL, f"call {i}: unknown call id {cid}")
+                if rflags:
+                    raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): unknown record flags {rflags:#x}")
+                rend = off + ln
+                if ln < P.RECORD_SIZE + e.fixed.size or rend > end:
+                    raise FrameError(P.ST_MALFORMED if rend <= end else P.ST_TRUNCATED,
+                                     f"call {i} ({e.call.name}): record length {ln} does not fit "
+                                     f"(fixed part {e.fixed.size} B, {end - off} B left)")
+                if not e.call.deferred and (not sync or i != ncalls - 1):
+                    raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}) is sync but not the last "
+                                                     f"call of a sync frame")
+                p = off + P.RECORD_SIZE
+                vals = e.fixed.unpack_from(mv, p)
+                p += e.fixed.size
+                blobs = []
+                for k in range(e.nvar):
+                    if rend - p < 4:
+                        raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): blob {k} header missing")
+                    (bn,) = P.U32.unpack_from(mv, p)
+                    if bn == P.BULK_MARK:
+                        if rend - p < P.BULK_SLOT.size:
+                            raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): bulk slot truncated")
+                        _m, tag, nb = P.BULK_SLOT.unpack_from(mv, p)
+                        if not P.TAG_BULK_IN_FIRST <= tag <= P.TAG_BULK_IN_LAST:
+                            raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): bulk tag {tag:#x} "
+                                                             f"outside the client->server bulk range")
+                        blobs.append(BulkIn(self, tag, nb))
+                        p += P.BULK_SLOT.size
+                    else:
+                        if rend - p - 4 < bn:
+                            raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): blob {k} of {bn} B "
+                                                             f"runs past its record")
+                        blobs.append(mv[p + 4:p + 4 + bn])
+                        p += 4 + bn
+                routes = []
+                for k in range(e.nroutes):
+                    if rend - p < 4:
+                        raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): route {k} missing")
+                    (r,) = P.U32.unpack_from(mv, p)
+                    if r and not P.TAG_BULK_OUT_FIRST <= r <= P.TAG_BULK_OUT_LAST:
+                        raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): route tag {r:#x} "
+                                                         f"outside the server->client bulk range")
+                    if e.call.deferred and not r:
+                        raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): a deferred out buffer "
+                                                         f"needs a bulk route")
+                    routes.append(r)
+                    p += 4
+                if p != rend:
+                    raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): {rend - p} stray bytes "
+                                                     f"at the end of the record")
+                recs.append((e, vals, blobs, routes))
+                off = rend
+            if off != end:
+                raise FrameError(P.ST_MALFORMED, f"{end - off} bytes after the last of {ncalls} calls")
+        except struct.error as ex:  # pragma: no cover - the checks above make this unreachable
+            raise FrameError(P.ST_MALFORMED, f"decode: {ex}") from None
+        except FrameError:
+            for _e, _v, bl, _r in recs:
+                for b in bl:
+                    if isinstance(b, BulkIn):
+                        b.drain()
+            raise
+        return recs
+
+    # ------------------------------------------------------------------ execution
+    def _execute(self, recs, seq: int, flags: int) -> None:
+        sync = None
+        for pos, (e, vals, blobs, routes) in enumerate(recs):
+            r = self._one(pos, e, vals, blobs, routes, seq)
+            if r is not None:
+                sync = r
+        if flags & P.F_SYNC:
+            self._reply(seq, *(sync or (None, 0, None, [])))
+
+    def _execute_c(self, mv: memoryview, ncalls: int, seq: int, flags: int) -> None:
+        """Records located by the C scanner; runs of hot calls go through the C loop."""
+        recs = self.recs_c
+        tab = _table()
+        disp = self.disp
+        hot = disp.hot_ids if disp is not None else ()
+        sticky = self.es is not None and getattr(self.es, "sticky", None)
+        sync = None
+        i = 0
+        while i < ncalls:
+            rc = recs[i]
+            if rc.id in hot and not sticky:
+                k, res, msg = disp.run(self.frame_c, recs, i, ncalls)
+                if k:
+                    self.call_seq += k
+                    i += k
+                if res:
+                    e, vals, blobs, routes = self._rec(mv, recs[i], tab)
+                    cseq = self.call_seq
+                    self.call_seq += 1
+                    self.errmsg = msg
+                    self._note_error(e, vals, blobs, res, i, seq, cseq)
+                    i += 1
+                    continue
+                if k:
+                    continue
+            e, vals, blobs, routes = self._rec(mv, rc, tab)
+            r = self._one(i, e, vals, blobs, routes, seq)
+            if r is not None:
+                sync = r
+            if self.es is not None and getattr(self.es, "sticky", None):
+                sticky = True
+            i += 1
+        if flags & P.F_SYNC:
+            self._reply(seq, *(sync or (None, 0, None, [])))
+
+    def _rec(self, mv: memoryview, rc, tab):
+        e = tab[rc.id]
+        vals = e.fixed.unpack_from(mv, rc.fixed)
+        blobs = []
+        for k in range(e.nvar):
+            off = rc.var_off[k]
+            if off == 0xFFFFFFFF:
+                blobs.append(BulkIn(self, rc.var_len[k], rc.var_bulk[k]))
+            else:
+                blobs.append(mv[off:off + rc.var_len[k]])
+        routes = [rc.route[k] for k in range(e.nroutes)]
+        return e, vals, blobs, routes
+
+    def _one(self, pos: int, e, vals, blobs, routes, seq: int):
+        """Run one record; returns (entry, result, outs, sinks) for a sync call, else None."""
+        call = e.call
+        cseq = self.call_seq
+        self.call_seq += 1
+        sinks = []
+        if routes:
+            sizes = self._out_sizes(e, vals)
+            sinks = [OutSink(self, r, n, call.deferred) for r, n in zip(routes, sizes)]
+        res, outs = self._run(e, vals, blobs, sinks)
+        for b in blobs:
+            if isinstance(b, BulkIn) and not b.done:
+                b.drain()
+        if call.deferred:
+            for sk in sinks:
+                sk.finish()
+                self.pushes = (self.pushes + 1) & 0xFFFFFFFF
+        if res and call.name not in STATUS_RESULT and not (
+                call.name in QUERY_RESULT and res == P.CUDA_ERROR_NOT_READY):
+            self._note_error(e, vals, blobs, res, pos, seq, cseq)
+        if not call.deferred:
+            return (e, res, outs, sinks)
+        return None
+
+    def _note_error(self, e, vals, blobs, res: int, pos: int, seq: int, cseq: int) -> None:
+        call = e.call
+        self.last = (res, call.id, cseq)
+        if call.deferred:
+            if self.latch is None:
+                text = e.render(vals, blobs)
+                if self.errmsg:
+                    text += f": {self.errmsg}"
+                self.latch = [res, call.id, pos, seq, cseq, 0, text[:2000]]
+            else:
+                self.latch[5] += 1
+
+    def _out_sizes(self, e, vals) -> List[int]:
+        call = e.call
+        d = dict(zip(call.wire_format.request_args, vals))
+        out = []
+        for name in e.route_names:
+            try:
+                out.append(int(call.arg(name).size_fn(d)))
+            except Exception:
+                out.append(0)
+        return out
+
+    def _run(self, e, vals, blobs, sinks):
+        self.errmsg = ""
+        es = self.es
+        name = e.call.name
+        if es is not None and getattr(es, "sticky", None) and name not in _NO_STICKY:
+            self.errmsg = "the context is unusable after an earlier error (sticky)"
+            return es.sticky, None
+        target = self if e.session_level else es
+        try:
+            out = e.dispatch(self, target, vals, blobs, sinks)
+        except CudaCallError as err:
+            self.errmsg = str(err) if str(err) != P.result_name(err.code) else ""
+            return err.code, None
+        except (t.ConnectionLost, t.ConnectionClosed):
+            raise
+        except t.TransportError as err:
+            self.errmsg = f"transport: {err}"
+            return P.CUDA_ERROR_UNKNOWN, None
+        except Exception as err:
+            log.exception("session %d: %s raised", self.id, name)
+            self.errmsg = f"server error: {type(err).__name__}: {err}"
+            return P.CUDA_ERROR_UNKNOWN, None
+        if type(out) is StatusResult:
+            return out.code, out.outs
+        return 0, out
+
+    def _reply(self, seq: int, e, res: int, outs: Any, sinks: List[OutSink]) -> None:
+        rep = self.rep
+        off = P.HEADER_SIZE
+        P.REPLY_HEAD.pack_into(rep, off, 0, self.pushes)
+        off += P.REPLY_HEAD.size
+        if e is not None:
+            fixed = e.zero
+            strings: Sequence[Any] = ("",) * e.nstrings
+            if outs is not None and (res == 0 or e.call.name in STATUS_RESULT):
+                vals = outs if isinstance(outs, tuple) else (outs,)
+                k = len(fixed)
+                fixed = tuple(vals[:k])
+                strings = vals[k:k + e.nstrings]
+                if len(fixed) != k or len(strings) != e.nstrings:
+                    log.error("%s returned %r; expected %d values and %d strings", e.call.name, outs, k,
+                              e.nstrings)
+                    fixed, strings, res = e.zero, ("",) * e.nstrings, P.CUDA_ERROR_UNKNOWN
+            try:
+                e.reply.pack_into(rep, off, res, *fixed)
+            except struct.error:
+                log.error("%s: reply values %r do not fit %s", e.call.name, fixed, e.reply.format)
+                e.reply.pack_into(rep, off, P.CUDA_ERROR_UNKNOWN, *e.zero)
+            off += e.reply.size
+            for s in strings:
+                b = s.encode() if isinstance(s, str) else bytes(s)
+                b = b[:4096]
+                P.U32.pack_into(rep, off, len(b))
+                rep[off + 4:off + 4 + len(b)] = b
+                off += 4 + len(b)
+            for s in sinks:
+                if s.route and s.sent:
+                    P.BULK_SLOT.pack_into(rep, off, P.BULK_MARK, s.route, s.nbytes)
+                    off += P.BULK_SLOT.size
+                elif not s.route and s.sent and res == 0:
+                    d = s.data
+                    P.U32.pack_into(rep, off, len(d))
+                    rep[off + 4:off + 4 + len(d)] = d
+                    off += 4 + len(d)
+                else:
+                    P.U32.pack_into(rep, off, 0)
+                    off += 4
+        if self.latch is not None and e is not None:
+            res_, cid, pos, fseq, cseq, later, text = self.latch
+            tb = text.encode("utf-8", "replace")[:2000]
+            rep[off] = 1
+            P.REPORT.pack_into(rep, off + 1, res_, cid, pos, fseq, cseq & 0xFFFFFFFFFFFFFFFF, later, len(tb))
+            off += 1 + P.REPORT.size
+            rep[off:off + len(tb)] = tb
+            off += len(tb)
+            self.latch = None
+        else:
+            rep[off] = 0
+            off += 1
+        P.HEADER.pack_into(rep, 0, P.MAGIC, P.PROTOCOL_VERSION, 0, seq, 1 if e is not None else 0,
+                           off - P.HEADER_SIZE)
+        self.ep.send(memoryview(rep)[:off], tag=P.TAG_REP)
+
+    # ------------------------------------------------------------------ hello
+    def _hello(self, mv: memoryview, n: int, seq: int) -> bool:
+        srv = self.server
+        off = P.HEADER_SIZE
+        if n - off < P.HELLO_REQ.size:
+            self._send_error(seq, P.ST_TRUNCATED, "hello body truncated")
+            return True
+        pmin, pmax, pid, toklen, infolen = P.HELLO_REQ.unpack_from(mv, off)
+        off += P.HELLO_REQ.size
+        if toklen > 4096 or infolen > 65536 or off + toklen + infolen > n:
+            self._send_error(seq, P.ST_TRUNCATED, "hello token/info run past the frame")
+            return True
+        if not pmin <= P.PROTOCOL_VERSION <= pmax:
+            self._send_error(seq, P.ST_BAD_VERSION, f"client speaks protocol versions {pmin}..{pmax}, "
+                                                    f"this server {P.PROTOCOL_VERSION}")
+            return False
+        token = bytes(mv[off:off + toklen])
+        off += toklen
+        if srv.token is not None and not hmac.compare_digest(token, srv.token):
+            log.warning("session %d (%s): authentication failed (%s token)", self.id, self.peer,
+                        "missing" if not token else "wrong")
+            self._send_error(seq, P.ST_AUTH, "authentication failed: " +
+                             ("no token given (pass token= to gpuwire.connect or set GPUWIRE_RPC_TOKEN)"
+                              if not token else "wrong token"))
+            return False
+        try:
+            info = json.loads(bytes(mv[off:off + infolen]) or b"{}")
+            if not isinstance(info, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self._send_error(seq, P.ST_MALFORMED, "hello info is not a JSON object")
+            return True
+        off += infolen
+        try:
+            recs = self._parse(mv, off, n, 1, True)
+        except FrameError as e:
+            self._send_error(seq, e.status, f"hello: {e}")
+            return True
+        e, vals, _b, _r = recs[0]
+        if e.call.name != "gwHello":
+            self._send_error(seq, P.ST_MALFORMED, "hello frame without gwHello")
+            return True
+        spec = default_spec()
+        sver, fp = vals
+        if sver != SPEC_VERSION or fp != spec.fingerprint64:
+            log.warning("session %d (%s): spec mismatch (client v%d %#x, server v%d %#x)", self.id, self.peer,
+                        sver, fp, SPEC_VERSION, spec.fingerprint64)
+            self._hello_reply(seq, e, P.CUDA_ERROR_NOT_SUPPORTED, spec.fingerprint64, {})
+            return False
+        device = info.get("device", 0)
+        if not isinstance(device, int):
+            device = 0
+        if srv.pool is not None:
+            return self._redirect(seq, e, spec.fingerprint64)
+        try:
+            self.es = srv.executor.open_session(device, srv.va_size)
+        except CudaCallError as ex:
+            self._send_error(seq, P.ST_INTERNAL, f"cannot open a session on device {device}: {ex}")
+            return False
+        except Exception as ex:
+            log.exception("open_session")
+            self._send_error(seq, P.ST_INTERNAL, f"cannot open a session on device {device}: {ex}")
+            return False
+        self.device = device
+        self.ctx_id = SESSION_CTX_BASE + device
+        self.mm = self.es.mm
+        if self.scanner is not None and hasattr(self.es, "c_calls"):
+            try:
+                self.disp = _cf.Dispatch(spec, self.es.c_calls())
+            except Exception:
+                log.exception("C dispatch disabled")
+                self.disp = None
+        self.client = {"pid": pid, **{k: v for k, v in info.items() if k in ("name", "pid")}}
+        self.ready = True
+        self.call_seq = 1
+        extras = {"session": self.id, "executor": srv.executor.kind, "server": __version__,
+                  "protocol": P.PROTOCOL_VERSION, "va_base": self.es.va_base, "va_size": self.es.va_size,
+                  "va_granularity": self.mm.gran, "bulk_chunk": self.chunk,
+                  "inline_max": int(settings.get("rpc_inline_max")), "max_frame": MAX_FRAME,
+                  "device": device, "context": self.ctx_id}
+        extras.update({k: v for k, v in srv.executor.describe().items() if k not in extras})
+        self._hello_reply(seq, e, 0, spec.fingerprint64, extras)
+        log.info("session %d: %s (pid %s, %r) on device %d", self.id, self.peer, pid, info.get("name", ""), device)
+        return True
+
+    def _redirect(self, seq: int, e, fp: int) -> bool:
+        """Process isolation: hand the client to a session worker process of its own."""
+        try:
+            w = self.server.pool.take()
+        except Exception as ex:
+            log.exception("session %d: no session worker", self.id)
+            self._send_error(seq, P.ST_INTERNAL, f"cannot start a session worker: {ex}")
+            return False
+        log.info("session %d (%s): handed to worker pid %d on port %d", self.id, self.peer, w.proc.pid, w.port)
+        self._hello_reply(seq, e, 0, fp, {"redirect_port": w.port, "ticket": w.ticket, "session": self.id,
+                                          "executor": self.server.executor_kind})
+        return False
+
+    def _hello_reply(self, seq, e, res, fp, extras) -> None:
+        rep = bytearray()
+        rep += P.REPLY_HEAD.pack(0, 0)
+        ex = self.server.executor
+        rep += e.reply.pack(res, fp, ex.driver_version() if res == 0 and ex is not None else 0)
+        rep += b"\0"
+        js = json.dumps(extras).encode()
+        rep += P.U32.pack(len(js)) + js
+        frame = P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, 0, seq, 1, len(rep)) + bytes(rep)
+        self.ep.send(frame, tag=P.TAG_REP, timeout=5.0)
+
+    # ------------------------------------------------------------------ cleanup
+    def cleanup(self) -> None:
+        self.disp = None
+        es, self.es = self.es, None
+        if es is None:
+            return
+        try:
+            for kind in ("function", "module", "event", "stream"):
+                tab = self.tables[kind]
+                for hid, obj in list(tab.items()):
+                    try:
+                        if kind == "module":
+                            es.cuModuleUnload(obj)
+                        elif kind == "event":
+                            es.cuEventDestroy(obj)
+                        elif kind == "stream":
+                            es.cuStreamDestroy(obj)
+                    except Exception:
+                        pass
+                tab.clear()
+            for addr, (size, obj) in list(self.hosts.items()):
+                try:
+                    es.host_free(obj)
+                except Exception:
+                    pass
+            self.hosts.clear()
+            es.mm.release_all()
+        finally:
+            try:
+                es.close()
+            except Exception:
+                log.exception("session %d: executor close", self.id)
+        log.info("session %d (%s) ended%s", self.id, self.peer,
+                 f": {self.closed_reason}" if self.closed_reason else "")
+
+    # ------------------------------------------------------------------ translation / validation (dispatch)
+    def _lookup(self, kind: str, hid: int, optional: bool):
+        if hid == 0:
+            if optional:
+                return None
+            raise fail(P.CUDA_ERROR_INVALID_HANDLE, f"NULL {kind}")
+        obj = self.tables[kind].get(hid)
+        if obj is None:
+            raise fail(P.CUDA_ERROR_INVALID_HANDLE, f"{kind} {hid:#x} is not a live {kind} of this session")
+        return obj
+
+    def h_stream(self, hid: int, optional: bool):
+        if hid in (P.STREAM_LEGACY, P.STREAM_PER_THREAD):
+            return self.es.special_stream(hid) if hasattr(self.es, "special_stream") else None
+        return self._lookup("stream", hid, optional)
+
+    def h_event(self, hid: int, optional: bool):
+        return self._lookup("event", hid, optional)
+
+    def h_module(self, hid: int, optional: bool):
+        return self._lookup("module", hid, optional)
+
+    def h_function(self, hid: int, optional: bool):
+        return self._lookup("function", hid, optional)
+
+    def h_context(self, hid: int, optional: bool):
+        if hid == 0 and optional:
+            return None
+        if hid != self.ctx_id:
+            raise fail(P.CUDA_ERROR_INVALID_CONTEXT, f"context {hid:#x} is not this session's context")
+        return hid
+
+    def h_device(self, hid: int, optional: bool):
+        if not 0 <= hid < self.server.executor.device_count():
+            raise fail(P.CUDA_ERROR_INVALID_DEVICE, f"device {hid} does not exist")
+        return hid
+
+    def h_hostptr(self, addr: int, optional: bool, mode: str):
+        if addr == 0 and optional:
+            return None
+        if mode == "register":
+            return addr
+        ent = self.hosts.get(addr)
+        if ent is None:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE if mode == "lookup" else P.CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED,
+                       f"host pointer {addr:#x} is not a pinned/registered range of this session")
+        return addr
+
+    def devrange(self, ptr: int, n: int, what: str) -> None:
+        if self.mm.find(ptr, n) is None:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE,
+                       f"{what}: device range {ptr:#x}+{n} is not inside an allocation of this session")
+
+    def devbase(self, ptr: int, what: str) -> None:
+        if ptr not in self.mm.sizes:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"{what}: {ptr:#x} is not an allocation of this session")
+
+    def blob_size(self, blob: Any, n: int, what: str) -> None:
+        have = blob.nbytes
+        if have != n:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"{what}: {have} bytes sent, the call copies {n}")
+
+    def fresh_id(self, kind: str, hid: int) -> None:
+        if hid < P.FIRST_CLIENT_HANDLE or any(hid in tab for tab in self.tables.values()):
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"{kind} id {hid:#x} is reserved or already in use")
+
+    def bind(self, kind: str, hid: int, obj: Any, parent: int) -> None:
+        self.tables[kind][hid] = obj
+        if parent:
+            self.parents[hid] = parent
+        if self.disp is not None:
+            self.disp.bind(kind, hid, obj)
+
+    def unbind(self, kind: str, hid: int) -> None:
+        self.tables[kind].pop(hid, None)
+        d = self.disp
+        if d is not None:
+            d.unbind(kind, hid)
+        if kind == "module":
+            funcs = self.tables["function"]
+            for fid in [f for f, p in self.parents.items() if p == hid]:
+                funcs.pop(fid, None)
+                self.parents.pop(fid, None)
+                if d is not None:
+                    d.unbind("function", fid)
+
+    # ------------------------------------------------------------------ session-level calls
+    def gwSync(self):
+        return None
+
+    def gwGetLastError(self):
+        r, cid, seq = self.last
+        self.last = (0, 0, 0)
+        return StatusResult(r, (cid, seq))
+
+    def gwPeekAtLastError(self):
+        r, cid, seq = self.last
+        return StatusResult(r, (cid, seq))
+
+    def cuInit(self, flags):
+        if flags != 0:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, "cuInit: Flags must be 0")
+
+    def cuDriverGetVersion(self):
+        return self.server.executor.driver_version()
+
+    def cuDeviceGetCount(self):
+        return self.server.executor.device_count()
+
+    def cuDeviceGet(self, ordinal):
+        if not 0 <= ordinal < self.server.executor.device_count():
+            raise fail(P.CUDA_ERROR_INVALID_DEVICE, f"cuDeviceGet: no device {ordinal}")
+        return ordinal
+
+    def cuDevicePrimaryCtxRetain(self, dev):
+        if dev != self.device:
+            raise fail(P.CUDA_ERROR_NOT_SUPPORTED,
+                       f"this session runs on device {self.device}; connect with device={dev} for another")
+        return self.ctx_id
+
+    def cuDevicePrimaryCtxRelease(self, dev):
+        if dev != self.device:
+            raise fail(P.CUDA_ERROR_INVALID_DEVICE, f"device {dev} is not this session's device")
+
+    def cuCtxSetCurrent(self, ctx):
+        self.ctx_current = ctx is not None
+
+    def cuCtxGetCurrent(self):
+        return self.ctx_id if self.ctx_current else 0
+
+    def cuCtxGetDevice(self):
+        return self.device
+
+    def cuMemAlloc(self, dptr, bytesize):
+        self.mm.alloc(dptr, bytesize)
+        if self.disp is not None:
+            self.disp.alloc(dptr, bytesize)
+
+    def cuMemFree(self, dptr):
+        self.mm.free(dptr)
+        if self.disp is not None:
+            self.disp.free(dptr)
+
+    def cuMemHostAlloc(self, pp, bytesize, flags):
+        if bytesize <= 0 or pp == 0:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc: bytesize must be > 0")
+        if pp in self.hosts:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"cuMemHostAlloc: {pp:#x} is already pinned")
+        self.hosts[pp] = (bytesize, self.es.host_alloc(bytesize, flags))
+
+    def cuMemFreeHost(self, p):
+        size, obj = self.hosts.pop(p)
+        self.es.host_free(obj)
+
+    def cuMemHostRegister(self, p, bytesize, flags):
+        if bytesize <= 0 or p == 0:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostRegister: empty range")
+        for a, (sz, _o) in self.hosts.items():
+            if a < p + bytesize and p < a + sz:
+                raise fail(P.CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED,
+                           f"cuMemHostRegister: {p:#x}+{bytesize} overlaps {a:#x}+{sz}")
+        self.hosts[p] = (bytesize, self.es.host_alloc(bytesize, flags))
+
+    def cuMemHostUnregister(self, p):
+        size, obj = self.hosts.pop(p)
+        self.es.host_free(obj)
+
+
+# ----------------------------------------------------------------------------- server
+
+def _read_token(token: Optional[str], token_file: Optional[str]) -> Optional[bytes]:
+    if token_file:
+        with open(token_file, "rb") as f:
+            data = f.read().strip()
+        if not data:
+            raise ValueError(f"token file {token_file} is empty")
+        return data
+    if token:
+        return token.encode()
+    return None
+
+
+class Server:
+    """A gpuwire RPC server.
+
+    ``isolation``: ``"thread"`` runs every session on a thread of this process;
+    ``"process"`` hands every authenticated client to a session worker process of its
+    own (a redirect in the hello reply), so a GPU fault, which poisons every CUDA
+    context of the process it happens in, only ends that client's session. The
+    default is process for the GPU executor and thread for the CPU executor."""
+
+    def __init__(self, listen: str = f"0.0.0.0:{DEFAULT_PORT}", executor: str = "cpu",
+                 token: Optional[str] = None, token_file: Optional[str] = None, no_auth: bool = False,
+                 device: int = 0, data_roots: Sequence[str] = (), tls: Optional[str] = None,
+                 va_gib: Optional[float] = None, executor_obj: Optional[Executor] = None,
+                 isolation: Optional[str] = None, single: bool = False, cpu_kernels: Sequence[str] = (),
+                 **exec_kw: Any):
+        self.token = _read_token(token, token_file)
+        if self.token is None and not no_auth:
+            env = settings.get("rpc_token")
+            if env:
+                self.token = env.encode()
+            else:
+                raise ValueError("refusing to serve without a token: pass --token, --token-file or set "
+                                 "GPUWIRE_RPC_TOKEN (or --no-auth on a trusted network)")
+        if isolation is None:
+            isolation = "process" if executor == "gpu" and executor_obj is None else "thread"
+        if isolation not in ("thread", "process"):
+            raise ValueError(f"isolation must be thread or process, not {isolation!r}")
+        self.isolation = isolation
+        self.single = single
+        self.listen_addr = listen
+        self.default_device = device
+        self.data_roots = list(data_roots)
+        self.executor_kind = executor_obj.kind if executor_obj is not None else executor
+        self.cpu_kernels = list(cpu_kernels)
+        self.va_gib = va_gib if va_gib is not None else settings.get("rpc_va_gib")
+        self.exec_kw = dict(exec_kw)
+        tls = settings.get("rpc_tls") if tls is None else tls
+        self.tls = tls
+        self.pool: Optional[WorkerPool] = None
+        if isolation == "process":
+            self.executor = None
+            self.va_size = 0
+        else:
+            self.executor = executor_obj or make_executor(executor, **exec_kw)
+            self.va_size = int(self.va_gib * (1 << 30))
+            self.va_size = max(self.va_size // self.executor.granularity, 1) * self.executor.granularity
+        _table()  # generate the dispatch now, not at the first hello
+        self.ctx = t.Context({"TLS": tls} if tls else None)
+        self.worker = self.ctx.worker()
+        host, port = t.parse_hostport(listen, default_port=DEFAULT_PORT)
+        self.host = host
+        self.listener = self.worker.listen(host, port)
+        self.address = self.listener.address
+        self.port = self.listener.port
+        self.sessions: Dict[int, ServerSession] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.ended = 0
+        self.served = 0
+        if isolation == "process":
+            self.pool = WorkerPool(self, int(settings.get("rpc_worker_pool")))
+
+    def serve_forever(self, poll_s: float = 0.002) -> None:
+        """Accept clients until :meth:`shutdown` (or SIGINT/SIGTERM in the CLI)."""
+        lst = self.listener
+        idle = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    ep = lst.accept(timeout=0)
+                except t.OperationTimeout:
+                    idle += 1
+                    # poll fast right after activity, then settle
+                    time.sleep(poll_s if idle < 500 else 0.02)
+                    continue
+                except t.TransportError as e:
+                    if self._stop.is_set():
+                        break
+                    log.warning("accept: %s", e)
+                    continue
+                idle = 0
+                if self.single:
+                    self._run_single(ep)
+                    if self.served:
+                        break
+                else:
+                    self._start_session(ep)
+        finally:
+            self._close()
+
+    def _run_single(self, ep: t.Endpoint) -> None:
+        """Session worker: run the connection here; stop after one authenticated session."""
+        s = ServerSession(self, ep, next(self._ids))
+        with self._lock:
+            self.sessions[s.id] = s
+        s.thread = threading.current_thread()
+        s.run()
+        if s.ready:
+            self.served += 1
+
+    def _start_session(self, ep: t.Endpoint) -> None:
+        sid = next(self._ids)
+        s = ServerSession(self, ep, sid)
+        with self._lock:
+            self.sessions[sid] = s
+        th = threading.Thread(target=s.run, name=f"gpuwire-session-{sid}", daemon=True)
+        s.thread = th
+        th.start()
+
+    def _session_done(self, s: ServerSession) -> None:
+        with self._lock:
+            self.sessions.pop(s.id, None)
+            self.ended += 1
+        try:
+            s.ep.close(timeout=0.5)
+        except Exception:
+            pass
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    def _close(self) -> None:
+        try:
+            self.listener.close()
+        except Exception:
+            pass
+        if self.pool is not None:
+            self.pool.close()
+        with self._lock:
+            live = list(self.sessions.values())
+        for s in live:
+            s.stop = True
+            try:
+                s.ep.close(timeout=0.2)
+            except Exception:
+                pass
+        for s in live:
+            if s.thread is not None and s.thread is not threading.current_thread():
+                s.thread.join(timeout=10)
+        try:
+            if self.executor is not None:
+                self.executor.close()
+        finally:
+            self.worker.close()
+            self.ctx.close()
+
+
+def serve(listen: str, executor: str = "cpu", token: Optional[str] = None, token_file: Optional[str] = None,
+          no_auth: bool = False, device: int = 0, data_roots: Sequence[str] = (), tls: Optional[str] = None,
+          ready_fd: Any = None, cpu_kernels: Sequence[str] = (), **kw: Any) -> int:
+    """Run a server in this process until SIGINT/SIGTERM (the `gpuwire serve` body)."""
+    import importlib
+    for mod in cpu_kernels:
+        importlib.import_module(mod)
+    srv = Server(listen, executor=executor, token=token, token_file=token_file, no_auth=no_auth, device=device,
+                 data_roots=data_roots, tls=tls, cpu_kernels=cpu_kernels, **kw)
+
+    def _stop(signum, frame):
+        srv.shutdown()
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, _stop)
+        except ValueError:  # not the main thread
+            pass
+    desc = srv.executor.describe() if srv.executor is not None else {"device": "one worker process per session"}
+    print(f"gpuwire serve: listening on {srv.address} (executor {srv.executor_kind}: "
+          f"{desc.get('device', '')}; isolation {srv.isolation}; auth {'token' if srv.token else 'OFF'})",
+          flush=True, file=sys.stderr)
+    if ready_fd is not None:
+        ready_fd.write(f"{srv.port}\n")
+        ready_fd.flush()
+    try:
+        srv.serve_forever()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    return 0
+
+
+# ----------------------------------------------------------------------------- process isolation
+
+class _Worker:
+    __slots__ = ("proc", "port", "ticket")
+
+    def __init__(self, proc: subprocess.Popen, port: int, ticket: str):
+        self.proc, self.port, self.ticket = proc, port, ticket
+
+
+class WorkerPool:
+    """Session worker processes: each listens on an ephemeral port, serves the one client
+    that presents its ticket, and exits when that session ends (so everything the
+    session made dies with the process, whatever happened in it)."""
+
+    def __init__(self, server: Server, size: int):
+        self.server = server
+        self.size = max(0, size)
+        self.idle: List[_Worker] = []
+        self.handed: List[_Worker] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        self._fill_ev = threading.Event()
+        self._filler = threading.Thread(target=self._fill_loop, name="gpuwire-worker-pool", daemon=True)
+        self._filler.start()
+        self._fill_ev.set()
+
+    def _spawn(self) -> _Worker:
+        srv = self.server
+        ticket = secrets.token_hex(32)
+        cfg = {"executor": srv.executor_kind, "host": srv.host, "ticket": ticket, "va_gib": srv.va_gib,
+               "tls": srv.tls, "device": srv.default_device, "data_roots": srv.data_roots,
+               "cpu_kernels": srv.cpu_kernels, "exec_kw": srv.exec_kw,
+               "log_level": logging.getLevelName(logging.getLogger().level)}
+        p = subprocess.Popen([sys.executable, "-m", "gpuwire.rpc.server", "--worker"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+        p.stdin.write(json.dumps(cfg) + "\n")
+        p.stdin.flush()
+        line = p.stdout.readline()
+        if not line.strip().isdigit():
+            p.kill()
+            p.wait()
+            raise RuntimeError(f"session worker failed to start (rc {p.returncode}): {line.strip()!r}")
+        return _Worker(p, int(line), ticket)
+
+    def _fill_loop(self) -> None:
+        while not self.closed:
+            self._fill_ev.wait(1.0)
+            self._fill_ev.clear()
+            self.reap()
+            while not self.closed:
+                with self.lock:
+                    if len(self.idle) >= self.size:
+                        break
+                try:
+                    w = self._spawn()
+                except Exception as e:
+                    log.error("session worker: %s", e)
+                    time.sleep(1.0)
+                    break
+                with self.lock:
+                    if self.closed:
+                        _stop_worker(w)
+                        return
+                    self.idle.append(w)
+
+    def take(self) -> _Worker:
+        with self.lock:
+            while self.idle:
+                w = self.idle.pop(0)
+                if w.proc.poll() is None:
+                    break
+            else:
+                w = None
+        if w is None:
+            w = self._spawn()
+        try:
+            w.proc.stdin.write("claimed\n")
+            w.proc.stdin.flush()
+        except OSError:
+            pass
+        with self.lock:
+            self.handed.append(w)
+        self._fill_ev.set()
+        return w
+
+    def reap(self) -> None:
+        with self.lock:
+            self.handed = [w for w in self.handed if w.proc.poll() is None]
+            self.idle = [w for w in self.idle if w.proc.poll() is None]
+
+    def close(self) -> None:
+        self.closed = True
+        self._fill_ev.set()
+        with self.lock:
+            ws = self.idle + self.handed
+            self.idle, self.handed = [], []
+        for w in ws:
+            try:
+                w.proc.terminate()
+            except OSError:
+                pass
+        for w in ws:
+            try:
+                w.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+
+
+def _stop_worker(w: _Worker) -> None:
+    try:
+        w.proc.terminate()
+        w.proc.wait(timeout=10)
+    except Exception:
+        w.proc.kill()
+
+
+def worker_main() -> int:
+    """``python -m gpuwire.rpc.server --worker``: one session in its own process."""
+    cfg = json.loads(sys.stdin.readline())
+    logging.basicConfig(level=getattr(logging, str(cfg.get("log_level", "WARNING")).upper(), logging.WARNING),
+                        stream=sys.stderr, format="%(asctime)s %(name)s[worker %(process)d] %(levelname)s %(message)s")
+    import importlib
+    for mod in cfg.get("cpu_kernels") or []:
+        importlib.import_module(mod)
+    srv = Server(f"{cfg['host']}:0" if ":" not in cfg["host"] else f"[{cfg['host']}]:0",
+                 executor=cfg["executor"], token=cfg["ticket"], device=cfg.get("device", 0),
+                 data_roots=cfg.get("data_roots") or [], tls=cfg.get("tls"), va_gib=cfg.get("va_gib"),
+                 isolation="thread", single=True, **(cfg.get("exec_kw") or {}))
+
+    def _stop(signum, frame):
+        srv.shutdown()
+        for s in list(srv.sessions.values()):
+            s.stop = True
+            try:
+                s.ep.close(timeout=0.2)
+            except Exception:
+                pass
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    def _watch_parent():
+        claim_s = float(settings.get("rpc_worker_claim_s"))
+        for line in sys.stdin:
+            if line.strip() == "claimed":
+                def _expire():
+                    if not srv.served and not any(x.ready for x in list(srv.sessions.values())):
+                        log.warning("session worker: the client did not come within %.0f s", claim_s)
+                        srv.shutdown()
+                threading.Timer(claim_s, _expire).start()
+        # the parent went away: stop once idle
+        if not any(x.ready for x in list(srv.sessions.values())):
+            srv.shutdown()
+
+    threading.Thread(target=_watch_parent, daemon=True).start()
+    try:
+        print(srv.port, flush=True)
+    except BrokenPipeError:   # the server went away while we started
+        return 0
+    srv.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv[1:]:
+        sys.exit(worker_main())

@@ -1,0 +1,95 @@
+"""Shared fixtures of the RPC tests: a real `gpuwire serve` subprocess on loopback
+(CPU executor everywhere; GPU executor where a GPU and cuda.bindings are present)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+KERNELS = Path(__file__).resolve().parent / "kernels"
+PTX = KERNELS / "gw_test_kernels.ptx"
+TOKEN = "test-token-0123456789"
+
+
+def gpu_available() -> str:
+    """'' when the GPU executor can run here, else why not."""
+    try:
+        from cuda.bindings import driver as cu
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"cuda.bindings not importable ({type(e).__name__})"
+    try:
+        err, = cu.cuInit(0)
+        if int(err) != 0:
+            return f"cuInit failed ({err})"
+        err, n = cu.cuDeviceGetCount()
+        if int(err) != 0 or n < 1:
+            return "no CUDA device"
+    except Exception as e:  # pragma: no cover
+        return f"CUDA driver unusable ({e})"
+    return ""
+
+
+class ServerProc:
+    def __init__(self, executor: str, token: str = TOKEN, extra=(), env=None):
+        self.executor = executor
+        self.token = token
+        cmd = [sys.executable, "-m", "gpuwire.rpc.cli", "--executor", executor, "--listen", "127.0.0.1:0",
+               "--ready-stdout", "--log-level", os.environ.get("GPUWIRE_TEST_LOG", "warning")]
+        if token:
+            cmd += ["--token", token]
+        else:
+            cmd += ["--no-auth"]
+        if executor == "cpu":
+            cmd += ["--cpu-mem-gib", "2"]
+        cmd += list(extra)
+        e = dict(os.environ)
+        e.update(env or {})
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=e)
+        line = self.p.stdout.readline()
+        if not line.strip():
+            self.p.wait(timeout=10)
+            raise RuntimeError(f"gpuwire serve --executor {executor} failed to start (rc {self.p.returncode})")
+        self.port = int(line)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def connect(self, **kw):
+        import gpuwire
+        kw.setdefault("token", self.token)
+        return gpuwire.connect(self.address, **kw)
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+EXECUTORS = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+def start_server(kind: str, **kw) -> ServerProc:
+    if kind == "gpu":
+        why = gpu_available()
+        if why:
+            pytest.skip(f"GPU executor: {why}")
+    return ServerProc(kind, **kw)
+
+
+def wait_until(pred, timeout=5.0, step=0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    return pred()
