@@ -10,8 +10,8 @@ Roles
 server   listen on --host:--port, accept connections forever (a thread per
          endpoint) and serve them in --mode:
            cmd   echo every message back (same tag, header and payload), and
-                 run commands: a message whose header starts with b"!" is a
-                 command (see ``_command``).
+                 run commands: a message whose header is b"!gw:" + name is a
+                 command with the payload as argument (see ``Server._command``).
            cecho accept one endpoint and run the C echo loop (Endpoint.serve_echo)
                  until the stop tag 0xFFFFFF, then close it and exit 0.
 client   connect to --connect HOST:PORT and run --mode:
@@ -39,6 +39,7 @@ from gpuwire import settings
 from gpuwire import transport as t
 
 _print_lock = threading.Lock()
+CMD = b"!gw:"  # header prefix of a command message (anything else is echoed)
 
 
 def emit(obj) -> None:
@@ -121,8 +122,9 @@ class Server:
             hl, n = rr.header_len, rr.nbytes
             header, payload = bytes(mv[:hl]), mv[hl:n]
             try:
-                if header.startswith(b"!"):
-                    quiet = self._command(ep, header[1:].decode(), bytes(payload), rr.tag, quiet)
+                if header.startswith(CMD):
+                    quiet = self._command(ep, header[len(CMD):].decode(errors="replace"),
+                                          bytes(payload), rr.tag, quiet)
                     if quiet is None:
                         return
                 elif not quiet:
@@ -131,6 +133,8 @@ class Server:
                 emit({"event": "served_lost", "peer_pid": ep.peer_pid, **_exc(e)})
                 ep.close()
                 return
+            except Exception as e:  # a bug here: say so, keep serving
+                emit({"event": "peer_error", **_exc(e)})
 
     def _command(self, ep, cmd, arg, tag, quiet):
         """Run one command; returns the new quiet flag, None to end this endpoint."""

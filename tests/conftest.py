@@ -32,10 +32,11 @@ class Link:
         self.ctx, self.w, self.ep = ctx, worker, ep
 
     def command(self, name, arg=b"", tag=0x7F0000, reply_size=1 << 16, timeout=10.0):
-        """Send b"!name" + arg to the peer and return (reply header, reply payload)."""
+        """Send command ``name`` (header b"!gw:name") with payload ``arg`` to the peer
+        and return (reply header, reply payload)."""
         buf = bytearray(reply_size)
         req = self.ep.recv_nb(buf, tag=tag, tag_mask=0xFFFFFF)
-        self.ep.send(arg, header=b"!" + name.encode(), tag=tag, timeout=timeout)
+        self.ep.send(arg, header=b"!gw:" + name.encode(), tag=tag, timeout=timeout)
         rr = req.wait(timeout)
         return bytes(buf[:rr.header_len]), bytes(buf[rr.header_len:rr.nbytes])
 
@@ -56,3 +57,5 @@ def link(request):
     finally:
         ctx.close()
         peer.close()
+        if peer.stderr.strip():
+            print(f"--- peer {peer.argv} stderr:\n{peer.stderr}")

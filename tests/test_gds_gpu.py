@@ -22,16 +22,18 @@ def _need_gpu():
     return cupy
 
 
-@pytest.fixture(params=["posix", "kvikio"])
+@pytest.fixture(params=["posix", "kvikio", "kvikio-only"])
 def reader(request):
+    """posix+h2d; kvikio (small requests staged); kvikio for every request."""
     _need_gpu()
     from gpuwire.gds import KvikioReader, PosixH2DReader
 
-    if request.param == "kvikio":
+    if request.param.startswith("kvikio"):
         ok, why = kvikio_status()
         if not ok:
             pytest.skip(f"kvikio unavailable: {why}")
-        r = KvikioReader()
+        r = KvikioReader(small_bytes=0 if request.param == "kvikio-only" else 4096,
+                         staging_bytes=8192 + 5)
     else:
         r = PosixH2DReader(staging_bytes=64 * 1024 + 13)  # odd size: many chunks, both buffers
     yield r

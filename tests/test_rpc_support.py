@@ -74,7 +74,8 @@ class ServerProc:
                 self.p.wait()
 
 
-EXECUTORS = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+# cpu: the C decoder and dispatch loop (when gpuwire._rpc is built); cpu-py: the Python ones
+EXECUTORS = ["cpu", "cpu-py", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 
 def start_server(kind: str, **kw) -> ServerProc:
@@ -82,6 +83,10 @@ def start_server(kind: str, **kw) -> ServerProc:
         why = gpu_available()
         if why:
             pytest.skip(f"GPU executor: {why}")
+    if kind == "cpu-py":
+        env = dict(kw.pop("env", None) or {})
+        env["GPUWIRE_RPC_C_SERVER"] = "0"
+        return ServerProc("cpu", env=env, **kw)
     return ServerProc(kind, **kw)
 
 

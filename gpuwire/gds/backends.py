@@ -53,6 +53,10 @@ Request = Tuple[Source, int, int, int]  # (src, file offset, nbytes, dst offset)
 # One read(2) moves at most this much on Linux; larger requests are looped anyway.
 _MAX_IO = 0x7FFFF000
 
+#: KvikioReader: requests smaller than this go through pinned staging and gathered H2D
+#: copies instead of one kvikio pread each (per-call overhead dominates tiny reads).
+SMALL_READ_BYTES = 64 << 10
+
 
 # --------------------------------------------------------------------------- probes
 
@@ -370,6 +374,33 @@ class _Staging:
         self.next = 0
 
 
+class _StagingPool:
+    """Staging pairs shared by the threads of one reader (made on first use)."""
+
+    def __init__(self, cupy, device_id: int, nbytes: int):
+        self._cp, self._dev, self.nbytes = cupy, device_id, nbytes
+        self._free: List[_Staging] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> _Staging:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        with self._cp.cuda.Device(self._dev):
+            return _Staging(self._cp, self.nbytes)
+
+    def give(self, st: _Staging) -> None:
+        with self._lock:
+            self._free.append(st)
+
+    def close(self) -> None:
+        with self._lock:
+            free, self._free = self._free, []
+        for st in free:
+            for ev in st.event:
+                ev.synchronize()
+
+
 class _Gather:
     """Fills staging buffers with reads whose destinations are contiguous, and copies a
     buffer to the device (one cudaMemcpyAsync) when it is full or the next read lands
@@ -432,28 +463,16 @@ class PosixH2DReader(_CupyMixin, Reader):
         Reader.__init__(self, max_open, roots)
         self._init_cupy()
         self.staging_bytes = int(staging_bytes or settings.get("gds_staging_bytes"))
-        self._pool: List[_Staging] = []
-        self._pool_lock = threading.Lock()
+        self._staging = _StagingPool(self._cp, self.device_id, self.staging_bytes)
         self._memcpy = self._cp.cuda.runtime.memcpyAsync
         self._h2d = self._cp.cuda.runtime.memcpyHostToDevice
 
-    def _take_staging(self) -> _Staging:
-        with self._pool_lock:
-            if self._pool:
-                return self._pool.pop()
-        with self._cp.cuda.Device(self.device_id):
-            return _Staging(self._cp, self.staging_bytes)
-
-    def _give_staging(self, st: _Staging) -> None:
-        with self._pool_lock:
-            self._pool.append(st)
-
     def read_batch(self, requests: Iterable[Request], dst, stream=None) -> int:
-        st = self._take_staging()
+        st = self._staging.take()
         try:
             return self._read_batch_staged(requests, dst, stream, st)
         finally:
-            self._give_staging(st)
+            self._staging.give(st)
 
     def _read_batch_staged(self, requests, dst, stream, st: _Staging) -> int:
         if stream is None:
@@ -473,11 +492,7 @@ class PosixH2DReader(_CupyMixin, Reader):
         return total
 
     def close(self) -> None:
-        with self._pool_lock:
-            pool, self._pool = self._pool, []
-        for st in pool:
-            for ev in st.event:
-                ev.synchronize()
+        self._staging.close()
         super().close()
 
 
@@ -577,16 +592,21 @@ class KvikioReader(_CupyMixin, Reader):
     """kvikio ``CuFile.pread`` into cupy buffers: cuFile GDS or kvikio's compat mode.
 
     ``mode`` says which is in use (``"kvikio-gds"`` / ``"kvikio-compat"``) and
-    ``mode_detail`` why. All reads of a batch are issued before any is waited for,
-    so kvikio's thread pool runs them in parallel. kvikio writes device memory
-    outside CUDA stream order, so ``stream_ordered`` is False: the reads are complete
-    when ``read_batch`` returns.
+    ``mode_detail`` why. All kvikio reads of a batch are issued before any is waited
+    for, so kvikio's thread pool runs them in parallel. Requests smaller than
+    ``small_bytes`` (default :data:`SMALL_READ_BYTES`) are read like posix+h2d
+    instead -- pread into pinned staging, gathered, copied on ``stream`` -- while the
+    large ones run in kvikio's pool: per-call overhead dominates tiny reads, and GDS
+    itself sends reads under its threshold through a bounce buffer. kvikio writes
+    device memory outside CUDA stream order, so ``stream_ordered`` is False: callers
+    that reuse a buffer wait on the host for its consumers first.
     """
 
     stream_ordered = False
 
     def __init__(self, threads: Optional[int] = None, task_size: Optional[int] = None,
-                 max_open: Optional[int] = None, roots=None):
+                 max_open: Optional[int] = None, roots=None, small_bytes: Optional[int] = None,
+                 staging_bytes: Optional[int] = None):
         ok, why = kvikio_status()
         if not ok:
             raise BackendUnavailable(f"kvikio backend unavailable: {why}")
@@ -597,10 +617,13 @@ class KvikioReader(_CupyMixin, Reader):
         self._kvikio = kvikio
         self.kvikio_settings = apply_kvikio_settings(threads, task_size)
         self.mode, self.mode_detail = kvikio_mode(kvikio)
+        self.small_bytes = int(SMALL_READ_BYTES if small_bytes is None else small_bytes)
+        self._staging = _StagingPool(self._cp, self.device_id,
+                                     int(staging_bytes or settings.get("gds_staging_bytes")))
 
     def _open_file(self, path: str) -> tuple:
         f = self._kvikio.CuFile(path, "r")
-        return f, f.fileno()
+        return f, f.fileno()  # the descriptor without O_DIRECT: small reads use it
 
     def _close_file(self, obj) -> None:
         try:
@@ -609,7 +632,8 @@ class KvikioReader(_CupyMixin, Reader):
             pass
 
     def read_batch(self, requests: Iterable[Request], dst, stream=None) -> int:
-        held, futures, err = [], [], None
+        held, futures, err, total = [], [], None, 0
+        gather, st = None, None
         try:
             for src, offset, nbytes, dst_offset in requests:
                 h, owned = self._acquire(src)
@@ -617,22 +641,38 @@ class KvikioReader(_CupyMixin, Reader):
                     held.append(h)
                 self._check_range(h, offset, nbytes)
                 self._check_dst(dst, dst_offset, nbytes)
-                if nbytes:
+                if not nbytes:
+                    continue
+                if nbytes >= self.small_bytes:
                     part = dst[dst_offset:dst_offset + nbytes]
                     futures.append((h, offset, nbytes, self._pread(h, part, nbytes, offset)))
+                else:
+                    if gather is None:
+                        st = self._staging.take()
+                        s = stream if stream is not None else self._cp.cuda.get_current_stream()
+                        gather = _Gather(st, dst.data.ptr, s, self._cp.cuda.runtime.memcpyAsync,
+                                         self._cp.cuda.runtime.memcpyHostToDevice)
+                    total += gather.add(h, offset, nbytes, dst_offset)
+            if gather is not None:
+                gather.flush()
         except BaseException as e:  # still wait for what was issued: never leave a read running
             err = e
-        total = 0
         for h, offset, nbytes, fut in futures:
             try:
                 total += self._finish(h, offset, nbytes, fut)
             except Exception as e:
                 err = err or e
+        if st is not None:
+            self._staging.give(st)
         for h in held:
             h.close()
         if err is not None:
             raise err
         return total
+
+    def close(self) -> None:
+        self._staging.close()
+        super().close()
 
     def _pread(self, h: FileHandle, part, nbytes: int, offset: int):
         try:

@@ -110,6 +110,17 @@ class BulkIn:
             self.done = True
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
 
+    def recv_part_nb(self, ptr: int, ln: int):
+        """Post the receive of the next chunk message into ``ptr`` (chunked consumers)."""
+        target = t.Buffer(t.RawBuffer(ptr, ln), writable=True) if ln else t.Buffer(bytearray(1), True)
+        return self.s.ep.recv_nb(target, tag=self.tag, tag_mask=t.EXACT_TAG)
+
+    def wait_part(self, req, ln: int) -> None:
+        r = req.wait(timeout=self.s.bulk_timeout)
+        if r.nbytes != ln:
+            self.done = True
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
+
     def recv_into_ptr(self, ptr: int, n: int) -> None:
         """Receive the payload straight into memory at ``ptr`` (zero copy)."""
         if n != self.nbytes:
@@ -174,6 +185,9 @@ class OutSink:
         else:
             self.data = ctypes.string_at(ptr, n) if n else b""
             self.sent = True
+
+    def send_part_nb(self, ptr: int, ln: int):
+        return self.s.ep.send_nb(t.Buffer(t.RawBuffer(ptr, ln)) if ln else b"", tag=self.route)
 
     def send_part(self, ptr: int, ln: int) -> None:
         """Send one chunk message (chunked producers; the caller sets ``sent`` at the end)."""

@@ -176,6 +176,7 @@ class GPUSession(ExecutorSession):
         self.va_size = va_size
         self.va_base = 0
         self._staging: List[Any] = []
+        self.ex_timeout = 120.0
         try:
             self.va_base = int(ck(d.cuMemAddressReserve(va_size, ex.granularity, 0, 0), "cuMemAddressReserve"))
             self.mm = MemoryMap(self, self.va_base, va_size, ex.granularity)
@@ -186,6 +187,7 @@ class GPUSession(ExecutorSession):
             desc.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
             self.access = [desc]
             self.chunk = ex.bulk_chunk
+            self.ex_timeout = float(settings.get("rpc_bulk_timeout_s"))
             self.small = self._pinned(P.U32.size + (1 << 20))   # inline D2H and small staging
             self.stage = [self._pinned(self.chunk), self._pinned(self.chunk)]
             self.ev = [ck(d.cuEventCreate(2), "cuEventCreate") for _ in range(2)]  # DISABLE_TIMING
@@ -256,18 +258,38 @@ class GPUSession(ExecutorSession):
         if src.nbytes != n:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload is {src.nbytes} B, the call copies {n}")
         from ..server import _chunks
-        for i, (off, ln) in enumerate(_chunks(n, self.chunk)):
+        # two chunks in flight: the network fills one staging buffer while the other is copied
+        parts = _chunks(n, self.chunk)
+        reqs: List[Any] = [None, None]
+
+        def post(i: int) -> None:
             k = i % 2
             if self.ev_used[k]:
                 ck(d.cuEventSynchronize(self.ev[k]), "cuEventSynchronize")
                 self.ev_used[k] = False
-            p, _cap = self.stage[k]
-            src.recv_part(p, ln)
-            if ln:
-                ck(d.cuMemcpyHtoDAsync(dst + off, p, ln, s), "cuMemcpyHtoDAsync")
-                ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
-                self.ev_used[k] = True
-        src.done = True
+            reqs[k] = src.recv_part_nb(self.stage[k][0], parts[i][1])
+        try:
+            post(0)
+            if len(parts) > 1:
+                post(1)
+            for i, (off, ln) in enumerate(parts):
+                k = i % 2
+                src.wait_part(reqs[k], ln)
+                reqs[k] = None
+                if ln:
+                    ck(d.cuMemcpyHtoDAsync(dst + off, self.stage[k][0], ln, s), "cuMemcpyHtoDAsync")
+                    ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
+                    self.ev_used[k] = True
+                if i + 2 < len(parts):
+                    post(i + 2)
+        finally:
+            for r in reqs:
+                if r is not None:   # a failure mid-way: take the rest so nothing is left queued
+                    try:
+                        r.wait(timeout=self.ex_timeout)
+                    except Exception:
+                        pass
+            src.done = True
         if stream is None:
             ck(d.cuStreamSynchronize(s), "cuStreamSynchronize")
 
@@ -290,22 +312,24 @@ class GPUSession(ExecutorSession):
         from ..server import _chunks
         self._drain_staging()
         parts = _chunks(n, self.chunk)
-        prev = None
-        for i, (off, ln) in enumerate(parts):
-            k = i % 2
-            p, _cap = self.stage[k]
-            if ln:
-                ck(d.cuMemcpyDtoHAsync(p, src + off, ln, s), "cuMemcpyDtoHAsync")
-                ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
-            if prev is not None:
-                pk, pp, pln = prev
-                ck(d.cuEventSynchronize(self.ev[pk]), "cuEventSynchronize")
-                sink.send_part(pp, pln)
-            prev = (k, p, ln)
-        pk, pp, pln = prev
-        if pln:
-            ck(d.cuEventSynchronize(self.ev[pk]), "cuEventSynchronize")
-        sink.send_part(pp, pln)
+        sreq: List[Any] = [None, None]
+        tmo = self.ex_timeout
+        try:
+            for i, (off, ln) in enumerate(parts):
+                k = i % 2
+                if sreq[k] is not None:          # the staging buffer's previous send
+                    sreq[k].wait(timeout=tmo)
+                    sreq[k] = None
+                p, _cap = self.stage[k]
+                if ln:
+                    ck(d.cuMemcpyDtoHAsync(p, src + off, ln, s), "cuMemcpyDtoHAsync")
+                    ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
+                    ck(d.cuEventSynchronize(self.ev[k]), "cuEventSynchronize")
+                sreq[k] = sink.send_part_nb(p, ln)   # goes out while the next chunk is copied
+        finally:
+            for r in sreq:
+                if r is not None:
+                    r.wait(timeout=tmo)
         sink.sent = True
 
     def copy_dtod(self, dst: int, src: int, n: int, stream: Any) -> None:

@@ -1,0 +1,642 @@
+"""`gpuwire bench rpc`: the RPC layer against its targets, in one run.
+
+Tests (``--tests``, comma-separated; default all that apply):
+
+* ``rtt``      sync no-op call (gwSync) round trip vs the transport's 8 B round trip
+               (``Endpoint.call`` against a C echo server), same transports, same run.
+* ``issue``    cost of issuing a deferred call from Python: bursts that fit one batch
+               are timed on the client (the batch is sent and run untimed), for the
+               struct.pack_into stubs and the C encoder; ``sustained`` is the wall time
+               per call of a long stream including sends and server back-pressure.
+* ``launch``   a launch-heavy loop (thousands of tiny kernels, a stream sync every
+               ``--sync-every``) forwarded async vs fully synchronously (every launch
+               waits for the server), at each ``--rtt-us`` emulated round trip.
+* ``bw``       cuMemcpyHtoD / cuMemcpyDtoH from pinned (UCX-registered) client memory
+               vs ucx_perftest tag_bw at the same size and transports.
+* ``mlp``      (GPU) a small MLP training loop as CUDA kernels from the same PTX: local
+               through cuda.bindings vs remote through gpuwire.
+* ``dispatch`` (GPU) local per-launch cost: cuda.bindings, cupy, gpuwire's C helper.
+
+By default a loopback ``gpuwire serve`` process is started (``--executor cpu|gpu``);
+``--server HOST:PORT --token T`` points at another. Rows go to ``--json``/``--csv``
+like the transport bench. RTT emulation: the client's worker delays every message it
+receives (setting ``emulate_rtt_us``), so each request/reply round trip grows by the
+given amount; async frames have no reply and are not delayed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .report import config_echo, human_size, print_config, size_range, write_csv, write_json
+
+TLS_MAP = {"tcp": "tcp,self", "sm": "tcp,sm,self", "shm": "tcp,sm,self"}
+PTX_CANDIDATES = [Path(__file__).resolve().parents[2] / "tests" / "kernels" / "gw_test_kernels.ptx"]
+TARGETS = {"rtt_ratio": 1.3, "issue_us": 1.0, "launch_speedup": 5.0, "bw_ratio": 0.95, "mlp_ratio": 1.10}
+
+
+def find_ptx(path: Optional[str]) -> Path:
+    if path:
+        return Path(path)
+    for p in PTX_CANDIDATES:
+        if p.exists():
+            return p
+    raise SystemExit("gpuwire bench rpc: test kernels not found; pass --ptx tests/kernels/gw_test_kernels.ptx "
+                     "(build: nvcc -ptx -arch=compute_80 tests/kernels/gw_test_kernels.cu)")
+
+
+def tls_of(name: str) -> str:
+    return TLS_MAP.get(name, name if "tcp" in name.split(",") else "tcp," + name)
+
+
+# ----------------------------------------------------------------------------- servers
+
+def start_rpc_server(executor: str, tls: str, token: str, extra: List[str] = ()) -> tuple:
+    cmd = [sys.executable, "-m", "gpuwire.rpc.cli", "--executor", executor, "--listen", "127.0.0.1:0",
+           "--token", token, "--tls", tls, "--ready-stdout", "--log-level", "warning"] + list(extra)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if not line.strip():
+        p.wait(timeout=30)
+        raise RuntimeError(f"gpuwire serve --executor {executor} failed to start (rc {p.returncode})")
+    return p, f"127.0.0.1:{int(line)}"
+
+
+def stop(p) -> None:
+    if p is not None and p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# ----------------------------------------------------------------------------- tests
+
+def bench_rtt(s, args, tls: str) -> List[Dict[str, Any]]:
+    from .report import percentiles
+    from time import perf_counter_ns as pc
+    rows = []
+    for _ in range(args.warmup):
+        s.gwSync()
+    ts = [0] * (args.iters + 1)
+    ts[0] = pc()
+    sync = s.gwSync
+    for i in range(1, args.iters + 1):
+        sync()
+        ts[i] = pc()
+    st = percentiles([ts[i] - ts[i - 1] for i in range(1, args.iters + 1)])
+    st["mean"] = (ts[-1] - ts[0]) / args.iters / 1e3
+    rows.append({"bench": "rpc", "test": "rtt", "what": "gwSync (sync no-op call)", "rtt_us": st})
+    # the transport's 8 B round trip against its C echo server, same transports
+    from . import transport as tb
+    srv, addr = tb._start_local_server(tls, 64, None)
+    try:
+        cl = tb._Client(addr, tls)
+        try:
+            lat = cl.latency(8, args.warmup, args.iters)
+        finally:
+            cl.close()
+    finally:
+        try:
+            srv.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+    rows.append({"bench": "rpc", "test": "rtt", "what": "transport 8 B round trip (Endpoint.call, C echo)",
+                 "rtt_us": lat["rtt_us"]})
+    ratio = st["mean"] / lat["rtt_us"]["mean"]
+    ratio50 = st["p50"] / lat["rtt_us"]["p50"]
+    rows.append({"bench": "rpc", "test": "rtt", "what": "ratio rpc/transport", "rtt_ratio": ratio,
+                 "rtt_ratio_p50": ratio50, "target": TARGETS["rtt_ratio"]})
+    return rows
+
+
+def _issue_burst(s, fn, make_args, burst: int, reps: int) -> float:
+    """Client-side seconds per call: bursts that fit one batch (no send inside)."""
+    best = []
+    for _ in range(reps):
+        s.gwSync()
+        args = make_args
+        t0 = time.perf_counter()
+        for i in range(burst):
+            fn(*args)
+        dt = time.perf_counter() - t0
+        best.append(dt / burst)
+        s.gwSync()
+    best.sort()
+    return best[len(best) // 2]
+
+
+def bench_issue(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
+    from gpuwire import settings
+    rows = []
+    for enc in ("py", "c"):
+        with settings.override(rpc_c_encoder=(enc == "c"), rpc_flush_us=0, rpc_batch_calls=1 << 20,
+                               rpc_batch_bytes=900 << 10):
+            try:
+                s = connect()
+            except ImportError as e:
+                rows.append({"bench": "rpc", "test": "issue", "encoder": enc, "error": str(e)})
+                continue
+        try:
+            d = s.alloc(1 << 16)
+            st = s.stream()
+            fn = s.load_module(ptx).function("noop")
+            s.gwSync()
+            burst = min(args.burst, 12000)
+            memset = _issue_burst(s, s.cuMemsetD32Async, (d, 7, 16, st), burst, 7)
+            row = {"bench": "rpc", "test": "issue", "encoder": enc, "burst": burst,
+                   "memsetD32Async_us": memset * 1e6}
+            if fn is not None:
+                h = fn.handle
+                launch = _issue_burst(s, s.cuLaunchKernel, (h, 1, 1, 1, 1, 1, 1, 0, st, b""), burst, 7)
+                row["launchKernel_us"] = launch * 1e6
+                t0 = time.perf_counter()
+                for _ in range(min(args.burst, 2000)):
+                    s.launch(fn, 1, 1, (), stream=st)
+                row["launch_wrapper_us"] = (time.perf_counter() - t0) / min(args.burst, 2000) * 1e6
+                s.gwSync()
+            # sustained: many batches, sends and server included
+            n = args.sustained
+            t0 = time.perf_counter()
+            f = s.cuMemsetD32Async
+            for i in range(n):
+                f(d, i, 16, st)
+            s.gwSync()
+            row["sustained_memsetD32Async_us"] = (time.perf_counter() - t0) / n * 1e6
+            row["target_us"] = TARGETS["issue_us"]
+            rows.append(row)
+        finally:
+            s.close()
+    return rows
+
+
+def bench_launch(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
+    import numpy as np
+    rows = []
+    rtts = [float(x) for x in args.rtt_us.split(",") if x.strip()]
+    n = args.launches
+    every = args.sync_every
+    for rtt in rtts:
+        s = connect()
+        try:
+            # the client's receives are held for rtt (the setting is a round trip, applied as
+            # half on each receive; only this side receives a reply): each round trip +rtt.
+            # The transport's wait does not wake for a held message, so spin through it.
+            s._w.emulate_rtt_us = 2 * rtt
+            if rtt:
+                s._w.spin_us = max(s._w.spin_us, rtt + 2000)
+            f = s.load_module(ptx).function("fill_f32")
+            buf = s.alloc(256 * 4)
+            st = s.stream()
+            params = f.pack((buf, 1.0, 256))
+            h = f.handle
+            L = s.cuLaunchKernel
+            sync = s.cuStreamSynchronize
+            s.gwSync()
+            # async: deferred launches, a stream sync every `every`
+            t0 = time.perf_counter()
+            for i in range(n):
+                L(h, 1, 1, 1, 256, 1, 1, 0, st, params)
+                if (i + 1) % every == 0:
+                    sync(st)
+            sync(st)
+            t_async = time.perf_counter() - t0
+            # fully synchronous: every launch waits for the server (one round trip each)
+            m = max(every, n // 10 if rtt else n // 4)
+            g = s.gwSync
+            t0 = time.perf_counter()
+            for i in range(m):
+                L(h, 1, 1, 1, 256, 1, 1, 0, st, params)
+                g()
+            sync(st)
+            t_sync = (time.perf_counter() - t0) / m * n
+            out = s.copy_to_host(np.zeros(256, np.float32), buf)
+            ok = bool((out == 1.0).all())
+        finally:
+            s.close()
+        rows.append({"bench": "rpc", "test": "launch", "rtt_emulated_us": rtt, "launches": n, "sync_every": every,
+                     "async_us_per_launch": t_async / n * 1e6, "sync_us_per_launch": t_sync / n * 1e6,
+                     "speedup": t_sync / t_async, "correct": ok, "target": TARGETS["launch_speedup"]})
+    return rows
+
+
+def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
+    from . import perftest
+    rows = []
+    s = connect()
+    try:
+        sizes = size_range(args.sizes)
+        big = max(sizes)
+        host = s.pinned(big)
+        host[:] = 1
+        dev = s.alloc(big)
+        s.gwSync()
+        for size in sizes:
+            n = max(4, min(args.bw_count, (2 << 30) // size))
+            for _ in range(2):
+                s.cuMemcpyHtoD(dev, host, size)
+            s.gwSync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                s.cuMemcpyHtoD(dev, host, size)
+            s.gwSync()
+            htod = size * n / (time.perf_counter() - t0) / 1e6
+            s.cuMemcpyDtoH(host, dev, size)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                s.cuMemcpyDtoH(host, dev, size)
+            dtoh = size * n / (time.perf_counter() - t0) / 1e6
+            row = {"bench": "rpc", "test": "bw", "size_bytes": size, "count": n, "htod_MBps": htod,
+                   "dtoh_MBps": dtoh}
+            if not args.no_baseline:
+                try:
+                    res = perftest.run_local("tag_bw", size, n, tls.replace("tcp,sm,self", "sm,self"),
+                                             warmup=2, window=args.window)
+                    base = res["bw_overall_MiBps"] * perftest.MIB_TO_MB
+                    row.update({"perftest_MBps": base, "htod_ratio": htod / base, "dtoh_ratio": dtoh / base,
+                                "target": TARGETS["bw_ratio"]})
+                except Exception as e:
+                    row["perftest_error"] = str(e)[:300]
+            rows.append(row)
+    finally:
+        s.close()
+    return rows
+
+
+# -- MLP (GPU): the same kernels, local through cuda.bindings vs remote through gpuwire
+
+MLP_KERNELS = ("mlp_linear_fwd", "mlp_mse_grad", "mlp_relu_bwd", "mlp_linear_bwd_data", "mlp_linear_bwd_weight",
+               "sgd_update")
+
+
+def _mlp_plan(B: int, I: int, H: int, O: int):
+    """One training step as (kernel, grid, args-with-buffer-names) in launch order."""
+    g = lambda n: (n + 255) // 256  # noqa: E731
+    lr = 0.01
+    return [
+        ("mlp_linear_fwd", g(B * H), ("x", "W1", "b1", "h", B, I, H, 1)),
+        ("mlp_linear_fwd", g(B * O), ("h", "W2", "b2", "y", B, H, O, 0)),
+        ("mlp_mse_grad", g(B * O), ("y", "t", "dy", "loss", B * O)),
+        ("mlp_linear_bwd_weight", g(H * O + O), ("h", "dy", "dW2", "db2", B, H, O)),
+        ("mlp_linear_bwd_data", g(B * H), ("dy", "W2", "dh", B, H, O)),
+        ("mlp_relu_bwd", g(B * H), ("h", "dh", B * H)),
+        ("mlp_linear_bwd_weight", g(I * H + H), ("x", "dh", "dW1", "db1", B, I, H)),
+        ("sgd_update", g(I * H), ("W1", "dW1", lr, I * H)),
+        ("sgd_update", g(H), ("b1", "db1", lr, H)),
+        ("sgd_update", g(H * O), ("W2", "dW2", lr, H * O)),
+        ("sgd_update", g(O), ("b2", "db2", lr, O)),
+    ]
+
+
+def _mlp_buffers(B, I, H, O):
+    return {"x": B * I, "t": B * O, "W1": I * H, "b1": H, "W2": H * O, "b2": O, "h": B * H, "y": B * O,
+            "dy": B * O, "dh": B * H, "dW1": I * H, "db1": H, "dW2": H * O, "db2": O, "loss": 1}
+
+
+def _mlp_init(B, I, H, O):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return {"x": rng.standard_normal((B, I)).astype(np.float32), "t": rng.standard_normal((B, O)).astype(np.float32),
+            "W1": (rng.standard_normal((I, H)) * 0.05).astype(np.float32), "b1": np.zeros(H, np.float32),
+            "W2": (rng.standard_normal((H, O)) * 0.05).astype(np.float32), "b2": np.zeros(O, np.float32)}
+
+
+def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
+    import numpy as np
+    from cuda.bindings import driver as d
+
+    def ck(r):
+        if int(r[0]):
+            raise RuntimeError(f"CUDA error {r[0]}")
+        return r[1] if len(r) == 2 else r[1:]
+    ck(d.cuInit(0))
+    dev = ck(d.cuDeviceGet(0))
+    try:
+        ctx = ck(d.cuCtxCreate(None, 0, dev))
+    except TypeError:
+        ctx = ck(d.cuCtxCreate(0, dev))
+    try:
+        mod = ck(d.cuModuleLoadData(ptx))
+        fns = {k: ck(d.cuModuleGetFunction(mod, k.encode())) for k in MLP_KERNELS}
+        layout = {}
+        for k, f in fns.items():
+            lay = []
+            while True:
+                r = d.cuFuncGetParamInfo(f, len(lay))
+                if int(r[0]):
+                    break
+                lay.append((int(r[1]), int(r[2])))
+            layout[k] = lay
+        bufs = {k: int(ck(d.cuMemAlloc(4 * n))) for k, n in _mlp_buffers(B, I, H, O).items()}
+        for k, v in _mlp_init(B, I, H, O).items():
+            ck(d.cuMemcpyHtoD(bufs[k], v, v.nbytes))
+        st = ck(d.cuStreamCreate(0))
+        plan = []
+        for name, grid, args in _mlp_plan(B, I, H, O):
+            vals = [bufs[a] if isinstance(a, str) else a for a in args]
+            # kernelParams: an array of pointers to each argument value (what a local runtime does)
+            storage = []
+            for (off, size), v in zip(layout[name], vals):
+                if isinstance(v, float):
+                    storage.append(np.array([v], np.float32))
+                elif size == 8:
+                    storage.append(np.array([v], np.uint64))
+                else:
+                    storage.append(np.array([v], np.int32))
+            ptrs = np.array([a.ctypes.data for a in storage], np.uint64)
+            plan.append((fns[name], grid, ptrs, storage))
+        loss = np.zeros(1, np.float32)
+
+        def step():
+            ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
+            for f, grid, ptrs, _keep in plan:
+                ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+            ck(d.cuStreamSynchronize(st))
+            return float(loss[0])
+        for _ in range(warm):
+            step()
+        t0 = time.perf_counter()
+        losses = [step() for _ in range(steps)]
+        dt = time.perf_counter() - t0
+        return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1]}
+    finally:
+        d.cuCtxDestroy(ctx)
+
+
+def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
+    import numpy as np
+    mod = s.load_module(ptx)
+    fns = {k: mod.function(k) for k in MLP_KERNELS}
+    bufs = {k: s.alloc(4 * n) for k, n in _mlp_buffers(B, I, H, O).items()}
+    for k, v in _mlp_init(B, I, H, O).items():
+        s.copy_to_device(bufs[k], v)
+    st = s.stream()
+    plan = [(fns[name].handle, grid, fns[name].pack([bufs[a] if isinstance(a, str) else a for a in args]))
+            for name, grid, args in _mlp_plan(B, I, H, O)]
+    loss = np.zeros(1, np.float32)
+    L = s.cuLaunchKernel
+    lossbuf = bufs["loss"]
+
+    def step():
+        s.cuMemsetD32Async(lossbuf, 0, 1, st)
+        for h, grid, params in plan:
+            L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
+        s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
+        s.cuStreamSynchronize(st)
+        return float(loss[0])
+    for _ in range(warm):
+        step()
+    t0 = time.perf_counter()
+    losses = [step() for _ in range(steps)]
+    dt = time.perf_counter() - t0
+    return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
+    rows = []
+    for shape in args.mlp_shapes.split(";"):
+        B, I, H, O = (int(x) for x in shape.split(","))
+        loc = mlp_local(ptx, B, I, H, O, args.mlp_steps, 3)
+        s = connect()
+        try:
+            rem = mlp_remote(s, ptx, B, I, H, O, args.mlp_steps, 3)
+        finally:
+            s.close()
+        rows.append({"bench": "rpc", "test": "mlp", "shape": f"B{B} I{I} H{H} O{O}", "steps": args.mlp_steps,
+                     "launches_per_step": len(_mlp_plan(B, I, H, O)) + 2,
+                     "local_ms_per_step": loc["ms_per_step"], "remote_ms_per_step": rem["ms_per_step"],
+                     "ratio": rem["ms_per_step"] / loc["ms_per_step"], "local_loss": [loc["first_loss"], loc["last_loss"]],
+                     "remote_loss": [rem["first_loss"], rem["last_loss"]], "target": TARGETS["mlp_ratio"]})
+    return rows
+
+
+def bench_dispatch(args, ptx: bytes) -> List[Dict[str, Any]]:
+    """Local per-launch cost of a no-op kernel: cuda.bindings vs cupy vs gpuwire's C helper."""
+    import numpy as np
+    from cuda.bindings import driver as d
+    rows = []
+    n = args.dispatch_n
+
+    def ck(r):
+        if int(r[0]):
+            raise RuntimeError(f"CUDA error {r[0]}")
+        return r[1] if len(r) == 2 else r[1:]
+    ck(d.cuInit(0))
+    dev = ck(d.cuDeviceGet(0))
+    ctx = ck(d.cuDevicePrimaryCtxRetain(dev))
+    ck(d.cuCtxSetCurrent(ctx))
+    mod = ck(d.cuModuleLoadData(ptx))
+    f = ck(d.cuModuleGetFunction(mod, b"fill_f32"))
+    buf = int(ck(d.cuMemAlloc(1024)))
+    st = ck(d.cuStreamCreate(0))
+    vals = [np.array([buf], np.uint64), np.array([1.0], np.float32), np.array([256], np.int32)]
+    ptrs = np.array([v.ctypes.data for v in vals], np.uint64)
+
+    def timeit(fn):
+        for _ in range(200):
+            fn()
+        ck(d.cuStreamSynchronize(st))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        ck(d.cuStreamSynchronize(st))
+        return (t1 - t0) / n * 1e6
+    p = ptrs.ctypes.data
+    rows.append({"bench": "rpc", "test": "dispatch", "path": "cuda.bindings cuLaunchKernel",
+                 "us_per_launch": timeit(lambda: d.cuLaunchKernel(f, 1, 1, 1, 256, 1, 1, 0, st, p, 0))})
+    try:
+        from gpuwire.rpc.executors import _cfast
+        fns = _cfast.driver_fns(d)
+        la = _cfast.Launcher(fns[0])
+        import struct
+        packed = struct.pack("<Qfi", buf, 1.0, 256)
+        fp, sp = int(f), int(st)
+        rows.append({"bench": "rpc", "test": "dispatch", "path": "gpuwire C helper (gw_rpc_launch)",
+                     "us_per_launch": timeit(lambda: la.launch(fp, 1, 1, 1, 256, 1, 1, 0, sp, packed, 16))})
+    except Exception as e:
+        rows.append({"bench": "rpc", "test": "dispatch", "path": "gpuwire C helper", "error": str(e)[:200]})
+    try:
+        import cupy as cp
+        with cp.cuda.Device(0):
+            mod2 = cp.cuda.function.Module()
+            mod2.load(ptx)
+            k = mod2.get_function("fill_f32")
+            a = cp.zeros(256, cp.float32)
+            s2 = cp.cuda.Stream(non_blocking=True)
+            args2 = (a, np.float32(1.0), np.int32(256))
+            with s2:
+                for _ in range(200):
+                    k((1,), (256,), args2)
+                s2.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    k((1,), (256,), args2)
+                t1 = time.perf_counter()
+                s2.synchronize()
+        rows.append({"bench": "rpc", "test": "dispatch", "path": "cupy Function.__call__",
+                     "us_per_launch": (t1 - t0) / n * 1e6})
+    except Exception as e:
+        rows.append({"bench": "rpc", "test": "dispatch", "path": "cupy", "error": str(e)[:200]})
+    d.cuMemFree(buf)
+    d.cuDevicePrimaryCtxRelease(dev)
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _print(rows: List[Dict[str, Any]]) -> None:
+    for r in rows:
+        items = []
+        for k, v in r.items():
+            if k == "bench":
+                continue
+            if isinstance(v, float):
+                v = f"{v:.3f}"
+            elif isinstance(v, dict):
+                v = "{" + ", ".join(f"{a}={b:.2f}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()) + "}"
+            items.append(f"{k}={v}")
+        print("  ".join(items), flush=True)
+
+
+def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for r in rows:
+        t = r.get("test")
+        if t == "rtt" and "rtt_ratio" in r:
+            out["rtt_ratio"] = r["rtt_ratio"]
+        elif t == "issue" and r.get("encoder") == "py" and "launchKernel_us" in r:
+            out["issue_us_py"] = r["launchKernel_us"]
+        elif t == "issue" and r.get("encoder") == "c" and "launchKernel_us" in r:
+            out["issue_us_c"] = r["launchKernel_us"]
+        elif t == "launch":
+            out[f"launch_speedup_rtt{int(r['rtt_emulated_us'])}"] = r["speedup"]
+        elif t == "bw" and "htod_ratio" in r:
+            out[f"bw_{human_size(r['size_bytes'])}"] = (r["htod_ratio"], r["dtoh_ratio"])
+        elif t == "mlp" and "ratio" in r:
+            out[f"mlp_{r['shape']}"] = r["ratio"]
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import gpuwire
+    from gpuwire import settings
+    import gpuwire.rpc.client  # noqa: F401 - registers the rpc settings
+    tls = tls_of(args.tls)
+    tests = [x for x in args.tests.split(",") if x]
+    gpu_ok = args.executor == "gpu" or args.server
+    ptx_path = find_ptx(args.ptx)
+    ptx = ptx_path.read_bytes()
+    token = args.token or secrets.token_hex(16)
+    cfg = config_echo({"bench": "rpc", "tls": tls, "executor": args.executor, "tests": tests,
+                       "server": args.server or "loopback (own process)", "rtt_us": args.rtt_us,
+                       "ptx": str(ptx_path)})
+    print_config(cfg)
+    srv = None
+    address = args.server
+    if not address:
+        srv, address = start_rpc_server(args.executor, tls, token, ["--isolation", args.isolation]
+                                        if args.isolation else [])
+
+    def connect():
+        return gpuwire.connect(address, token=token, tls=tls, name="bench")
+    rows: List[Dict[str, Any]] = []
+    try:
+        with settings.override(rpc_flush_us=args.flush_us):
+            s0 = connect()
+            print(f"# connected: executor {s0.executor}, {s0._ep.transports}", flush=True)
+            s0.load_module(ptx)
+            s0.gwSync()
+            kind = s0.executor
+            s0.close()          # one session at a time: each test opens its own
+            for test in tests:
+                t0 = time.perf_counter()
+                if test == "rtt":
+                    s1 = connect()
+                    try:
+                        new = bench_rtt(s1, args, tls)
+                    finally:
+                        s1.close()
+                elif test == "issue":
+                    new = bench_issue(connect, args, ptx)
+                elif test == "launch":
+                    new = bench_launch(connect, args, ptx)
+                elif test == "bw":
+                    new = bench_bw(connect, args, tls)
+                elif test == "mlp":
+                    new = bench_mlp(connect, args, ptx) if gpu_ok else [
+                        {"bench": "rpc", "test": "mlp", "skipped": "needs --executor gpu and a GPU"}]
+                elif test == "dispatch":
+                    new = bench_dispatch(args, ptx) if gpu_ok else [
+                        {"bench": "rpc", "test": "dispatch", "skipped": "needs a GPU"}]
+                else:
+                    raise SystemExit(f"--tests: unknown test {test!r}")
+                for r in new:
+                    r["tls"] = args.tls
+                    r["executor"] = kind
+                    r["seconds"] = round(time.perf_counter() - t0, 2)
+                _print(new)
+                rows.extend(new)
+    finally:
+        stop(srv)
+    summ = summary(rows)
+    print("# summary vs targets:", summ, flush=True)
+    cfg["summary"] = summ
+    if args.json:
+        write_json(args.json, rows, cfg)
+    if args.csv:
+        write_csv(args.csv, rows)
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("cpu", "gpu"), default="gpu",
+                   help="executor of the loopback server (default gpu)")
+    p.add_argument("--isolation", choices=("process", "thread"), default=None, help="loopback server isolation")
+    p.add_argument("--tls", default="tcp", help="tcp (default), sm, or a UCX_TLS value")
+    p.add_argument("--tests", default="rtt,issue,launch,bw,mlp,dispatch",
+                   help="rtt, issue, launch, bw, mlp, dispatch (comma-separated)")
+    p.add_argument("--server", help="HOST:PORT of a running `gpuwire serve` (else a loopback one)")
+    p.add_argument("--token", help="token of --server")
+    p.add_argument("--ptx", help="the test kernels (default tests/kernels/gw_test_kernels.ptx)")
+    p.add_argument("--iters", type=int, default=20000, help="timed round trips (rtt)")
+    p.add_argument("--warmup", type=int, default=2000, help="untimed round trips (rtt)")
+    p.add_argument("--burst", type=int, default=10000, help="calls per timed burst (issue)")
+    p.add_argument("--sustained", type=int, default=100000, help="calls of the sustained issue run")
+    p.add_argument("--launches", type=int, default=20000, help="kernels of the launch loop")
+    p.add_argument("--sync-every", type=int, default=100, help="launch loop: a stream sync every N launches")
+    p.add_argument("--rtt-us", default="0,50,100,200", help="emulated extra round trip (us) for the launch loop")
+    p.add_argument("--flush-us", type=float, default=200.0, help="rpc_flush_us of the bench sessions")
+    p.add_argument("--sizes", default="1M,16M,64M,256M", help="bw: copy sizes")
+    p.add_argument("--bw-count", type=int, default=64, help="bw: copies per size (capped by 2 GiB)")
+    p.add_argument("--window", type=int, default=32, help="bw: ucx_perftest outstanding messages")
+    p.add_argument("--no-baseline", action="store_true", help="bw: skip ucx_perftest")
+    p.add_argument("--mlp-shapes", default="4096,512,1024,64;1024,256,256,16",
+                   help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
+    p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")
+    p.add_argument("--dispatch-n", type=int, default=20000, help="dispatch: launches timed per path")
+    p.add_argument("--json", help="write rows to this JSON file")
+    p.add_argument("--csv", help="write rows to this CSV file")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("rpc", help="RPC round trip, async issue cost, launch loop, copies, MLP",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(prog="python -m gpuwire.bench.rpc")
+    add_arguments(ap)
+    sys.exit(run(ap.parse_args()))
