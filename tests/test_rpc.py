@@ -351,7 +351,7 @@ def test_mlp_steps_match_numpy(s, mod):
 # ----------------------------------------------------------------------------- batching
 
 def test_deferred_calls_do_not_round_trip_and_batch_limits(server):
-    with settings.override(rpc_batch_calls=10, rpc_flush_us=0):
+    with settings.override(rpc_batch_calls=10, rpc_batch_first=10, rpc_flush_us=0):
         s = server.connect()
     try:
         seq0 = s._seq
@@ -369,6 +369,26 @@ def test_deferred_calls_do_not_round_trip_and_batch_limits(server):
         ev.record(st)
         out = s.copy_to_host(np.zeros(4, np.uint32), d)  # sync call carries the batch
         assert s._seq == seq0 + 4 and (out == 21).all()
+    finally:
+        s.close()
+
+
+def test_batch_ramp_after_sync_points(server):
+    with settings.override(rpc_batch_calls=16, rpc_batch_first=2, rpc_flush_us=0):
+        s = server.connect()
+    try:
+        d = s.alloc(4096)
+        s.gwSync()
+        for rnd in range(2):
+            seq0 = s._seq
+            sent = []
+            for i in range(40):
+                s.cuMemsetD8(d, 1, 16)
+                if s._seq != seq0 + len(sent):
+                    sent.append(i + 1)
+            # frames after 2, then 4, 8, 16, 16 more calls (2, 6, 14, 30)
+            assert sent == [2, 6, 14, 30], sent
+            s.gwSync()                                 # a sync point restarts the ramp
     finally:
         s.close()
 
@@ -513,7 +533,8 @@ def test_cross_session_pointers_are_refused(server):
     b = server.connect(name="b")
     try:
         secret = np.full(1024, 42, np.uint8)
-        da = a.alloc(1024)
+        pad = a.alloc(64 << 20)   # so da lies where b has nothing (with process isolation the
+        da = a.alloc(1024)        # sessions have separate address spaces that may coincide)
         a.copy_to_device(da, secret)
         a.gwSync()
         sa = a.stream()
@@ -537,6 +558,7 @@ def test_cross_session_pointers_are_refused(server):
         assert ei.value.name == "CUDA_ERROR_INVALID_HANDLE"
         # a's memory is intact
         assert (a.copy_to_host(np.zeros(1024, np.uint8), da) == 42).all()
+        pad.free()
     finally:
         a.close()
         b.close()

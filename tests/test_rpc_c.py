@@ -95,7 +95,6 @@ def _both(frame: bytes, ncalls: int, sync: bool):
     cst, msg = sc.scan(ffi.cast("uint8_t *", buf), P.HEADER_SIZE, len(frame), ncalls, sync, out)
     same = True
     if pst == 0 and cst == 0:
-        tab = S._table()
         for i, (e, vals, blobs, routes) in enumerate(recs):
             r = out[i]
             same &= r.id == e.call.id and e.fixed.unpack_from(mv, r.fixed) == vals

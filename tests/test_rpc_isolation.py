@@ -4,12 +4,10 @@ Run here with the CPU executor; the GPU suite (tests/test_rpc*.py, marked gpu) r
 in this mode by default."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest

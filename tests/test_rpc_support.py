@@ -36,6 +36,9 @@ def gpu_available() -> str:
 class ServerProc:
     def __init__(self, executor: str, token: str = TOKEN, extra=(), env=None):
         self.executor = executor
+        extra = list(extra)
+        self.isolation = (extra[extra.index("--isolation") + 1] if "--isolation" in extra
+                          else ("process" if executor == "gpu" else "thread"))
         self.token = token
         cmd = [sys.executable, "-m", "gpuwire.rpc.cli", "--executor", executor, "--listen", "127.0.0.1:0",
                "--ready-stdout", "--log-level", os.environ.get("GPUWIRE_TEST_LOG", "warning")]
@@ -83,6 +86,8 @@ def start_server(kind: str, **kw) -> ServerProc:
         why = gpu_available()
         if why:
             pytest.skip(f"GPU executor: {why}")
+    if kind == "cpu-proc":
+        return ServerProc("cpu", extra=["--isolation", "process"] + list(kw.pop("extra", ())), **kw)
     if kind == "cpu-py":
         env = dict(kw.pop("env", None) or {})
         env["GPUWIRE_RPC_C_SERVER"] = "0"

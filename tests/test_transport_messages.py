@@ -25,21 +25,13 @@ import pytest
 
 from gpuwire import transport as t
 from _transport_peer import pattern
-from conftest import TLS
-
-# KNOWN BUG (issue 2): run as a whole, this module intermittently kills the process with
-# SIGSEGV/SIGABRT inside gw_worker_destroy / Endpoint.close (seen at the 64-endpoint
-# any-source test and near the end of the module; each test passes alone). Until it is
-# fixed the module runs only on request, so CI stays meaningful for everything else.
-_crash_gate = pytest.mark.skipif(
-    os.environ.get("GPUWIRE_RUN_CRASHY_TRANSPORT_TESTS") != "1",
-    reason="known intermittent crash in worker close (issue 2); set GPUWIRE_RUN_CRASHY_TRANSPORT_TESTS=1")
+from conftest import TLS, settle
 
 SIZES = [0, 1, 92, 93, 5028, 5029, 8184, 8185, 8191, 8192, 8193, 16483, 16484, 65535, 65536,
          65537, 262143, 262144, 262145, 273826, 273827, (1 << 20) + 1]
 SENTINEL = 0xA5
 
-pytestmark = [pytest.mark.timeout(120), _crash_gate]
+pytestmark = pytest.mark.timeout(120)
 
 
 def _echo(link, payload, header=b"", tag=0, slack=64):
@@ -316,6 +308,7 @@ def test_64_endpoints_any_source_attribution(spawn_peer, kind):
         while any(c.proc.poll() is None for c in clients) and time.monotonic() < deadline:
             w.wait_event(0.05)
         assert [c.wait(timeout=1) for c in clients] == [0, 0]
+        settle(w)
         lost = w.poll_lost()
         assert {ep.id for ep in lost} == {ep.id for ep in accepted}
     finally:
@@ -357,5 +350,36 @@ def test_one_gib_roundtrip(spawn_peer, kind):
         assert zlib.crc32(out[len(header):len(header) + n]) == want
         assert (out[-64:] == SENTINEL).all()
         print(f"1 GiB echo over {kind} ({ep.transports}): {dt:.2f}s, {2 * n / dt / 1e9:.2f} GB/s")
+    finally:
+        ctx.close()
+
+
+# ------------------------------------------------ the C echo server
+
+
+@pytest.mark.parametrize("kind", sorted(TLS))
+def test_serve_echo_in_c_and_stop_tag(spawn_peer, kind):
+    """Endpoint.serve_echo echoes header + payload with the tag; the reserved tag
+    0xFFFFFF stops it (only call() can send that tag), after which the peer closes
+    its endpoint and exits 0."""
+    peer = spawn_peer("server", "--tls", TLS[kind], "--mode", "cecho", "--max-msg", 1 << 20)
+    ctx = t.Context({"TLS": TLS[kind]})
+    try:
+        w = ctx.worker()
+        ep = w.connect(peer.address, timeout=10)
+        for n in (0, 1, 5029, 70000, 300000, 1 << 20):
+            payload = os.urandom(n)
+            buf = bytearray(n + 64)
+            req = ep.recv_nb(buf, tag=n % 1000, tag_mask=t.EXACT_TAG)
+            ep.send(payload, header=b"c-echo", tag=n % 1000, timeout=10)
+            rr = req.wait(10)
+            assert rr.header_len == 6 and bytes(buf[:rr.nbytes]) == b"c-echo" + payload
+        with pytest.raises(ValueError):
+            ep.send(b"", tag=0xFFFFFF)
+        with pytest.raises(t.ConnectionLost):  # the echo loop ends, the peer closes
+            ep.call(b"", bytearray(8), tag=0xFFFFFF, timeout=10)
+        assert peer.event("echo_end")["type"] is None
+        assert peer.wait(timeout=10) == 0
+        settle(w)
     finally:
         ctx.close()

@@ -26,7 +26,6 @@ given amount; async frames have no reply and are not delayed.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import subprocess
 import sys
@@ -138,8 +137,10 @@ def bench_issue(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
     from gpuwire import settings
     rows = []
     for enc in ("py", "c"):
+        # one batch per burst (no ramp, no timer): the client's own cost; back-pressure from
+        # the server shows in `sustained`
         with settings.override(rpc_c_encoder=(enc == "c"), rpc_flush_us=0, rpc_batch_calls=1 << 20,
-                               rpc_batch_bytes=900 << 10):
+                               rpc_batch_first=1 << 20, rpc_batch_bytes=900 << 10):
             try:
                 s = connect()
             except ImportError as e:
@@ -229,6 +230,9 @@ def bench_launch(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
 
 
 def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
+    """Copies from/to pinned (UCX-registered) client memory: ``async`` = cuMemcpy*Async on a
+    stream with one stream sync at the end (how a program streams data; the target row),
+    ``sync`` = cuMemcpyHtoD / cuMemcpyDtoH one at a time."""
     from . import perftest
     rows = []
     s = connect()
@@ -238,33 +242,45 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
         host = s.pinned(big)
         host[:] = 1
         dev = s.alloc(big)
+        st = s.stream()
         s.gwSync()
+        import statistics
         for size in sizes:
             n = max(4, min(args.bw_count, (2 << 30) // size))
-            for _ in range(2):
-                s.cuMemcpyHtoD(dev, host, size)
-            s.gwSync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                s.cuMemcpyHtoD(dev, host, size)
-            s.gwSync()
-            htod = size * n / (time.perf_counter() - t0) / 1e6
-            s.cuMemcpyDtoH(host, dev, size)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                s.cuMemcpyDtoH(host, dev, size)
-            dtoh = size * n / (time.perf_counter() - t0) / 1e6
-            row = {"bench": "rpc", "test": "bw", "size_bytes": size, "count": n, "htod_MBps": htod,
-                   "dtoh_MBps": dtoh}
-            if not args.no_baseline:
-                try:
-                    res = perftest.run_local("tag_bw", size, n, tls.replace("tcp,sm,self", "sm,self"),
-                                             warmup=2, window=args.window)
-                    base = res["bw_overall_MiBps"] * perftest.MIB_TO_MB
-                    row.update({"perftest_MBps": base, "htod_ratio": htod / base, "dtoh_ratio": dtoh / base,
-                                "target": TARGETS["bw_ratio"]})
-                except Exception as e:
-                    row["perftest_error"] = str(e)[:300]
+            row = {"bench": "rpc", "test": "bw", "size_bytes": size, "count": n, "reps": args.bw_reps}
+            samples: Dict[str, List[float]] = {}
+            for _rep in range(args.bw_reps):      # interleaved with the baseline: the medians
+                for mode in ("async", "sync"):
+                    if mode == "async":
+                        h2d = lambda: s.cuMemcpyHtoDAsync(dev, host, size, st)  # noqa: E731
+                        d2h = lambda: s.cuMemcpyDtoHAsync(host, dev, size, st)  # noqa: E731
+                    else:
+                        h2d = lambda: s.cuMemcpyHtoD(dev, host, size)  # noqa: E731
+                        d2h = lambda: s.cuMemcpyDtoH(host, dev, size)  # noqa: E731
+                    for name, op in (("htod", h2d), ("dtoh", d2h)):
+                        op()
+                        st.synchronize()
+                        t0 = time.perf_counter()
+                        for _ in range(n):
+                            op()
+                        st.synchronize()
+                        samples.setdefault(f"{name}_{mode}_MBps", []).append(
+                            size * n / (time.perf_counter() - t0) / 1e6)
+                if not args.no_baseline:
+                    try:
+                        res = perftest.run_local("tag_bw", size, n, tls.replace("tcp,sm,self", "sm,self"),
+                                                 warmup=2, window=args.window)
+                        samples.setdefault("perftest_MBps", []).append(
+                            res["bw_overall_MiBps"] * perftest.MIB_TO_MB)
+                    except Exception as e:
+                        row["perftest_error"] = str(e)[:300]
+            for k, v in samples.items():
+                row[k] = statistics.median(v)
+            base = row.get("perftest_MBps")
+            if base:
+                row.update({"htod_ratio": row["htod_async_MBps"] / base, "dtoh_ratio": row["dtoh_async_MBps"] / base,
+                            "htod_sync_ratio": row["htod_sync_MBps"] / base,
+                            "dtoh_sync_ratio": row["dtoh_sync_MBps"] / base, "target": TARGETS["bw_ratio"]})
             rows.append(row)
     finally:
         s.close()
@@ -367,7 +383,18 @@ def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
         t0 = time.perf_counter()
         losses = [step() for _ in range(steps)]
         dt = time.perf_counter() - t0
-        return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1]}
+        # GPU time of a step's kernels (events around them), a few extra steps
+        e0, e1 = ck(d.cuEventCreate(0)), ck(d.cuEventCreate(0))
+        gms = []
+        for _ in range(5):
+            ck(d.cuEventRecord(e0, st))
+            for f, grid, ptrs, _keep in plan:
+                ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            ck(d.cuEventRecord(e1, st))
+            ck(d.cuEventSynchronize(e1))
+            gms.append(float(ck(d.cuEventElapsedTime(e0, e1))))
+        return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1],
+                "gpu_ms_per_step": sorted(gms)[2]}
     finally:
         d.cuCtxDestroy(ctx)
 
@@ -398,7 +425,17 @@ def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, An
     t0 = time.perf_counter()
     losses = [step() for _ in range(steps)]
     dt = time.perf_counter() - t0
-    return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1]}
+    e0, e1 = s.event(), s.event()
+    gms = []
+    for _ in range(5):
+        e0.record(st)
+        for h, grid, params in plan:
+            L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
+        e1.record(st)
+        e1.synchronize()
+        gms.append(e0.elapsed_ms(e1))
+    return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1],
+            "gpu_ms_per_step": sorted(gms)[2]}
 
 
 def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
@@ -414,7 +451,9 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
         rows.append({"bench": "rpc", "test": "mlp", "shape": f"B{B} I{I} H{H} O{O}", "steps": args.mlp_steps,
                      "launches_per_step": len(_mlp_plan(B, I, H, O)) + 2,
                      "local_ms_per_step": loc["ms_per_step"], "remote_ms_per_step": rem["ms_per_step"],
-                     "ratio": rem["ms_per_step"] / loc["ms_per_step"], "local_loss": [loc["first_loss"], loc["last_loss"]],
+                     "ratio": rem["ms_per_step"] / loc["ms_per_step"],
+                     "local_gpu_ms_per_step": loc["gpu_ms_per_step"], "remote_gpu_ms_per_step": rem["gpu_ms_per_step"],
+                     "local_loss": [loc["first_loss"], loc["last_loss"]],
                      "remote_loss": [rem["first_loss"], rem["last_loss"]], "target": TARGETS["mlp_ratio"]})
     return rows
 
@@ -619,8 +658,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="1M,16M,64M,256M", help="bw: copy sizes")
     p.add_argument("--bw-count", type=int, default=64, help="bw: copies per size (capped by 2 GiB)")
     p.add_argument("--window", type=int, default=32, help="bw: ucx_perftest outstanding messages")
+    p.add_argument("--bw-reps", type=int, default=3, help="bw: repetitions (interleaved with ucx_perftest; medians)")
     p.add_argument("--no-baseline", action="store_true", help="bw: skip ucx_perftest")
-    p.add_argument("--mlp-shapes", default="4096,512,1024,64;1024,256,256,16",
+    p.add_argument("--mlp-shapes", default="4096,512,1024,64;2048,512,512,32;1024,256,256,16",
                    help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
     p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")
     p.add_argument("--dispatch-n", type=int, default=20000, help="dispatch: launches timed per path")

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-def connect(address: str, token=None, timeout=None, tls=None, device: int = 0, name: str = ""):
+def connect(address: str, token=None, timeout=None, tls=None, device=None, name: str = ""):
     """Connect to ``gpuwire serve`` at 'host:port' and return a :class:`Session`."""
     from .client import connect as _c
     return _c(address, token=token, timeout=timeout, tls=tls, device=device, name=name)

@@ -331,13 +331,16 @@ class Session(Stubs):
     """A connection to a gpuwire server (see :func:`connect`)."""
 
     def __init__(self, address: str, token: Optional[str] = None, timeout: Optional[float] = None,
-                 tls: Optional[str] = None, device: int = 0, name: str = ""):
+                 tls: Optional[str] = None, device: Optional[int] = None, name: str = ""):
         self.closed = True
         self._lock = threading.Lock()
         tls = settings.get("rpc_tls") if tls is None else tls
         self._tctx = t.Context({"TLS": tls} if tls else None)
         try:
             self._w = self._tctx.worker()
+            spin = float(settings.get("rpc_spin_us"))
+            if spin >= 0:
+                self._w.spin_us = spin
             self._ep = self._w.connect(address, timeout=timeout)
         except BaseException:
             self._tctx.close()
@@ -349,6 +352,9 @@ class Session(Stubs):
         self._call_seq = 0
         self._inline_max = int(settings.get("rpc_inline_max"))
         self._max_calls = max(1, int(settings.get("rpc_batch_calls")))
+        self._ramp0 = max(1, min(int(settings.get("rpc_batch_first")), self._max_calls))
+        self._flush_at = self._ramp0
+        self._inflight: List[Tuple[Any, Any]] = []
         self._max_bytes = max(1024, int(settings.get("rpc_batch_bytes")))
         self._flush_s = float(settings.get("rpc_flush_us")) / 1e6
         t_s = float(settings.get("rpc_timeout_s"))
@@ -397,7 +403,7 @@ class Session(Stubs):
             self._timer.start()
 
     # ------------------------------------------------------------------ hello / bye
-    def _hello(self, token: Optional[str], name: str, device: int) -> None:
+    def _hello(self, token: Optional[str], name: str, device: Optional[int]) -> Dict[str, Any]:
         spec = default_spec()
         tok = (settings.get("rpc_token") if token is None else token) or ""
         tokb = tok.encode() if isinstance(tok, str) else bytes(tok)
@@ -560,6 +566,9 @@ class Session(Stubs):
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self._call_seq += self._ncalls
         self._ncalls = 0
+        # batch ramp: small batches right after a sync point get the (idle) server going,
+        # later ones grow while it is busy
+        self._flush_at = min(self._flush_at * 2, self._max_calls)
         self._next_frame()
         if self._bulk:
             self._send_bulk()
@@ -567,13 +576,31 @@ class Session(Stubs):
     def _send_bulk(self) -> None:
         bulk, self._bulk = self._bulk, []
         reqs = []
-        for tag, data, n in bulk:
-            for off, ln in _chunks(n, self._chunk):
-                reqs.append(self._ep.send_nb(_sub(data, off, ln), tag=tag))
-        # the bytes are captured when the call returns (spec): wait for local completion
-        self._w.wait_all(reqs, timeout=None if self._timeout < 0 else self._timeout)
+        for tag, data, n, nowait in bulk:
+            rs = [self._ep.send_nb(_sub(data, off, ln), tag=tag) for off, ln in _chunks(n, self._chunk)]
+            if nowait:
+                # async copy from registered (pinned) memory: like CUDA, the buffer must not change
+                # until a sync point covers the copy; the sends complete in the background
+                self._inflight.append((rs, data))
+            else:
+                reqs.extend(rs)
+        # otherwise the bytes are captured when the call returns (spec): wait for local completion
+        if reqs:
+            self._w.wait_all(reqs, timeout=None if self._timeout < 0 else self._timeout)
+        if len(self._inflight) > 64:
+            self._wait_inflight(32)
+
+    def _wait_inflight(self, keep: int = 0) -> None:
+        tmo = None if self._timeout < 0 else self._timeout
+        while len(self._inflight) > keep:
+            rs, _data = self._inflight.pop(0)
+            self._w.wait_all(rs, timeout=tmo)
 
     def _drain_sends(self) -> None:
+        try:
+            self._wait_inflight()
+        except t.TransportError:
+            self._inflight.clear()
         for fr in self._frames:
             if fr.req is not None:
                 try:
@@ -607,6 +634,7 @@ class Session(Stubs):
         self._call_seq += ncalls
         self._ncalls = 0
         self._pos = P.HEADER_SIZE
+        self._flush_at = self._ramp0
         tmo = None if self._timeout < 0 else self._timeout
         try:
             if self._bulk:
@@ -638,6 +666,8 @@ class Session(Stubs):
         _st, pushes = P.REPLY_HEAD.unpack_from(rep, P.HEADER_SIZE)
         if pushes != self._push_done:
             self._wait_pushes(pushes)
+        if self._inflight:
+            self._wait_inflight()
         return rep, P.HEADER_SIZE + P.REPLY_HEAD.size
 
     def _wait_pushes(self, upto: int) -> None:
@@ -754,11 +784,23 @@ class Session(Stubs):
         self._out_tag = tag + 1 if tag < P.TAG_BULK_OUT_LAST else P.TAG_BULK_OUT_FIRST
         return tag
 
-    def _put_bulk(self, p: int, data: Any, n: int) -> int:
+    def _put_bulk(self, p: int, data: Any, n: int, is_async: bool = False) -> int:
         tag = self._next_in_tag()
         P.BULK_SLOT.pack_into(self._buf, p, P.BULK_MARK, tag, n)
-        self._bulk.append((tag, data, n))
+        self._bulk.append((tag, data, n, is_async and self._is_pinned(data, n)))
         return p + P.BULK_SLOT.size
+
+    def _is_pinned(self, data: Any, n: int) -> bool:
+        if not self._pinned:
+            return False
+        try:
+            a = t.Buffer(data).ptr
+        except (TypeError, ValueError):
+            return False
+        for base, (arr, _mr) in self._pinned.items():
+            if base <= a and a + n <= base + arr.nbytes:
+                return True
+        return False
 
     def _post_recvs(self, buf: Any, n: int, tag: int) -> List[Any]:
         reqs = []
@@ -936,11 +978,12 @@ class Session(Stubs):
 
 
 class _Frame:
-    __slots__ = ("buf", "req", "ptr", "cptr")
+    __slots__ = ("buf", "req", "ptr", "cptr", "views")
 
     def __init__(self, cap: int):
         self.buf = bytearray(cap)
         self.req = None
+        self.views: Dict[int, Any] = {}
         self.ptr = t.Buffer(self.buf, writable=True).ptr
         try:
             from .. import _rpc
@@ -949,7 +992,13 @@ class _Frame:
             self.cptr = None
 
     def view(self, n: int):
-        return t.Buffer(t.RawBuffer(self.ptr, n)) if n else b""
+        """The first n bytes as a transport Buffer (cached per length: sync calls repeat them)."""
+        v = self.views.get(n)
+        if v is None:
+            if len(self.views) > 256:
+                self.views.clear()
+            v = self.views[n] = t.Buffer(t.RawBuffer(self.ptr, n)) if n else b""
+        return v
 
 
 _HELLO_REP = None
@@ -1011,7 +1060,8 @@ def _dim3(d: Any) -> Tuple[int, int, int]:
 
 
 def connect(address: str, token: Optional[str] = None, timeout: Optional[float] = None,
-            tls: Optional[str] = None, device: int = 0, name: str = "") -> Session:
+            tls: Optional[str] = None, device: Optional[int] = None, name: str = "") -> Session:
     """Connect to ``gpuwire serve`` at 'host:port'. ``token`` is the server's shared
-    secret (default: setting ``rpc_token`` / GPUWIRE_RPC_TOKEN)."""
+    secret (default: setting ``rpc_token`` / GPUWIRE_RPC_TOKEN); ``device`` the CUDA
+    device of the session (default: the server's ``--device``)."""
     return Session(address, token=token, timeout=timeout, tls=tls, device=device, name=name)

@@ -253,7 +253,7 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
             emit(ind + f"if {n} <= S._inline_max:")
             emit(ind + f"    _U32.pack_into(_buf, _p, {n}); _buf[_p + 4:_p + 4 + {n}] = {d}; _p += 4 + {n}")
             emit(ind + "else:")
-            emit(ind + f"    _p = S._put_bulk(_p, {d}, {n})")
+            emit(ind + f"    _p = S._put_bulk(_p, {d}, {n}, {call.stream_arg is not None and call.deferred})")
         for b, n, r in route_src:
             if call.deferred:
                 emit(ind + f"{r} = S._post_push({b}, {n})")
@@ -268,7 +268,7 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
         emit(ind + "S._pos = _pos + _need")
         emit(ind + "_k = S._ncalls = S._ncalls + 1")
         emit(ind + "if _k == 1: S._arm_timer()")
-        emit(ind + "if _k >= S._max_calls or _pos + _need >= S._max_bytes or S._bulk: S._flush_locked()")
+        emit(ind + "if _k >= S._flush_at or _pos + _need >= S._max_bytes or S._bulk: S._flush_locked()")
         ret = list(outs)
         if raw:
             emit("return (0," + "".join(" " + x + "," for x in ret) + ")")
@@ -303,7 +303,7 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
             elif name in QUERY_RESULT:
                 emit(f"if _rpt is not None or (_res and _res != {P.CUDA_ERROR_NOT_READY}): "
                      f"S._fail(_res, _rpt, {name!r})")
-                vals = [f"_res == 0"] + vals
+                vals = ["_res == 0"] + vals
             else:
                 emit(f"if _res or _rpt is not None: S._fail(_res, _rpt, {name!r})")
             # hostbufs passed in by the caller are filled in place: return them only when we made them

@@ -33,6 +33,9 @@ settings.register("rpc_batch_bytes", 256 << 10, int,
                   "Client: flush the batch of deferred calls when it holds this many bytes.", layer="rpc")
 settings.register("rpc_batch_calls", 4096, int,
                   "Client: flush the batch of deferred calls when it holds this many calls.", layer="rpc")
+settings.register("rpc_batch_first", 8, int,
+                  "Client: after a sync point the first batch goes out at this many calls, the next at "
+                  "twice as many, up to rpc_batch_calls (gets an idle server going early).", layer="rpc")
 settings.register("rpc_flush_us", 200.0, float,
                   "Client: flush a started batch after this many microseconds (0: only on the other "
                   "triggers).", layer="rpc")
@@ -41,6 +44,13 @@ settings.register("rpc_inline_max", 64 << 10, int,
                   "zero-copy messages.", layer="rpc")
 settings.register("rpc_timeout_s", 0.0, float,
                   "Client: seconds a sync call waits for its reply (0: forever).", layer="rpc")
+settings.register("rpc_spin_us", 1000.0, float,
+                  "Client: microseconds a sync call spins on the connection before blocking (like CUDA's "
+                  "spin-wait; a blocked thread wakes up tens of microseconds late). Negative: the "
+                  "transport's spin_us.", layer="rpc")
+settings.register("rpc_server_spin_us", 1000.0, float,
+                  "Server: microseconds a session spins waiting for its next frame before blocking. "
+                  "Negative: the transport's spin_us.", layer="rpc")
 settings.register("rpc_tls", "", str,
                   "UCX_TLS for gpuwire.connect and the server ('' = UCX's default).", layer="rpc")
 settings.register("rpc_token", "", str,

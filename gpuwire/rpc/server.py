@@ -16,7 +16,6 @@ import hmac
 import itertools
 import json
 import logging
-import os
 import secrets
 import signal
 import struct
@@ -186,6 +185,10 @@ class OutSink:
             self.data = ctypes.string_at(ptr, n) if n else b""
             self.sent = True
 
+    def progress(self) -> None:
+        """Drive the transport (sends in flight) while the caller waits for something else."""
+        self.s.server.worker.progress()
+
     def send_part_nb(self, ptr: int, ln: int):
         return self.s.ep.send_nb(t.Buffer(t.RawBuffer(ptr, ln)) if ln else b"", tag=self.route)
 
@@ -270,6 +273,9 @@ class ServerSession:
         self.bulk_timeout = float(settings.get("rpc_bulk_timeout_s"))
         self.scratch = t.Buffer(bytearray(64 << 10), writable=True)
         self.rep = bytearray(int(settings.get("rpc_inline_max")) + (64 << 10))
+        self.rep_ptr = t.Buffer(self.rep, writable=True).ptr
+        self.rep_views: Dict[int, Any] = {}
+        self.out: Any = None          # the reply to send with the next receive
         self.stop = False
         self.thread: Optional[threading.Thread] = None
         self.scanner = _scanner()
@@ -291,12 +297,21 @@ class ServerSession:
         try:
             while not self.stop:
                 try:
-                    r = ep.recv(bb, tag=P.TAG_REQ, tag_mask=t.EXACT_TAG)
+                    out = self.out
+                    if out is not None:
+                        # the reply goes out and the next request comes in through one C call
+                        self.out = None
+                        n = ep.call(out, bb, tag=P.TAG_REP, reply_tag=P.TAG_REQ)
+                    else:
+                        n = ep.recv(bb, tag=P.TAG_REQ, tag_mask=t.EXACT_TAG).nbytes
                 except t.MessageTruncated:
                     self._send_error(0, P.ST_TOO_LARGE, f"frame larger than {MAX_FRAME} bytes")
                     continue
                 self.frames += 1
-                if not self.handle_frame(mv, r.nbytes):
+                if not self.handle_frame(mv, n):
+                    if self.out is not None:
+                        out, self.out = self.out, None
+                        ep.send(out, tag=P.TAG_REP, timeout=5.0)
                     break
         except (t.ConnectionLost, t.ConnectionClosed) as e:
             self.closed_reason = str(e)
@@ -306,6 +321,14 @@ class ServerSession:
         finally:
             self.cleanup()
             self.server._session_done(self)
+
+    def _rep_view(self, n: int):
+        v = self.rep_views.get(n)
+        if v is None:
+            if len(self.rep_views) > 256:
+                self.rep_views.clear()
+            v = self.rep_views[n] = t.Buffer(t.RawBuffer(self.rep_ptr, n))
+        return v
 
     def _send_error(self, seq: int, status: int, msg: str) -> None:
         self.errors += 1
@@ -628,7 +651,7 @@ class ServerSession:
             off += 1
         P.HEADER.pack_into(rep, 0, P.MAGIC, P.PROTOCOL_VERSION, 0, seq, 1 if e is not None else 0,
                            off - P.HEADER_SIZE)
-        self.ep.send(memoryview(rep)[:off], tag=P.TAG_REP)
+        self.out = self._rep_view(off)
 
     # ------------------------------------------------------------------ hello
     def _hello(self, mv: memoryview, n: int, seq: int) -> bool:
@@ -679,9 +702,9 @@ class ServerSession:
                         sver, fp, SPEC_VERSION, spec.fingerprint64)
             self._hello_reply(seq, e, P.CUDA_ERROR_NOT_SUPPORTED, spec.fingerprint64, {})
             return False
-        device = info.get("device", 0)
-        if not isinstance(device, int):
-            device = 0
+        device = info.get("device")
+        if not isinstance(device, int) or isinstance(device, bool):
+            device = srv.default_device          # the client left it to the server (--device)
         if srv.pool is not None:
             return self._redirect(seq, e, spec.fingerprint64)
         try:
@@ -996,6 +1019,12 @@ class Server:
         self.tls = tls
         self.pool: Optional[WorkerPool] = None
         if isolation == "process":
+            if executor == "gpu":
+                try:  # fail at start, not at the first connect (importing initialises nothing)
+                    from cuda.bindings import driver  # noqa: F401
+                except ImportError as e:
+                    raise ValueError(f"--executor gpu needs cuda.bindings (pip install 'gpuwire[gpu]'): {e}; "
+                                     f"use --executor cpu on a machine without a GPU") from None
             self.executor = None
             self.va_size = 0
         else:
@@ -1005,6 +1034,10 @@ class Server:
         _table()  # generate the dispatch now, not at the first hello
         self.ctx = t.Context({"TLS": tls} if tls else None)
         self.worker = self.ctx.worker()
+        spin = float(settings.get("rpc_server_spin_us"))
+        if spin >= 0 and (single or isolation == "thread"):
+            # the session threads wait on this worker (the acceptor of process isolation polls)
+            self.worker.spin_us = spin
         host, port = t.parse_hostport(listen, default_port=DEFAULT_PORT)
         self.host = host
         self.listener = self.worker.listen(host, port)

@@ -14,7 +14,6 @@ pinned staging buffers for bulk copies (double-buffered chunks).
 from __future__ import annotations
 
 import ctypes
-import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -25,6 +24,9 @@ from .base import CudaCallError, Executor, ExecutorSession, MemoryMap, check_ali
 
 settings.register("rpc_gpu_chunk", 4 << 20, int,
                   "GPU executor: bulk copies move through pinned staging in chunks of this size.", layer="rpc")
+settings.register("rpc_gpu_staging", 4, int,
+                  "GPU executor: pinned staging buffers (of rpc_gpu_chunk bytes) in the bulk copy ring.",
+                  layer="rpc")
 settings.register("rpc_gpu_c_launch", True, bool,
                   "GPU executor: launch kernels through the C helper (gpuwire._rpc) when it is built.",
                   layer="rpc")
@@ -189,9 +191,14 @@ class GPUSession(ExecutorSession):
             self.chunk = ex.bulk_chunk
             self.ex_timeout = float(settings.get("rpc_bulk_timeout_s"))
             self.small = self._pinned(P.U32.size + (1 << 20))   # inline D2H and small staging
-            self.stage = [self._pinned(self.chunk), self._pinned(self.chunk)]
-            self.ev = [ck(d.cuEventCreate(2), "cuEventCreate") for _ in range(2)]  # DISABLE_TIMING
-            self.ev_used = [False, False]
+            # a ring of pinned staging buffers for bulk copies: a slot is busy while its copy
+            # (event) or its send (request) is outstanding, so copies overlap the network
+            k = int(settings.get("rpc_gpu_staging"))
+            self.stage = [self._pinned(self.chunk) for _ in range(k)]
+            self.ev = [ck(d.cuEventCreate(2), "cuEventCreate") for _ in range(k)]  # DISABLE_TIMING
+            self.ev_used = [False] * k
+            self.ring_req: List[Any] = [None] * k
+            self.ring_i = 0
             self.s0 = d.CUstream(0)
         except BaseException:
             self.close()
@@ -258,24 +265,19 @@ class GPUSession(ExecutorSession):
         if src.nbytes != n:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload is {src.nbytes} B, the call copies {n}")
         from ..server import _chunks
-        # two chunks in flight: the network fills one staging buffer while the other is copied
+        # two receives posted ahead: the network fills one slot while another is copied
         parts = _chunks(n, self.chunk)
-        reqs: List[Any] = [None, None]
+        pending: List[Any] = []
 
         def post(i: int) -> None:
-            k = i % 2
-            if self.ev_used[k]:
-                ck(d.cuEventSynchronize(self.ev[k]), "cuEventSynchronize")
-                self.ev_used[k] = False
-            reqs[k] = src.recv_part_nb(self.stage[k][0], parts[i][1])
+            k = self._slot()
+            pending.append((k, src.recv_part_nb(self.stage[k][0], parts[i][1])))
         try:
-            post(0)
-            if len(parts) > 1:
-                post(1)
+            for i in range(min(2, len(parts))):
+                post(i)
             for i, (off, ln) in enumerate(parts):
-                k = i % 2
-                src.wait_part(reqs[k], ln)
-                reqs[k] = None
+                k, req = pending.pop(0)
+                src.wait_part(req, ln)
                 if ln:
                     ck(d.cuMemcpyHtoDAsync(dst + off, self.stage[k][0], ln, s), "cuMemcpyHtoDAsync")
                     ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
@@ -283,21 +285,27 @@ class GPUSession(ExecutorSession):
                 if i + 2 < len(parts):
                     post(i + 2)
         finally:
-            for r in reqs:
-                if r is not None:   # a failure mid-way: take the rest so nothing is left queued
-                    try:
-                        r.wait(timeout=self.ex_timeout)
-                    except Exception:
-                        pass
+            for _k, r in pending:   # a failure mid-way: take the rest so nothing is left queued
+                try:
+                    r.wait(timeout=self.ex_timeout)
+                except Exception:
+                    pass
             src.done = True
         if stream is None:
             ck(d.cuStreamSynchronize(s), "cuStreamSynchronize")
 
-    def _drain_staging(self) -> None:
-        for k in range(2):
-            if self.ev_used[k]:
-                self.d.cuEventSynchronize(self.ev[k])
-                self.ev_used[k] = False
+    def _slot(self) -> int:
+        """The next staging slot, once its copy and its send are done."""
+        k = self.ring_i
+        self.ring_i = (k + 1) % len(self.stage)
+        r = self.ring_req[k]
+        if r is not None:
+            self.ring_req[k] = None
+            r.wait(timeout=self.ex_timeout)
+        if self.ev_used[k]:
+            ck(self.d.cuEventSynchronize(self.ev[k]), "cuEventSynchronize")
+            self.ev_used[k] = False
+        return k
 
     def copy_dtoh(self, sink: Any, src: int, n: int, stream: Any) -> None:
         d = self.d
@@ -310,26 +318,24 @@ class GPUSession(ExecutorSession):
             sink.put_ptr(p, n, (ctypes.c_char * max(n, 1)).from_address(p))
             return
         from ..server import _chunks
-        self._drain_staging()
-        parts = _chunks(n, self.chunk)
-        sreq: List[Any] = [None, None]
-        tmo = self.ex_timeout
-        try:
-            for i, (off, ln) in enumerate(parts):
-                k = i % 2
-                if sreq[k] is not None:          # the staging buffer's previous send
-                    sreq[k].wait(timeout=tmo)
-                    sreq[k] = None
-                p, _cap = self.stage[k]
-                if ln:
-                    ck(d.cuMemcpyDtoHAsync(p, src + off, ln, s), "cuMemcpyDtoHAsync")
-                    ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
-                    ck(d.cuEventSynchronize(self.ev[k]), "cuEventSynchronize")
-                sreq[k] = sink.send_part_nb(p, ln)   # goes out while the next chunk is copied
-        finally:
-            for r in sreq:
-                if r is not None:
-                    r.wait(timeout=tmo)
+        for off, ln in _chunks(n, self.chunk):
+            k = self._slot()
+            p, _cap = self.stage[k]
+            if ln:
+                ck(d.cuMemcpyDtoHAsync(p, src + off, ln, s), "cuMemcpyDtoHAsync")
+                ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
+                # wait for the copy while driving the transport: the previous chunks' sends
+                # only move while somebody progresses the worker
+                ev = self.ev[k]
+                while True:
+                    c = _code(d.cuEventQuery(ev)[0])
+                    if c == 0:
+                        break
+                    if c != P.CUDA_ERROR_NOT_READY:
+                        raise CudaCallError(c, f"cuEventQuery: {P.result_name(c)}")
+                    sink.progress()
+            # the send completes in the background (the slot is reused only after it)
+            self.ring_req[k] = sink.send_part_nb(p, ln)
         sink.sent = True
 
     def copy_dtod(self, dst: int, src: int, n: int, stream: Any) -> None:
@@ -499,6 +505,13 @@ class GPUSession(ExecutorSession):
         if self.va_base:
             d.cuMemAddressFree(self.va_base, self.va_size)
             self.va_base = 0
+        for r in getattr(self, "ring_req", []):
+            if r is not None:
+                try:
+                    r.wait(timeout=2.0)
+                except Exception:
+                    pass
+        self.ring_req = []
         for e in getattr(self, "ev", []):
             d.cuEventDestroy(e)
         self.ev = []
