@@ -3,31 +3,18 @@ paths (cffi_src/gw_rpc.h): the client's batch encoder, the server's frame decode
 its dispatch loop for hot calls. No dependencies beyond libc: the CUDA driver is
 reached through function pointers the GPU executor passes in."""
 import os
+import sys
 import pathlib
 
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-
-
-def _cdef_from_header(path):
-    out = []
-    for line in path.read_text().splitlines():
-        s = line.strip()
-        if s.startswith("#"):
-            if s.startswith("#define GW_"):
-                parts = s.split()
-                name = parts[1]
-                if not name.endswith("_H") and len(parts) >= 3:
-                    # integer literals keep their value (array sizes need it)
-                    out.append(f"#define {name} {parts[2]}")
-            continue
-        out.append(line)
-    return "\n".join(out)
+sys.path.insert(0, str(HERE))  # setuptools runs this file by path
+from _cdef import cdef_from_header  # noqa: E402
 
 
 ffi = FFI()
-ffi.cdef(_cdef_from_header(HERE / "gw_rpc.h"))
+ffi.cdef(cdef_from_header(HERE / "gw_rpc.h", keep_values=True))
 ffi.set_source(
     "gpuwire._rpc",
     '#include "gw_rpc.h"',

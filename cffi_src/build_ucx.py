@@ -8,11 +8,14 @@ gpuwire preloads the libraries through `libucx.load_library()` and checks the
 runtime version (gpuwire/transport/_lib.py).
 """
 import os
+import sys
 import pathlib
 
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # setuptools runs this file by path
+from _cdef import cdef_from_header  # noqa: E402
 
 
 def _ucx_prefix():
@@ -22,21 +25,6 @@ def _ucx_prefix():
     import libucx  # the libucx-cu13 wheel (a build requirement)
 
     return pathlib.Path(libucx.__file__).resolve().parent
-
-
-def _cdef_from_header(path):
-    """The cdef is the header itself minus preprocessor lines."""
-    out = []
-    for line in path.read_text().splitlines():
-        s = line.strip()
-        if s.startswith("#"):
-            if s.startswith("#define GW_"):
-                name = s.split()[1]
-                if not name.endswith("_H"):
-                    out.append(f"#define {name} ...")
-            continue
-        out.append(line)
-    return "\n".join(out)
 
 
 prefix = _ucx_prefix()
@@ -64,7 +52,7 @@ static const int UCS_ERR_NO_DEVICE;
 static const int UCS_ERR_UNSUPPORTED;
 """
 
-ffi.cdef(_cdef_from_header(HERE / "gw_ucx.h") + _UCS_CODES)
+ffi.cdef(cdef_from_header(HERE / "gw_ucx.h") + _UCS_CODES)
 ffi.set_source(
     "gpuwire._ucx",
     '#include <ucp/api/ucp.h>\n#include "gw_ucx.h"',
