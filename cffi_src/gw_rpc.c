@@ -1,7 +1,10 @@
 /* gpuwire RPC hot paths (see gw_rpc.h). */
 #include "gw_rpc.h"
 
+#include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -303,8 +306,11 @@ static int amap_ok(const amap_t *m, uint64_t p, uint64_t n) {
 
 /* ------------------------------------------------------------------ session */
 
+#define GW_RPC_PARAMS 3 /* function id -> malloc'd parameter offsets (aux: count) */
+#define GW_RPC_MAXPARAMS 128
+
 struct gw_rpc_sess {
-  htab_t tab[3];
+  htab_t tab[4];
   amap_t allocs;
   uint16_t ids[GW_RPC_NHOT];
   void *fn[GW_RPC_NHOT];
@@ -320,7 +326,10 @@ gw_rpc_sess_t *gw_rpc_sess_new(void) {
 
 void gw_rpc_sess_free(gw_rpc_sess_t *s) {
   if (!s) return;
-  for (int k = 0; k < 3; k++) htab_free(&s->tab[k]);
+  htab_t *pt = &s->tab[GW_RPC_PARAMS];
+  for (size_t i = 0; i < pt->cap; i++)
+    if (pt->state[i] == 1) free((void *)(uintptr_t)pt->vals[i]);
+  for (int k = 0; k < 4; k++) htab_free(&s->tab[k]);
   free(s->allocs.start);
   free(s->allocs.size);
   free(s);
@@ -339,9 +348,30 @@ int gw_rpc_bind(gw_rpc_sess_t *s, int kind, uint64_t id, uint64_t handle, uint32
   return htab_put(&s->tab[kind], id, handle, aux);
 }
 
+static void params_drop(gw_rpc_sess_t *s, uint64_t id) {
+  long j = htab_find(&s->tab[GW_RPC_PARAMS], id);
+  if (j < 0) return;
+  free((void *)(uintptr_t)s->tab[GW_RPC_PARAMS].vals[j]);
+  htab_del(&s->tab[GW_RPC_PARAMS], id);
+}
+
 int gw_rpc_unbind(gw_rpc_sess_t *s, int kind, uint64_t id) {
   if (kind < 0 || kind > 2) return -1;
+  if (kind == GW_RPC_FUNCTION) params_drop(s, id);
   return htab_del(&s->tab[kind], id);
+}
+
+int gw_rpc_bind_params(gw_rpc_sess_t *s, uint64_t id, const uint32_t *offs, uint32_t n) {
+  params_drop(s, id);
+  if (n == 0 || n > GW_RPC_MAXPARAMS) return 0; /* the buffer form */
+  uint32_t *a = malloc(n * sizeof(uint32_t));
+  if (!a) return -1;
+  memcpy(a, offs, n * sizeof(uint32_t));
+  if (htab_put(&s->tab[GW_RPC_PARAMS], id, (uint64_t)(uintptr_t)a, n)) {
+    free(a);
+    return -1;
+  }
+  return 0;
 }
 
 int gw_rpc_alloc_add(gw_rpc_sess_t *s, uint64_t start, uint64_t size) {
@@ -429,20 +459,15 @@ static int range(gw_rpc_sess_t *s, uint64_t p, uint64_t n, const char *what, cha
   return 0;
 }
 
-uint32_t gw_rpc_exec(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t *recs, uint32_t from,
-                     uint32_t n, int *res, char *err, size_t errlen) {
-  uint32_t i = from;
-  *res = 0;
-  for (; i < n; i++) {
-    const gw_rpc_rec_t *r = &recs[i];
-    int which = s->hot_by_id[r->id];
-    if (which < 0) break;
+/* one hot record: its CUresult, or -1 when it is not one C runs (Python does) */
+static int exec_one(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t *r, int which, char *err,
+                    size_t errlen) {
     const uint8_t *f = frame + r->fixed;
     int rc = 0;
     void *st = NULL;
     switch (which) {
       case GW_RPC_LAUNCH: {
-        if (r->nvar < 1 || r->var_off[0] == 0xFFFFFFFFu) goto python; /* bulk params: Python */
+        if (r->nvar < 1 || r->var_off[0] == 0xFFFFFFFFu) return -1; /* bulk params: Python */
         void *fh;
         uint32_t psize = 0;
         rc = tr_handle(s, GW_RPC_FUNCTION, rd64(f), &fh, &psize, err, errlen);
@@ -454,11 +479,23 @@ uint32_t gw_rpc_exec(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t 
           rc = GW_CU_INVALID_VALUE;
           break;
         }
-        void *pbuf = (void *)(frame + r->var_off[0]);
+        uint8_t *pbuf = (uint8_t *)(frame + r->var_off[0]);
         size_t sz = plen;
         void *extra[5] = {(void *)1, pbuf, (void *)2, &sz, (void *)0};
+        void *kp[GW_RPC_MAXPARAMS];
+        void **kpp = NULL;
+        long pj = plen ? htab_find(&s->tab[GW_RPC_PARAMS], rd64(f)) : -1;
+        if (pj >= 0) {
+          const uint32_t *offs = (const uint32_t *)(uintptr_t)s->tab[GW_RPC_PARAMS].vals[pj];
+          uint32_t np = s->tab[GW_RPC_PARAMS].aux[pj];
+          for (uint32_t q = 0; q < np; q++) {
+            if (offs[q] >= plen) { np = 0; break; } /* (checked at bind; never past the buffer) */
+            kp[q] = pbuf + offs[q];
+          }
+          if (np) kpp = kp;
+        }
         rc = ((launch_fn)s->fn[which])(fh, rd32(f + 8), rd32(f + 12), rd32(f + 16), rd32(f + 20), rd32(f + 24),
-                                       rd32(f + 28), rd32(f + 32), st, NULL, plen ? extra : NULL);
+                                       rd32(f + 28), rd32(f + 32), st, kpp, (plen && !kpp) ? extra : NULL);
         if (rc) errf(err, errlen, "cuLaunchKernel");
         break;
       }
@@ -530,14 +567,26 @@ uint32_t gw_rpc_exec(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t 
         break;
       }
       default:
-        goto python;
+        return -1;
     }
+    return rc;
+}
+
+uint32_t gw_rpc_exec(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t *recs, uint32_t from,
+                     uint32_t n, int *res, char *err, size_t errlen) {
+  uint32_t i = from;
+  *res = 0;
+  for (; i < n; i++) {
+    const gw_rpc_rec_t *r = &recs[i];
+    int which = s->hot_by_id[r->id];
+    if (which < 0) break;
+    int rc = exec_one(s, frame, r, which, err, errlen);
+    if (rc < 0) break;
     if (rc) {
       *res = rc;
       return i - from;
     }
   }
-python:
   return i - from;
 }
 
@@ -549,14 +598,266 @@ int gw_rpc_launch(void *fn, uint64_t f, uint32_t gx, uint32_t gy, uint32_t gz, u
                          n ? extra : NULL);
 }
 
+/* ------------------------------------------------------------------ C server */
+
+typedef int (*dtoh_fn)(void *, uint64_t, size_t, void *);
+typedef int (*ssync_fn)(void *);
+typedef int (*csync_fn)(void);
+
+#define GW_MAGIC 0x5747
+#define GW_VERSION 1
+#define GW_F_SYNC 0x01
+#define GW_F_HELLO 0x02
+#define GW_F_BYE 0x04
+#define GW_F_KNOWN 0x07
+#define GW_HDR 16
+#define GW_TAG_REP 0x000002
+
+/* what kind of C call a record is: hot index, DTOH_ASYNC/STREAM_SYNC/CTX_SYNC, 100 for gwSync, -1 none */
+static int srv_kind(const gw_rpc_srv_t *v, const gw_rpc_rec_t *r) {
+  gw_rpc_sess_t *s = v->s;
+  int w = s->hot_by_id[r->id];
+  if (w >= 0) {
+    if (w == GW_RPC_LAUNCH && (r->nvar < 1 || r->var_off[0] == 0xFFFFFFFFu)) return -1;
+    return w;
+  }
+  if (r->id == v->id_gwsync) return 100;
+  for (int k = GW_RPC_DTOH_ASYNC; k < GW_RPC_NCALLS; k++)
+    if (r->id == v->ids[k] && v->fn[k]) return k;
+  return -1;
+}
+
+static int srv_pass(gw_rpc_srv_t *v) {
+  v->passed++;
+  return 0; /* GW_SERVE_PASS */
+}
+
+int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int maxout, int *nout) {
+  gw_rpc_srv_t *v = (gw_rpc_srv_t *)arg;
+  const uint8_t *fr = (const uint8_t *)msg;
+  *nout = 0;
+  v->resume = 0;
+  if (!v->enabled || !v->s || len < GW_HDR) return srv_pass(v);
+  uint16_t magic = rd16(fr);
+  uint8_t ver = fr[2], flags = fr[3];
+  uint32_t seq = rd32(fr + 4), ncalls = rd32(fr + 8), blen = rd32(fr + 12);
+  if (magic != GW_MAGIC || ver != GW_VERSION || (flags & ~GW_F_KNOWN) || (flags & (GW_F_HELLO | GW_F_BYE)) ||
+      blen != len - GW_HDR || ncalls == 0 || ncalls > v->nrecs)
+    return srv_pass(v);
+  int sync = (flags & GW_F_SYNC) != 0;
+  if (gw_rpc_scan(fr, GW_HDR, len, ncalls, sync, v->desc, v->ndesc, v->recs, NULL, 0)) return srv_pass(v);
+  /* every record must be one C runs; the pushes must fit (into this call's half of scratch
+   * when pushes are deferred sends) */
+  uint8_t *scratch = v->scratch;
+  uint64_t cap = v->scratch_cap;
+  if (v->defer) {
+    cap = (v->scratch_cap / 2) & ~(uint64_t)63;
+    scratch += (v->flip & 1) * cap;
+  }
+  uint64_t need = 0;
+  int npush = 0;
+  for (uint32_t i = 0; i < ncalls; i++) {
+    const gw_rpc_rec_t *r = &v->recs[i];
+    int k = srv_kind(v, r);
+    if (k < 0) return srv_pass(v);
+    int last_sync = sync && i == ncalls - 1;
+    int is_sync = (k == 100 || k == GW_RPC_STREAM_SYNC || k == GW_RPC_CTX_SYNC);
+    if (is_sync != last_sync) return srv_pass(v); /* (the scanner enforces the position) */
+    if (k == GW_RPC_DTOH_ASYNC) {
+      uint64_t n = rd64(fr + r->fixed + 8);
+      if (!v->fn[GW_RPC_STREAM_SYNC] || (v->chunk && n > v->chunk)) return srv_pass(v);
+      need += (n + 7) & ~(uint64_t)7;
+      if (need > cap || ++npush >= maxout) return srv_pass(v);
+    }
+  }
+  if (sync && !(ncalls >= 1)) return srv_pass(v);
+  /* run */
+  uint64_t used = 0;
+  for (uint32_t i = 0; i < ncalls; i++) {
+    const gw_rpc_rec_t *r = &v->recs[i];
+    const uint8_t *f = fr + r->fixed;
+    int k = srv_kind(v, r);
+    int rc = 0;
+    v->err[0] = 0;
+    if (k < GW_RPC_NHOT) {
+      rc = exec_one(v->s, fr, r, k, v->err, sizeof(v->err));
+    } else if (k == GW_RPC_DTOH_ASYNC) {
+      uint64_t src = rd64(f), n = rd64(f + 8);
+      void *st = NULL;
+      rc = range(v->s, src, n, "srcDevice", v->err, sizeof(v->err));
+      if (!rc) rc = tr_stream(v->s, rd64(f + 16), &st, v->err, sizeof(v->err));
+      uint8_t *dst = scratch + used;
+      if (!rc && n) {
+        rc = ((dtoh_fn)v->fn[GW_RPC_DTOH_ASYNC])(dst, src, (size_t)n, st);
+        if (rc) errf(v->err, sizeof(v->err), "cuMemcpyDtoHAsync");
+      }
+      if (!rc && v->fn_query && v->progress && v->worker) {
+        /* the bytes go out once copied; meanwhile the previous push keeps moving */
+        while ((rc = ((ssync_fn)v->fn_query)(st)) == 600 /* CUDA_ERROR_NOT_READY */)
+          ((int (*)(void *))v->progress)(v->worker);
+        if (rc) errf(v->err, sizeof(v->err), "cuStreamQuery (before the push)");
+      } else if (!rc) {
+        rc = ((ssync_fn)v->fn[GW_RPC_STREAM_SYNC])(st); /* the bytes go out once copied */
+        if (rc) errf(v->err, sizeof(v->err), "cuStreamSynchronize (before the push)");
+      }
+      if (!rc) {
+        out[*nout].tag = r->route[0];
+        out[*nout].flags = v->defer ? GW_RPC_MSG_DEFER : 0;
+        out[*nout].buf = dst;
+        out[*nout].len = (size_t)n;
+        (*nout)++;
+        v->pushes++;
+        used += (n + 7) & ~(uint64_t)7;
+      }
+    } else if (k == GW_RPC_STREAM_SYNC) {
+      void *st = NULL;
+      rc = tr_stream(v->s, rd64(f), &st, v->err, sizeof(v->err));
+      if (!rc) {
+        rc = ((ssync_fn)v->fn[GW_RPC_STREAM_SYNC])(st);
+        if (rc) errf(v->err, sizeof(v->err), "cuStreamSynchronize");
+      }
+    } else if (k == GW_RPC_CTX_SYNC) {
+      rc = ((csync_fn)v->fn[GW_RPC_CTX_SYNC])();
+      if (rc) errf(v->err, sizeof(v->err), "cuCtxSynchronize");
+    }
+    if (rc) {
+      v->resume = 1;
+      v->resume_at = i;
+      v->resume_res = rc;
+      v->ran += i;
+      return srv_pass(v);
+    }
+  }
+  v->ran += ncalls;
+  v->frames++;
+  v->flip ^= 1; /* the next call uses the other half: this call's pushes may still be in flight */
+  if (sync) {
+    uint8_t *p = v->rep;
+    uint16_t mg = GW_MAGIC;
+    uint32_t one = 1, body = 13, zero = 0;
+    memcpy(p, &mg, 2);
+    p[2] = GW_VERSION;
+    p[3] = 0;
+    memcpy(p + 4, &seq, 4);
+    memcpy(p + 8, &one, 4);
+    memcpy(p + 12, &body, 4);
+    memcpy(p + 16, &zero, 4);      /* frame status */
+    memcpy(p + 20, &v->pushes, 4); /* pushes so far */
+    memcpy(p + 24, &zero, 4);      /* the sync call's CUresult (its reply is '<I') */
+    p[28] = 0;                     /* no deferred-error report */
+    out[*nout].tag = v->rep_tag;
+    out[*nout].flags = 0;
+    out[*nout].buf = v->rep;
+    out[*nout].len = GW_HDR + body;
+    (*nout)++;
+  }
+  return 1; /* GW_SERVE_NEXT */
+}
+
+uintptr_t gw_rpc_serve_handler_addr(void) { return (uintptr_t)gw_rpc_serve_handler; }
+
+/* ------------------------------------------------------------------ client flush timer */
+
+struct gw_rpc_timer {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int64_t delay_ns;
+  int64_t armed_at;
+  uint32_t armed_seq;
+  int armed, stop, idle;
+  uint32_t cur_seq; /* written by the client (frame being built), read here */
+};
+
+static int64_t mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+gw_rpc_timer_t *gw_rpc_timer_new(int64_t delay_ns) {
+  gw_rpc_timer_t *t = calloc(1, sizeof(*t));
+  if (!t) return NULL;
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&t->cv, &ca);
+  pthread_condattr_destroy(&ca);
+  pthread_mutex_init(&t->mu, NULL);
+  t->delay_ns = delay_ns > 0 ? delay_ns : 1;
+  return t;
+}
+
+void gw_rpc_timer_free(gw_rpc_timer_t *t) {
+  if (!t) return;
+  pthread_cond_destroy(&t->cv);
+  pthread_mutex_destroy(&t->mu);
+  free(t);
+}
+
+uint32_t *gw_rpc_timer_seqp(gw_rpc_timer_t *t) { return &t->cur_seq; }
+
+void gw_rpc_timer_arm(gw_rpc_timer_t *t, uint32_t seq) {
+  pthread_mutex_lock(&t->mu);
+  t->armed = 1;
+  t->armed_seq = seq;
+  t->armed_at = mono_ns();
+  int wake = t->idle; /* a sleeper with an earlier deadline re-checks at it: no wake-up needed */
+  pthread_mutex_unlock(&t->mu);
+  if (wake) pthread_cond_signal(&t->cv);
+}
+
+int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t) {
+  pthread_mutex_lock(&t->mu);
+  for (;;) {
+    if (t->stop) break;
+    if (!t->armed) {
+      t->idle = 1;
+      pthread_cond_wait(&t->cv, &t->mu);
+      t->idle = 0;
+      continue;
+    }
+    int64_t due = t->armed_at + t->delay_ns, now = mono_ns();
+    if (now < due) {
+      struct timespec ts = {(time_t)(due / 1000000000LL), (long)(due % 1000000000LL)};
+      pthread_cond_timedwait(&t->cv, &t->mu, &ts);
+      continue;
+    }
+    uint32_t s = t->armed_seq;
+    t->armed = 0;
+    if (__atomic_load_n(&t->cur_seq, __ATOMIC_ACQUIRE) == s) { /* still unsent: flush */
+      pthread_mutex_unlock(&t->mu);
+      return (int64_t)s;
+    }
+  }
+  pthread_mutex_unlock(&t->mu);
+  return -1;
+}
+
+void gw_rpc_timer_stop(gw_rpc_timer_t *t) {
+  pthread_mutex_lock(&t->mu);
+  t->stop = 1;
+  pthread_mutex_unlock(&t->mu);
+  pthread_cond_broadcast(&t->cv);
+}
+
 /* ------------------------------------------------------------------ host driver */
 
-static uint64_t host_counts[GW_RPC_NHOT];
+static uint64_t host_counts[GW_RPC_NCALLS];
+
+static uint64_t host_last[3]; /* the last host launch: form (1 kernelParams, 2 buffer), params 0 and 1 */
 
 static int h_launch(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                     unsigned shmem, void *st, void **kp, void **extra) {
-  (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shmem; (void)st; (void)kp;
+  (void)f; (void)gx; (void)gy; (void)gz; (void)bx; (void)by; (void)bz; (void)shmem; (void)st;
   if (extra && (extra[0] != (void *)1 || extra[2] != (void *)2 || extra[4] != (void *)0)) return GW_CU_INVALID_VALUE;
+  if (kp && extra) return GW_CU_INVALID_VALUE;
+  host_last[0] = kp ? 1 : (extra ? 2 : 0);
+  if (kp) { /* the test kernel's layout: u64 at kp[0], u32 at kp[1] */
+    memcpy(&host_last[1], kp[0], 8);
+    uint32_t v;
+    memcpy(&v, kp[1], 4);
+    host_last[2] = v;
+  }
   __atomic_fetch_add(&host_counts[GW_RPC_LAUNCH], 1, __ATOMIC_RELAXED);
   return 0;
 }
@@ -597,6 +898,22 @@ static int h_waitev(void *st, void *e, unsigned int fl) {
   return 0;
 }
 
+static int h_dtoh(void *d, uint64_t s, size_t n, void *st) {
+  (void)st;
+  memmove(d, (const void *)(uintptr_t)s, n);
+  __atomic_fetch_add(&host_counts[GW_RPC_DTOH_ASYNC], 1, __ATOMIC_RELAXED);
+  return 0;
+}
+static int h_ssync(void *st) {
+  (void)st;
+  __atomic_fetch_add(&host_counts[GW_RPC_STREAM_SYNC], 1, __ATOMIC_RELAXED);
+  return 0;
+}
+static int h_csync(void) {
+  __atomic_fetch_add(&host_counts[GW_RPC_CTX_SYNC], 1, __ATOMIC_RELAXED);
+  return 0;
+}
+
 void *gw_rpc_host_fn(int which) {
   switch (which) {
     case GW_RPC_LAUNCH: return (void *)h_launch;
@@ -606,11 +923,42 @@ void *gw_rpc_host_fn(int which) {
     case GW_RPC_DTOD: return (void *)h_dtod;
     case GW_RPC_EVREC: return (void *)h_evrec;
     case GW_RPC_WAITEV: return (void *)h_waitev;
+    case GW_RPC_DTOH_ASYNC: return (void *)h_dtoh;
+    case GW_RPC_STREAM_SYNC: return (void *)h_ssync;
+    case GW_RPC_CTX_SYNC: return (void *)h_csync;
   }
   return NULL;
 }
 
+uint64_t gw_rpc_host_last(int i) { return (i >= 0 && i < 3) ? host_last[i] : 0; }
+
 uint64_t gw_rpc_host_count(int which) {
-  if (which < 0 || which >= GW_RPC_NHOT) return 0;
+  if (which < 0 || which >= GW_RPC_NCALLS) return 0;
   return __atomic_load_n(&host_counts[which], __ATOMIC_RELAXED);
+}
+
+/* ---- the client's fast sync stub */
+typedef int (*gw_rpc_call_fn)(void *conn, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag,
+                              void *rbuf, size_t rcap, int64_t timeout_ns, size_t *rlen);
+
+int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg) {
+  if (!f->call || !f->conn || (f->len != 24 && f->len != 32) || f->rep_cap < 29) return -22;
+  memcpy(f->frame + 4, &seq, 4);
+  if (f->len == 32) memcpy(f->frame + 24, &arg, 8);
+  f->rlen = 0;
+  int st = ((gw_rpc_call_fn)f->call)(f->conn, f->req_tag, f->frame, f->len, f->rep_tag, f->rep, f->rep_cap,
+                                     f->timeout_ns, &f->rlen);
+  if (st) return st < 0 ? st : -st;
+  /* the plain answer: header (magic 0x5747, version, flags 0, seq) | status 0 | pushes |
+   * CUresult 0 | report byte 0 */
+  const uint8_t *r = f->rep;
+  uint32_t rseq, status, pushes, res;
+  if (f->rlen < 29) return 1;
+  memcpy(&rseq, r + 4, 4);
+  memcpy(&status, r + 16, 4);
+  memcpy(&pushes, r + 20, 4);
+  memcpy(&res, r + 24, 4);
+  if (r[0] != 0x47 || r[1] != 0x57 || r[3] != 0 || rseq != seq || status || pushes != push_done || res || r[28])
+    return 1;
+  return 0;
 }

@@ -16,7 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define GW_RPC_ABI 1
+#define GW_RPC_ABI 3
 #define GW_RPC_MAXVAR 4
 
 /* frame statuses (protocol.py ST_*) */
@@ -49,6 +49,11 @@
 #define GW_RPC_EVREC 5
 #define GW_RPC_WAITEV 6
 #define GW_RPC_NHOT 7
+/* calls only the C server (gw_rpc_serve_handler) runs: it answers and pushes */
+#define GW_RPC_DTOH_ASYNC 7
+#define GW_RPC_STREAM_SYNC 8
+#define GW_RPC_CTX_SYNC 9
+#define GW_RPC_NCALLS 10
 
 typedef struct {
   uint16_t fixed;   /* size of the fixed part */
@@ -95,6 +100,10 @@ void gw_rpc_set_call(gw_rpc_sess_t *s, int which, uint16_t call_id, void *fn);
 /* id -> driver handle (aux: a function's parameter buffer size) */
 int gw_rpc_bind(gw_rpc_sess_t *s, int kind, uint64_t id, uint64_t handle, uint32_t aux);
 int gw_rpc_unbind(gw_rpc_sess_t *s, int kind, uint64_t id);
+/* a function's parameter offsets (cuFuncGetParamInfo): launches of it then pass kernelParams
+ * (pointers into the frame's parameter buffer), which the driver takes faster than the
+ * CU_LAUNCH_PARAM_BUFFER_POINTER form; without them the buffer form is used */
+int gw_rpc_bind_params(gw_rpc_sess_t *s, uint64_t id, const uint32_t *offs, uint32_t n);
 int gw_rpc_alloc_add(gw_rpc_sess_t *s, uint64_t start, uint64_t size);
 int gw_rpc_alloc_del(gw_rpc_sess_t *s, uint64_t start);
 /* 1 if [ptr, ptr+n) lies inside one allocation */
@@ -110,9 +119,107 @@ uint32_t gw_rpc_exec(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t 
 int gw_rpc_launch(void *fn, uint64_t f, uint32_t gx, uint32_t gy, uint32_t gz, uint32_t bx, uint32_t by,
                   uint32_t bz, uint32_t shmem, uint64_t stream, const void *params, size_t n);
 
+/* ---- the C server: a handler for the transport's gw_serve loop (gw_serve_fn). It answers a
+ * frame entirely in C when every record is a call it runs (the hot calls above, small
+ * cuMemcpyDtoHAsync pushes) and the sync call, if any, is gwSync, cuStreamSynchronize or
+ * cuCtxSynchronize; otherwise it passes the frame to Python untouched. If a call fails,
+ * it stops there and passes the frame with resume_at/resume_res/err set: the calls before
+ * it ran (their pushes are sent), Python takes it from that record. Python keeps `enabled`
+ * off while the session has state the C path does not carry (before the hello, a pending
+ * deferred error, a sticky context). Layout of gw_rpc_msg_t = the transport's gw_msg_t. */
+typedef struct {
+  uint32_t tag;
+  uint32_t flags;
+  const void *buf;
+  size_t len;
+} gw_rpc_msg_t;
+
+typedef struct {
+  gw_rpc_sess_t *s;            /* dispatch session (hot calls, tables, allocation map) */
+  const gw_rpc_desc_t *desc;   /* the scanner's call table */
+  uint32_t ndesc;
+  uint32_t nrecs;              /* capacity of recs */
+  gw_rpc_rec_t *recs;
+  uint8_t *rep;                /* reply buffer (>= 64 B) */
+  uint8_t *scratch;            /* host memory for pushed D2H bytes */
+  uint64_t scratch_cap;
+  uint64_t chunk;              /* the session's bulk_chunk (0: one message per push) */
+  uint32_t rep_tag;
+  int32_t enabled;
+  uint32_t pushes;             /* deferred out-buffers pushed, mod 2^32 (shared with Python) */
+  uint32_t resume;             /* 1: the passed frame stopped at a failed call */
+  uint32_t resume_at;
+  int32_t resume_res;
+  uint64_t ran;                /* calls run in C since Python last took the count */
+  uint64_t frames;             /* frames answered in C (total) */
+  uint64_t passed;             /* frames passed to Python (total) */
+  uint16_t ids[GW_RPC_NCALLS]; /* wire ids of DTOH_ASYNC, STREAM_SYNC, CTX_SYNC (others unused) */
+  uint16_t id_gwsync;
+  uint16_t pad;
+  void *fn[GW_RPC_NCALLS];     /* driver entry points of DTOH_ASYNC (cuMemcpyDtoHAsync), STREAM_SYNC, CTX_SYNC */
+  char err[512];
+  /* pushes go out as GW_RPC_MSG_DEFER messages from alternating halves of scratch (one per
+   * handler call), so a push is on the wire while the next frame's copy runs; while it waits
+   * for a copy the handler drives the transport (progress(worker), the transport's
+   * gw_worker_progress) polling fn_query (cuStreamQuery). NULL: cuStreamSynchronize. */
+  void *progress;
+  void *worker;
+  void *fn_query;
+  uint32_t flip;
+  uint32_t defer;              /* 1: use GW_RPC_MSG_DEFER and the halves (the serve loop has it) */
+} gw_rpc_srv_t;
+/* = the transport's GW_MSG_DEFER */
+#define GW_RPC_MSG_DEFER 1
+
+int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int maxout, int *nout);
+uintptr_t gw_rpc_serve_handler_addr(void);
+
+/* ---- the client's flush timer: a batch that is still unsent `delay_ns` after it started
+ * is flushed. The waiting runs here (the caller's thread blocks in gw_rpc_timer_wait without
+ * the GIL) and only returns when a flush is due, so a busy session whose batches go out on
+ * their own (ramp, limits, sync calls) never wakes a Python thread. The client stores the
+ * seq of the frame it is building at *gw_rpc_timer_seqp() whenever it sends one. */
+typedef struct gw_rpc_timer gw_rpc_timer_t;
+gw_rpc_timer_t *gw_rpc_timer_new(int64_t delay_ns);
+void gw_rpc_timer_free(gw_rpc_timer_t *t);
+uint32_t *gw_rpc_timer_seqp(gw_rpc_timer_t *t);
+/* a batch started in frame seq */
+void gw_rpc_timer_arm(gw_rpc_timer_t *t, uint32_t seq);
+/* blocks until a started batch is still unsent delay_ns after it started: returns its frame
+ * seq; -1 once stopped */
+int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t);
+void gw_rpc_timer_stop(gw_rpc_timer_t *t);
+
+/* ---- the client's fast sync stub: a sync call with no or one u64 argument (gwSync,
+ * cuCtxSynchronize, cuStreamSynchronize) sent when nothing is batched. The frame (header +
+ * one record, `len` bytes) is encoded once by Python; gw_rpc_fsync patches the frame seq (and
+ * the u64 argument at offset 24 when len is 32), makes the round trip through the transport's
+ * request/reply entry point (`call`: int gw_call(conn, tag, sbuf, slen, rtag, rbuf, rcap,
+ * timeout_ns, size_t *rlen), passed as an address so this module does not link the transport)
+ * and checks the reply. Returns 0 for the plain answer (reply to `seq`, frame status 0, pushes
+ * == push_done, CUresult 0, no deferred-error report), 1 when a reply arrived that Python must
+ * read (rlen set: an error, a report, pushes to wait for, a stray error reply), or the
+ * transport's negative status. */
+typedef struct {
+  void *call;
+  void *conn;
+  uint8_t *rep;
+  size_t rep_cap;
+  int64_t timeout_ns;
+  uint32_t req_tag;
+  uint32_t rep_tag;
+  size_t rlen;
+  uint32_t len;
+  uint8_t frame[32];
+} gw_rpc_fsync_t;
+int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg);
+
 /* ---- host "driver": memsets and copies on host memory (the CPU executor's device
  * memory), and a counting no-op launch for tests of the dispatch loop */
 void *gw_rpc_host_fn(int which);
 uint64_t gw_rpc_host_count(int which);
+/* the last host launch: 0 = form (1 kernelParams, 2 parameter buffer); 1, 2 = its first two
+ * parameters when it got kernelParams (a u64 and a u32; tests) */
+uint64_t gw_rpc_host_last(int i);
 
 #endif

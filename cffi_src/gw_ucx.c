@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -38,6 +39,7 @@
 #define MAX_CONNS 65536
 #define BLOCK_SLICE_NS 100000000LL
 #define LIVE_CHECK_NS 2000000LL
+#define LOST_CLOSE_NS 20000000LL
 
 #define TAG_USER_MASK 0xFFFFFFull
 #define TAG_CONN_MASK 0xFFFFFFFF00000000ull
@@ -47,6 +49,17 @@ static inline int64_t now_ns(void) {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
+
+#define LOCK(w) pthread_mutex_lock(&(w)->lock)
+#define UNLOCK(w) pthread_mutex_unlock(&(w)->lock)
+
+/* A closed conn may outlive its worker (the caller frees the struct): nothing
+ * may touch c->w then, so entry points check this before taking the lock. */
+#define RETURN_IF_CLOSED(c) \
+  do { \
+    if (!(c) || (c)->state == GW_CONN_CLOSED) return GW_ERR_BAD_STATE; \
+  } while (0)
+
 
 /* ------------------------------------------------------------------ types */
 
@@ -95,6 +108,25 @@ struct gw_req {
   ucp_dt_iov_t iov[2];
 };
 
+/* The argument of a UCX endpoint's error callback. It belongs to the worker, not
+ * to the conn: UCX may report an error on an endpoint after the conn is gone (an
+ * endpoint UCX would not close, or one whose close did not finish in time), so
+ * the callback only reads this and looks the conn up by id. Freed once UCX has
+ * really destroyed the endpoint, or with the worker. */
+typedef struct gw_eparg {
+  gw_worker_t *w;
+  uint32_t conn_id;
+  int peer_mode;            /* error mode PEER (force close allowed) */
+  struct gw_eparg *prev, *next;
+} gw_eparg_t;
+
+/* a thread blocked in epoll on the worker: completions made by other threads
+ * write its eventfd (registered under the worker lock, so none is missed) */
+typedef struct gw_waiter {
+  int efd;
+  struct gw_waiter *prev, *next;
+} gw_waiter_t;
+
 struct gw_conn {
   gw_worker_t *w;
   uint32_t id, remote_id;
@@ -103,6 +135,10 @@ struct gw_conn {
   int via_sockaddr;
   int is_client;
   ucp_ep_h ctrl_ep, data_ep;
+  gw_eparg_t *ctrl_arg, *data_arg;
+  void *welcome_req;        /* server: the WELCOME send; accept waits for it to leave */
+  void *welcome_blob;       /* its bytes (UCX reads them until it is sent) */
+  int adopted;              /* handed to the caller (connect/accept): it frees the struct */
   gw_listener_t *listener;  /* accepted through this listener */
   gw_conn_t *accept_next;
   gw_req_t *pending;        /* outstanding ops on this conn */
@@ -160,6 +196,11 @@ struct gw_worker {
   int lost_n, lost_cap;
   int n_pidfds;
   volatile int n_blocked;
+  gw_waiter_t *waiters;     /* threads blocked in epoll (lock held to change) */
+  gw_eparg_t *epargs;       /* error-callback args of live UCX endpoints */
+  void **deferred;          /* blocks UCX may still read: freed with the worker */
+  int n_deferred, cap_deferred;
+  int64_t held_due;         /* emulated RTT: earliest time a held receive shows */
   gw_hello_t self;          /* our identity */
 };
 
@@ -343,11 +384,21 @@ static void req_complete(gw_req_t *r, int status) {
   req_unlink(r);
 }
 
+/* wake every thread blocked on the worker (lock held): a request one of them
+ * waits for may just have completed in this thread's progress */
+static void wake_waiters(gw_worker_t *w) {
+  static const uint64_t one = 1;
+  for (gw_waiter_t *x = w->waiters; x; x = x->next) {
+    ssize_t rc = write(x->efd, &one, sizeof(one));
+    (void)rc;
+  }
+}
+
 /* UCX is done with the request memory */
 static void req_ucx_done(gw_req_t *r) {
   r->ucx_busy = 0;
   if (r->released) req_put(r->w, r);
-  else if (r->w->n_blocked) ucp_worker_signal(r->w->w);
+  else if (r->w->waiters) wake_waiters(r->w);
 }
 
 static void send_cb(void *request, ucs_status_t status, void *user_data) {
@@ -451,12 +502,47 @@ static void conn_mark_lost(gw_conn_t *c, int status) {
 
 static void ep_err_cb(void *arg, ucp_ep_h ep, ucs_status_t status) {
   (void)ep;
-  gw_conn_t *c = (gw_conn_t *)arg;
+  gw_eparg_t *a = (gw_eparg_t *)arg;
+  if (!a->conn_id) return; /* the conn is gone; nothing to tell */
   gw_event_t *e = ev_new(EV_EP_ERROR, 0);
   if (!e) return;
-  e->conn_id = c->id;
+  e->conn_id = a->conn_id;
   e->status = status;
-  ev_push(c->w, e);
+  ev_push(a->w, e);
+}
+
+static gw_eparg_t *eparg_new(gw_conn_t *c, int peer_mode) {
+  gw_worker_t *w = c->w;
+  gw_eparg_t *a = calloc(1, sizeof(*a));
+  if (!a) return NULL;
+  a->w = w;
+  a->conn_id = c->id;
+  a->peer_mode = peer_mode;
+  a->next = w->epargs;
+  if (w->epargs) w->epargs->prev = a;
+  w->epargs = a;
+  return a;
+}
+
+static void defer_free(gw_worker_t *w, void *p) {
+  if (!p) return;
+  if (w->n_deferred == w->cap_deferred) {
+    int cap = w->cap_deferred ? 2 * w->cap_deferred : 16;
+    void **n = realloc(w->deferred, cap * sizeof(void *));
+    if (!n) return; /* leak rather than free what UCX may read */
+    w->deferred = n;
+    w->cap_deferred = cap;
+  }
+  w->deferred[w->n_deferred++] = p;
+}
+
+static void eparg_free(gw_eparg_t *a) {
+  if (!a) return;
+  gw_worker_t *w = a->w;
+  if (a->prev) a->prev->next = a->next;
+  else w->epargs = a->next;
+  if (a->next) a->next->prev = a->prev;
+  free(a);
 }
 
 static void conn_req_cb(ucp_conn_request_h conn_request, void *arg) {
@@ -509,19 +595,27 @@ static ucs_status_t am_bye_cb(void *arg, const void *h, size_t hl, void *d, size
 
 static void am_send_cb(void *request, ucs_status_t status, void *user_data) {
   (void)status;
-  (void)user_data;
+  free(user_data);
   ucp_request_free(request);
 }
 
+/* fire-and-forget handshake message; header and data are copied so that the
+ * message never points into a conn that may be freed while it is queued */
 static void am_send(ucp_ep_h ep, unsigned id, const void *hdr, size_t hlen, const void *data,
                     size_t len, int reply) {
+  unsigned char *copy = malloc(hlen + len + 1);
+  if (!copy) return;
+  memcpy(copy, hdr, hlen);
+  if (len) memcpy(copy + hlen, data, len);
   ucp_request_param_t p;
   memset(&p, 0, sizeof(p));
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_FLAGS;
+  p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_FLAGS |
+                   UCP_OP_ATTR_FIELD_USER_DATA;
   p.cb.send = am_send_cb;
+  p.user_data = copy;
   p.flags = reply ? UCP_AM_SEND_FLAG_REPLY : 0;
-  ucs_status_ptr_t sp = ucp_am_send_nbx(ep, id, hdr, hlen, data, len, &p);
-  (void)sp; /* freed in the callback when pending; errors surface on the ep */
+  ucs_status_ptr_t sp = ucp_am_send_nbx(ep, id, copy, hlen, copy + hlen, len, &p);
+  if (!UCS_PTR_IS_PTR(sp)) free(copy); /* done (or failed: errors surface on the ep) */
 }
 
 /* Error mode of data endpoints. PEER costs ~2.3 us per message on tcp
@@ -538,6 +632,8 @@ static int data_err_none(gw_conn_t *c, const gw_hello_t *peer) {
 /* data endpoint from a peer's UCX address; on one node in mode NONE so shared
  * memory is allowed, keeping it only if UCX did not pick tcp for it. */
 static ucp_ep_h make_addr_ep(gw_conn_t *c, const void *ucx_addr, int local) {
+  gw_eparg_t *a = eparg_new(c, !local);
+  if (!a) return NULL;
   ucp_ep_params_t ep;
   memset(&ep, 0, sizeof(ep));
   ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
@@ -545,26 +641,68 @@ static ucp_ep_h make_addr_ep(gw_conn_t *c, const void *ucx_addr, int local) {
   ep.address = (const ucp_address_t *)ucx_addr;
   ep.err_mode = local ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = ep_err_cb;
-  ep.err_handler.arg = c;
+  ep.err_handler.arg = a;
   ucp_ep_h h;
-  if (ucp_ep_create(c->w->w, &ep, &h) != UCS_OK) return NULL;
+  if (ucp_ep_create(c->w->w, &ep, &h) != UCS_OK) {
+    eparg_free(a);
+    return NULL;
+  }
+  c->data_arg = a;
   return h;
 }
 
-static void ep_close_force(gw_worker_t *w, ucp_ep_h ep) {
+typedef struct {
+  void *req;
+} close_arg_t;
+
+static int cond_req_done(void *arg) {
+  void *r = ((close_arg_t *)arg)->req;
+  return ucp_request_check_status(r) != UCS_INPROGRESS;
+}
+
+static int wait_cond(gw_worker_t *w, int (*cond)(void *), void *arg, int64_t timeout_ns);
+
+/* Close a UCX endpoint; its error-callback arg is freed once UCX has destroyed
+ * it. A forced close is asked for only in error mode PEER: UCX refuses it for
+ * mode NONE (UCS_ERR_INVALID_PARAM) and the endpoint would live on, so those
+ * close in flush mode. Waits up to timeout_ns; have_lock: the caller holds the
+ * worker lock (progress here directly), else wait_cond takes it per pass. An
+ * endpoint whose close does not finish in time is left to UCX (it finishes
+ * later or with the worker); its arg stays valid until the worker goes. */
+static void ep_close(gw_worker_t *w, ucp_ep_h ep, gw_eparg_t *a, int force, int64_t timeout_ns,
+                     int have_lock) {
+  if (!ep) return;
+  if (a) a->conn_id = 0; /* no more error events for the conn */
   ucp_request_param_t p;
   memset(&p, 0, sizeof(p));
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  p.flags = (force && (!a || a->peer_mode)) ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+  if (!have_lock) LOCK(w);
   void *r = ucp_ep_close_nbx(ep, &p);
-  if (UCS_PTR_IS_PTR(r)) {
-    int64_t end = now_ns() + 200000000LL;
+  if (UCS_PTR_IS_ERR(r) && p.flags) { /* refused: close in flush mode */
+    p.flags = 0;
+    r = ucp_ep_close_nbx(ep, &p);
+  }
+  if (!UCS_PTR_IS_PTR(r)) {
+    if (!UCS_PTR_IS_ERR(r)) eparg_free(a); /* closed at once */
+    if (!have_lock) UNLOCK(w);
+    return;
+  }
+  if (have_lock) {
+    int64_t end = now_ns() + (timeout_ns < 0 ? 1000000000LL : timeout_ns);
     while (ucp_request_check_status(r) == UCS_INPROGRESS && now_ns() < end) {
       ucp_worker_progress(w->w);
       ucp_worker_progress(w->cw);
     }
-    ucp_request_free(r);
+  } else {
+    UNLOCK(w);
+    close_arg_t ca = {r};
+    wait_cond(w, cond_req_done, &ca, timeout_ns < 0 ? 1000000000LL : timeout_ns);
+    LOCK(w);
   }
+  if (ucp_request_check_status(r) != UCS_INPROGRESS) eparg_free(a);
+  ucp_request_free(r);
+  if (!have_lock) UNLOCK(w);
 }
 
 static void conn_watch_pid(gw_conn_t *c, const gw_hello_t *peer) {
@@ -612,8 +750,10 @@ static void handle_conn_request(gw_worker_t *w, gw_event_t *e) {
   ep.conn_request = e->conn_request;
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = ep_err_cb;
-  ep.err_handler.arg = c;
-  if (ucp_ep_create(w->cw, &ep, &c->ctrl_ep) != UCS_OK) {
+  ep.err_handler.arg = c->ctrl_arg = eparg_new(c, 1);
+  if (!c->ctrl_arg || ucp_ep_create(w->cw, &ep, &c->ctrl_ep) != UCS_OK) {
+    if (!c->ctrl_arg) ucp_listener_reject(l->l, e->conn_request);
+    eparg_free(c->ctrl_arg);
     w->conns[c->id & 0xFFFF] = NULL;
     free(c);
     return;
@@ -664,8 +804,26 @@ static void handle_hello(gw_worker_t *w, gw_event_t *e) {
   c->hello_out.sender_id = c->id;
   c->hello_out.receiver_id = h->sender_id;
   c->hello_out.addr_len = (uint32_t)w->ucx_addr_len;
-  am_send(c->ctrl_ep ? c->ctrl_ep : c->data_ep, AM_WELCOME, &c->hello_out, sizeof(gw_hello_t),
-          w->ucx_addr, w->ucx_addr_len, 0);
+  /* accept() hands the conn out only once the WELCOME has left: the client's
+   * connect must not depend on the server progressing after accept. (UCX holds
+   * a send on a server endpoint that is still being wired up.) */
+  ucp_ep_h rep_ep = c->ctrl_ep ? c->ctrl_ep : c->data_ep;
+  size_t wl = sizeof(gw_hello_t) + w->ucx_addr_len;
+  unsigned char *blob = malloc(wl);
+  if (blob) {
+    memcpy(blob, &c->hello_out, sizeof(gw_hello_t));
+    memcpy(blob + sizeof(gw_hello_t), w->ucx_addr, w->ucx_addr_len);
+    ucp_request_param_t sp;
+    memset(&sp, 0, sizeof(sp));
+    void *sr = ucp_am_send_nbx(rep_ep, AM_WELCOME, blob, sizeof(gw_hello_t),
+                               blob + sizeof(gw_hello_t), w->ucx_addr_len, &sp);
+    if (UCS_PTR_IS_PTR(sr)) {
+      c->welcome_req = sr;
+      c->welcome_blob = blob;
+    } else {
+      free(blob);
+    }
+  }
   c->state = GW_CONN_UP;
   if (c->listener) accept_push(&c->listener->q_head, &c->listener->q_tail, c);
   else accept_push(&w->addr_q_head, &w->addr_q_tail, c);
@@ -700,7 +858,13 @@ static void process_events(gw_worker_t *w) {
     case EV_WELCOME: handle_welcome(w, e); break;
     case EV_BYE: {
       gw_conn_t *c = conn_lookup(w, e->conn_id);
-      if (c) conn_mark_lost(c, UCS_ERR_CONNECTION_RESET);
+      if (c) {
+        /* BYE comes over the control worker, the peer's last messages over the data
+         * worker: deliver what already arrived before failing the receives */
+        for (int k = 0; c->state == GW_CONN_UP && k < 64 && ucp_worker_progress(w->w); k++)
+          ;
+        conn_mark_lost(c, UCS_ERR_CONNECTION_RESET);
+      }
       break;
     }
     case EV_EP_ERROR: {
@@ -740,9 +904,6 @@ static inline int progress_ctrl_locked(gw_worker_t *w) {
   if (w->ev_head) process_events(w);
   return n;
 }
-
-#define LOCK(w) pthread_mutex_lock(&(w)->lock)
-#define UNLOCK(w) pthread_mutex_unlock(&(w)->lock)
 
 /* ------------------------------------------------------------------ worker */
 
@@ -829,11 +990,18 @@ void gw_worker_destroy(gw_worker_t *w) {
     if (!c) continue;
     conn_fail_pending(c, GW_ERR_BAD_STATE);
     pidfd_drop(c);
-    if (c->data_ep && c->data_ep != c->ctrl_ep) ep_close_force(w, c->data_ep);
-    if (c->ctrl_ep) ep_close_force(w, c->ctrl_ep);
+    ep_close(w, c->data_ep, c->data_arg, 1, 50000000LL, 1);
+    ep_close(w, c->ctrl_ep, c->ctrl_arg, 1, 50000000LL, 1);
+    if (c->welcome_req) {
+      ucp_request_free(c->welcome_req);
+      c->welcome_req = NULL;
+      defer_free(w, c->welcome_blob); /* UCX may read it until the worker goes */
+    }
     c->data_ep = c->ctrl_ep = NULL;
+    c->data_arg = c->ctrl_arg = NULL;
     c->state = GW_CONN_CLOSED;
-    w->conns[i] = NULL; /* the Python owner frees the struct */
+    w->conns[i] = NULL;
+    if (!c->adopted) free(c); /* else the owner (Python) frees the struct */
   }
   for (int k = 0; k < 10; k++) {
     ucp_worker_progress(w->w);
@@ -849,6 +1017,9 @@ void gw_worker_destroy(gw_worker_t *w) {
   ucp_worker_release_address(w->w, w->ucx_addr);
   ucp_worker_destroy(w->cw);
   ucp_worker_destroy(w->w);
+  while (w->epargs) eparg_free(w->epargs); /* UCX destroyed what was left */
+  for (int i = 0; i < w->n_deferred; i++) free(w->deferred[i]);
+  free(w->deferred);
   UNLOCK(w);
   close(w->epfd);
   while (w->free_reqs) {
@@ -884,33 +1055,64 @@ int gw_worker_progress(gw_worker_t *w) {
 
 int gw_worker_efd(gw_worker_t *w) { return w->epfd; }
 
-/* arm and sleep on the event fd; returns when woken or after ns */
-static void block_once(gw_worker_t *w, int64_t ns) {
+/* Generic wait: spin progress until cond(arg) holds, then block. */
+typedef int (*cond_fn)(void *arg);
+
+/* this thread's wake-up eventfd (closed when the thread ends) */
+static pthread_key_t efd_key;
+static pthread_once_t efd_once = PTHREAD_ONCE_INIT;
+static void efd_close(void *p) { close((int)(intptr_t)p - 1); }
+static void efd_key_make(void) { pthread_key_create(&efd_key, efd_close); }
+static int thread_efd(void) {
+  pthread_once(&efd_once, efd_key_make);
+  intptr_t v = (intptr_t)pthread_getspecific(efd_key);
+  if (v) return (int)v - 1;
+  int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (fd < 0) return -1;
+  pthread_setspecific(efd_key, (void *)(intptr_t)(fd + 1));
+  return fd;
+}
+
+/* Arm the workers and sleep until an event, another thread's wake-up, or ns.
+ * The condition is checked again under the lock after arming: completions
+ * happen under the lock, so one that lands after this check finds this thread
+ * registered as a waiter and writes its eventfd; none is missed. (UCX's own
+ * ucp_worker_signal is not used: another thread's ucp_worker_arm drains it.) */
+static void block_once(gw_worker_t *w, int64_t ns, cond_fn cond, void *arg) {
+  int efd = thread_efd();
+  uint64_t junk;
+  gw_waiter_t me = {efd, NULL, NULL};
   LOCK(w);
   progress_ctrl_locked(w);
   ucs_status_t st = ucp_worker_arm(w->w);
   if (st == UCS_OK) st = ucp_worker_arm(w->cw);
-  if (st == UCS_OK) w->n_blocked++;
+  if (st != UCS_OK || cond(arg)) { /* BUSY: events pending, go progress */
+    UNLOCK(w);
+    return;
+  }
+  if (efd >= 0) {
+    ssize_t rc = read(efd, &junk, sizeof(junk)); /* stale wake-ups */
+    (void)rc;
+    me.next = w->waiters;
+    if (w->waiters) w->waiters->prev = &me;
+    w->waiters = &me;
+  }
+  w->n_blocked++;
   UNLOCK(w);
-  if (st != UCS_OK) return; /* BUSY: events pending, go progress */
-  struct epoll_event evs[8];
+  struct pollfd fds[2] = {{.fd = w->epfd, .events = POLLIN}, {.fd = efd, .events = POLLIN}};
   int ms = (int)((ns + 999999) / 1000000);
   if (ms > 100) ms = 100;
-  int n = epoll_wait(w->epfd, evs, 8, ms);
-  __atomic_fetch_sub(&w->n_blocked, 1, __ATOMIC_RELAXED);
-  if (n > 0 && w->n_pidfds) {
-    for (int i = 0; i < n; i++)
-      if (evs[i].data.u64 != 0) {
-        LOCK(w);
-        gw_conn_t *c = conn_lookup(w, (uint32_t)evs[i].data.u64);
-        if (c) conn_mark_lost(c, GW_ERR_PEER_EXITED);
-        UNLOCK(w);
-      }
+  poll(fds, efd >= 0 ? 2 : 1, ms);
+  LOCK(w);
+  w->n_blocked--;
+  if (efd >= 0) {
+    if (me.prev) me.prev->next = me.next;
+    else w->waiters = me.next;
+    if (me.next) me.next->prev = me.prev;
   }
+  if (w->n_pidfds && (fds[0].revents & POLLIN)) check_liveness(w);
+  UNLOCK(w);
 }
-
-/* Generic wait: spin progress until cond(arg) holds, then block. */
-typedef int (*cond_fn)(void *arg);
 
 static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns) {
   int64_t t0 = now_ns();
@@ -936,13 +1138,26 @@ static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns
       if (t >= deadline) return UCS_ERR_TIMED_OUT;
       if (t >= spin_end) {
         int64_t left = deadline - t;
-        block_once(w, left < BLOCK_SLICE_NS ? left : BLOCK_SLICE_NS);
+        if (left > BLOCK_SLICE_NS) left = BLOCK_SLICE_NS;
+        if (w->rtt_half_ns) { /* a held receive must show at its due time */
+          w->held_due = INT64_MAX;
+          if (cond(arg)) return 0; /* (re)computes held_due */
+          if (w->held_due != INT64_MAX) {
+            int64_t due = w->held_due - t;
+            if (due <= 0) continue;
+            if (due < left) left = due;
+          }
+        }
+        block_once(w, left, cond, arg);
       }
     }
   }
 }
 
-static int cond_any_event(void *arg) { return *(int *)arg; }
+static int cond_never(void *arg) {
+  (void)arg;
+  return 0;
+}
 
 int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
   int64_t deadline = timeout_ns < 0 ? INT64_MAX : now_ns() + timeout_ns;
@@ -954,9 +1169,10 @@ int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
     if (n) return 1;
     int64_t t = now_ns();
     if (t >= deadline) return 0;
-    if (t >= spin_end) block_once(w, deadline - t < BLOCK_SLICE_NS ? deadline - t : BLOCK_SLICE_NS);
+    if (t >= spin_end)
+      block_once(w, deadline - t < BLOCK_SLICE_NS ? deadline - t : BLOCK_SLICE_NS, cond_never,
+                 NULL);
   }
-  (void)cond_any_event;
 }
 
 int gw_worker_poll_lost(gw_worker_t *w, uint32_t *ids, int cap) {
@@ -1047,7 +1263,12 @@ typedef struct {
   gw_conn_t **head;
 } q_arg_t;
 
-static int cond_queue(void *arg) { return *((q_arg_t *)arg)->head != NULL; }
+/* the queue head is ready once its WELCOME has been flushed out */
+static int cond_queue(void *arg) {
+  gw_conn_t *c = *((q_arg_t *)arg)->head;
+  if (!c) return 0;
+  return !c->welcome_req || ucp_request_check_status(c->welcome_req) != UCS_INPROGRESS;
+}
 
 static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, int64_t timeout_ns,
                        gw_conn_t **out) {
@@ -1060,6 +1281,12 @@ static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, int64
   gw_conn_t *c = *head;
   *head = c->accept_next;
   if (!*head) *tail = NULL;
+  if (c->welcome_req) { /* sent */
+    ucp_request_free(c->welcome_req);
+    free(c->welcome_blob);
+    c->welcome_req = c->welcome_blob = NULL;
+  }
+  c->adopted = 1;
   UNLOCK(w);
   *out = c;
   return 0;
@@ -1084,13 +1311,14 @@ static int connect_finish(gw_worker_t *w, gw_conn_t *c, int64_t timeout_ns, gw_c
   int rc = wait_cond(w, cond_conn_settled, c, timeout_ns);
   __atomic_fetch_sub(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
   if (rc == 0 && c->state == GW_CONN_UP) {
+    c->adopted = 1;
     *out = c;
     return 0;
   }
   int st = rc ? rc : (c->lost_status ? c->lost_status : GW_ERR_CONN_LOST);
   LOCK(w);
-  if (c->data_ep && c->data_ep != c->ctrl_ep) ep_close_force(w, c->data_ep);
-  if (c->ctrl_ep) ep_close_force(w, c->ctrl_ep);
+  ep_close(w, c->data_ep, c->data_arg, 1, 200000000LL, 1);
+  ep_close(w, c->ctrl_ep, c->ctrl_arg, 1, 200000000LL, 1);
   pidfd_drop(c);
   w->conns[c->id & 0xFFFF] = NULL;
   progress_locked(w);
@@ -1122,9 +1350,10 @@ int gw_connect(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_
   ep.sockaddr.addrlen = sl;
   ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
   ep.err_handler.cb = ep_err_cb;
-  ep.err_handler.arg = c;
-  ucs_status_t st = ucp_ep_create(w->cw, &ep, &c->ctrl_ep);
+  ep.err_handler.arg = c->ctrl_arg = eparg_new(c, 1);
+  ucs_status_t st = c->ctrl_arg ? ucp_ep_create(w->cw, &ep, &c->ctrl_ep) : UCS_ERR_NO_MEMORY;
   if (st != UCS_OK) {
+    eparg_free(c->ctrl_arg);
     w->conns[c->id & 0xFFFF] = NULL;
     UNLOCK(w);
     free(c);
@@ -1175,39 +1404,17 @@ int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t tim
   return connect_finish(w, c, timeout_ns, out);
 }
 
-typedef struct {
-  void *req;
-} close_arg_t;
-
-static int cond_req_done(void *arg) {
-  void *r = ((close_arg_t *)arg)->req;
-  return ucp_request_check_status(r) != UCS_INPROGRESS;
-}
-
-static void ep_close_wait(gw_worker_t *w, ucp_ep_h ep, int force, int64_t timeout_ns) {
-  ucp_request_param_t p;
-  memset(&p, 0, sizeof(p));
-  p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
-  LOCK(w);
-  void *r = ucp_ep_close_nbx(ep, &p);
-  UNLOCK(w);
-  if (!UCS_PTR_IS_PTR(r)) return;
-  close_arg_t a = {r};
-  int rc = wait_cond(w, cond_req_done, &a, timeout_ns);
-  LOCK(w);
-  if (rc) ucp_request_cancel(w->w, r);
-  ucp_request_free(r);
-  UNLOCK(w);
-}
-
 int gw_conn_close(gw_conn_t *c, int64_t timeout_ns) {
+  if (!c || c->state == GW_CONN_CLOSED) return 0; /* also after the worker is gone */
   gw_worker_t *w = c->w;
   LOCK(w);
   if (c->state == GW_CONN_CLOSED) {
     UNLOCK(w);
     return 0;
   }
+  /* learn first whether the peer is gone: a flush towards a dead peer only waits */
+  progress_ctrl_locked(w);
+  check_liveness(w);
   int was_up = c->state == GW_CONN_UP;
   conn_fail_pending(c, GW_ERR_BAD_STATE);
   pidfd_drop(c);
@@ -1219,12 +1426,16 @@ int gw_conn_close(gw_conn_t *c, int64_t timeout_ns) {
   }
   c->state = GW_CONN_CLOSED;
   w->conns[c->id & 0xFFFF] = NULL;
-  ucp_ep_h data = c->data_ep != c->ctrl_ep ? c->data_ep : NULL, ctrl = c->ctrl_ep;
+  ucp_ep_h data = c->data_ep, ctrl = c->ctrl_ep;
+  gw_eparg_t *da = c->data_arg, *ca = c->ctrl_arg;
   c->data_ep = c->ctrl_ep = NULL;
+  c->data_arg = c->ctrl_arg = NULL;
   UNLOCK(w);
   int64_t per = timeout_ns < 0 ? 1000000000LL : timeout_ns / 2;
-  if (data) ep_close_wait(w, data, !was_up, per);
-  if (ctrl) ep_close_wait(w, ctrl, !was_up, per);
+  /* a lost conn: its peer is gone, so a flush could only wait in vain */
+  if (!was_up && per > LOST_CLOSE_NS) per = LOST_CLOSE_NS;
+  ep_close(w, data, da, !was_up, per, 0);
+  ep_close(w, ctrl, ca, !was_up, per, 0);
   return 0;
 }
 
@@ -1262,6 +1473,8 @@ static int ep_transports(ucp_ep_h ep, char *buf, size_t len) {
 }
 
 int gw_conn_transports(gw_conn_t *c, char *buf, size_t len) {
+  buf[0] = 0;
+  RETURN_IF_CLOSED(c);
   gw_worker_t *w = c->w;
   LOCK(w);
   int rc = c->data_ep ? ep_transports(c->data_ep, buf, len) : -1;
@@ -1352,8 +1565,9 @@ static int recv_locked(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_
 
 int gw_send(gw_conn_t *c, uint32_t tag, const void *hdr, size_t hlen, const void *buf,
             size_t len, gw_req_t **out) {
-  gw_worker_t *w = c->w;
   *out = NULL;
+  RETURN_IF_CLOSED(c);
+  gw_worker_t *w = c->w;
   if (hlen > 255) return UCS_ERR_INVALID_PARAM;
   LOCK(w);
   int rc = conn_usable(c);
@@ -1380,6 +1594,7 @@ int gw_send(gw_conn_t *c, uint32_t tag, const void *hdr, size_t hlen, const void
 int gw_recv(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_mask, void *buf,
             size_t cap, gw_req_t **out) {
   *out = NULL;
+  if (c) RETURN_IF_CLOSED(c);
   LOCK(w);
   if (c) {
     int rc = conn_usable(c);
@@ -1406,13 +1621,21 @@ int gw_recv(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_mask, void 
 
 int gw_req_test(gw_req_t *r) {
   if (!r->done) return 0;
-  if (r->w->rtt_half_ns && r->is_recv && now_ns() < r->t_done + r->w->rtt_half_ns) return 0;
+  gw_worker_t *w = r->w;
+  if (w->rtt_half_ns && r->is_recv) {
+    int64_t due = r->t_done + w->rtt_half_ns;
+    if (now_ns() < due) {
+      if (due < w->held_due) w->held_due = due;
+      return 0;
+    }
+  }
   return 1;
 }
 
 static int cond_req(void *arg) { return gw_req_test((gw_req_t *)arg); }
 
 int gw_wait(gw_worker_t *w, gw_req_t *r, int64_t timeout_ns) {
+  if (!r) return UCS_ERR_INVALID_PARAM;
   if (gw_req_test(r)) return r->status;
   int rc = wait_cond(w, cond_req, r, timeout_ns);
   return rc ? rc : r->status;
@@ -1438,7 +1661,14 @@ static int cond_multi(void *arg) {
   return !a->any;
 }
 
+static int reqs_valid(gw_req_t **reqs, int n) {
+  for (int i = 0; i < n; i++)
+    if (!reqs[i]) return 0;
+  return 1;
+}
+
 int gw_wait_all(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns) {
+  if (n < 0 || !reqs_valid(reqs, n)) return UCS_ERR_INVALID_PARAM;
   multi_arg_t a = {reqs, n, 0, -1};
   int rc = wait_cond(w, cond_multi, &a, timeout_ns);
   if (rc) return rc;
@@ -1448,6 +1678,7 @@ int gw_wait_all(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns) {
 }
 
 int gw_wait_any(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns) {
+  if (n <= 0 || !reqs_valid(reqs, n)) return UCS_ERR_INVALID_PARAM; /* none can finish */
   multi_arg_t a = {reqs, n, 1, -1};
   int rc = wait_cond(w, cond_multi, &a, timeout_ns);
   return rc ? rc : a.idx;
@@ -1486,6 +1717,8 @@ static int cond_pair(void *arg) {
 
 int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag, void *rbuf,
             size_t rcap, int64_t timeout_ns, size_t *rlen) {
+  *rlen = 0;
+  RETURN_IF_CLOSED(c);
   gw_worker_t *w = c->w;
   LOCK(w);
   int rc = conn_usable(c);
@@ -1517,6 +1750,7 @@ int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t 
 int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) {
   /* Two halves of buf take turns, so the next receive is posted before the
    * reply goes out and the next request lands in a posted (expected) receive. */
+  RETURN_IF_CLOSED(c);
   gw_worker_t *w = c->w;
   (void)tag;
   size_t half = cap / 2;
@@ -1552,6 +1786,126 @@ int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) 
   return 0;
 }
 
+int gw_sink_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n, int window,
+                  int64_t timeout_ns) {
+  RETURN_IF_CLOSED(c);
+  gw_worker_t *w = c->w;
+  if (window < 1) window = 1;
+  if (window > 1024) window = 1024;
+  if (n < window) window = (int)(n > 0 ? n : 0);
+  gw_req_t *ring[1024];
+  for (int i = 0; i < window; i++) ring[i] = NULL;
+  int rc = 0, posted = 0;
+  for (; posted < window; posted++) {
+    rc = gw_recv(w, c, tag, TAG_USER_MASK, buf, cap, &ring[posted]);
+    if (rc < 0) break;
+  }
+  int64_t done = 0;
+  if (rc >= 0) {
+    rc = 0;
+    for (; done < n; done++) {
+      gw_req_t *r = ring[done % window];
+      rc = gw_wait(w, r, timeout_ns);
+      gw_req_release(w, r);
+      ring[done % window] = NULL;
+      if (rc) break;
+      if (posted < n) {
+        rc = gw_recv(w, c, tag, TAG_USER_MASK, buf, cap, &ring[done % window]);
+        if (rc < 0) {
+          ring[done % window] = NULL;
+          break;
+        }
+        rc = 0;
+        posted++;
+      }
+    }
+  }
+  for (int i = 0; i < window; i++) /* on errors: cancel what is still posted */
+    if (ring[i]) gw_req_release(w, ring[i]);
+  return rc;
+}
+
+int gw_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, uint32_t first_tag, const void *first,
+             size_t first_len, uintptr_t handler, void *arg, int64_t timeout_ns, size_t *rlen) {
+  gw_worker_t *w = c->w;
+  gw_serve_fn fn = (gw_serve_fn)handler;
+  gw_msg_t out[GW_SERVE_MAXOUT];
+  gw_req_t *reqs[GW_SERVE_MAXOUT + 1];
+  /* GW_MSG_DEFER sends: those of the handler call before the last (dprev) and of the last
+   * (dcur); dprev is waited for before the next handler call, everything before a return */
+  gw_req_t *dprev[GW_SERVE_MAXOUT], *dcur[GW_SERVE_MAXOUT];
+  int nprev = 0, ncur = 0;
+  int nout = 0;
+  if (first) {
+    out[0].tag = first_tag;
+    out[0].flags = 0;
+    out[0].buf = first;
+    out[0].len = first_len;
+    nout = 1;
+  }
+  *rlen = 0;
+  int rc = 0;
+  for (;;) {
+    gw_req_t *rr;
+    rc = gw_recv(w, c, tag, TAG_USER_MASK, buf, cap, &rr);
+    if (rc < 0) break;
+    int n = 0;
+    reqs[n++] = rr;
+    for (int i = 0; i < nout && rc >= 0; i++) {
+      gw_req_t *sr;
+      rc = gw_send(c, out[i].tag, NULL, 0, out[i].buf, out[i].len, &sr);
+      if (rc >= 0) {
+        if (out[i].flags & GW_MSG_DEFER)
+          dcur[ncur++] = sr;
+        else
+          reqs[n++] = sr;
+      }
+    }
+    if (rc >= 0) rc = gw_wait_all(w, reqs, n, timeout_ns);
+    size_t len = rr->length;
+    if (rc == 0) rc = rr->status;
+    for (int i = 0; i < n; i++) gw_req_release(w, reqs[i]);
+    if (rc) break;
+    if (nprev) { /* the handler may now reuse what the call before the last one sent from */
+      rc = gw_wait_all(w, dprev, nprev, timeout_ns);
+      for (int i = 0; i < nprev; i++) gw_req_release(w, dprev[i]);
+      nprev = 0;
+      if (rc) break;
+    }
+    memcpy(dprev, dcur, sizeof(gw_req_t *) * (size_t)ncur);
+    nprev = ncur;
+    ncur = 0;
+    nout = 0;
+    int h = fn(arg, buf, len, out, GW_SERVE_MAXOUT, &nout);
+    if (nout < 0 || nout > GW_SERVE_MAXOUT) {
+      rc = UCS_ERR_INVALID_PARAM;
+      break;
+    }
+    if (h == GW_SERVE_NEXT) continue;
+    /* pass (or stop): the handler's messages still go out first, and every deferred send
+     * completes before the return */
+    n = 0;
+    for (int i = 0; i < nout && rc >= 0; i++) {
+      gw_req_t *sr;
+      rc = gw_send(c, out[i].tag, NULL, 0, out[i].buf, out[i].len, &sr);
+      if (rc >= 0) reqs[n++] = sr;
+    }
+    if (rc >= 0 && n) rc = gw_wait_all(w, reqs, n, timeout_ns);
+    for (int i = 0; i < n; i++) gw_req_release(w, reqs[i]);
+    if (rc >= 0 && nprev) rc = gw_wait_all(w, dprev, nprev, timeout_ns);
+    for (int i = 0; i < nprev; i++) gw_req_release(w, dprev[i]);
+    nprev = 0;
+    if (rc < 0) return rc;
+    if (h < 0) return h;
+    *rlen = len;
+    return 0;
+  }
+  /* an error: drop the deferred sends still outstanding */
+  for (int i = 0; i < nprev; i++) gw_req_release(w, dprev[i]);
+  for (int i = 0; i < ncur; i++) gw_req_release(w, dcur[i]);
+  return rc;
+}
+
 /* ------------------------------------------------------------ memory + RMA */
 
 struct gw_mem {
@@ -1570,8 +1924,19 @@ struct gw_rkey {
 typedef struct {
   uint32_t magic, proto;
   uint64_t base, len;
-  uint32_t ucx_len, pad;
+  uint32_t ucx_len, sum; /* sum: FNV-1a of the fields above and UCX's packed key */
 } gw_rkey_hdr_t;
+
+/* UCX trusts a packed key blindly (a corrupted one can crash it or map garbage),
+ * so the key carries a checksum that is verified before UCX sees it */
+static uint32_t rkey_sum(const gw_rkey_hdr_t *h, const void *body, size_t n) {
+  uint32_t x = 2166136261u;
+  const unsigned char *p = (const unsigned char *)h;
+  for (size_t i = 0; i < offsetof(gw_rkey_hdr_t, sum); i++) x = (x ^ p[i]) * 16777619u;
+  p = (const unsigned char *)body;
+  for (size_t i = 0; i < n; i++) x = (x ^ p[i]) * 16777619u;
+  return x;
+}
 
 int gw_mem_map(gw_ctx_t *ctx, void *addr, size_t len, gw_mem_t **out) {
   if (len == 0) return UCS_ERR_INVALID_PARAM;
@@ -1619,7 +1984,14 @@ int gw_mem_pack(gw_mem_t *m, void *buf, size_t cap, size_t *len) {
     ucp_rkey_buffer_release(rb);
     return UCS_ERR_BUFFER_TOO_SMALL;
   }
-  gw_rkey_hdr_t h = {GW_MAGIC, GW_PROTO, m->base, m->len, (uint32_t)rl, 0};
+  gw_rkey_hdr_t h;
+  memset(&h, 0, sizeof(h));
+  h.magic = GW_MAGIC;
+  h.proto = GW_PROTO;
+  h.base = m->base;
+  h.len = m->len;
+  h.ucx_len = (uint32_t)rl;
+  h.sum = rkey_sum(&h, rb, rl);
   memcpy(buf, &h, sizeof(h));
   memcpy((char *)buf + sizeof(h), rb, rl);
   ucp_rkey_buffer_release(rb);
@@ -1630,8 +2002,10 @@ int gw_rkey_unpack(gw_conn_t *c, const void *blob, size_t len, gw_rkey_t **out) 
   gw_rkey_hdr_t h;
   if (len < sizeof(h)) return UCS_ERR_INVALID_PARAM;
   memcpy(&h, blob, sizeof(h));
-  if (h.magic != GW_MAGIC || h.proto != GW_PROTO || sizeof(h) + h.ucx_len != len)
+  if (h.magic != GW_MAGIC || h.proto != GW_PROTO || sizeof(h) + h.ucx_len != len ||
+      rkey_sum(&h, (const char *)blob + sizeof(h), h.ucx_len) != h.sum)
     return UCS_ERR_INVALID_PARAM;
+  RETURN_IF_CLOSED(c);
   gw_worker_t *w = c->w;
   LOCK(w);
   int rc = conn_usable(c);
@@ -1666,6 +2040,7 @@ static int rma(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t 
   *out = NULL;
   if (raddr < k->base || len > k->len || raddr - k->base > k->len - len)
     return GW_ERR_OUT_OF_RANGE;
+  RETURN_IF_CLOSED(c);
   gw_worker_t *w = c->w;
   LOCK(w);
   int rc = conn_usable(c);
@@ -1709,6 +2084,7 @@ int gw_get(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
 }
 
 int gw_flush(gw_conn_t *c, int64_t timeout_ns) {
+  RETURN_IF_CLOSED(c);
   gw_worker_t *w = c->w;
   LOCK(w);
   int rc = conn_usable(c);

@@ -99,6 +99,36 @@ int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t 
             void *rbuf, size_t rcap, int64_t timeout_ns, size_t *rlen);
 /* serve echo in C until the conn goes down or n messages (bench server) */
 int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n);
+/* receive n messages tagged `tag` (exact) into buf from C, keeping `window` receives
+ * posted (a sink, e.g. the bandwidth bench's server); every message must fit in cap */
+int gw_sink_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n, int window,
+                  int64_t timeout_ns);
+/* Serve requests from C: a layer above passes a handler (function pointer as an integer).
+ * Loop: receive one message tagged `tag` (exact) into buf; handler(arg, buf, len, out, maxout,
+ * &nout) fills out[0..nout) with messages to send (in order; they must not point into buf and
+ * must stay valid until the next handler call or the return); it returns GW_SERVE_NEXT: send
+ * them and receive the next message, GW_SERVE_PASS: send them and return 0 with the message
+ * left in buf (*rlen = its length) for the caller, or a negative status to return.  `first`
+ * (first_len bytes, tag first_tag; NULL: none) is sent right after the first receive is posted
+ * (the caller's reply to the message it handled).  Each receive is posted before the sends, so
+ * the peer's next request lands in a posted receive. */
+typedef struct {
+  uint32_t tag;
+  uint32_t flags; /* 0 or GW_MSG_DEFER */
+  const void *buf;
+  size_t len;
+} gw_msg_t;
+/* flags GW_MSG_DEFER (handler messages of a GW_SERVE_NEXT return): the send may still be in
+ * flight during the next handler call; it completes before the handler call after that one
+ * and before gw_serve returns, so a handler alternating two buffers between its calls can
+ * prepare the next message while the previous one is on the wire */
+#define GW_MSG_DEFER 1
+#define GW_SERVE_PASS 0
+#define GW_SERVE_NEXT 1
+#define GW_SERVE_MAXOUT 32
+typedef int (*gw_serve_fn)(void *arg, void *msg, size_t len, gw_msg_t *out, int maxout, int *nout);
+int gw_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, uint32_t first_tag, const void *first,
+             size_t first_len, uintptr_t handler, void *arg, int64_t timeout_ns, size_t *rlen);
 
 /* memory registration and RMA */
 int gw_mem_map(gw_ctx_t *ctx, void *addr, size_t len, gw_mem_t **out);

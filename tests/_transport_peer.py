@@ -83,10 +83,6 @@ class Server:
         self.l = self.w.listen(args.host, args.port)
         self.max_msg = args.max_msg
         self.regions = []
-        # Endpoints whose peer went away are kept, not closed: closing a lost tcp
-        # endpoint and seeing its reset later crashes the process (a transport bug,
-        # test_transport_api.py::test_close_lost_endpoint_then_peer_exits_does_not_crash)
-        self.gone = []
 
     def ready(self):
         emit({"pid": os.getpid(), "port": self.l.port, "address": self.w.address.hex(),
@@ -126,7 +122,7 @@ class Server:
                 continue
             except t.TransportError as e:
                 emit({"event": "served_lost", "peer_pid": ep.peer_pid, **_exc(e)})
-                self.gone.append(ep)
+                ep.close()  # a lost endpoint closes cleanly
                 return
             hl, n = rr.header_len, rr.nbytes
             header, payload = bytes(mv[:hl]), mv[hl:n]
@@ -140,7 +136,7 @@ class Server:
                     ep.send(payload, header=header, tag=rr.tag, timeout=60)
             except t.TransportError as e:
                 emit({"event": "served_lost", "peer_pid": ep.peer_pid, **_exc(e)})
-                self.gone.append(ep)
+                ep.close()  # a lost endpoint closes cleanly
                 return
             except Exception as e:  # a bug here: say so, keep serving
                 emit({"event": "peer_error", **_exc(e)})
@@ -196,7 +192,7 @@ class Server:
             lost = [x.id for x in self.w.poll_lost()]
             emit({"event": "waitlost", "token": arg.decode(), "dt": time.monotonic() - t0,
                   "poll_lost": lost, "ep_id": ep.id, "state": ep.state, **ev})
-            self.gone.append(ep)
+            ep.close()  # a lost endpoint closes cleanly
             return None
         ep.send(f"unknown command {cmd}".encode(), header=b"err", tag=tag, timeout=10)
         return quiet

@@ -1,8 +1,6 @@
 """Shared fixtures for the transport tests: subprocess peers (tests/_transport_peer.py)."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 TLS = {"tcp": "tcp,self", "shm": "tcp,sm,self"}
@@ -24,17 +22,6 @@ def spawn_peer():
     yield spawn
     for p in peers:
         p.close()
-
-
-def settle(worker, seconds=0.3):
-    """Progress ``worker`` for a while so that UCX reports every error of
-    endpoints whose peers went away *before* they are closed. Closing a lost tcp
-    endpoint and seeing its reset afterwards crashes the process (see
-    test_transport_api.py::test_close_lost_endpoint_then_peer_exits_does_not_crash),
-    so tests that lose peers over tcp settle before they close."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        worker.wait_event(0.02)
 
 
 class Link:

@@ -326,3 +326,33 @@ def test_posix_staging_splits_at_gaps_and_large_reads(blob):
     assert dst[14000:14060].tobytes() == data[100:150] + data[7:17]
     assert not dst[5000:10000].any() and not dst[13000:14000].any()
     assert copies == [2048, 2048, 904, 2048, 952, 60]  # split at gaps and full buffers
+
+
+def test_file_cache_never_closes_held_files_and_evicts_the_longest_idle(tmp_path):
+    from gpuwire.gds._files import FileCache, close_fd, open_fd
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"x" * (i + 1))
+        paths.append(str(p))
+    closed = []
+
+    def closer(fd):
+        closed.append(fd)
+        close_fd(fd)
+
+    c = FileCache(open_fd, closer, 2)
+    held = [c.acquire(p) for p in paths[:5]]          # 5 in use, max 2 idle: nothing closes
+    assert closed == [] and len(c) == 5
+    assert [h.size for h in held] == [1, 2, 3, 4, 5]
+    order = [3, 0, 4, 1, 2]                            # released in this order
+    for k in order:
+        held[k].close()
+    # the three released first are closed, oldest release first; two idle stay open
+    assert closed == [held[3].fd, held[0].fd, held[4].fd] and len(c) == 2
+    again = c.acquire(paths[1])                        # an idle file is reused, not reopened
+    assert again is held[1] and c.opens == 5
+    again.close()
+    c.close_all()
+    assert len(c) == 0

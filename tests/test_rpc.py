@@ -227,7 +227,29 @@ def _modules(s, srv):
     s.gwSync()
 
 
+def _files(s, srv):
+    """gds file calls; this server has no --data-root, so every path is refused
+    (tests/test_gds_remote.py reads real files through a server that has one)."""
+    assert "roots=" in s.gwFileBackend()
+    with pytest.raises(CudaError) as ei:
+        s.gwFileStat("x.bin")
+    assert ei.value.name == "CUDA_ERROR_NOT_PERMITTED"
+    from gpuwire.gds.service import pack_reads
+    with s.alloc(64) as d:
+        s.gwFileRead(d, "x.bin", 0, 8)
+        with pytest.raises(DeferredCudaError) as ei:
+            s.gwSync()
+        assert ei.value.call == "gwFileRead" and "no data roots" in str(ei.value)
+        blob = pack_reads([("x.bin", 0, 8, d.ptr)])
+        s.gwFileReadV(blob, len(blob), 1)
+        with pytest.raises(DeferredCudaError) as ei:
+            s.gwSync()
+        assert ei.value.call == "gwFileReadV" and ei.value.name == "CUDA_ERROR_NOT_PERMITTED"
+    s.get_last_error()
+
+
 SCENARIOS = {
+    "gwFileRead": _files, "gwFileReadV": _files, "gwFileStat": _files, "gwFileBackend": _files,
     "gwHello": _hello, "gwSync": _sync, "gwGetLastError": _last, "gwPeekAtLastError": _last,
     "cuInit": _init, "cuDriverGetVersion": _driver, "cuGetErrorName": _errname, "cuGetErrorString": _errname,
     "cuDeviceGetCount": _devices, "cuDeviceGet": _devices, "cuDeviceGetName": _devices,
@@ -424,7 +446,7 @@ def test_timer_flush(server):
 
 
 def test_no_timer_when_disabled(server):
-    with settings.override(rpc_flush_us=0):
+    with settings.override(rpc_flush_us=0, rpc_batch_first=8):
         s = server.connect()
     try:
         d = s.alloc(4096)
@@ -452,7 +474,17 @@ def test_allocation_is_client_side_and_reuses_addresses(s):
 
 # ----------------------------------------------------------------------------- errors
 
-def test_deferred_error_is_sticky_until_reported_and_names_the_call(s):
+@pytest.fixture()
+def s8(server):
+    """A session whose first batch holds 8 calls (tests that count batch positions)."""
+    with settings.override(rpc_batch_first=8):
+        sess = server.connect(name="test")
+    yield sess
+    sess.close()
+
+
+def test_deferred_error_is_sticky_until_reported_and_names_the_call(s8):
+    s = s8
     with s.alloc(4096) as d:
         s.cuMemsetD32(d, 1, 16)                        # ok
         s.cuMemsetD32(d.ptr + 4096, 7, 1)              # past the end: fails on the server

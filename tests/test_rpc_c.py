@@ -9,6 +9,7 @@ import struct
 import numpy as np
 import pytest
 
+from gpuwire import settings as _settings
 from gpuwire.rpc import protocol as P
 from gpuwire.rpc.codegen import layout
 from gpuwire.rpc.spec import default_spec
@@ -208,3 +209,489 @@ def test_handle_table_survives_churn():
     assert cf.Scanner(S._table()).scan(fc, P.HEADER_SIZE, len(f), len(recs), False, out)[0] == 0
     k, res, _ = d2.run(fc, out, 0, len(recs))
     assert (k, res) == (len(recs), 0)
+
+
+# ----------------------------------------------------------------------------- the C server
+# Frames the C server (gw_rpc_serve_handler under the transport's Endpoint.serve) can run
+# entirely are answered without Python; the others, and those whose calls fail, go on in
+# Python. The same calls against a server with GPUWIRE_RPC_C_SERVER=0 ("cpu-py") must
+# give the same results and the same errors.
+
+import threading  # noqa: E402
+
+from gpuwire.rpc.protocol import DeferredCudaError  # noqa: E402
+from test_rpc_support import start_server  # noqa: E402
+
+
+@pytest.fixture
+def inproc():
+    """A CPU-executor server in this process (thread isolation), so the test can look at
+    its sessions: which frames C answered."""
+    srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield srv
+    srv.shutdown()
+    th.join(timeout=20)
+
+
+def _connect(addr):
+    import gpuwire
+    return gpuwire.connect(addr, name="test-c-server")
+
+
+def _the_session(srv):
+    for _ in range(100):
+        live = [x for x in list(srv.sessions.values()) if x.ready]
+        if live:
+            return live[0]
+        import time
+        time.sleep(0.02)
+    raise AssertionError("no session on the server")
+
+
+def test_c_server_answers_hot_frames_without_python(inproc):
+    s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        sess = _the_session(inproc)
+        assert sess.serve_c is not None
+        d = s.alloc(4096)
+        st = s.stream()
+        s.gwSync()                                   # stream creation: a Python frame
+        c0, p0 = sess.c_frames, sess.frames
+        for _ in range(50):
+            s.gwSync()
+        assert sess.c_frames - c0 == 50 and sess.frames == p0   # all answered in C
+        out = np.zeros(1024, np.uint32)
+        for i in range(20):
+            s.cuMemsetD32Async(d, i, 1024, st)
+        s.cuMemsetD32Async(d + 8, 0xABCD, 2, st)
+        s.cuMemcpyDtoHAsync(out, d, 4096, st)          # pushed from C
+        s.cuStreamSynchronize(st)
+        want = np.full(1024, 19, np.uint32)
+        want[2:4] = 0xABCD
+        assert (out == want).all()
+        assert sess.frames == p0 and sess.c_frames > c0 + 50
+        # a frame with a call C does not run goes to Python, and C takes over again after
+        free, total = s.mem_get_info()
+        assert 0 < free <= total
+        assert sess.frames == p0 + 1
+        c1 = sess.c_frames
+        s.cuCtxSynchronize()
+        assert sess.c_frames == c1 + 1
+    finally:
+        s.close()
+
+
+def _error_script(s):
+    """Deferred failures in the middle of frames: a bad memset and a bad D2H push."""
+    d = s.alloc(4096)
+    st = s.stream()
+    s.gwSync()
+    out = np.zeros(1024, np.uint32)
+    got = []
+    s.cuMemsetD32Async(d, 1, 1024, st)
+    s.cuMemsetD32Async(d + 8192, 2, 16, st)           # outside every allocation
+    s.cuMemsetD32Async(d, 5, 1024, st)                # still runs (as a local driver would)
+    s.cuMemsetD32Async(d + 4096, 2, 16, st)           # a later failure
+    s.cuMemcpyDtoHAsync(out, d, 4096, st)
+    try:
+        s.cuStreamSynchronize(st)
+    except DeferredCudaError as e:
+        got.append((e.result, e.call, e.batch_position, e.frame_seq, e.call_seq, e.later_failures, e.surfaced_at,
+                    "is not inside an allocation of this session" in e.call_args))
+    got.append(bool((out == 5).all()))
+    bad = np.zeros(16, np.uint32)
+    s.cuMemcpyDtoHAsync(bad, d + 8192, 64, st)         # a push that fails: the client gets no bytes, no hang
+    try:
+        s.gwSync()
+    except DeferredCudaError as e:
+        got.append((e.result, e.call, e.batch_position, e.later_failures, e.surfaced_at))
+    got.append(s.get_last_error())
+    got.append(s.get_last_error())                    # cleared by the first read
+    s.cuMemsetD32Async(d, 9, 1024, st)
+    s.cuMemcpyDtoHAsync(out, d, 4096, st)
+    s.cuStreamSynchronize(st)
+    got.append(bool((out == 9).all()))
+    # a sync call C runs that fails: stream id never created
+    try:
+        s.cuStreamSynchronize(0x7777)
+    except Exception as e:  # noqa: BLE001 - compared across servers
+        got.append((type(e).__name__, getattr(e, "result", None)))
+    return got
+
+
+def test_c_server_errors_match_the_python_server():
+    res = {}
+    for kind in ("cpu", "cpu-py"):
+        srv = start_server(kind)
+        try:
+            with _settings.override(rpc_flush_us=0):     # batch cuts (positions, seqs) not timing-dependent
+                s = srv.connect()
+            try:
+                res[kind] = _error_script(s)
+            finally:
+                s.close()
+        finally:
+            srv.stop()
+    c, py = res["cpu"], res["cpu-py"]
+    assert c == py
+    assert c[0][0] == P.CUDA_ERROR_INVALID_VALUE and c[0][1] == "cuMemsetD32Async" and c[0][5] == 1 and c[0][7]
+    assert c[1] is True and c[2][1] == "cuMemcpyDtoHAsync" and c[-2] is True
+    assert c[-1] == ("CudaError", P.CUDA_ERROR_INVALID_HANDLE)
+
+
+def test_c_server_resumes_in_python_after_a_failure(inproc):
+    s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        sess = _the_session(inproc)
+        got = _error_script(s)
+        assert got[0][1] == "cuMemsetD32Async" and got[1] is True
+        assert sess.c_frames > 0            # frames before/after the failures were C's
+        s.gwSync()
+        assert sess.latch is None
+    finally:
+        s.close()
+
+
+def test_c_server_malformed_frames_get_error_replies(inproc):
+    s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        sess = _the_session(inproc)
+        s.gwSync()
+        c0 = sess.c_frames
+        gw = SPEC.calls["gwSync"].id
+        good = P.RECORD.pack(gw, 0, 8)
+        bad = [
+            P.HEADER.pack(P.MAGIC, 1, P.F_SYNC, 901, 1, 9) + good,            # body length lies
+            P.HEADER.pack(P.MAGIC, 1, P.F_SYNC, 902, 2, 8) + good,            # 2 calls announced
+            P.HEADER.pack(P.MAGIC, 1, P.F_SYNC, 903, 1, 8) + P.RECORD.pack(gw, 0, 7),   # short record
+            P.HEADER.pack(P.MAGIC, 1, P.F_SYNC, 904, 1, 8) + P.RECORD.pack(60000, 0, 8),  # unknown call
+            P.HEADER.pack(0x1234, 1, P.F_SYNC, 905, 1, 8) + good,              # bad magic
+            P.HEADER.pack(P.MAGIC, 1, P.F_SYNC | 0x40, 906, 1, 8) + good,     # unknown flag
+        ]
+        for f in bad:
+            s._ep.send(f, tag=P.TAG_REQ)
+        s.gwSync()                      # still served; the error replies came first
+        assert sess.errors == len(bad)
+        assert len(s.protocol_errors) == len(bad)
+        assert sess.c_frames == c0 + 1
+    finally:
+        s.close()
+
+
+def test_serve_handler_passes_when_disabled():
+    """Unit: the handler only answers a frame when enabled and attached; otherwise it
+    passes it back untouched (no reply, nothing run)."""
+    sc = cf.Serve(cf.Scanner(S._table()), P.TAG_REP)
+    frame = _frame([P.RECORD.pack(SPEC.calls["gwSync"].id, 0, 8)])
+    buf = ffi.new("uint8_t[]", frame)
+    out = ffi.new("gw_rpc_msg_t[32]")
+    nout = ffi.new("int *")
+    assert lib.gw_rpc_serve_handler(ffi.cast("void *", sc.arg), buf, len(frame), out, 32, nout) == 0
+    assert nout[0] == 0 and sc.v.passed == 1 and sc.v.frames == 0
+
+
+def test_dispatch_launch_passes_kernel_params_at_the_layout_offsets():
+    """With the function's parameter layout bound, the C loop launches with kernelParams
+    pointing at each parameter inside the frame; without it, the parameter-buffer form."""
+    d = cf.Dispatch(SPEC, cf.host_fns([0]))
+    F = type("F", (), {"ptr": 0x1234, "size": 16, "layout": [(0, 8), (8, 4)]})
+    d.bind("function", 0x300, F())
+    d.bind("function", 0x301, type("G", (), {"ptr": 0x1235, "size": 16})())
+    params = struct.pack("<QI4x", 0xDEADBEEFCAFE, 77)
+    recs = [_rec("cuLaunchKernel", 0x300, 1, 1, 1, 1, 1, 1, 0, 0, blobs=[params]),
+            _rec("cuLaunchKernel", 0x301, 1, 1, 1, 1, 1, 1, 0, 0, blobs=[params])]
+    f = bytearray(_frame(recs, 0))
+    fc = ffi.cast("uint8_t *", ffi.from_buffer(f))
+    out = ffi.new("gw_rpc_rec_t[]", 2)
+    assert cf.Scanner(S._table()).scan(fc, P.HEADER_SIZE, len(f), 2, False, out)[0] == 0
+    assert d.run(fc, out, 0, 1)[:2] == (1, 0)
+    assert [lib.gw_rpc_host_last(i) for i in range(3)] == [1, 0xDEADBEEFCAFE, 77]
+    assert d.run(fc, out, 1, 2)[:2] == (1, 0)
+    assert lib.gw_rpc_host_last(0) == 2
+    # a layout that does not fit the buffer is not used
+    d.bind("function", 0x300, type("H", (), {"ptr": 0x1234, "size": 8, "layout": [(0, 8), (8, 4)]})())
+    d.run(fc, out, 0, 1)
+    assert lib.gw_rpc_host_last(0) != 1
+    d.unbind("function", 0x300)
+    assert d.run(fc, out, 0, 1)[1] == P.CUDA_ERROR_INVALID_HANDLE
+
+
+def test_flush_timer_fires_only_for_unsent_batches():
+    """The client's C flush timer: returns a batch's frame seq once it is overdue and still
+    unsent; a batch sent in time (the seq moved on) never wakes the waiter; stop ends it."""
+    import time
+    tm = ffi.gc(lib.gw_rpc_timer_new(20_000_000), lib.gw_rpc_timer_free)     # 20 ms
+    seqp = lib.gw_rpc_timer_seqp(tm)
+    got = []
+    th = threading.Thread(target=lambda: [got.append(lib.gw_rpc_timer_wait(tm)) for _ in range(2)])
+    seqp[0] = 5
+    t0 = time.monotonic()
+    lib.gw_rpc_timer_arm(tm, 5)                       # a batch in frame 5 that is never sent
+    th.start()
+    for _ in range(200):
+        if got:
+            break
+        time.sleep(0.005)
+    assert got == [5] and time.monotonic() - t0 >= 0.019
+    lib.gw_rpc_timer_arm(tm, 6)                       # frame 6's batch ...
+    seqp[0] = 7                                       # ... goes out on its own
+    time.sleep(0.06)
+    assert got == [5]                                 # no wake-up for it
+    lib.gw_rpc_timer_stop(tm)
+    th.join(timeout=5)
+    assert got == [5, -1]
+
+
+# ----------------------------------------------------------------------------- the fast sync stub
+# gwSync / cuCtxSynchronize / cuStreamSynchronize with nothing batched: one C call
+# (gw_rpc_fsync) sends a pre-encoded frame and checks the reply; everything that is not the
+# plain answer is read by the Python code of the generated stubs.
+
+from gpuwire.rpc import client as C  # noqa: E402
+
+
+@pytest.fixture
+def fsync_count(monkeypatch):
+    n = [0]
+    real = C._fsync
+    if real is None:
+        pytest.skip("gpuwire._rpc has no gw_rpc_fsync")
+
+    def counted(*a):
+        n[0] += 1
+        return real(*a)
+    monkeypatch.setattr(C, "_fsync", counted)
+    return n
+
+
+def test_fast_sync_stub_runs_when_idle_and_falls_back_when_batched(inproc, fsync_count):
+    with _settings.override(rpc_flush_us=0):         # batches leave only when the test says so
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        assert isinstance(s, C._FastSync)
+        d = s.alloc(4096)
+        st = s.stream()
+        s.gwSync()
+        s.cuMemsetD32Async(d, 1, 1024, st)           # one call batched: the generated stub sends both
+        s.gwSync()
+        assert fsync_count[0] == 1
+        s.gwSync()
+        s.cuCtxSynchronize()
+        st.synchronize()
+        s.cuStreamSynchronize(int(st))
+        s.cuStreamSynchronize()                      # the NULL stream
+        assert fsync_count[0] == 6
+        s.cuMemsetD32Async(d, 7, 1024, st)           # batched: the generated stub sends it
+        s.cuStreamSynchronize(st)
+        assert fsync_count[0] == 6
+        out = np.zeros(1024, np.uint32)
+        s.cuMemcpyDtoHAsync(out, d, 4096, st)
+        s.flush()                                    # nothing batched, one push outstanding
+        s.cuStreamSynchronize(st)                    # fast: the reply's push count is waited for
+        assert fsync_count[0] == 7 and (out == 7).all()
+        # the seq the fast stub sent is the session's: a later batched frame still matches
+        s.cuMemsetD32Async(d, 8, 1024, st)
+        s.cuMemcpyDtoHAsync(out, d, 4096, st)
+        s.gwSync()
+        assert (out == 8).all() and s.protocol_errors == []
+        with pytest.raises(TypeError):
+            s.cuStreamSynchronize("not a stream")
+        with pytest.raises(Exception):
+            s.cuStreamSynchronize(-1)
+    finally:
+        s.close()
+
+
+def test_fast_sync_stub_raises_a_pending_deferred_error(inproc, fsync_count):
+    s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        d = s.alloc(4096)
+        st = s.stream()
+        s.gwSync()
+        s.cuMemsetD32Async(d + 8192, 2, 16, st)      # outside every allocation
+        s.flush()                                    # sent: the sync call below is the fast stub's
+        n0 = fsync_count[0]
+        with pytest.raises(DeferredCudaError) as ei:
+            s.gwSync()
+        assert fsync_count[0] == n0 + 1
+        e = ei.value
+        assert e.call == "cuMemsetD32Async" and e.result == P.CUDA_ERROR_INVALID_VALUE and e.surfaced_at == "gwSync"
+        s.gwSync()                                   # reported once
+        # a failing sync call itself: its CUresult, through the fast stub
+        with pytest.raises(P.CudaError) as ei2:
+            s.cuStreamSynchronize(0x7777)
+        assert ei2.value.result == P.CUDA_ERROR_INVALID_HANDLE
+        assert s.get_last_error() == P.CUDA_ERROR_INVALID_HANDLE
+    finally:
+        s.close()
+
+
+def _sync_script(s):
+    """Sync calls with and without batched work and errors; what the caller sees."""
+    got = _error_script(s)
+    d = s.alloc(1 << 16)
+    st = s.stream()
+    for i in range(5):
+        s.gwSync()
+        s.cuCtxSynchronize()
+        s.cuStreamSynchronize(st)
+    s.cuMemsetD8Async(d + (1 << 16), 1, 1, st)
+    s.flush()
+    try:
+        s.cuCtxSynchronize()
+    except DeferredCudaError as e:
+        got.append((e.result, e.call, e.batch_position, e.frame_seq, e.call_seq, e.surfaced_at))
+    got.append(s._seq)
+    got.append(s._call_seq)
+    return got
+
+
+def test_fast_sync_stub_matches_the_generated_stubs():
+    """The same script with GPUWIRE_RPC_C_SYNC on and off, against the C and the Python
+    server: the same results, errors, frame and call sequence numbers."""
+    res = {}
+    for kind in ("cpu", "cpu-py"):
+        srv = start_server(kind)
+        try:
+            for fast in (True, False):
+                with _settings.override(rpc_c_sync=fast, rpc_flush_us=0):
+                    s = srv.connect()
+                    try:
+                        assert isinstance(s, C._FastSync) == (fast and C._fsync is not None)
+                        res[(kind, fast)] = _sync_script(s)
+                    finally:
+                        s.close()
+        finally:
+            srv.stop()
+    vals = list(res.values())
+    assert all(v == vals[0] for v in vals), res
+    assert vals[0][-3][1] == "cuMemsetD8Async"
+
+
+def test_fast_sync_stub_reports_a_lost_server():
+    srv = start_server("cpu")
+    try:
+        s = srv.connect()
+        s.gwSync()
+    finally:
+        srv.stop()
+    try:
+        with pytest.raises((P.SessionClosed, Exception)) as ei:
+            for _ in range(3):
+                s.gwSync()
+        assert not isinstance(ei.value, AssertionError)
+    finally:
+        try:
+            s.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------- bulk H2D copies
+# The GPU executor leaves an async H2D copy's last chunk(s) pending until the session's next
+# call (rpc_gpu_h2d_overlap): checked here for content across chunk boundaries and odd sizes,
+# ordering against later calls on the stream, and errors, on every executor (the CPU ones
+# receive straight into memory and give the reference behaviour).
+
+from test_rpc_support import EXECUTORS  # noqa: E402
+
+_H2D_KINDS = EXECUTORS + [pytest.param("gpu-no-overlap", marks=pytest.mark.gpu)]
+
+
+def _h2d_script(s):
+    chunk = s._chunk or (4 << 20)
+    sizes = [1000, (64 << 10) + 1, chunk - 7, chunk, chunk + 3, 2 * chunk + 1, 1, 3 * chunk - 5, 70000]
+    total = sum(sizes) + 64
+    rng = np.random.default_rng(7)
+    host = s.pinned(total)
+    host[:] = rng.integers(0, 256, total, dtype=np.uint8)
+    plain = rng.integers(0, 256, total, dtype=np.uint8)      # not registered: sent and waited for
+    d = s.alloc(total)
+    st = s.stream()
+    want = np.zeros(total, np.uint8)
+    s.cuMemsetD8Async(d, 0, total, st)
+    off = 0
+    for i, n in enumerate(sizes):
+        src = host if i % 3 != 2 else plain
+        s.cuMemcpyHtoDAsync(d + off, src[off:off + n], n, st)
+        want[off:off + n] = src[off:off + n]
+        if i % 4 == 1:        # a memset right after a copy on the same stream runs after it
+            s.cuMemsetD8Async(d + off + n // 2, 0xAB, min(5, n - n // 2), st)
+            want[off + n // 2:off + n // 2 + min(5, n - n // 2)] = 0xAB
+        off += n
+    # a sync copy over part of an async one, then an async copy over that
+    s.cuMemcpyHtoD(d + 10, plain[:chunk + 1], chunk + 1)
+    want[10:10 + chunk + 1] = plain[:chunk + 1]
+    s.cuMemcpyHtoDAsync(d + 20, host[:7], 7, st)
+    want[20:27] = host[:7]
+    s.cuStreamSynchronize(st)
+    out = np.zeros(total, np.uint8)
+    s.cuMemcpyDtoH(out, d, total)
+    got = [bool((out == want).all()), int(np.flatnonzero(out != want)[:1].sum()) if (out != want).any() else -1]
+    # a copy outside the allocation: a deferred error naming it; the copies after it still run
+    big = 2 * chunk + 9
+    s.cuMemcpyHtoDAsync(d + total - 8, host[:big], big, st)
+    s.cuMemcpyHtoDAsync(d, host[5:5 + big], big, st)
+    try:
+        s.cuStreamSynchronize(st)
+        got.append(None)
+    except DeferredCudaError as e:
+        got.append((e.call, e.result, e.later_failures))
+    s.cuMemcpyDtoH(out, d, big)
+    got.append(bool((out[:big] == host[5:5 + big]).all()))
+    s.gwSync()
+    return got
+
+
+@pytest.mark.parametrize("kind", _H2D_KINDS)
+def test_async_h2d_copies_keep_content_order_and_errors(kind):
+    if kind == "gpu-no-overlap":
+        srv = start_server("gpu", env={"GPUWIRE_RPC_GPU_H2D_OVERLAP": "0"})
+    else:
+        srv = start_server(kind)
+    try:
+        with _settings.override(rpc_flush_us=0):
+            s = srv.connect()
+        try:
+            got = _h2d_script(s)
+        finally:
+            s.close()
+    finally:
+        srv.stop()
+    assert got[0] is True, f"first differing byte at {got[1]}"
+    assert got[2] == ("cuMemcpyHtoDAsync", P.CUDA_ERROR_INVALID_VALUE, 0)
+    assert got[3] is True
+
+
+def test_c_server_deferred_pushes_keep_their_bytes(inproc):
+    """Pushes from C go out as deferred sends from alternating halves of the scratch buffer
+    (the serve loop's GW_MSG_DEFER): back-to-back frames, each copying different bytes, must
+    each deliver their own bytes, at odd sizes up to the half's capacity and beyond it (then
+    Python pushes)."""
+    with _settings.override(rpc_flush_us=0):
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        sess = _the_session(inproc)
+        n_max = 3 << 20
+        d = s.alloc(n_max)
+        st = s.stream()
+        s.gwSync()
+        sizes = [4, 1001, (64 << 10) + 3, (256 << 10) - 1, (512 << 10) - 64, (512 << 10) + 1, 3 << 20]
+        outs = []
+        c0, p0 = sess.c_frames, sess.frames
+        for rnd in range(3):
+            for i, n in enumerate(sizes):
+                val = (rnd * 16 + i + 1) & 0xFF
+                s.cuMemsetD8Async(d, val, n, st)
+                o = np.zeros(n, np.uint8)
+                s.cuMemcpyDtoHAsync(o, d, n, st)
+                s.flush()                       # its own frame: the next one is copied while it is sent
+                outs.append((o, val))
+        s.cuStreamSynchronize(st)
+        bad = [(k, int(o[0]), v) for k, (o, v) in enumerate(outs) if not (o == v).all()]
+        assert bad == []
+        assert sess.c_frames - c0 >= 3 * 5       # the ones that fit a half went through C
+    finally:
+        s.close()

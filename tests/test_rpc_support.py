@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-KERNELS = Path(__file__).resolve().parent / "kernels"
-PTX = KERNELS / "gw_test_kernels.ptx"
+from gpuwire.rpc import kernels as _kernels  # noqa: E402 - the package ships the test kernels
+
+KERNELS = _kernels.HERE
+PTX = _kernels.PTX
 TOKEN = "test-token-0123456789"
 
 

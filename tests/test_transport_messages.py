@@ -25,7 +25,7 @@ import pytest
 
 from gpuwire import transport as t
 from _transport_peer import pattern
-from conftest import TLS, settle
+from conftest import TLS
 
 SIZES = [0, 1, 92, 93, 5028, 5029, 8184, 8185, 8191, 8192, 8193, 16483, 16484, 65535, 65536,
          65537, 262143, 262144, 262145, 273826, 273827, (1 << 20) + 1]
@@ -308,7 +308,6 @@ def test_64_endpoints_any_source_attribution(spawn_peer, kind):
         while any(c.proc.poll() is None for c in clients) and time.monotonic() < deadline:
             w.wait_event(0.05)
         assert [c.wait(timeout=1) for c in clients] == [0, 0]
-        settle(w)
         lost = w.poll_lost()
         assert {ep.id for ep in lost} == {ep.id for ep in accepted}
     finally:
@@ -359,9 +358,9 @@ def test_one_gib_roundtrip(spawn_peer, kind):
 
 @pytest.mark.parametrize("kind", sorted(TLS))
 def test_serve_echo_in_c_and_stop_tag(spawn_peer, kind):
-    """Endpoint.serve_echo echoes header + payload with the tag; the reserved tag
-    0xFFFFFF stops it (only call() can send that tag), after which the peer closes
-    its endpoint and exits 0."""
+    """Endpoint.serve_echo echoes header + payload with the tag; Endpoint.stop_echo()
+    sends the reserved stop tag (ECHO_STOP_TAG, refused by send and call), after
+    which the peer closes its endpoint and exits 0."""
     peer = spawn_peer("server", "--tls", TLS[kind], "--mode", "cecho", "--max-msg", 1 << 20)
     ctx = t.Context({"TLS": TLS[kind]})
     try:
@@ -375,11 +374,64 @@ def test_serve_echo_in_c_and_stop_tag(spawn_peer, kind):
             rr = req.wait(10)
             assert rr.header_len == 6 and bytes(buf[:rr.nbytes]) == b"c-echo" + payload
         with pytest.raises(ValueError):
-            ep.send(b"", tag=0xFFFFFF)
-        with pytest.raises(t.ConnectionLost):  # the echo loop ends, the peer closes
-            ep.call(b"", bytearray(8), tag=0xFFFFFF, timeout=10)
+            ep.send(b"", tag=t.ECHO_STOP_TAG)
+        with pytest.raises(ValueError, match="tag"):
+            ep.call(b"", bytearray(8), tag=t.ECHO_STOP_TAG, timeout=1)
+        assert ep.call(b"still echoing", bytearray(64), tag=3, timeout=10) == 13
+        ep.stop_echo(timeout=10)
         assert peer.event("echo_end")["type"] is None
         assert peer.wait(timeout=10) == 0
-        settle(w)
+        with pytest.raises(t.ConnectionLost):  # the peer closed its endpoint
+            ep.recv(bytearray(8), tag=5, tag_mask=t.EXACT_TAG, timeout=5)
+        ep.close()
     finally:
         ctx.close()
+
+
+# ------------------------------------------------ the C sink (bandwidth bench server)
+
+
+@pytest.mark.parametrize("kind", sorted(TLS))
+@pytest.mark.parametrize("size", [8, 5029, 300000])
+def test_serve_sink_receives_count_messages(kind, size):
+    """Endpoint.serve_sink receives exactly ``count`` messages of its tag from C
+    (keeping a window of receives posted) and returns; other tags stay for
+    ordinary receives; a message larger than the buffer is MessageTruncated."""
+    import threading
+
+    with t.Context({"TLS": TLS[kind]}) as ctx:
+        ws, wc = ctx.worker(), ctx.worker()
+        lst = ws.listen("127.0.0.1", 0)
+        got = {}
+
+        def server():
+            sep = lst.accept(timeout=10)
+            got["sep"] = sep
+            sink = bytearray(size)
+            try:
+                sep.serve_sink(sink, 50, window=8, tag=3, timeout=20)
+                got["last"] = bytes(sink)
+                other = bytearray(16)
+                rr = sep.recv(other, tag=4, tag_mask=t.EXACT_TAG, timeout=10)
+                got["other"] = bytes(other[:rr.nbytes])
+                sep.serve_sink(bytearray(4), 1, tag=3, timeout=10)
+            except Exception as e:  # checked below
+                got["error"] = e
+
+        th = threading.Thread(target=server)
+        th.start()
+        try:
+            ep = wc.connect(lst.address, timeout=10)
+            ep.send_nb(b"other tag", tag=4)
+            reqs = [ep.send_nb(pattern(size, k), tag=3) for k in range(50)]
+            wc.wait_all(reqs, timeout=20)
+            ep.send(b"too long for 4 bytes", tag=3, timeout=10)
+            th.join(30)
+            assert "last" in got, got
+            assert got["last"] == pattern(size, 49).tobytes()
+            assert got["other"] == b"other tag"
+            assert isinstance(got.get("error"), t.MessageTruncated), got
+            with pytest.raises(ValueError, match="window"):
+                got["sep"].serve_sink(bytearray(8), 1, window=0)
+        finally:
+            th.join(30)

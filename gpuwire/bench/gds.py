@@ -9,9 +9,15 @@ not work the row says ``warm`` and why) and then warm. Throughput is GB/s (10^9)
 
 Backends are small objects (:class:`BenchBackend`) with ``read_file_range`` /
 ``read_ranges``; local ones wrap a :class:`gpuwire.gds.Reader` (kvikio, posix+h2d,
-host). Those that cannot run here are reported as skipped with the reason. The
-remote backend plugs in through :func:`add_remote_arguments` and
-:func:`remote_backends` (``--server HOST:PORT``; not part of this module yet).
+host). Those that cannot run here are reported as skipped with the reason.
+
+The remote backend (``remote``) has a gpuwire server read the same files into its
+session's device memory (:mod:`gpuwire.gds.remote`): ``--server HOST:PORT`` uses a
+running ``gpuwire serve --data-root DIR`` whose data root holds the bench directory's
+files (paths are sent relative to ``--dir``); ``--remote`` starts a server of its own
+on loopback tcp (``--data-root`` the bench directory; ``--remote-executor``). Its
+mode column says which engine the server read with (``remote:posix+h2d`` ...; ``order`` in the config);
+``remote/kvikio`` ratios are printed per case.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ import argparse
 import ctypes
 import mmap
 import os
+import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +70,12 @@ class BenchBackend:
     def to_host(self, arr):
         raise NotImplementedError
 
+    def dataset(self, path: str, record: int):
+        """The dataloader case's dataset over ``path`` (local files by default)."""
+        from gpuwire.gds import RecordDataset
+
+        return RecordDataset(path, record)
+
     def close(self) -> None:
         pass
 
@@ -90,13 +104,132 @@ class LocalBackend(BenchBackend):
         self.reader.close()
 
 
+class RemoteBackend(BenchBackend):
+    """Reads by a gpuwire server into its session's device memory (gpuwire.gds.remote).
+
+    Paths go to the server relative to ``root`` (the bench directory, which is, or is
+    mirrored by, the server's data root). Buffers are reused across runs by size.
+    """
+
+    def __init__(self, name: str, session, root: str, server: Optional["_EmbeddedServer"] = None):
+        from gpuwire.gds.remote import RemoteReader
+
+        self.name, self.session, self.root, self.server = name, session, root, server
+        self.reader = RemoteReader(session)
+        self.mode = self.reader.mode
+        self.stream = self.reader.new_stream()
+        self._pool: Dict[int, list] = {}
+        self._turn: Dict[int, int] = {}
+
+    def _rel(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
+    def alloc(self, nbytes: int):
+        bufs = self._pool.setdefault(nbytes, [])
+        k = self._turn.get(nbytes, 0)
+        self._turn[nbytes] = k + 1
+        if len(bufs) < 2:
+            bufs.append(self.reader.alloc(nbytes))
+            return bufs[-1]
+        return bufs[k % 2]
+
+    def read_ranges(self, requests, dst) -> int:
+        return self.reader.read_batch([(self._rel(p), o, n, d) for p, o, n, d in requests], dst, self.stream)
+
+    def sync(self) -> None:
+        self.reader.synchronize(self.stream)
+
+    def to_host(self, arr):
+        return arr.to_host()
+
+    def dataset(self, path: str, record: int):
+        from gpuwire.gds.remote import RemoteRecordDataset
+
+        return RemoteRecordDataset(self.session, self._rel(path), record)
+
+    def close(self) -> None:
+        try:
+            self.reader.close()
+            self.session.close()
+        finally:
+            if self.server is not None:
+                self.server.stop()
+
+
+class _EmbeddedServer:
+    """``gpuwire serve`` on loopback with ``--data-root`` the bench directory."""
+
+    def __init__(self, root: str, executor: str, tls: str, env: Dict[str, str]):
+        self.token = secrets.token_hex(16)
+        cmd = [sys.executable, "-m", "gpuwire.rpc.cli", "--executor", executor, "--listen", "127.0.0.1:0",
+               "--ready-stdout", "--token", self.token, "--data-root", root, "--log-level", "warning"]
+        if tls:
+            cmd += ["--tls", tls]
+        e = dict(os.environ)
+        e.update(env)
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=e)
+        line = self.p.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"embedded gpuwire serve --executor {executor} did not start "
+                               f"(rc {self.p.returncode})")
+        self.address = f"127.0.0.1:{int(line)}"
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
 def add_remote_arguments(p: argparse.ArgumentParser) -> None:
-    """Hook for the remote backend's options (``--server HOST:PORT``); none yet."""
+    """The remote backend's options."""
+    g = p.add_argument_group("remote backend (gpuwire.gds.remote)")
+    g.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="also measure reads by this gpuwire server into its device memory; its --data-root "
+                        "must hold --dir's files (paths are sent relative to --dir)")
+    g.add_argument("--token", default=None, help="token of --server (default: GPUWIRE_RPC_TOKEN)")
+    g.add_argument("--remote", action="store_true",
+                   help="also measure a gpuwire server this bench starts on loopback (--data-root the bench "
+                        "directory)")
+    g.add_argument("--remote-executor", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="executor of the --remote server (auto: gpu where cupy sees one, else cpu)")
+    g.add_argument("--remote-tls", default="tcp,self",
+                   help="UCX_TLS of the --remote server and its client (default tcp,self: loopback tcp)")
 
 
 def remote_backends(args: argparse.Namespace) -> List[Tuple[str, Optional[BenchBackend], str]]:
-    """Hook: ``[(name, backend or None, reason)]`` for remote backends; none yet."""
-    return []
+    """``[(name, backend or None, reason)]``: ``remote`` for --server or --remote."""
+    if not (getattr(args, "server", None) or getattr(args, "remote", False)):
+        return []
+    root = os.path.realpath(args._root)
+    server = None
+    try:
+        import gpuwire
+
+        if args.server:
+            session = gpuwire.connect(args.server, token=args.token, name="bench gds")
+        else:
+            ex = args.remote_executor
+            if ex == "auto":
+                from gpuwire.gds import gpu_status
+
+                ex = "gpu" if gpu_status()[0] else "cpu"
+            from gpuwire import settings
+
+            env = {"GPUWIRE_GDS_THREADS": str(settings.get("gds_threads")),
+                   "GPUWIRE_GDS_TASK_SIZE": str(settings.get("gds_task_size"))}
+            server = _EmbeddedServer(root, ex, args.remote_tls, env)
+            session = gpuwire.connect(server.address, token=server.token, tls=args.remote_tls or None,
+                                      name="bench gds")
+        return [("remote", RemoteBackend("remote", session, root, server), "")]
+    except Exception as e:
+        if server is not None:
+            server.stop()
+        return [("remote", None, f"{type(e).__name__}: {e}")]
 
 
 def local_backends(names: Iterable[str]) -> List[Tuple[str, Optional[BenchBackend], str]]:
@@ -316,9 +449,9 @@ def run_small(be: BenchBackend, paths: Sequence[str], chunk: int, progress: Opti
 def run_loader(be: BenchBackend, path: str, record: int, batch: int, prefetch: int,
                shuffle: bool, progress: Optional[bool]) -> Tuple[int, float]:
     """One DataLoader epoch over the large file; the consumer does no work."""
-    from gpuwire.gds import DataLoader, RecordDataset
+    from gpuwire.gds import DataLoader
 
-    ds = RecordDataset(path, record)
+    ds = be.dataset(path, record)
     loader = DataLoader(ds, batch, shuffle=shuffle, prefetch=prefetch, reader=be.reader)
     meter = _Meter(ds.nbytes, f"{be.name} loader", progress)
     loader.allocate()  # allocation is setup, not reading
@@ -395,6 +528,9 @@ def ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     by = {(r["backend"], r["case"], r["cache"]): r for r in rows if r.get("seconds")}
     out = []
     for (be, case, cache), r in by.items():
+        if be == "remote" and ("kvikio", case, cache) in by:
+            out.append({"what": f"remote/kvikio throughput, {case}", "cache": cache,
+                        "ratio": r["GBps"] / by[("kvikio", case, cache)]["GBps"], "target": ">= 0.95"})
         if be == "kvikio" and ("posix", case, cache) in by:
             out.append({"what": f"kvikio/posix+h2d throughput, {case}", "cache": cache,
                         "ratio": r["GBps"] / by[("posix", case, cache)]["GBps"], "target": ">= 1.3 (seq)"})
@@ -406,14 +542,14 @@ def ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def _print_rows(rows: List[Dict[str, Any]], out=sys.stdout) -> None:
-    print(f"{'backend':8} {'mode':14} {'case':16} {'cache':5} {'bytes':>10} {'seconds':>9} {'GB/s':>8}  note",
+    print(f"{'backend':8} {'mode':20} {'case':16} {'cache':5} {'bytes':>10} {'seconds':>9} {'GB/s':>8}  note",
           file=out)
     for r in rows:
         if r.get("skipped"):
-            print(f"{r['backend']:8} {'-':14} {r['case']:16} {'-':5} {'':>10} {'':>9} {'':>8}  "
+            print(f"{r['backend']:8} {'-':20} {r['case']:16} {'-':5} {'':>10} {'':>9} {'':>8}  "
                   f"skipped: {r['skipped']}", file=out)
             continue
-        print(f"{r['backend']:8} {r['mode']:14} {r['case']:16} {r['cache']:5} {human_size(r['bytes']):>10} "
+        print(f"{r['backend']:8} {r['mode']:20} {r['case']:16} {r['cache']:5} {human_size(r['bytes']):>10} "
               f"{r['seconds']:9.3f} {r['GBps']:8.2f}  {r.get('note', '')}", file=out)
 
 
@@ -425,6 +561,7 @@ def run(args: argparse.Namespace) -> int:
     root = tempfile.mkdtemp(prefix="gpuwire-bench-gds-") if own_dir else args.dir
     os.makedirs(root, exist_ok=True)
     _apply_kvikio_args(args)
+    args._root = root
     try:
         files = make_files(root, args.size, args.small_count, args.small_size, cases)
         backends = local_backends(names) + remote_backends(args)
@@ -489,7 +626,14 @@ def _config(args, root, cases, caches, backends) -> Dict[str, Any]:
         "gds_staging_bytes": settings.get("gds_staging_bytes"),
     }
     for n, be, _ in backends:
-        if be is not None and getattr(be.reader, "kvikio_settings", None):
+        if be is not None and isinstance(be, RemoteBackend):
+            extra["remote"] = {"address": getattr(be.session, "address", "?"), "mode": be.mode,
+                               "detail": getattr(be.reader, "mode_detail", ""),
+                               "kvikio": getattr(be.reader, "kvikio_settings", None),
+                               "order": getattr(be.reader, "order", ""),
+                               "workers": getattr(be.reader, "workers", ""),
+                               "embedded": be.server is not None}
+        elif be is not None and getattr(be.reader, "kvikio_settings", None):
             extra["kvikio"] = dict(be.reader.kvikio_settings, detail=getattr(be.reader, "mode_detail", ""))
     return config_echo(extra)
 

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional
 from .report import config_echo, human_size, print_config, size_range, write_csv, write_json
 
 TLS_MAP = {"tcp": "tcp,self", "sm": "tcp,sm,self", "shm": "tcp,sm,self"}
-PTX_CANDIDATES = [Path(__file__).resolve().parents[2] / "tests" / "kernels" / "gw_test_kernels.ptx"]
+PTX_CANDIDATES = [Path(__file__).resolve().parents[1] / "rpc" / "kernels" / "gw_test_kernels.ptx"]
 TARGETS = {"rtt_ratio": 1.3, "issue_us": 1.0, "launch_speedup": 5.0, "bw_ratio": 0.95, "mlp_ratio": 1.10}
 
 
@@ -46,8 +46,8 @@ def find_ptx(path: Optional[str]) -> Path:
     for p in PTX_CANDIDATES:
         if p.exists():
             return p
-    raise SystemExit("gpuwire bench rpc: test kernels not found; pass --ptx tests/kernels/gw_test_kernels.ptx "
-                     "(build: nvcc -ptx -arch=compute_80 tests/kernels/gw_test_kernels.cu)")
+    raise SystemExit("gpuwire bench rpc: the packaged test kernels (gpuwire/rpc/kernels/gw_test_kernels.ptx) "
+                     "are missing; pass --ptx FILE (build: nvcc -ptx -arch=compute_80 gw_test_kernels.cu)")
 
 
 def tls_of(name: str) -> str:
@@ -92,7 +92,11 @@ def bench_rtt(s, args, tls: str) -> List[Dict[str, Any]]:
         sync()
         ts[i] = pc()
     st = percentiles([ts[i] - ts[i - 1] for i in range(1, args.iters + 1)])
-    st["mean"] = (ts[-1] - ts[0]) / args.iters / 1e3
+    # the mean from an untimed pass (no timestamp per call), as the transport baseline does
+    t0 = pc()
+    for i in range(args.iters):
+        sync()
+    st["mean"] = (pc() - t0) / args.iters / 1e3
     rows.append({"bench": "rpc", "test": "rtt", "what": "gwSync (sync no-op call)", "rtt_us": st})
     # the transport's 8 B round trip against its C echo server, same transports
     from . import transport as tb
@@ -274,6 +278,16 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
                             res["bw_overall_MiBps"] * perftest.MIB_TO_MB)
                     except Exception as e:
                         row["perftest_error"] = str(e)[:300]
+                    for w in [int(x) for x in str(args.extra_windows or "").split(",") if x.strip()]:
+                        # like for like: ucx_perftest with as many messages in flight as the
+                        # copy path keeps receives posted (the GPU server: 2)
+                        try:
+                            res = perftest.run_local("tag_bw", size, n, tls.replace("tcp,sm,self", "sm,self"),
+                                                     warmup=2, window=w)
+                            samples.setdefault(f"perftest_w{w}_MBps", []).append(
+                                res["bw_overall_MiBps"] * perftest.MIB_TO_MB)
+                        except Exception as e:
+                            row[f"perftest_w{w}_error"] = str(e)[:300]
             for k, v in samples.items():
                 row[k] = statistics.median(v)
             base = row.get("perftest_MBps")
@@ -646,7 +660,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rtt, issue, launch, bw, mlp, dispatch (comma-separated)")
     p.add_argument("--server", help="HOST:PORT of a running `gpuwire serve` (else a loopback one)")
     p.add_argument("--token", help="token of --server")
-    p.add_argument("--ptx", help="the test kernels (default tests/kernels/gw_test_kernels.ptx)")
+    p.add_argument("--ptx", help="the test kernels (default: the packaged gpuwire/rpc/kernels/gw_test_kernels.ptx)")
     p.add_argument("--iters", type=int, default=20000, help="timed round trips (rtt)")
     p.add_argument("--warmup", type=int, default=2000, help="untimed round trips (rtt)")
     p.add_argument("--burst", type=int, default=10000, help="calls per timed burst (issue)")
@@ -660,6 +674,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=32, help="bw: ucx_perftest outstanding messages")
     p.add_argument("--bw-reps", type=int, default=3, help="bw: repetitions (interleaved with ucx_perftest; medians)")
     p.add_argument("--no-baseline", action="store_true", help="bw: skip ucx_perftest")
+    p.add_argument("--extra-windows", default="", help="bw: also run ucx_perftest with these windows "
+                   "(comma-separated; e.g. 1,2 for like-for-like rows: the copy path keeps 1-2 receives posted)")
     p.add_argument("--mlp-shapes", default="4096,512,1024,64;2048,512,512,32;1024,256,256,16",
                    help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
     p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")

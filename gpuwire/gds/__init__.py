@@ -8,6 +8,9 @@
   a ring of device buffers, stream/event ordering).
 * :mod:`~gpuwire.gds.roots` -- :class:`DataRoots`, the directories a server may read.
 * :mod:`~gpuwire.gds.torch` -- :class:`TorchLoader` (needs torch, imported lazily).
+* :mod:`~gpuwire.gds.remote` -- reads by a gpuwire server into its session's device
+  memory (:class:`RemoteFiles`, :class:`RemoteReader` for the DataLoader, remote
+  datasets); :mod:`~gpuwire.gds.service` is the server side (``--data-root``).
 
 cupy, kvikio and torch are optional and imported only when used. See docs/gds.md.
 """
@@ -29,6 +32,10 @@ from .backends import (
 from .dataset import NpyDataset, NpyHeader, RecordDataset, Shard, parse_npy_header
 from .errors import BackendUnavailable, CorruptFileError, GdsError, ShortReadError, TruncatedFileError
 from .loader import Batch, DataLoader
+from .remote import (
+    RemoteArray, RemoteFileNotFoundError, RemoteFiles, RemoteNpyDataset, RemotePermissionError,
+    RemoteReadError, RemoteReader, RemoteRecordDataset, RemoteShortReadError,
+)
 from .roots import DataRoots, OutsideDataRootsError
 
 __all__ = [
@@ -37,6 +44,8 @@ __all__ = [
     "RecordDataset", "NpyDataset", "NpyHeader", "Shard", "parse_npy_header",
     "DataLoader", "Batch", "TorchLoader",
     "DataRoots", "OutsideDataRootsError",
+    "RemoteFiles", "RemoteReader", "RemoteArray", "RemoteRecordDataset", "RemoteNpyDataset",
+    "RemoteReadError", "RemoteFileNotFoundError", "RemotePermissionError", "RemoteShortReadError",
     "GdsError", "ShortReadError", "CorruptFileError", "TruncatedFileError", "BackendUnavailable",
 ]
 

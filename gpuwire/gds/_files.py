@@ -48,27 +48,36 @@ class FileHandle:
 class FileCache:
     """Open files keyed by path, at most ``max_open`` of them unused at a time.
 
-    ``opener(path) -> (obj, fd)`` opens one file; ``closer(obj)`` closes it.
+    ``opener(path) -> (obj, fd)`` (or ``(obj, fd, size)``) opens one file; ``closer(obj)``
+    closes it. Files in use (held by a caller) are never closed; the unused ones are kept in least recently
+    released order and closed from the oldest once more than ``max_open`` are open, so
+    eviction costs the same however many files are held (a vectored read of thousands
+    of files holds them all until it is done).
     """
 
     def __init__(self, opener: Callable[[str], tuple], closer: Callable[[Any], None], max_open: int):
         self._opener, self._closer, self.max_open = opener, closer, max(1, int(max_open))
         self._lock = threading.Lock()
-        self._open: "OrderedDict[str, FileHandle]" = OrderedDict()
+        self._open: "dict[str, FileHandle]" = {}
+        self._idle: "OrderedDict[str, FileHandle]" = OrderedDict()   # refs == 0, oldest first
         self.opens = 0  # how many times a file was actually opened (for tests and stats)
 
     def acquire(self, path: str) -> FileHandle:
         with self._lock:
             h = self._open.get(path)
             if h is not None:
-                self._open.move_to_end(path)
+                if h._refs == 0:
+                    self._idle.pop(path, None)
                 h._refs += 1
                 return h
-        obj, fd = self._opener(path)  # outside the lock: opening can be slow
-        size = os.fstat(fd).st_size
+        got = self._opener(path)  # outside the lock: opening can be slow
+        obj, fd = got[0], got[1]
+        size = got[2] if len(got) > 2 else os.fstat(fd).st_size   # an opener may know it
         with self._lock:
             h = self._open.get(path)
             if h is not None:  # another thread opened it meanwhile: keep theirs
+                if h._refs == 0:
+                    self._idle.pop(path, None)
                 h._refs += 1
                 dup = obj
             else:
@@ -89,23 +98,19 @@ class FileCache:
             if h._refs <= 0:
                 return
             h._refs -= 1
+            if h._refs == 0 and self._open.get(h.path) is h:
+                self._idle[h.path] = h
             victims = self._evict_locked()
         for v in victims:
             self._closer(v.obj)
 
     def _evict_locked(self) -> list:
         victims = []
-        excess = len(self._open) - self.max_open
-        if excess <= 0:
-            return victims
-        for path in list(self._open):
-            if excess <= 0:
-                break
-            h = self._open[path]
-            if h._refs == 0:
-                del self._open[path]
-                victims.append(h)
-                excess -= 1
+        idle = self._idle
+        while len(self._open) > self.max_open and idle:
+            path, h = idle.popitem(last=False)
+            del self._open[path]
+            victims.append(h)
         return victims
 
     def __len__(self) -> int:
@@ -115,6 +120,7 @@ class FileCache:
         with self._lock:
             handles = list(self._open.values())
             self._open.clear()
+            self._idle.clear()
         for h in handles:
             self._closer(h.obj)
 

@@ -60,3 +60,11 @@ settings.register(
     "open file handles a reader caches (least recently used ones not in use are closed)",
     layer="gds",
 )
+settings.register(
+    "gds_remote_async", True, bool,
+    "server: run remote file reads on worker threads of the session (gds_threads of them) "
+    "so its other calls go on; on the GPU ordered on the call's stream by a device-side "
+    "wait on a host flag (cuStreamWaitValue32). 0: the call synchronizes its stream and "
+    "reads before the session's next call",
+    layer="gds",
+)

@@ -172,8 +172,10 @@ class RecordDataset(RecordFiles):
         super().__init__(shards, record_bytes, dt, shape)
 
     @staticmethod
-    def _shard(path: str, record_bytes: int, header_bytes: int) -> Shard:
-        size = os.stat(path).st_size
+    def _shard(path: str, record_bytes: int, header_bytes: int, size: Optional[int] = None) -> Shard:
+        """``size``: the file size when known (a remote dataset asks the server); else stat."""
+        if size is None:
+            size = os.stat(path).st_size
         payload = size - header_bytes
         if payload < 0:
             raise TruncatedFileError(path, header_bytes, size, f"the {header_bytes}-byte header")
@@ -237,24 +239,30 @@ def _parse_header_dict(path: str, text: str) -> dict:
     return d
 
 
-def parse_npy_header(path: str) -> NpyHeader:
-    """Parse the header of a .npy file (format versions 1.0, 2.0 and 3.0)."""
+def parse_npy_header(path: str, f=None) -> NpyHeader:
+    """Parse the header of a .npy file (format versions 1.0, 2.0 and 3.0).
+
+    ``f``: a binary file-like object positioned at the start of the file (e.g. the
+    first bytes of a remote file in a ``BytesIO``); default: ``path`` is opened.
+    """
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        pre = f.read(len(NPY_MAGIC) + 2)
-        if len(pre) < len(NPY_MAGIC) + 2 or pre[:len(NPY_MAGIC)] != NPY_MAGIC:
-            if NPY_MAGIC.startswith(pre) or pre.startswith(NPY_MAGIC):
-                raise TruncatedFileError(path, len(NPY_MAGIC) + 2, len(pre), "the .npy preamble")
-            raise CorruptFileError(path, "not a .npy file (bad magic)")
-        major, minor = pre[-2], pre[-1]
-        if major not in (1, 2, 3):
-            raise CorruptFileError(path, f"unsupported .npy format version {major}.{minor}")
-        fmt, lensize = ("<H", 2) if major == 1 else ("<I", 4)
-        raw_len = f.read(lensize)
-        if len(raw_len) < lensize:
-            raise TruncatedFileError(path, len(pre) + lensize, len(pre) + len(raw_len), "the .npy preamble")
-        (hlen,) = struct.unpack(fmt, raw_len)
-        raw = f.read(hlen)
+    if f is None:
+        with open(path, "rb") as fh:
+            return parse_npy_header(path, fh)
+    pre = f.read(len(NPY_MAGIC) + 2)
+    if len(pre) < len(NPY_MAGIC) + 2 or pre[:len(NPY_MAGIC)] != NPY_MAGIC:
+        if NPY_MAGIC.startswith(pre) or pre.startswith(NPY_MAGIC):
+            raise TruncatedFileError(path, len(NPY_MAGIC) + 2, len(pre), "the .npy preamble")
+        raise CorruptFileError(path, "not a .npy file (bad magic)")
+    major, minor = pre[-2], pre[-1]
+    if major not in (1, 2, 3):
+        raise CorruptFileError(path, f"unsupported .npy format version {major}.{minor}")
+    fmt, lensize = ("<H", 2) if major == 1 else ("<I", 4)
+    raw_len = f.read(lensize)
+    if len(raw_len) < lensize:
+        raise TruncatedFileError(path, len(pre) + lensize, len(pre) + len(raw_len), "the .npy preamble")
+    (hlen,) = struct.unpack(fmt, raw_len)
+    raw = f.read(hlen)
     start = len(pre) + lensize
     if len(raw) < hlen:
         raise TruncatedFileError(path, start + hlen, start + len(raw), "the .npy preamble and header")
@@ -310,8 +318,9 @@ class NpyDataset(RecordFiles):
             )
 
     @staticmethod
-    def _shard(path: str, hdr: NpyHeader) -> Shard:
-        size = os.stat(path).st_size
+    def _shard(path: str, hdr: NpyHeader, size: Optional[int] = None) -> Shard:
+        if size is None:
+            size = os.stat(path).st_size
         expected = hdr.data_offset + hdr.data_nbytes
         if size < expected:
             raise TruncatedFileError(

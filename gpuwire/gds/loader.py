@@ -348,7 +348,9 @@ class _EpochIter:
 
 
 def _copy_on(arr, stream):
-    """``arr.copy()`` queued on ``stream`` (cupy) or made at once (numpy)."""
+    """``arr.copy()`` queued on ``stream`` (cupy, remote) or made at once (numpy)."""
+    if hasattr(arr, "copy_on"):  # gds.remote.RemoteArray: a device-to-device copy on the server
+        return arr.copy_on(stream)
     if stream is None or isinstance(arr, np.ndarray):
         return arr.copy()
     with stream:

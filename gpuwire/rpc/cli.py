@@ -37,7 +37,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-auth", action="store_true", help="accept clients without a token (trusted networks only)")
     p.add_argument("--device", type=int, default=0, help="default CUDA device ordinal")
     p.add_argument("--data-root", action="append", metavar="DIR",
-                   help="directory the gds layer may read files under (repeatable)")
+                   help="directory clients may have files read from into device memory (gds: gwFileRead, "
+                        "gpuwire.gds.remote; repeatable; relative client paths are looked up in this order). "
+                        "Without one every file read is refused")
     p.add_argument("--tls", default=None, help="UCX_TLS for the server (default: setting rpc_tls / UCX's choice)")
     p.add_argument("--isolation", choices=("process", "thread"), default=None,
                    help="process: a worker process per session (default for gpu: a GPU fault poisons every "

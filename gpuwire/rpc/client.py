@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import bisect
 import json
+import operator
 import os
+import struct
 import threading
 import time
 import weakref
@@ -29,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import settings
 from .. import transport as t
+from . import pinned as _pinned
 from . import protocol as P
 from .codegen import client_class, raw_class
 from .protocol import CudaError, DeferredCudaError, ProtocolError, SessionClosed
@@ -325,6 +328,140 @@ def _c_session_class():
 
 
 _CSession = None
+_FAST_CLASSES: Dict[type, type] = {}
+
+
+def _fast_sync_class(base: type) -> type:
+    """``base`` with the fast sync stubs (:class:`_FastSync`) in front of the generated ones."""
+    c = _FAST_CLASSES.get(base)
+    if c is None:
+        c = _FAST_CLASSES[base] = type("Session", (_FastSync, base), {"__doc__": Session.__doc__})
+    return c
+
+
+class _FastSync:
+    """The sync calls without arguments (``gwSync``, ``cuCtxSynchronize``) and
+    ``cuStreamSynchronize``, when nothing is batched: a frame encoded once per call, sent and
+    checked by one C call (``gw_rpc_fsync``: seq patched in C, the transport's ``gw_call``,
+    the reply checked for the plain answer). Anything else in the reply (a CUDA error, a
+    deferred-error report, pushes to wait for, a stray error reply) is read by the same Python
+    code as the generated stubs'; with calls batched or bulk sends in flight the generated
+    stub runs. The generated stubs are what ``super()`` names here."""
+
+    _fs_gwSync = _fs_cuCtxSynchronize = _fs_cuStreamSynchronize = None
+
+    def _fs_setup(self) -> None:
+        """Encode the three frames once (after the hello: the endpoint is final)."""
+        ffi = _rpc_mod.ffi
+        fn, conn, tmo = self._ep.c_call_entry(None if self._timeout < 0 else self._timeout)
+        keep = []
+        for which, nargs in (("gwSync", 0), ("cuCtxSynchronize", 0), ("cuStreamSynchronize", 1)):
+            call = default_spec().calls[which]
+            n = P.HEADER_SIZE + 8 + 8 * nargs
+            f = ffi.new("gw_rpc_fsync_t *")
+            f.call = ffi.cast("void *", fn)
+            f.conn = ffi.cast("void *", conn)
+            f.rep = ffi.cast("uint8_t *", self._repb.ptr)
+            f.rep_cap = self._repb.nbytes
+            f.timeout_ns = tmo
+            f.req_tag, f.rep_tag = P.TAG_REQ, P.TAG_REP
+            f.len = n
+            frame = P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.F_SYNC, 0, 1, n - P.HEADER_SIZE) + \
+                struct.pack("<HHI", call.id, 0, n - P.HEADER_SIZE) + b"\0" * (8 * nargs)
+            ffi.memmove(f.frame, frame, n)
+            setattr(self, "_fs_" + which, f)
+            keep.append(f)
+        self._fs_keep = (keep, self._ep, self._repb)   # the structs point into these
+
+    def _fs_tail(self, st: int, seq: int, f: Any, name: str):
+        """The reply was not the plain answer (or the transport failed): read it as the
+        generated stub does. Called with the lock held; returns (CUresult, report)."""
+        rep = self._repmv
+        try:
+            if st < 0:
+                self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+            n = f.rlen
+            magic, _ver, flags, rseq, _nc, _blen, _st, pushes = _REPLY_HEAD_ALL(rep, 0)
+            if flags or rseq != seq or magic != P.MAGIC or n < _REPLY_MIN:
+                pushes = self._reply_slow(n, seq, name)
+        except t.ConnectionLost as e:
+            self.closed = True
+            raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
+        if pushes != self._push_done:
+            self._wait_pushes(pushes)
+        res, = P.U32.unpack_from(rep, _REPLY_MIN)
+        return res, self._rep_report(rep, _REPLY_MIN + 4, name)
+
+    def gwSync(self):
+        with self._lock:
+            if self._ncalls or self._bulk or self._inflight or self.closed:
+                r = None
+            else:
+                seq = self._seq
+                f = self._fs_gwSync
+                st = _fsync(f, seq, self._push_done, 0)
+                self._seq = nxt = (seq + 1) & 0xFFFFFFFF
+                if self._tseq is not None:
+                    self._tseq[0] = nxt
+                self._call_seq += 1
+                self._flush_at = self._ramp0
+                if not st:
+                    return None
+                r = self._fs_tail(st, seq, f, "gwSync")
+        if r is None:
+            return super().gwSync()
+        if r[0] or r[1] is not None:
+            self._fail(r[0], r[1], "gwSync")
+
+    def cuCtxSynchronize(self):
+        with self._lock:
+            if self._ncalls or self._bulk or self._inflight or self.closed:
+                r = None
+            else:
+                seq = self._seq
+                f = self._fs_cuCtxSynchronize
+                st = _fsync(f, seq, self._push_done, 0)
+                self._seq = nxt = (seq + 1) & 0xFFFFFFFF
+                if self._tseq is not None:
+                    self._tseq[0] = nxt
+                self._call_seq += 1
+                self._flush_at = self._ramp0
+                if not st:
+                    return None
+                r = self._fs_tail(st, seq, f, "cuCtxSynchronize")
+        if r is None:
+            return super().cuCtxSynchronize()
+        if r[0] or r[1] is not None:
+            self._fail(r[0], r[1], "cuCtxSynchronize")
+
+    def cuStreamSynchronize(self, hStream=0):
+        h = hStream
+        if type(h) is not int:
+            try:
+                h = operator.index(h)
+            except TypeError:
+                return super().cuStreamSynchronize(hStream)     # its error for a bad argument
+        if not 0 <= h <= 0xFFFFFFFFFFFFFFFF:
+            return super().cuStreamSynchronize(hStream)
+        with self._lock:
+            if self._ncalls or self._bulk or self._inflight or self.closed:
+                r = None
+            else:
+                seq = self._seq
+                f = self._fs_cuStreamSynchronize
+                st = _fsync(f, seq, self._push_done, h)
+                self._seq = nxt = (seq + 1) & 0xFFFFFFFF
+                if self._tseq is not None:
+                    self._tseq[0] = nxt
+                self._call_seq += 1
+                self._flush_at = self._ramp0
+                if not st:
+                    return None
+                r = self._fs_tail(st, seq, f, "cuStreamSynchronize")
+        if r is None:
+            return super().cuStreamSynchronize(hStream)
+        if r[0] or r[1] is not None:
+            self._fail(r[0], r[1], "cuStreamSynchronize")
 
 
 class Session(Stubs):
@@ -333,6 +470,7 @@ class Session(Stubs):
     def __init__(self, address: str, token: Optional[str] = None, timeout: Optional[float] = None,
                  tls: Optional[str] = None, device: Optional[int] = None, name: str = ""):
         self.closed = True
+        self._pin = None      # pinned-region mirroring (gpuwire.rpc.pinned), made on first use
         self._lock = threading.Lock()
         tls = settings.get("rpc_tls") if tls is None else tls
         self._tctx = t.Context({"TLS": tls} if tls else None)
@@ -377,6 +515,8 @@ class Session(Stubs):
         self._timer: Optional[threading.Thread] = None
         self._timer_ev = threading.Event()
         self._armed = -1
+        self._tc = None           # the C flush timer (gpuwire._rpc), when built
+        self._tseq = None         # where the C timer reads the seq of the frame being built
         try:
             info = self._hello(token, name, device)
             if "redirect_port" in info:
@@ -397,9 +537,22 @@ class Session(Stubs):
         if settings.get("rpc_c_encoder"):
             # deferred calls through the C encoder: the same session with the other stub class
             self.__class__ = _c_session_class()
+        if _fsync is not None and settings.get("rpc_c_sync"):
+            # sync calls without arguments (and stream syncs) through one C call when idle
+            self.__class__ = _fast_sync_class(self.__class__)
+            self._fs_setup()
+        _pinned.attach(self)  # host alloc/register/free go through the pinned registry
         if self._flush_s > 0:
-            self._timer = threading.Thread(target=_timer_loop, args=(weakref.ref(self), self._timer_ev),
-                                           name="gpuwire-rpc-flush", daemon=True)
+            tc = _c_timer(self._flush_s)
+            if tc is not None:
+                # the wait runs in C without the GIL and returns only when a flush is due
+                self._tc, self._tseq = tc, _rpc_lib.gw_rpc_timer_seqp(tc)
+                self._tseq[0] = self._seq
+                self._timer = threading.Thread(target=_timer_loop_c, args=(weakref.ref(self), tc),
+                                               name="gpuwire-rpc-flush", daemon=True)
+            else:
+                self._timer = threading.Thread(target=_timer_loop, args=(weakref.ref(self), self._timer_ev),
+                                               name="gpuwire-rpc-flush", daemon=True)
             self._timer.start()
 
     # ------------------------------------------------------------------ hello / bye
@@ -474,6 +627,8 @@ class Session(Stubs):
         finally:
             self.closed = True
             self._timer_ev.set()
+            if self._tc is not None:
+                _rpc_lib.gw_rpc_timer_stop(self._tc)
             self._teardown()
         del err
 
@@ -489,6 +644,8 @@ class Session(Stubs):
             pass
 
     def _teardown(self) -> None:
+        if getattr(self, "_pin", None) is not None:
+            self._pin.close()   # munlock pinned regions, drop their registrations
         for obj in ("_ep", "_w"):
             o = getattr(self, obj, None)
             if o is not None:
@@ -564,6 +721,8 @@ class Session(Stubs):
                            end - P.HEADER_SIZE)
         fr.req = self._ep.send_nb(fr.view(end), tag=P.TAG_REQ)
         self._seq = (self._seq + 1) & 0xFFFFFFFF
+        if self._tseq is not None:
+            self._tseq[0] = self._seq
         self._call_seq += self._ncalls
         self._ncalls = 0
         # batch ramp: small batches right after a sync point get the (idle) server going,
@@ -610,7 +769,10 @@ class Session(Stubs):
                 fr.req = None
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
+        tc = self._tc
+        if tc is not None:
+            _timer_arm(tc, self._seq)
+        elif self._timer is not None:
             self._armed = self._seq
             self._timer_ev.set()
 
@@ -625,50 +787,67 @@ class Session(Stubs):
     def _roundtrip(self, end: int, name: str):
         """Send the batch plus the sync call ending at ``end``; wait for the reply.
         Returns (reply memoryview, offset of the call's reply fields)."""
-        self._check_open()
+        if self.closed:
+            self._check_open()
         seq = self._seq
         ncalls = self._ncalls + 1
         fr = self._frame
-        P.HEADER.pack_into(fr.buf, 0, P.MAGIC, P.PROTOCOL_VERSION, P.F_SYNC, seq, ncalls, end - P.HEADER_SIZE)
+        _HEADER_PACK(fr.buf, 0, P.MAGIC, P.PROTOCOL_VERSION, P.F_SYNC, seq, ncalls, end - P.HEADER_SIZE)
         self._seq = (seq + 1) & 0xFFFFFFFF
+        if self._tseq is not None:
+            self._tseq[0] = self._seq
         self._call_seq += ncalls
         self._ncalls = 0
         self._pos = P.HEADER_SIZE
         self._flush_at = self._ramp0
-        tmo = None if self._timeout < 0 else self._timeout
         try:
             if self._bulk:
+                tmo = None if self._timeout < 0 else self._timeout
                 fr.req = self._ep.send_nb(fr.view(end), tag=P.TAG_REQ)
                 self._next_frame()
                 rr = self._ep.recv_nb(self._repb, tag=P.TAG_REP, tag_mask=t.EXACT_TAG)
                 self._send_bulk()
                 n = rr.wait(timeout=tmo).nbytes
             else:
-                n = self._ep.call(fr.view(end), self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP, timeout=tmo)
+                # a prepared transport call per frame length: sync calls repeat the same lengths
+                call = fr.calls.get(end)
+                if call is None:
+                    call = fr.prepare(self, end)
+                n = call()
             rep = self._repmv
-            while True:
-                magic, ver, flags, rseq, _nc, blen = P.HEADER.unpack_from(rep, 0)
-                if magic != P.MAGIC or n < P.HEADER_SIZE + P.REPLY_HEAD.size:
-                    raise ProtocolError(f"{name}: malformed reply from {self.address}")
-                if flags & P.F_ERROR:
-                    st, msg = P.parse_error(rep, n)
-                    if rseq != seq:
-                        self.protocol_errors.append(f"frame {rseq}: {msg}")
-                        n = self._ep.recv(self._repb, tag=P.TAG_REP, tag_mask=t.EXACT_TAG, timeout=tmo).nbytes
-                        continue
-                    raise ProtocolError(f"{name}: server refused frame {seq}: {msg}", st)
-                if rseq != seq:
-                    raise ProtocolError(f"{name}: reply for frame {rseq}, expected {seq}")
-                break
+            magic, _ver, flags, rseq, _nc, _blen, _st, pushes = _REPLY_HEAD_ALL(rep, 0)
+            if flags or rseq != seq or magic != P.MAGIC or n < _REPLY_MIN:
+                pushes = self._reply_slow(n, seq, name)
         except t.ConnectionLost as e:
             self.closed = True
             raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
-        _st, pushes = P.REPLY_HEAD.unpack_from(rep, P.HEADER_SIZE)
         if pushes != self._push_done:
             self._wait_pushes(pushes)
         if self._inflight:
             self._wait_inflight()
-        return rep, P.HEADER_SIZE + P.REPLY_HEAD.size
+        return rep, _REPLY_MIN
+
+    def _reply_slow(self, n: int, seq: int, name: str) -> int:
+        """The reply is not the plain answer to frame ``seq``: stray error replies (recorded,
+        then the next reply is read), our own error reply (raised), or garbage."""
+        tmo = None if self._timeout < 0 else self._timeout
+        rep = self._repmv
+        while True:
+            magic, ver, flags, rseq, _nc, blen = P.HEADER.unpack_from(rep, 0)
+            if magic != P.MAGIC or n < P.HEADER_SIZE + P.REPLY_HEAD.size:
+                raise ProtocolError(f"{name}: malformed reply from {self.address}")
+            if flags & P.F_ERROR:
+                st, msg = P.parse_error(rep, n)
+                if rseq != seq:
+                    self.protocol_errors.append(f"frame {rseq}: {msg}")
+                    n = self._ep.recv(self._repb, tag=P.TAG_REP, tag_mask=t.EXACT_TAG, timeout=tmo).nbytes
+                    continue
+                raise ProtocolError(f"{name}: server refused frame {seq}: {msg}", st)
+            if rseq != seq:
+                raise ProtocolError(f"{name}: reply for frame {rseq}, expected {seq}")
+            break
+        _st, pushes = P.REPLY_HEAD.unpack_from(rep, P.HEADER_SIZE)
+        return pushes
 
     def _wait_pushes(self, upto: int) -> None:
         tmo = None if self._timeout < 0 else self._timeout
@@ -791,12 +970,14 @@ class Session(Stubs):
         return p + P.BULK_SLOT.size
 
     def _is_pinned(self, data: Any, n: int) -> bool:
-        if not self._pinned:
+        if not self._pinned and self._pin is None:
             return False
         try:
             a = t.Buffer(data).ptr
         except (TypeError, ValueError):
             return False
+        if self._pin is not None and self._pin.covers(a, n):
+            return True
         for base, (arr, _mr) in self._pinned.items():
             if base <= a and a + n <= base + arr.nbytes:
                 return True
@@ -978,12 +1159,13 @@ class Session(Stubs):
 
 
 class _Frame:
-    __slots__ = ("buf", "req", "ptr", "cptr", "views")
+    __slots__ = ("buf", "req", "ptr", "cptr", "views", "calls")
 
     def __init__(self, cap: int):
         self.buf = bytearray(cap)
         self.req = None
         self.views: Dict[int, Any] = {}
+        self.calls: Dict[int, Any] = {}
         self.ptr = t.Buffer(self.buf, writable=True).ptr
         try:
             from .. import _rpc
@@ -1000,6 +1182,20 @@ class _Frame:
             v = self.views[n] = t.Buffer(t.RawBuffer(self.ptr, n)) if n else b""
         return v
 
+    def prepare(self, sess: "Session", n: int):
+        """A prepared request/reply (Endpoint.prepare_call) sending the first n bytes."""
+        if len(self.calls) > 256:
+            self.calls.clear()
+        c = self.calls[n] = sess._ep.prepare_call(self.view(n), sess._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
+                                                  timeout=None if sess._timeout < 0 else sess._timeout)
+        return c
+
+
+_HEADER_PACK = P.HEADER.pack_into
+# a reply's frame header and reply head in one unpack (the fast path of _roundtrip)
+_REPLY_HEAD_ALL = __import__("struct").Struct("<" + P.HEADER.format.lstrip("<=") +
+                                             P.REPLY_HEAD.format.lstrip("<=")).unpack_from
+_REPLY_MIN = P.HEADER_SIZE + P.REPLY_HEAD.size
 
 _HELLO_REP = None
 
@@ -1020,6 +1216,36 @@ def default_stub_record(call, fixed: Sequence[Any]) -> bytes:
     return st.pack(call.id, 0, st.size, *fixed)
 
 
+try:
+    from .. import _rpc as _rpc_mod
+    _rpc_lib = _rpc_mod.lib
+    _timer_arm = _rpc_lib.gw_rpc_timer_arm
+    _fsync = getattr(_rpc_lib, "gw_rpc_fsync", None)   # None: an older build, no fast sync stub
+except ImportError:  # pragma: no cover - depends on the build
+    _rpc_mod = _rpc_lib = _timer_arm = _fsync = None
+
+
+def _c_timer(delay_s: float):
+    """A C flush timer (gw_rpc_timer_t), or None without gpuwire._rpc."""
+    if _rpc_lib is None or not hasattr(_rpc_lib, "gw_rpc_timer_new"):
+        return None
+    t_ = _rpc_lib.gw_rpc_timer_new(int(delay_s * 1e9))
+    return _rpc_mod.ffi.gc(t_, _rpc_lib.gw_rpc_timer_free) if t_ else None
+
+
+def _timer_loop_c(ref, tc) -> None:
+    wait = _rpc_lib.gw_rpc_timer_wait
+    while True:
+        seq = wait(tc)          # blocks in C (GIL released) until a started batch is overdue
+        if seq < 0:
+            return
+        s = ref()
+        if s is None or s.closed:
+            return
+        s._timer_flush(seq)
+        del s
+
+
 def _timer_loop(ref, ev: threading.Event) -> None:
     while True:
         ev.wait()
@@ -1033,7 +1259,8 @@ def _timer_loop(ref, ev: threading.Event) -> None:
         s = ref()
         if s is None or s.closed:
             return
-        s._timer_flush(seq)
+        if s._seq == seq and s._ncalls:   # not flushed meanwhile: only then take the lock
+            s._timer_flush(seq)
         del s
 
 

@@ -33,7 +33,7 @@ settings.register("rpc_batch_bytes", 256 << 10, int,
                   "Client: flush the batch of deferred calls when it holds this many bytes.", layer="rpc")
 settings.register("rpc_batch_calls", 4096, int,
                   "Client: flush the batch of deferred calls when it holds this many calls.", layer="rpc")
-settings.register("rpc_batch_first", 8, int,
+settings.register("rpc_batch_first", 2, int,
                   "Client: after a sync point the first batch goes out at this many calls, the next at "
                   "twice as many, up to rpc_batch_calls (gets an idle server going early).", layer="rpc")
 settings.register("rpc_flush_us", 200.0, float,
@@ -55,6 +55,10 @@ settings.register("rpc_tls", "", str,
                   "UCX_TLS for gpuwire.connect and the server ('' = UCX's default).", layer="rpc")
 settings.register("rpc_token", "", str,
                   "Shared-secret token sent by gpuwire.connect when none is given.", layer="rpc")
+settings.register("rpc_c_sync", True, bool,
+                  "Client: gwSync, cuCtxSynchronize and cuStreamSynchronize with nothing batched go out "
+                  "as a pre-encoded frame and one C call (gpuwire._rpc) that also checks the reply.",
+                  layer="rpc")
 settings.register("rpc_c_encoder", False, bool,
                   "Client: encode deferred calls with the C batch encoder (gpuwire._rpc) instead of "
                   "struct.pack_into (see `gpuwire bench rpc` for which is faster).", layer="rpc")

@@ -40,8 +40,9 @@ settings.register("rpc_va_gib", 64.0, float,
                   "Server: device address space reserved per session for client-side allocation (GiB).",
                   layer="rpc")
 settings.register("rpc_c_server", True, bool,
-                  "Server: decode frames and run the hot calls (launches, async memsets/copies, event "
-                  "record/wait) in C (gpuwire._rpc) when it is built.", layer="rpc")
+                  "Server: receive, decode and answer frames in C (gpuwire._rpc) when it is built: frames of "
+                  "hot calls (launches, async memsets/copies, event record/wait, small async D2H, stream/"
+                  "context sync) never enter Python; others run in Python with the hot calls in C.", layer="rpc")
 settings.register("rpc_worker_pool", 2, int,
                   "Server, process isolation: session worker processes kept started ahead (CUDA initialised), "
                   "so a connect does not wait for one.", layer="rpc")
@@ -282,9 +283,15 @@ class ServerSession:
         self.frame_c = None
         self.recs_c = _cf.ffi.new("gw_rpc_rec_t[]", 256) if self.scanner is not None else None
         self.disp = None
+        # the C server (gpuwire._rpc through the transport's Endpoint.serve): answers frames it
+        # can run entirely in C without entering Python; passes the rest to handle_frame
+        self.serve_c = (_cf.Serve(self.scanner, P.TAG_REP)
+                        if self.scanner is not None and hasattr(ep, "serve") else None)
         self.frames = 0
         self.errors = 0
         self.closed_reason = ""
+        self._gds_files: Any = None   # gpuwire.gds.service.FileService, at the first file call
+        self.h2d_ctx: Any = None      # the async H2D copy whose tail is still pending (GPU executor)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -294,21 +301,36 @@ class ServerSession:
             self.frame_c = _cf.ffi.cast("uint8_t *", bb.ptr)
         mv = memoryview(buf)
         ep = self.ep
+        sc = self.serve_c
         try:
             while not self.stop:
+                resume = None
                 try:
                     out = self.out
-                    if out is not None:
+                    self.out = None
+                    if sc is not None:
+                        # C answers what it can; we get the frames it passes (and our reply
+                        # goes out from C first, after the next receive is posted)
+                        v = sc.v
+                        v.enabled = 1 if self._c_ok() else 0
+                        v.pushes = self.pushes
+                        n = ep.serve(bb, sc.handler, sc.arg, tag=P.TAG_REQ, first=out, first_tag=P.TAG_REP)
+                        self.pushes = v.pushes
+                        self.call_seq += v.ran
+                        v.ran = 0
+                        resume = sc.resume()
+                    elif out is not None:
                         # the reply goes out and the next request comes in through one C call
-                        self.out = None
                         n = ep.call(out, bb, tag=P.TAG_REP, reply_tag=P.TAG_REQ)
                     else:
                         n = ep.recv(bb, tag=P.TAG_REQ, tag_mask=t.EXACT_TAG).nbytes
                 except t.MessageTruncated:
+                    if sc is not None:
+                        self.pushes = sc.v.pushes
                     self._send_error(0, P.ST_TOO_LARGE, f"frame larger than {MAX_FRAME} bytes")
                     continue
                 self.frames += 1
-                if not self.handle_frame(mv, n):
+                if not self.handle_frame(mv, n, resume):
                     if self.out is not None:
                         out, self.out = self.out, None
                         ep.send(out, tag=P.TAG_REP, timeout=5.0)
@@ -338,8 +360,24 @@ class ServerSession:
         except t.TransportError:
             pass
 
-    def handle_frame(self, mv: memoryview, n: int) -> bool:
-        """Run one frame; False ends the session."""
+    def _c_ok(self) -> bool:
+        """May the C server run this session's next frames? Only while the session has no
+        state the C path does not carry: after the hello, no pending deferred error, no
+        sticky context, and no pinned host mirrors (their handling stays in Python)."""
+        fs = self._gds_files
+        return (self.ready and self.disp is not None and self.latch is None and not self.hosts
+                and not getattr(self.es, "h2d_pend", None)       # H2D tail queued by Python
+                and not (self.es is not None and getattr(self.es, "sticky", None))
+                and not (fs is not None and fs.busy))   # gds reads in flight: their errors come at sync
+
+    @property
+    def c_frames(self) -> int:
+        """Frames the C server answered without Python."""
+        return int(self.serve_c.v.frames) if self.serve_c is not None else 0
+
+    def handle_frame(self, mv: memoryview, n: int, resume: Optional[Tuple[int, int, str]] = None) -> bool:
+        """Run one frame; False ends the session. ``resume``: the C server ran the frame up to
+        a call that failed (index, CUresult, message); the rest is run here."""
         if n < P.HEADER_SIZE:
             self._send_error(0, P.ST_TRUNCATED, f"frame of {n} bytes is shorter than the {P.HEADER_SIZE}-byte header")
             return True
@@ -377,7 +415,7 @@ class ServerSession:
             if st:
                 self._send_error(seq, st, msg)
                 return True
-            self._execute_c(mv, ncalls, seq, flags)
+            self._execute_c(mv, ncalls, seq, flags, resume)
         else:
             try:
                 recs = self._parse(mv, P.HEADER_SIZE, n, ncalls, bool(flags & P.F_SYNC))
@@ -474,8 +512,9 @@ class ServerSession:
         if flags & P.F_SYNC:
             self._reply(seq, *(sync or (None, 0, None, [])))
 
-    def _execute_c(self, mv: memoryview, ncalls: int, seq: int, flags: int) -> None:
-        """Records located by the C scanner; runs of hot calls go through the C loop."""
+    def _execute_c(self, mv: memoryview, ncalls: int, seq: int, flags: int, resume=None) -> None:
+        """Records located by the C scanner; runs of hot calls go through the C loop.
+        ``resume``: the C server already ran records [0, i) and record i failed."""
         recs = self.recs_c
         tab = _table()
         disp = self.disp
@@ -483,9 +522,26 @@ class ServerSession:
         sticky = self.es is not None and getattr(self.es, "sticky", None)
         sync = None
         i = 0
+        if resume is not None:
+            i, res, msg = resume
+            e, vals, blobs, routes = self._rec(mv, recs[i], tab)
+            cseq = self.call_seq
+            self.call_seq += 1
+            self.errmsg = msg
+            if e.call.deferred:
+                # a failed push still sends (empty) messages: the client posted its receives
+                for r, nb in zip(routes, self._out_sizes(e, vals)):
+                    OutSink(self, r, nb, True).finish()
+                    self.pushes = (self.pushes + 1) & 0xFFFFFFFF
+            else:
+                sync = (e, res, None, [])
+            self._note_error(e, vals, blobs, res, i, seq, cseq)
+            i += 1
         while i < ncalls:
             rc = recs[i]
             if rc.id in hot and not sticky:
+                if getattr(self.es, "h2d_pend", None):
+                    self._h2d_settle()
                 k, res, msg = disp.run(self.frame_c, recs, i, ncalls)
                 if k:
                     self.call_seq += k
@@ -523,11 +579,51 @@ class ServerSession:
         routes = [rc.route[k] for k in range(e.nroutes)]
         return e, vals, blobs, routes
 
+    def _h2d_settle(self) -> None:
+        """Queue the left-over chunks of the last async H2D copy (GPU executor,
+        rpc_gpu_h2d_overlap) before another call runs; a failure is that copy's error."""
+        es = self.es
+        if getattr(es, "h2d_pend", None):
+            es.h2d_finish()
+        self._h2d_failed()
+
+    def _h2d_failed(self) -> None:
+        es = self.es
+        f = getattr(es, "h2d_failed", None)
+        if f is not None:
+            es.h2d_failed = None
+            ctx, self.h2d_ctx = self.h2d_ctx, None
+            if ctx is not None:
+                msg, self.errmsg = self.errmsg, f[1]
+                self._note_error(*ctx[:3], f[0], *ctx[3:])
+                self.errmsg = msg
+
     def _one(self, pos: int, e, vals, blobs, routes, seq: int):
         """Run one record; returns (entry, result, outs, sinks) for a sync call, else None."""
         call = e.call
         cseq = self.call_seq
         self.call_seq += 1
+        es = self.es
+        if call.name == "cuMemcpyHtoDAsync" and getattr(es, "h2d_overlap", False):
+            prev = self.h2d_ctx
+            res, outs = self._run(e, vals, blobs, [])
+            if getattr(es, "h2d_failed", None) is not None:   # the previous copy's tail failed
+                self.h2d_ctx = prev
+                self._h2d_failed()
+            if not es.h2d_pend:
+                self.h2d_ctx = None
+            elif not res:
+                self.h2d_ctx = (e, vals, blobs, pos, seq, cseq)
+            else:
+                self.h2d_ctx = prev if self.h2d_ctx is None else self.h2d_ctx
+            for b in blobs:
+                if isinstance(b, BulkIn) and not b.done:
+                    b.drain()
+            if res:
+                self._note_error(e, vals, blobs, res, pos, seq, cseq)
+            return None
+        if getattr(es, "h2d_pend", None) or getattr(es, "h2d_failed", None) is not None:
+            self._h2d_settle()
         sinks = []
         if routes:
             sizes = self._out_sizes(e, vals)
@@ -637,6 +733,8 @@ class ServerSession:
                 else:
                     P.U32.pack_into(rep, off, 0)
                     off += 4
+        if self.latch is None and e is not None and self._gds_files is not None:
+            self._gds_error()
         if self.latch is not None and e is not None:
             res_, cid, pos, fseq, cseq, later, text = self.latch
             tb = text.encode("utf-8", "replace")[:2000]
@@ -721,10 +819,17 @@ class ServerSession:
         self.mm = self.es.mm
         if self.scanner is not None and hasattr(self.es, "c_calls"):
             try:
-                self.disp = _cf.Dispatch(spec, self.es.c_calls())
+                fns = self.es.c_calls()
+                self.disp = _cf.Dispatch(spec, fns)
+                if self.serve_c is not None:
+                    scratch = self.es.c_scratch() if hasattr(self.es, "c_scratch") else None
+                    prog = self.ep.worker.c_progress_entry() if hasattr(self.ep.worker, "c_progress_entry") else None
+                    self.serve_c.attach(spec, self.disp, fns, self.chunk, scratch, prog)
             except Exception:
                 log.exception("C dispatch disabled")
                 self.disp = None
+                if self.serve_c is not None:
+                    self.serve_c.detach()
         self.client = {"pid": pid, **{k: v for k, v in info.items() if k in ("name", "pid")}}
         self.ready = True
         self.call_seq = 1
@@ -764,10 +869,18 @@ class ServerSession:
 
     # ------------------------------------------------------------------ cleanup
     def cleanup(self) -> None:
+        if self.serve_c is not None:
+            self.serve_c.detach()
         self.disp = None
         es, self.es = self.es, None
         if es is None:
             return
+        fs, self._gds_files = self._gds_files, None
+        if fs is not None:
+            try:   # reads in flight end (and release their streams) before anything is freed
+                fs.close()
+            except Exception:
+                log.exception("session %d: closing file reads", self.id)
         try:
             for kind in ("function", "module", "event", "stream"):
                 tab = self.tables[kind]
@@ -964,6 +1077,55 @@ class ServerSession:
         size, obj = self.hosts.pop(p)
         self.es.host_free(obj)
 
+    # ------------------------------------------------------------------ gds file reads (spec ids 60-69)
+    # The work is gpuwire.gds.service.FileService's (paths checked against --data-root, kvikio /
+    # posix+h2d / host engines); here only errors become CUresults with the path in the message.
+    def _gds(self, fn, *args):
+        try:
+            fs = self._gds_files
+            if fs is None:
+                from ..gds.service import FileService
+                fs = self._gds_files = FileService(self.server.data_roots, self.es)
+            return fn(fs, *args)
+        except CudaCallError:
+            raise
+        except Exception as e:
+            from ..gds.service import error_code, error_text
+            raise fail(error_code(e), error_text(e)) from None
+
+    def _gds_error(self) -> None:
+        """A file read that failed on the session's read workers becomes the deferred error
+        this sync reply reports (the message names the file)."""
+        got = self._gds_files.take_error()
+        if got is not None:
+            call, text, code, cseq, later = got
+            cid = next((c for c, e in _table().items() if e.call.name == call), 0)
+            self.latch = [code, cid, 0, 0, cseq, later, f"{call}(...): {text}"[:2000]]
+
+    def gwFileRead(self, dst, path, offset, nbytes, stream):
+        from ..gds.service import decode_path
+        seq = self.call_seq - 1
+        self._gds(lambda fs: fs.read(dst, decode_path(path), offset, nbytes, stream, seq))
+
+    def gwFileReadV(self, requests, nbytes, count, stream):
+        from ..gds.service import unpack_reads
+
+        def run(fs):
+            data = requests.read() if hasattr(requests, "read") else requests
+            reads = unpack_reads(data, count)
+            for _p, _o, n, dst in reads:
+                self.devrange(dst, n, "gwFileReadV: destination")
+            fs.read_many(reads, stream, seq)
+        seq = self.call_seq - 1
+        self._gds(run)
+
+    def gwFileStat(self, path):
+        from ..gds.service import decode_path
+        return self._gds(lambda fs: fs.stat(decode_path(path)))
+
+    def gwFileBackend(self):
+        return self._gds(lambda fs: fs.describe())
+
 
 # ----------------------------------------------------------------------------- server
 
@@ -1011,6 +1173,9 @@ class Server:
         self.listen_addr = listen
         self.default_device = device
         self.data_roots = list(data_roots)
+        if self.data_roots:  # a missing --data-root fails at start (gds/roots.py checks every read)
+            from ..gds.roots import DataRoots
+            self.data_roots = DataRoots(self.data_roots).roots
         self.executor_kind = executor_obj.kind if executor_obj is not None else executor
         self.cpu_kernels = list(cpu_kernels)
         self.va_gib = va_gib if va_gib is not None else settings.get("rpc_va_gib")
@@ -1100,13 +1265,17 @@ class Server:
         th.start()
 
     def _session_done(self, s: ServerSession) -> None:
+        # close the endpoint while the session is still listed: _close joins listed sessions'
+        # threads before it destroys the worker (a close racing the destroy aborts)
         with self._lock:
-            self.sessions.pop(s.id, None)
-            self.ended += 1
+            s.ending = True
         try:
             s.ep.close(timeout=0.5)
         except Exception:
             pass
+        with self._lock:
+            self.sessions.pop(s.id, None)
+            self.ended += 1
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -1122,6 +1291,8 @@ class Server:
             live = list(self.sessions.values())
         for s in live:
             s.stop = True
+            if getattr(s, "ending", False):
+                continue            # its own thread is closing the endpoint
             try:
                 s.ep.close(timeout=0.2)
             except Exception:

@@ -9,6 +9,9 @@ there is no hidden background thread.
 from __future__ import annotations
 
 import functools
+import math
+import os
+import re
 import socket
 import threading
 import weakref
@@ -24,7 +27,15 @@ from .errors import (
     RMAOutOfRange, OperationTimeout, TransportError,
 )
 
-settings.register("spin_us", 50, float,
+def _finite_us(value) -> float:
+    """A settings type: a finite number >= 0 (microseconds)."""
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"must be a finite number >= 0, got {value!r}")
+    return v
+
+
+settings.register("spin_us", 50, _finite_us,
                   "Microseconds a wait spins on the worker before blocking on its event fd "
                   "(0: block at once; idle cost ~0% CPU either way).", layer="transport")
 settings.register("connect_timeout_s", 10.0, float,
@@ -32,17 +43,27 @@ settings.register("connect_timeout_s", 10.0, float,
 settings.register("op_timeout_s", 0.0, float,
                   "Default timeout in seconds for blocking sends/receives/calls (0: none).",
                   layer="transport")
-settings.register("emulate_rtt_us", 0.0, float,
+settings.register("emulate_rtt_us", 0.0, _finite_us,
                   "Emulated network round trip in microseconds: each received message becomes "
                   "visible rtt/2 after it arrived (for benches; there is no netem here).",
                   layer="transport")
 
 _gw_call = lib.gw_call
-_OP_NS = [_INF]  # default op timeout in ns, refreshed when a Worker is made
 
 ANY_TAG_MASK = 0
 EXACT_TAG = 0xFFFFFF
 MAX_TAG = 0xFFFFFE  # 0xFFFFFF is reserved (stop message of the echo server)
+ECHO_STOP_TAG = 0xFFFFFF
+_EMPTY = ffi.new("char[1]")
+
+
+def _check_tags(tag, tag_mask=None, name="tag") -> None:
+    """Receive/call tags are 0..MAX_TAG and masks 0..0xFFFFFF (24 bits): out of range
+    is a ValueError, never a silent mask to 24 bits."""
+    if not 0 <= tag <= MAX_TAG:
+        raise ValueError(f"{name} must be in 0..{MAX_TAG:#x}, got {tag!r}")
+    if tag_mask is not None and not 0 <= tag_mask <= EXACT_TAG:
+        raise ValueError(f"tag_mask must be in 0..{EXACT_TAG:#x}, got {tag_mask!r}")
 
 
 def _ns(timeout: Optional[float], default_setting: Optional[str] = "op_timeout_s") -> int:
@@ -179,14 +200,20 @@ class Request:
         self._recv = recv
 
     def done(self) -> bool:
-        return self._r == ffi.NULL or bool(lib.gw_req_test(self._r))
+        """True once the request finished (or can no longer: released, worker closed)."""
+        return self._r == ffi.NULL or self._worker._closed or bool(lib.gw_req_test(self._r))
 
     def wait(self, timeout: Optional[float] = None):
         """Wait for completion; returns :class:`Received` for receives, else None."""
         r = self._r
         if r == ffi.NULL:
             raise TransportError(f"{self._what}: request already released", 0)
-        st = lib.gw_wait(self._worker._w, r, _ns(timeout))
+        w = self._worker
+        if w._closed:
+            self._r = ffi.NULL
+            self._keep = None
+            raise ConnectionClosed(f"{self._what}: the worker is closed")
+        st = lib.gw_wait(w._w, r, w._op_ns if timeout is None else _ns(timeout))
         if st == lib.UCS_ERR_TIMED_OUT:
             raise OperationTimeout(f"{self._what}: timed out after {timeout}s")
         return self._result(st)
@@ -194,7 +221,7 @@ class Request:
     def _result(self, st: int):
         r = self._r
         if self._recv:
-            info = self._worker._info
+            info = _scratch()
             lib.gw_req_info(r, info.st, info.len, info.cid, info.tag, info.hlen)
             st = info.st[0]
             if st:
@@ -228,7 +255,10 @@ class Request:
 
 
 class _Info:
-    __slots__ = ("st", "len", "cid", "tag", "hlen")
+    """Out-parameters for the C calls. One per thread (see _scratch): threads that
+    share a Worker or an Endpoint must not share these, or one thread reads the
+    request, tag or length another thread's call just wrote."""
+    __slots__ = ("st", "len", "cid", "tag", "hlen", "out", "rlen")
 
     def __init__(self):
         self.st = ffi.new("int *")
@@ -236,6 +266,19 @@ class _Info:
         self.cid = ffi.new("uint32_t *")
         self.tag = ffi.new("uint32_t *")
         self.hlen = ffi.new("uint32_t *")
+        self.out = ffi.new("gw_req_t **")
+        self.rlen = ffi.new("size_t *")
+
+
+_tls = threading.local()
+
+
+def _scratch() -> _Info:
+    try:
+        return _tls.info
+    except AttributeError:
+        _tls.info = _Info()
+        return _tls.info
 
 
 class Context:
@@ -258,10 +301,16 @@ class Context:
         self._c = out[0]
         self.config = dict(zip(keys, vals))
         self._closed = False
+        self._tls: Optional[List[str]] = None
         self._workers: "weakref.WeakSet[Worker]" = weakref.WeakSet()
         self._mems: "weakref.WeakSet[MemoryRegion]" = weakref.WeakSet()
 
+    def _check(self) -> None:
+        if self._closed:
+            raise ConnectionClosed("context is closed")
+
     def worker(self) -> "Worker":
+        self._check()
         return Worker(self)
 
     def register(self, buf: Any = None, *, size: Optional[int] = None) -> "MemoryRegion":
@@ -269,7 +318,19 @@ class Context:
         ``size=N`` to have UCX allocate N registered bytes."""
         return MemoryRegion(self, buf, size)
 
+    def has_transport(self, name: str) -> bool:
+        """Whether UCX found a resource of transport ``name`` (e.g. "tcp") in this context."""
+        return any(tl == name for tl in self.transports())
+
+    def transports(self) -> List[str]:
+        """The transport names of this context's resources (from ``info()``)."""
+        if self._tls is None:
+            self._tls = sorted(set(re.findall(r"^#\s*resource\s+\d+\s*:.*?--\s*([\w-]+)/",
+                                              self.info(), re.M)))
+        return self._tls
+
     def info(self) -> str:
+        self._check()
         buf = ffi.new("char[65536]")
         lib.gw_ctx_info(self._c, buf, 65536)
         return ffi.string(buf).decode(errors="replace")
@@ -345,11 +406,17 @@ class Worker:
         self._closed = False
         self._endpoints: "weakref.WeakValueDictionary[int, Endpoint]" = weakref.WeakValueDictionary()
         self._listeners: "weakref.WeakSet[Listener]" = weakref.WeakSet()
-        self._info = _Info()
         self._lock = threading.Lock()
-        self.spin_us = settings.get("spin_us")
-        self.emulate_rtt_us = settings.get("emulate_rtt_us")
-        _OP_NS[0] = _ns(None)
+        try:
+            self.spin_us = settings.get("spin_us")
+            self.emulate_rtt_us = settings.get("emulate_rtt_us")
+        except ValueError:
+            self._closed = True
+            lib.gw_worker_destroy(self._w)
+            raise
+        # default timeout of blocking operations, fixed when the worker is made
+        # (like spin_us): a later settings change does not reach existing workers
+        self._op_ns = _ns(None)
         ctx._workers.add(self)
 
     # -- settings
@@ -359,8 +426,12 @@ class Worker:
 
     @spin_us.setter
     def spin_us(self, us: float) -> None:
-        self._spin_us = float(us)
-        lib.gw_worker_set_spin(self._w, int(us * 1000))
+        us = float(us)
+        if not math.isfinite(us):
+            raise ValueError(f"spin_us (GPUWIRE_SPIN_US) must be a finite number of "
+                             f"microseconds, got {us!r}")
+        self._spin_us = max(us, 0.0)
+        lib.gw_worker_set_spin(self._w, int(self._spin_us * 1000))
 
     @property
     def emulate_rtt_us(self) -> float:
@@ -368,7 +439,11 @@ class Worker:
 
     @emulate_rtt_us.setter
     def emulate_rtt_us(self, us: float) -> None:
-        self._rtt_us = float(us or 0)
+        us = float(us or 0)
+        if not math.isfinite(us) or us < 0:
+            raise ValueError(f"emulate_rtt_us (GPUWIRE_EMULATE_RTT_US) must be a finite "
+                             f"number >= 0, got {us!r}")
+        self._rtt_us = us
         lib.gw_worker_set_rtt_emulation(self._w, int(self._rtt_us * 1000))
 
     @property
@@ -392,6 +467,13 @@ class Worker:
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
         ip = resolve_host(host)
+        tls = self.ctx.transports()
+        if tls and "tcp" not in tls:  # (empty: UCX's info format not understood; let UCX try)
+            raise TransportError(
+                f"listen on {host}:{port}: a sockaddr listener needs tcp in UCX_TLS, and this "
+                f"context has {','.join(tls)} "
+                f"(UCX_TLS={self.ctx.config.get('TLS', os.environ.get('UCX_TLS', 'default'))}); "
+                "add tcp, or connect by worker address (Worker.connect_address)")
         out = ffi.new("gw_listener_t **")
         st = lib.gw_listen(self._w, ip.encode(), port, out)
         if st:
@@ -474,6 +556,14 @@ class Worker:
                 return out
 
     # -- progress
+    def c_progress_entry(self) -> Tuple[int, int]:
+        """For a C layer above that drives this worker itself while it waits for something
+        else: the address of ``int gw_worker_progress(gw_worker_t *)`` and this worker's
+        pointer (valid until the worker is closed; call it only from the thread that owns
+        the worker's progress)."""
+        self._check()
+        return int(ffi.cast("uintptr_t", ffi.addressof(lib, "gw_worker_progress"))), int(ffi.cast("uintptr_t", self._w))
+
     def progress(self) -> int:
         self._check()
         return lib.gw_worker_progress(self._w)
@@ -492,8 +582,9 @@ class Worker:
     def recv_nb(self, buf: Any, tag: int = 0, tag_mask: int = ANY_TAG_MASK) -> Request:
         """Receive from any endpoint of this worker."""
         self._check()
+        _check_tags(tag, tag_mask)
         b = _buf(buf, True)
-        out = ffi.new("gw_req_t **")
+        out = _scratch().out
         st = lib.gw_recv(self._w, ffi.NULL, tag, tag_mask, b.cdata, b.nbytes, out)
         if st < 0:
             _raise(st, "recv")
@@ -501,24 +592,50 @@ class Worker:
 
     def recv(self, buf: Any, tag: int = 0, tag_mask: int = ANY_TAG_MASK,
              timeout: Optional[float] = None) -> Received:
-        return self.recv_nb(buf, tag, tag_mask).wait(timeout)
+        """Receive one message from any endpoint. On a timeout (or any error) the
+        receive is cancelled: it cannot take a later message."""
+        req = self.recv_nb(buf, tag, tag_mask)
+        try:
+            return req.wait(timeout)
+        except BaseException:
+            req.release()
+            raise
+
+    def _req_array(self, reqs: List[Request], what: str):
+        self._check()
+        for i, r in enumerate(reqs):
+            if not isinstance(r, Request):
+                raise TypeError(f"{what}: expected Requests, got {type(r).__name__} at {i}")
+            if r._r == ffi.NULL:
+                raise TransportError(f"{what}: request {i} ({r._what}) was already released "
+                                     "(waited for, or cancelled)")
+            if r._worker is not self:
+                raise ValueError(f"{what}: request {i} ({r._what}) belongs to another worker")
+        return ffi.new("gw_req_t *[]", [r._r for r in reqs])
 
     def wait_all(self, reqs: Iterable[Request], timeout: Optional[float] = None) -> list:
+        """Wait for every request; returns their results in order (each released)."""
         reqs = list(reqs)
         if not reqs:
             return []
-        arr = ffi.new("gw_req_t *[]", [r._r for r in reqs])
-        st = lib.gw_wait_all(self._w, arr, len(reqs), _ns(timeout))
+        arr = self._req_array(reqs, "wait_all")
+        st = lib.gw_wait_all(self._w, arr, len(reqs), self._op_ns if timeout is None else _ns(timeout))
         if st == lib.UCS_ERR_TIMED_OUT:
             raise OperationTimeout(f"wait_all: timed out after {timeout}s")
         return [r._result(_req_status(r)) for r in reqs]
 
     def wait_any(self, reqs: List[Request], timeout: Optional[float] = None) -> int:
-        """Index of a finished request among reqs (it stays unreleased: wait() it)."""
-        arr = ffi.new("gw_req_t *[]", [r._r for r in reqs])
-        i = lib.gw_wait_any(self._w, arr, len(reqs), _ns(timeout))
+        """Index of a finished request among reqs (it stays unreleased: wait() it).
+        An empty list is a ValueError: no request of it can ever finish."""
+        reqs = list(reqs)
+        if not reqs:
+            raise ValueError("wait_any: no requests to wait for")
+        arr = self._req_array(reqs, "wait_any")
+        i = lib.gw_wait_any(self._w, arr, len(reqs), self._op_ns if timeout is None else _ns(timeout))
         if i == lib.UCS_ERR_TIMED_OUT:
             raise OperationTimeout(f"wait_any: timed out after {timeout}s")
+        if i < 0:
+            _raise(i, "wait_any")
         return i
 
     def close(self) -> None:
@@ -541,7 +658,7 @@ class Worker:
 
 
 def _req_status(r: Request) -> int:
-    info = r._worker._info
+    info = _scratch()
     lib.gw_req_info(r._r, info.st, info.len, info.cid, info.tag, info.hlen)
     return info.st[0]
 
@@ -594,7 +711,9 @@ class Endpoint:
         buf = ffi.new("char[256]")
         lib.gw_conn_peer(c, buf, 256)
         self.peer = f"{ffi.string(buf).decode(errors='replace')} via {where}"
+        self._peer_pid = lib.gw_conn_peer_pid(c)
         self._closed = False
+        self._op_ns = worker._op_ns
         self._rlen = ffi.new("size_t *")
         self._out = ffi.new("gw_req_t **")
 
@@ -618,7 +737,8 @@ class Endpoint:
 
     @property
     def peer_pid(self) -> int:
-        return lib.gw_conn_peer_pid(self._c)
+        """The peer's process id (also after close)."""
+        return self._peer_pid
 
     def _lost_status(self) -> int:
         return 0 if self._closed else (lib.gw_conn_state(self._c) == lib.GW_CONN_LOST)
@@ -640,15 +760,15 @@ class Endpoint:
         if not 0 <= tag <= MAX_TAG:
             raise ValueError(f"tag must be in 0..{MAX_TAG:#x}, got {tag!r}")
         p = _buf(payload, False)
-        if header:
+        if header is None or (type(header) is bytes and not header):
+            hc, hn, keep = ffi.NULL, 0, p
+        else:  # any buffer (numpy arrays too: no truth test on it)
             h = _buf(header, False)
             if h.nbytes > 255:
                 raise ValueError(f"header is {h.nbytes} bytes; at most 255")
-            hc, hn = h.cdata, h.nbytes
+            hc, hn = (h.cdata, h.nbytes) if h.nbytes else (ffi.NULL, 0)
             keep = (p, h)
-        else:
-            hc, hn, keep = ffi.NULL, 0, p
-        out = self._out
+        out = _scratch().out
         st = lib.gw_send(self._c, tag, hc, hn, p.cdata, p.nbytes, out)
         if st < 0:
             _raise(st, f"send to {self.peer}", self)
@@ -662,8 +782,9 @@ class Endpoint:
     def recv_nb(self, buf: Any, tag: int = 0, tag_mask: int = ANY_TAG_MASK) -> Request:
         """Start receiving one message from this peer into ``buf``; by default any tag."""
         self._check()
+        _check_tags(tag, tag_mask)
         b = _buf(buf, True)
-        out = self._out
+        out = _scratch().out
         st = lib.gw_recv(self._w, self._c, tag, tag_mask, b.cdata, b.nbytes, out)
         if st < 0:
             _raise(st, f"recv from {self.peer}", self)
@@ -671,34 +792,51 @@ class Endpoint:
 
     def recv(self, buf: Any, tag: int = 0, tag_mask: int = ANY_TAG_MASK,
              timeout: Optional[float] = None) -> Received:
-        return self.recv_nb(buf, tag, tag_mask).wait(timeout)
+        """Receive one message from this peer. On a timeout (or any error) the
+        receive is cancelled: it cannot take a later message."""
+        req = self.recv_nb(buf, tag, tag_mask)
+        try:
+            return req.wait(timeout)
+        except BaseException:
+            req.release()
+            raise
 
     def call(self, msg: Any, reply: Any, tag: int = 0, reply_tag: Optional[int] = None,
              timeout: Optional[float] = None) -> int:
         """Send ``msg`` and wait for the reply tagged ``reply_tag`` (default ``tag``) into
         ``reply``; returns the reply's length. Post, send and wait all run in C.
         Pass :class:`Buffer` objects on hot paths: their pointers are derived once."""
+        rtag = tag if reply_tag is None else reply_tag
+        if not (0 <= tag <= MAX_TAG and 0 <= rtag <= MAX_TAG):
+            _check_tags(tag)
+            _check_tags(rtag, name="reply_tag")
         m = msg if type(msg) is Buffer else _buf(msg, False)
         r = reply if type(reply) is Buffer else _buf(reply, True)
-        st = _gw_call(self._c, tag, m.cdata, m.nbytes, tag if reply_tag is None else reply_tag,
-                      r.cdata, r.nbytes, _OP_NS[0] if timeout is None else _ns(timeout), self._rlen)
+        try:
+            rlen = _tls.info.rlen
+        except AttributeError:
+            rlen = _scratch().rlen
+        st = _gw_call(self._c, tag, m.cdata, m.nbytes, rtag, r.cdata, r.nbytes,
+                      self._op_ns if timeout is None else _ns(timeout), rlen)
         if st:
             self._call_failed(st, timeout)
-        return self._rlen[0]
+        return rlen[0]
 
     def prepare_call(self, msg: Any, reply: Any, tag: int = 0, reply_tag: Optional[int] = None,
                      timeout: Optional[float] = None):
         """A bound request/reply for a hot loop: ``f = ep.prepare_call(msg, reply)`` then
         ``n = f()`` sends the current bytes of ``msg`` and returns the reply length.
         Buffers, pointers, tags and timeout are resolved once here."""
+        self._check()
         m, r = _buf(msg, False), _buf(reply, True)
         rtag = tag if reply_tag is None else reply_tag
-        for name, v in (("tag", tag), ("reply_tag", rtag)):
-            if not 0 <= v <= MAX_TAG:
-                raise ValueError(f"{name} must be in 0..{MAX_TAG:#x}, got {v!r}")
+        _check_tags(tag)
+        _check_tags(rtag, name="reply_tag")
         rlen = ffi.new("size_t *")
+        # the C conn stays valid (closed) until this Endpoint is collected, and the
+        # callable keeps the Endpoint: a call after close() is a ConnectionClosed
         bound = functools.partial(_gw_call, self._c, tag, m.cdata, m.nbytes, rtag, r.cdata,
-                                  r.nbytes, _ns(timeout), rlen)
+                                  r.nbytes, self._op_ns if timeout is None else _ns(timeout), rlen)
 
         def call() -> int:
             st = bound()
@@ -707,7 +845,23 @@ class Endpoint:
             return rlen[0]
 
         call.buffers = (m, r)  # keep them alive with the callable
+        call.endpoint = self
         return call
+
+    def c_call_entry(self, timeout: Optional[float] = None) -> Tuple[int, int, int]:
+        """For a C layer above that makes request/reply round trips itself: the address of
+        ``gw_call`` (``int gw_call(gw_conn_t *, uint32_t tag, const void *sbuf, size_t slen,
+        uint32_t rtag, void *rbuf, size_t rcap, int64_t timeout_ns, size_t *rlen)``), this
+        endpoint's conn pointer and the timeout in ns. The conn stays valid (closed) until the
+        Endpoint is collected: the caller keeps the Endpoint alive, and passes a nonzero status
+        to :meth:`raise_call_status`."""
+        self._check()
+        return (int(ffi.cast("uintptr_t", ffi.addressof(lib, "gw_call"))), int(ffi.cast("uintptr_t", self._c)),
+                self._op_ns if timeout is None else _ns(timeout))
+
+    def raise_call_status(self, st: int, timeout: Optional[float] = None) -> None:
+        """Raise what :meth:`call` raises for the nonzero status ``st`` of a ``gw_call``."""
+        self._call_failed(st, timeout)
 
     def _call_failed(self, st: int, timeout) -> None:
         if st == lib.UCS_ERR_TIMED_OUT:
@@ -717,10 +871,65 @@ class Endpoint:
     def serve_echo(self, buf: Any, count: int = -1) -> None:
         """Echo every message back to this peer from C (bench server) until a stop
         message (tag 0xFFFFFF), ``count`` messages, or the connection goes down."""
+        self._check()
         b = _buf(buf, True)
         st = lib.gw_echo_serve(self._c, 0, b.cdata, b.nbytes, count)
         if st:
             _raise(st, f"echo with {self.peer}", self)
+
+    def serve_sink(self, buf: Any, count: int, window: int = 32, tag: int = 0,
+                   timeout: Optional[float] = None) -> None:
+        """Receive ``count`` messages tagged ``tag`` into ``buf`` (each overwrites the
+        last) from C, keeping ``window`` receives posted: the receiving end of a
+        bandwidth test, as :meth:`serve_echo` is of a latency test."""
+        self._check()
+        _check_tags(tag)
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        if not isinstance(window, int) or not 1 <= window <= 1024:
+            raise ValueError(f"window must be an int in 1..1024, got {window!r}")
+        b = _buf(buf, True)
+        st = lib.gw_sink_serve(self._c, tag, b.cdata, b.nbytes, count, window,
+                               self._op_ns if timeout is None else _ns(timeout))
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise OperationTimeout(f"sink for {self.peer}: timed out after {timeout}s")
+        if st:
+            _raise(st, f"sink for {self.peer}", self)
+
+    def stop_echo(self, timeout: Optional[float] = None) -> None:
+        """Send the stop message (tag ECHO_STOP_TAG, reserved for this) that ends the
+        peer's :meth:`serve_echo` loop; returns once it was sent."""
+        self._check()
+        out = _scratch().out
+        st = lib.gw_send(self._c, ECHO_STOP_TAG, ffi.NULL, 0, _EMPTY, 0, out)
+        if st < 0:
+            _raise(st, f"stop echo of {self.peer}", self)
+        Request(self.worker, out[0], None, self, f"stop echo of {self.peer}", False).wait(timeout)
+
+    def serve(self, buf: Any, handler: int, arg: int, tag: int = 0, first: Any = None, first_tag: int = 0,
+              timeout: Optional[float] = None) -> int:
+        """Serve requests in C (``gw_serve``): receive messages tagged ``tag`` into ``buf`` and
+        let the C function at address ``handler`` (``gw_serve_fn``, with ``arg``) answer them,
+        until it passes one back: returns that message's length (the bytes are in ``buf``).
+        ``first`` (a :class:`Buffer` or bytes, tag ``first_tag``) is sent first, after the
+        first receive is posted: the caller's answer to the message it was passed."""
+        b = buf if type(buf) is Buffer else _buf(buf, True)
+        for name, v in (("tag", tag), ("first_tag", first_tag)):
+            if not 0 <= v <= MAX_TAG:
+                raise ValueError(f"{name} must be in 0..{MAX_TAG:#x}, got {v!r}")
+        if not handler:
+            raise ValueError("serve: no handler")
+        if first is None:
+            fc, fn = ffi.NULL, 0
+        else:
+            f = first if type(first) is Buffer else _buf(first, False)
+            fc, fn = f.cdata, f.nbytes
+        self._check()
+        st = lib.gw_serve(self._c, tag, b.cdata, b.nbytes, first_tag, fc, fn, handler, ffi.cast("void *", arg),
+                          self.worker._op_ns if timeout is None else _ns(timeout), self._rlen)
+        if st:
+            _raise(st, f"serve {self.peer}", self)
+        return self._rlen[0]
 
     # -- RMA
     def unpack_rkey(self, packed: bytes) -> "RemoteKey":
@@ -745,7 +954,7 @@ class Endpoint:
         if not isinstance(remote_addr, int) or remote_addr < 0:
             raise ValueError(f"remote address must be a non-negative int, got {remote_addr!r}")
         b = _buf(local, not put)
-        out = self._out
+        out = _scratch().out
         fn = lib.gw_put if put else lib.gw_get
         st = fn(self._c, b.cdata, b.nbytes, remote_addr, rkey._k, out)
         what = f"{'put' if put else 'get'} {b.nbytes} B at {remote_addr:#x} ({self.peer})"
@@ -772,7 +981,7 @@ class Endpoint:
     def flush(self, timeout: Optional[float] = None) -> None:
         """Wait until every operation posted on this endpoint completed at the peer."""
         self._check()
-        st = lib.gw_flush(self._c, _ns(timeout))
+        st = lib.gw_flush(self._c, self._op_ns if timeout is None else _ns(timeout))
         if st:
             _raise(st, f"flush to {self.peer}", self)
 
@@ -785,8 +994,8 @@ class Endpoint:
         self._closed = True
         if not self.worker._closed:
             lib.gw_conn_close(self._c, int(timeout * 1e9))
-            lib.gw_conn_free(self._c)
-        self._c = ffi.NULL
+        # the C struct stays (closed) until this object is collected, so that a late
+        # call through a prepared callable is an error, never a use after free
 
     def __enter__(self):
         return self
@@ -796,8 +1005,13 @@ class Endpoint:
 
     def __del__(self):
         try:
+            c = self._c
+            if c == ffi.NULL:
+                return
             if not self._closed and not self.worker._closed:
                 self.close(timeout=0.1)
+            self._c = ffi.NULL
+            lib.gw_conn_free(c)  # after a worker close: its conns are closed, just freed
         except Exception:
             pass
 
@@ -829,18 +1043,26 @@ class MemoryRegion:
         self.length = int(lib.gw_mem_length(self._m))
         ctx._mems.add(self)
 
+    def _check(self) -> None:
+        if self._m is None:
+            raise ConnectionClosed("memory region is closed (unregistered)")
+
     @property
     def buffer(self) -> Buffer:
         """The registered bytes as a Buffer (usable in sends/receives/RMA)."""
+        self._check()
         if self._buf is not None:
             return self._buf
         return Buffer(RawBuffer(self.base, self.length))
 
     def view(self) -> memoryview:
+        """The registered bytes as a memoryview (do not use it after close())."""
+        self._check()
         return memoryview(ffi.buffer(ffi.cast("char *", self.base), self.length))
 
     def pack(self) -> bytes:
         """The remote key for peers (bytes; send it, then Endpoint.unpack_rkey)."""
+        self._check()
         buf = ffi.new("char[8192]")
         n = ffi.new("size_t *")
         st = lib.gw_mem_pack(self._m, buf, 8192, n)

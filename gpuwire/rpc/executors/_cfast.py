@@ -23,11 +23,19 @@ HOT = (
     ("cuEventRecord", "<QQ"),
     ("cuStreamWaitEvent", "<QQI"),
 )
+# calls only the C server runs (it answers or pushes), by index: (name, wire layout)
+SERVE = {
+    7: ("cuMemcpyDtoHAsync", "<QQQ"),
+    8: ("cuStreamSynchronize", "<Q"),
+    9: ("cuCtxSynchronize", "<"),
+}
+# driver entry points the C server uses beyond the calls above (keys of driver_fns' result)
+QUERY = 100          # cuStreamQuery: wait for a push's copy while driving the transport
 KIND = {"stream": 0, "event": 1, "function": 2}
 
 
 def available() -> bool:
-    return lib is not None and lib.gw_rpc_abi() == 1
+    return lib is not None and lib.gw_rpc_abi() == 3
 
 
 def _consistent(spec) -> bool:
@@ -37,11 +45,15 @@ def _consistent(spec) -> bool:
     if (lib.GW_RPC_TAG_IN_FIRST, lib.GW_RPC_TAG_IN_LAST, lib.GW_RPC_TAG_OUT_FIRST, lib.GW_RPC_TAG_OUT_LAST) != (
             P.TAG_BULK_IN_FIRST, P.TAG_BULK_IN_LAST, P.TAG_BULK_OUT_FIRST, P.TAG_BULK_OUT_LAST):
         return False
-    for name, fmt in HOT:
+    for name, fmt in HOT + tuple(SERVE.values()):
         c = spec.calls.get(name)
         if c is None or c.wire_format.request != fmt:
             return False
-    return True
+    for name, _fmt in SERVE.values():
+        if spec.calls[name].wire_format.reply != "<I":
+            return False
+    g = spec.calls.get("gwSync")
+    return g is not None and g.wire_format.reply == "<I" and g.wire_format.request in ("<", "")
 
 
 class Scanner:
@@ -86,6 +98,17 @@ class Dispatch:
         if k is None:
             return
         lib.gw_rpc_bind(self.s, k, hid, int(getattr(obj, "ptr", 0) or 0), int(getattr(obj, "size", 0) or 0))
+        if k == 2:
+            # parameter offsets: C launches with kernelParams (pointers into the frame)
+            lay = getattr(obj, "layout", None)
+            size = int(getattr(obj, "size", 0) or 0)
+            try:
+                offs = [int(o) for o, n in (lay or ())]
+                ok = offs and all(0 <= o and o + int(n) <= size for o, n in lay)
+            except (TypeError, ValueError):
+                ok = False
+            if ok:
+                lib.gw_rpc_bind_params(self.s, hid, ffi.new("uint32_t[]", offs), len(offs))
 
     def unbind(self, kind: str, hid: int) -> None:
         k = KIND.get(kind)
@@ -102,6 +125,72 @@ class Dispatch:
         k = lib.gw_rpc_exec(self.s, frame_c, recs, i, n, self.res, self.err, 512)
         r = self.res[0]
         return k, r, (ffi.string(self.err).decode("utf-8", "replace") if r else "")
+
+
+class Serve:
+    """The C server of one session (gw_rpc_srv_t): the handler the transport's serve loop
+    calls for every frame. It answers frames it can run entirely in C and passes the others
+    (and the ones whose calls failed, with where to resume) back to Python."""
+
+    def __init__(self, scanner: Scanner, rep_tag: int, nrecs: int = 1024):
+        self.v = ffi.new("gw_rpc_srv_t *")
+        v = self.v
+        self._recs = ffi.new("gw_rpc_rec_t[]", nrecs)
+        self._rep = ffi.new("uint8_t[]", 256)
+        self._scratch = None
+        self.scanner = scanner      # keeps the call table alive
+        v.desc = scanner.desc
+        v.ndesc = scanner.n
+        v.nrecs = nrecs
+        v.recs = self._recs
+        v.rep = self._rep
+        v.rep_tag = rep_tag
+        v.enabled = 0
+        self.handler = int(lib.gw_rpc_serve_handler_addr())
+        self.arg = int(ffi.cast("uintptr_t", v))
+        self.disp: Optional[Dispatch] = None
+
+    def attach(self, spec, disp: "Dispatch", fns: Dict[int, int], chunk: int, scratch=None,
+               progress: "Optional[tuple[int, int]]" = None) -> None:
+        """After the hello: the session's dispatch tables and the driver entry points of the
+        calls only the C server runs. ``scratch``: (ptr, size) host memory for pushed bytes
+        (pinned on the GPU executor), else 1 MiB of our own; pushes alternate between its
+        halves as deferred sends (the serve loop's GW_MSG_DEFER). ``progress``: (address of
+        the transport's gw_worker_progress, worker pointer): with cuStreamQuery among ``fns``
+        a push's copy is awaited while driving the transport."""
+        v = self.v
+        self.disp = disp
+        v.s = disp.s
+        v.id_gwsync = spec.calls["gwSync"].id
+        for which, (name, _fmt) in SERVE.items():
+            v.ids[which] = spec.calls[name].id
+            fp = fns.get(which)
+            v.fn[which] = ffi.cast("void *", fp) if fp else ffi.NULL
+        if scratch is None:
+            self._scratch = ffi.new("uint8_t[]", 1 << 20)
+            v.scratch, v.scratch_cap = self._scratch, 1 << 20
+        else:
+            v.scratch, v.scratch_cap = ffi.cast("uint8_t *", scratch[0]), scratch[1]
+        v.chunk = chunk or 0
+        v.defer = 1
+        v.flip = 0
+        fq = fns.get(QUERY)
+        if progress is not None and fq:
+            v.progress = ffi.cast("void *", progress[0])
+            v.worker = ffi.cast("void *", progress[1])
+            v.fn_query = ffi.cast("void *", fq)
+
+    def detach(self) -> None:
+        self.v.enabled = 0
+        self.v.s = ffi.NULL
+        self.disp = None
+
+    def resume(self) -> "Optional[tuple[int, int, str]]":
+        v = self.v
+        if not v.resume:
+            return None
+        v.resume = 0
+        return v.resume_at, v.resume_res, ffi.string(v.err).decode("utf-8", "replace")
 
 
 def host_fns(which: Optional[list] = None) -> Dict[int, int]:
@@ -126,7 +215,7 @@ class Launcher:
 def driver_fns(d) -> Dict[int, int]:
     """Entry points of the hot calls from cuda.bindings' cuGetProcAddress."""
     out: Dict[int, int] = {}
-    for which, (name, _fmt) in enumerate(HOT):
+    for which, (name, _fmt) in list(enumerate(HOT)) + list(SERVE.items()) + [(QUERY, ("cuStreamQuery", ""))]:
         try:
             r = d.cuGetProcAddress(name.encode(), 12000, d.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
             if int(r[0]) == 0 and int(r[1]):

@@ -63,17 +63,25 @@ def register_kernel(name: str, fn: Callable, param_types: Sequence[str]) -> Kern
     """Register a Python kernel for the CPU executor.
 
     ``param_types``: one of ``ptr u64 i64 f64 u32 i32 f32 u16 i16 u8 i8`` per
-    parameter; offsets follow the CUDA ABI (each aligned to its size), which is
-    what ``cuFuncGetParamInfo`` reports. ``fn(k, *args)`` runs the whole grid."""
+    parameter, or ``sN`` for a struct passed by value (N bytes, aligned like its
+    widest power-of-two member up to 8; the kernel gets its bytes); offsets follow
+    the CUDA ABI (each aligned to its size), which is what ``cuFuncGetParamInfo``
+    reports. ``fn(k, *args)`` runs the whole grid."""
     off = 0
     lay = []
     codes = ["<"]
     for pt in param_types:
-        if pt not in PARAM_TYPES:
+        m = re.fullmatch(r"s([1-9][0-9]{0,3})", pt) if isinstance(pt, str) else None
+        if m:
+            size = int(m.group(1))
+            code, al = f"{size}s", 8 if size % 8 == 0 else 4 if size % 4 == 0 else 2 if size % 2 == 0 else 1
+        elif pt not in PARAM_TYPES:
             raise ValueError(f"register_kernel({name!r}): unknown parameter type {pt!r} "
-                             f"(known: {', '.join(PARAM_TYPES)})")
-        size, code = PARAM_TYPES[pt]
-        aligned = (off + size - 1) // size * size
+                             f"(known: {', '.join(PARAM_TYPES)}, sN for an N-byte struct)")
+        else:
+            size, code = PARAM_TYPES[pt]
+            al = size
+        aligned = (off + al - 1) // al * al
         codes.append("x" * (aligned - off) + code)
         lay.append((aligned, size))
         off = aligned + size
@@ -315,7 +323,8 @@ class CPUSession(ExecutorSession):
         from . import _cfast
         if not _cfast.available():
             return {}
-        return _cfast.host_fns([1, 2, 3, 4])
+        # memsets, device copies; and for the C server: small D2H pushes, stream/context sync
+        return _cfast.host_fns([1, 2, 3, 4, 7, 8, 9])
 
     def view(self, ptr: int, n: int) -> np.ndarray:
         o = ptr - self.va_base

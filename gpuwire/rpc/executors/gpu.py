@@ -27,6 +27,10 @@ settings.register("rpc_gpu_chunk", 4 << 20, int,
 settings.register("rpc_gpu_staging", 4, int,
                   "GPU executor: pinned staging buffers (of rpc_gpu_chunk bytes) in the bulk copy ring.",
                   layer="rpc")
+settings.register("rpc_gpu_h2d_overlap", True, bool,
+                  "GPU executor: an async H2D copy's last chunk(s) are left received-but-unqueued until "
+                  "the session's next call, which posts its own payload receive first: the next payload "
+                  "moves while the server finishes this one (needs rpc_gpu_staging >= 4).", layer="rpc")
 settings.register("rpc_gpu_c_launch", True, bool,
                   "GPU executor: launch kernels through the C helper (gpuwire._rpc) when it is built.",
                   layer="rpc")
@@ -179,6 +183,8 @@ class GPUSession(ExecutorSession):
         self.va_base = 0
         self._staging: List[Any] = []
         self.ex_timeout = 120.0
+        self.h2d_pend: List[Any] = []
+        self.h2d_failed: Optional[Tuple[int, str]] = None
         try:
             self.va_base = int(ck(d.cuMemAddressReserve(va_size, ex.granularity, 0, 0), "cuMemAddressReserve"))
             self.mm = MemoryMap(self, self.va_base, va_size, ex.granularity)
@@ -199,6 +205,9 @@ class GPUSession(ExecutorSession):
             self.ev_used = [False] * k
             self.ring_req: List[Any] = [None] * k
             self.ring_i = 0
+            # async H2D chunks whose receive is posted but not yet waited for / queued:
+            # (slot, request, device address, length, stream, BulkIn); finished by h2d_finish
+            self.h2d_overlap = bool(settings.get("rpc_gpu_h2d_overlap")) and k >= 4
             self.s0 = d.CUstream(0)
         except BaseException:
             self.close()
@@ -212,6 +221,14 @@ class GPUSession(ExecutorSession):
         if self.ex.fns is None:
             self.ex.fns = _cfast.driver_fns(self.d)
         return self.ex.fns
+
+    def c_scratch(self) -> Tuple[int, int]:
+        """Pinned host memory the server's C loop copies pushed D2H bytes into: two halves of
+        a bulk chunk each (the C server alternates them so one push is on the wire while the
+        next is copied)."""
+        if getattr(self, "c_push", None) is None:
+            self.c_push = self._pinned(2 * (self.chunk + 64))
+        return self.c_push
 
     # ------------------------------------------------------------------ helpers
     def _pinned(self, n: int) -> Tuple[int, int]:
@@ -256,6 +273,8 @@ class GPUSession(ExecutorSession):
         d = self.d
         s = self._s(stream)
         if not hasattr(src, "recv_into_ptr"):
+            if self.h2d_pend:
+                self.h2d_finish()       # the previous copy's tail goes first
             if n:
                 if stream is None:
                     ck(d.cuMemcpyHtoD(dst, _addr(src), n), "cuMemcpyHtoD")
@@ -272,10 +291,21 @@ class GPUSession(ExecutorSession):
         def post(i: int) -> None:
             k = self._slot()
             pending.append((k, src.recv_part_nb(self.stage[k][0], parts[i][1])))
+        overlap = self.h2d_overlap and stream is not None
         try:
             for i in range(min(2, len(parts))):
                 post(i)
+            if self.h2d_pend:
+                # the previous copy's tail, now that this payload's receives are posted (a failure
+                # stays in h2d_failed: the server reports it as the previous copy's)
+                self.h2d_finish()
             for i, (off, ln) in enumerate(parts):
+                if overlap and i + 2 >= len(parts):
+                    # every remaining chunk's receive is posted: leave them for the next call
+                    for j in range(i, len(parts)):
+                        k, req = pending.pop(0)
+                        self.h2d_pend.append((k, req, dst + parts[j][0], parts[j][1], s, src))
+                    break
                 k, req = pending.pop(0)
                 src.wait_part(req, ln)
                 if ln:
@@ -293,6 +323,35 @@ class GPUSession(ExecutorSession):
             src.done = True
         if stream is None:
             ck(d.cuStreamSynchronize(s), "cuStreamSynchronize")
+
+    def h2d_finish(self) -> None:
+        """Wait for the left-over chunks of the last async H2D copy and queue their copies
+        (before any other call of the session runs). Never raises: a failure is kept in
+        ``h2d_failed`` (CUresult, text) for the server to report as that copy's error."""
+        pend, self.h2d_pend = self.h2d_pend, []
+        d = self.d
+        for n, (k, req, dptr, ln, s, src) in enumerate(pend):
+            try:
+                src.wait_part(req, ln)
+                if ln:
+                    ck(d.cuMemcpyHtoDAsync(dptr, self.stage[k][0], ln, s), "cuMemcpyHtoDAsync")
+                    ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
+                    self.ev_used[k] = True
+            except CudaCallError as e:
+                if self.h2d_failed is None:
+                    self.h2d_failed = (e.code, str(e))
+                for _k, r, *_ in pend[n + 1:]:      # take the rest so nothing is left queued
+                    try:
+                        r.wait(timeout=self.ex_timeout)
+                    except Exception:
+                        pass
+                return
+            except Exception as e:   # transport errors: the session ends through its own path
+                if self.h2d_failed is None:
+                    self.h2d_failed = (P.CUDA_ERROR_INVALID_VALUE, f"bulk payload: {e}")
+                for _k, r, *_ in pend[n + 1:]:
+                    r.release()
+                return
 
     def _slot(self) -> int:
         """The next staging slot, once its copy and its send are done."""
@@ -505,6 +564,12 @@ class GPUSession(ExecutorSession):
         if self.va_base:
             d.cuMemAddressFree(self.va_base, self.va_size)
             self.va_base = 0
+        for _k, r, *_ in getattr(self, "h2d_pend", []):   # a session ending mid-copy: cancel
+            try:
+                r.release()
+            except Exception:
+                pass
+        self.h2d_pend = []
         for r in getattr(self, "ring_req", []):
             if r is not None:
                 try:

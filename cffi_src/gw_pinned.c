@@ -1,0 +1,481 @@
+/* gpuwire pinned-region registry: see gw_pinned.h. */
+#include "gw_pinned.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+typedef struct {
+    uint64_t start, end, mirror;
+    uint32_t id;
+    uint32_t pad;
+} ent_t;
+
+struct gw_pin_reg {
+    uint64_t *starts;  /* sorted; separate array keeps the binary search in few cache lines */
+    ent_t *e;
+    size_t n, cap;
+};
+
+gw_pin_reg_t *gw_pin_new(void) {
+    return calloc(1, sizeof(gw_pin_reg_t));
+}
+
+void gw_pin_destroy(gw_pin_reg_t *r) {
+    if (!r) return;
+    free(r->starts);
+    free(r->e);
+    free(r);
+}
+
+size_t gw_pin_count(const gw_pin_reg_t *r) { return r->n; }
+
+/* index of the last region with start <= a, or -1 */
+static inline long last_le(const gw_pin_reg_t *r, uint64_t a) {
+    size_t lo = 0, hi = r->n;           /* answer in [lo, hi) ... search first start > a */
+    const uint64_t *s = r->starts;
+    while (lo < hi) {
+        size_t mid = (lo + hi) >> 1;
+        if (s[mid] <= a) lo = mid + 1;
+        else hi = mid;
+    }
+    return (long)lo - 1;
+}
+
+int gw_pin_add(gw_pin_reg_t *r, uint64_t start, uint64_t len, uint64_t mirror, uint32_t id) {
+    if (len == 0 || start + len < start) return -1;
+    long i = last_le(r, start);
+    if (i >= 0 && r->e[i].end > start) return -1;
+    size_t k = (size_t)(i + 1);
+    if (k < r->n && r->starts[k] < start + len) return -1;
+    if (r->n == r->cap) {
+        size_t nc = r->cap ? r->cap * 2 : 64;
+        uint64_t *ns = realloc(r->starts, nc * sizeof(uint64_t));
+        if (!ns) return -2;
+        r->starts = ns;
+        ent_t *ne = realloc(r->e, nc * sizeof(ent_t));
+        if (!ne) return -2;
+        r->e = ne;
+        r->cap = nc;
+    }
+    memmove(r->starts + k + 1, r->starts + k, (r->n - k) * sizeof(uint64_t));
+    memmove(r->e + k + 1, r->e + k, (r->n - k) * sizeof(ent_t));
+    r->starts[k] = start;
+    r->e[k].start = start;
+    r->e[k].end = start + len;
+    r->e[k].mirror = mirror;
+    r->e[k].id = id;
+    r->e[k].pad = 0;
+    r->n++;
+    return 0;
+}
+
+int gw_pin_remove(gw_pin_reg_t *r, uint64_t start) {
+    long i = last_le(r, start);
+    if (i < 0 || r->starts[i] != start) return -1;
+    size_t k = (size_t)i;
+    memmove(r->starts + k, r->starts + k + 1, (r->n - k - 1) * sizeof(uint64_t));
+    memmove(r->e + k, r->e + k + 1, (r->n - k - 1) * sizeof(ent_t));
+    r->n--;
+    return 0;
+}
+
+static inline const ent_t *find(const gw_pin_reg_t *r, uint64_t a, int ends) {
+    long i = last_le(r, a);
+    if (i < 0) return NULL;
+    const ent_t *e = &r->e[i];
+    if (a < e->end || (ends && a == e->end)) return e;
+    return NULL;
+}
+
+int64_t gw_pin_find(const gw_pin_reg_t *r, uint64_t addr, int ends, uint64_t *off) {
+    const ent_t *e = find(r, addr, ends);
+    if (!e) return -1;
+    if (off) *off = addr - e->start;
+    return e->id;
+}
+
+int gw_pin_covers(const gw_pin_reg_t *r, uint64_t addr, uint64_t n) {
+    const ent_t *e = find(r, addr, 0);
+    return e && addr + n <= e->end && addr + n >= addr;
+}
+
+int gw_pin_scan(const gw_pin_reg_t *r, const uint8_t *params, size_t plen, const uint32_t *offs,
+                size_t noffs, gw_pin_hit_t *hits, size_t cap) {
+    if (r->n == 0 || plen < 8) return 0;
+    int nh = 0;
+    uint64_t lo = r->e[0].start, hi = r->e[r->n - 1].end;   /* quick reject */
+    for (size_t i = 0; i < noffs; i++) {
+        size_t o = offs[i];
+        if (o > plen - 8) continue;
+        uint64_t v;
+        memcpy(&v, params + o, 8);
+        if (v < lo || v > hi) continue;
+        const ent_t *e = find(r, v, 1);
+        if (!e) continue;
+        if ((size_t)nh < cap) {
+            hits[nh].slot = (uint32_t)i;
+            hits[nh].id = e->id;
+            hits[nh].value = e->mirror + (v - e->start);
+        }
+        nh++;
+    }
+    return nh;
+}
+
+int gw_pin_rewrite(const gw_pin_reg_t *r, uint8_t *params, size_t plen, const uint32_t *offs,
+                   size_t noffs, gw_pin_hit_t *hits, size_t cap) {
+    int nh = gw_pin_scan(r, params, plen, offs, noffs, hits, cap);
+    int k = (size_t)nh < cap ? nh : (int)cap;
+    for (int i = 0; i < k; i++)
+        memcpy(params + offs[hits[i].slot], &hits[i].value, 8);
+    return nh;
+}
+
+uint64_t gw_pin_bench_find(const gw_pin_reg_t *r, const uint64_t *vals, size_t n, size_t iters) {
+    uint64_t hits = 0;
+    for (size_t it = 0; it < iters; it++)
+        for (size_t i = 0; i < n; i++)
+            hits += find(r, vals[i], 1) != NULL;
+    return hits;
+}
+
+#define GRAN 4096
+
+int gw_pin_diff(uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi) {
+    size_t a = 0, b = n;
+    while (a < n) {
+        size_t k = n - a < GRAN ? n - a : GRAN;
+        if (memcmp(shadow + a, live + a, k)) break;
+        a += k;
+    }
+    if (a >= n) {
+        *lo = *hi = n;
+        return 0;
+    }
+    while (b > a) {
+        size_t s = (b - 1) / GRAN * GRAN;   /* granule-aligned chunk ending at b */
+        if (s < a) s = a;
+        if (memcmp(shadow + s, live + s, b - s)) break;
+        b = s;
+    }
+    memcpy(shadow + a, live + a, b - a);
+    *lo = a;
+    *hi = b;
+    return 1;
+}
+
+/* ---------------------------------------------------------------- thread pool (compare mode) */
+#define MT_MAX 16
+#define MT_MIN (1u << 20)      /* below this the caller's thread does it alone */
+
+enum { JOB_SPAN = 1, JOB_COPY = 2 };
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t start, done;
+    pthread_t th[MT_MAX];
+    int nth;                    /* workers running (parts = nth + 1) */
+    int want;
+    uint64_t gen;
+    int pending;
+    int kind;
+    uint8_t *dst;
+    const uint8_t *a, *b;
+    size_t n, parts;
+    size_t lo[MT_MAX + 1], hi[MT_MAX + 1];
+    uint64_t g0[MT_MAX + 1];    /* the job generation a worker was created at */
+    int atfork;
+} mt = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+/* first and last differing granule of a[s, e) vs b[s, e): lo = hi = e when equal */
+static void span_part(const uint8_t *a, const uint8_t *b, size_t s, size_t e, size_t *lo, size_t *hi) {
+    size_t x = s;
+    while (x < e) {
+        size_t k = e - x < GRAN ? e - x : GRAN;
+        if (memcmp(a + x, b + x, k)) break;
+        x += k;
+    }
+    if (x >= e) {
+        *lo = *hi = e;
+        return;
+    }
+    size_t y = e;
+    while (y > x) {
+        size_t c = (y - 1) / GRAN * GRAN;
+        if (c < x) c = x;
+        if (memcmp(a + c, b + c, y - c)) break;
+        y = c;
+    }
+    *lo = x;
+    *hi = y;
+}
+
+static void part_bounds(size_t k, size_t parts, size_t n, size_t *s, size_t *e) {
+    size_t g = (n + GRAN - 1) / GRAN;
+    *s = g * k / parts * GRAN;
+    *e = g * (k + 1) / parts * GRAN;
+    if (*s > n) *s = n;
+    if (*e > n) *e = n;
+}
+
+static void run_part(size_t k) {
+    size_t s, e;
+    part_bounds(k, mt.parts, mt.n, &s, &e);
+    if (mt.kind == JOB_SPAN)
+        span_part(mt.a, mt.b, s, e, &mt.lo[k], &mt.hi[k]);
+    else if (e > s)
+        memcpy(mt.dst + s, mt.a + s, e - s);
+}
+
+static void *mt_worker(void *arg) {
+    size_t k = (size_t)(uintptr_t)arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&mt.mu);
+    seen = mt.g0[k];
+    for (;;) {
+        while (mt.gen == seen && (int)k <= mt.nth) pthread_cond_wait(&mt.start, &mt.mu);
+        if ((int)k > mt.nth) break;
+        seen = mt.gen;
+        int mine = k < mt.parts;
+        pthread_mutex_unlock(&mt.mu);
+        if (mine) run_part(k);
+        pthread_mutex_lock(&mt.mu);
+        if (mine && --mt.pending == 0) pthread_cond_signal(&mt.done);
+    }
+    pthread_mutex_unlock(&mt.mu);
+    return NULL;
+}
+
+static void mt_child(void) {     /* a forked child has no workers: start over */
+    pthread_mutex_init(&mt.mu, NULL);
+    pthread_cond_init(&mt.start, NULL);
+    pthread_cond_init(&mt.done, NULL);
+    mt.nth = 0;
+    mt.pending = 0;
+}
+
+int gw_pin_threads(int n) {
+    if (n < 1) n = 1;
+    if (n > MT_MAX) n = MT_MAX;
+    pthread_mutex_lock(&mt.mu);
+    if (!mt.atfork) {
+        pthread_atfork(NULL, NULL, mt_child);
+        mt.atfork = 1;
+    }
+    mt.want = n;
+    int have = mt.nth;
+    while (mt.nth + 1 < n) {
+        size_t k = (size_t)mt.nth + 1;
+        mt.g0[k] = mt.gen;
+        if (pthread_create(&mt.th[k], NULL, mt_worker, (void *)(uintptr_t)k)) break;
+        pthread_detach(mt.th[k]);
+        mt.nth++;
+    }
+    if (mt.nth + 1 > n) {               /* fewer: the extra workers leave */
+        mt.nth = n - 1;
+        pthread_cond_broadcast(&mt.start);
+    }
+    (void)have;
+    int r = mt.nth + 1;
+    pthread_mutex_unlock(&mt.mu);
+    return r;
+}
+
+static void mt_run(int kind, uint8_t *dst, const uint8_t *a, const uint8_t *b, size_t n) {
+    pthread_mutex_lock(&mt.mu);
+    size_t parts = (size_t)mt.nth + 1;
+    if (n < MT_MIN || parts < 2) parts = 1;
+    mt.kind = kind;
+    mt.dst = dst;
+    mt.a = a;
+    mt.b = b;
+    mt.n = n;
+    mt.parts = parts;
+    if (parts > 1) {
+        mt.pending = (int)parts - 1;
+        mt.gen++;
+        pthread_cond_broadcast(&mt.start);
+    }
+    pthread_mutex_unlock(&mt.mu);
+    run_part(0);
+    if (parts > 1) {
+        pthread_mutex_lock(&mt.mu);
+        while (mt.pending) pthread_cond_wait(&mt.done, &mt.mu);
+        pthread_mutex_unlock(&mt.mu);
+    }
+}
+
+static pthread_mutex_t mt_call = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
+
+int gw_pin_span_mt(const uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi) {
+    pthread_mutex_lock(&mt_call);
+    mt_run(JOB_SPAN, NULL, shadow, live, n);
+    size_t a = n, b = 0;
+    for (size_t k = 0; k < mt.parts; k++) {
+        size_t s, e;
+        part_bounds(k, mt.parts, n, &s, &e);
+        if (mt.lo[k] < e) {             /* this part differs */
+            if (mt.lo[k] < a) a = mt.lo[k];
+            if (mt.hi[k] > b) b = mt.hi[k];
+        }
+    }
+    pthread_mutex_unlock(&mt_call);
+    if (a >= b) {
+        *lo = *hi = n;
+        return 0;
+    }
+    *lo = a;
+    *hi = b;
+    return 1;
+}
+
+void gw_pin_copy_mt(uint8_t *dst, const uint8_t *src, size_t n) {
+    if (n < MT_MIN) {
+        memcpy(dst, src, n);
+        return;
+    }
+    pthread_mutex_lock(&mt_call);
+    mt_run(JOB_COPY, dst, src, NULL, n);
+    pthread_mutex_unlock(&mt_call);
+}
+
+int gw_pin_diff_mt(uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi) {
+    if (n < MT_MIN) return gw_pin_diff(shadow, live, n, lo, hi);
+    if (!gw_pin_span_mt(shadow, live, n, lo, hi)) return 0;
+    gw_pin_copy_mt(shadow + *lo, live + *lo, *hi - *lo);
+    return 1;
+}
+
+int gw_pin_lock(void *p, size_t n) {
+    return mlock(p, n) ? errno : 0;
+}
+
+int gw_pin_unlock(void *p, size_t n) {
+    return munlock(p, n) ? errno : 0;
+}
+
+/* ---------------------------------------------------------------- protect tracking */
+#define WP_MAX 4096
+
+typedef struct {
+    _Atomic uint64_t start;     /* 0: free slot */
+    _Atomic uint64_t end;
+    _Atomic int prot;           /* 1 while write-protected */
+    _Atomic int dirty;
+} wp_slot_t;
+
+static wp_slot_t wp[WP_MAX];
+static _Atomic int wp_hi;                /* slots in use are below this */
+static _Atomic uint64_t wp_nfaults;
+static struct sigaction wp_old;
+static _Atomic int wp_installed;
+
+static void wp_chain(int sig, siginfo_t *si, void *ctx) {
+    if (wp_old.sa_flags & SA_SIGINFO) {
+        if (wp_old.sa_sigaction) {
+            wp_old.sa_sigaction(sig, si, ctx);
+            return;
+        }
+    } else if (wp_old.sa_handler == SIG_IGN) {
+        return;
+    } else if (wp_old.sa_handler != SIG_DFL && wp_old.sa_handler) {
+        wp_old.sa_handler(sig);
+        return;
+    }
+    /* default action: restore it and return; the faulting instruction faults again */
+    signal(sig, SIG_DFL);
+}
+
+static void wp_handler(int sig, siginfo_t *si, void *ctx) {
+    if (si && si->si_code == SEGV_ACCERR) {
+        uint64_t a = (uint64_t)(uintptr_t)si->si_addr;
+        int hi = atomic_load(&wp_hi);
+        for (int i = 0; i < hi; i++) {
+            uint64_t s = atomic_load(&wp[i].start), e = atomic_load(&wp[i].end);
+            if (s && a >= s && a < e) {
+                int saved = errno;
+                atomic_store(&wp[i].dirty, 1);
+                atomic_store(&wp[i].prot, 0);
+                mprotect((void *)(uintptr_t)s, e - s, PROT_READ | PROT_WRITE);
+                atomic_fetch_add(&wp_nfaults, 1);
+                errno = saved;
+                return;      /* the store runs again, now allowed */
+            }
+        }
+    }
+    wp_chain(sig, si, ctx);
+}
+
+static int wp_install(void) {
+    if (atomic_load(&wp_installed)) return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = wp_handler;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &wp_old)) return -errno;
+    atomic_store(&wp_installed, 1);
+    return 0;
+}
+
+int gw_wp_add(uint64_t start, uint64_t len) {
+    int e = wp_install();
+    if (e) return e;
+    if (!start || !len) return -EINVAL;
+    for (int i = 0; i < WP_MAX; i++) {
+        uint64_t z = 0;
+        if (atomic_load(&wp[i].start) == 0) {
+            atomic_store(&wp[i].end, start + len);
+            atomic_store(&wp[i].prot, 0);
+            atomic_store(&wp[i].dirty, 1);
+            if (!atomic_compare_exchange_strong(&wp[i].start, &z, start)) continue;
+            int hi = atomic_load(&wp_hi);
+            while (hi <= i && !atomic_compare_exchange_weak(&wp_hi, &hi, i + 1)) {}
+            return i;
+        }
+    }
+    return -1;
+}
+
+static int wp_ok(int slot) {
+    return slot >= 0 && slot < WP_MAX && atomic_load(&wp[slot].start) != 0;
+}
+
+int gw_wp_unprotect(int slot) {
+    if (!wp_ok(slot)) return EINVAL;
+    uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
+    atomic_store(&wp[slot].prot, 0);
+    return mprotect((void *)(uintptr_t)s, e - s, PROT_READ | PROT_WRITE) ? errno : 0;
+}
+
+void gw_wp_remove(int slot) {
+    if (!wp_ok(slot)) return;
+    gw_wp_unprotect(slot);
+    atomic_store(&wp[slot].start, 0);
+}
+
+int gw_wp_protect(int slot) {
+    if (!wp_ok(slot)) return EINVAL;
+    uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
+    atomic_store(&wp[slot].dirty, 0);
+    atomic_store(&wp[slot].prot, 1);
+    if (mprotect((void *)(uintptr_t)s, e - s, PROT_READ)) {
+        int err = errno;
+        atomic_store(&wp[slot].prot, 0);
+        atomic_store(&wp[slot].dirty, 1);
+        return err;
+    }
+    return 0;
+}
+
+int gw_wp_dirty(int slot) {
+    if (!wp_ok(slot)) return 1;
+    return atomic_load(&wp[slot].dirty) || !atomic_load(&wp[slot].prot);
+}
+
+uint64_t gw_wp_faults(void) { return atomic_load(&wp_nfaults); }

@@ -1,0 +1,82 @@
+/* gpuwire pinned-region registry (module gpuwire._pinned, cffi API mode, out of line).
+ *
+ * The client keeps every pinned host region (cuMemHostAlloc / cuMemHostRegister through
+ * gpuwire) here: a sorted array of non-overlapping [start, end) ranges with the address
+ * of the region's server mirror. At each launch gw_pin_scan looks every 8-byte
+ * parameter slot up (binary search, O(log n)) and reports the slots whose value lies
+ * inside a region (interior pointers included) or is its one-past-the-end address,
+ * with the value rewritten to the mirror at the same offset.
+ *
+ * gw_pin_diff finds the changed part of a region against its shadow copy (the
+ * "compare" tracking mode) and refreshes the shadow; gw_pin_lock page-locks memory.
+ * No dependencies beyond libc.
+ */
+#ifndef GW_PINNED_H
+#define GW_PINNED_H
+#include <stddef.h>
+#include <stdint.h>
+
+#define GW_PIN_ABI 1
+
+typedef struct gw_pin_reg gw_pin_reg_t;
+
+typedef struct {
+    uint32_t slot;      /* index into the offsets array given to gw_pin_scan */
+    uint32_t id;        /* region id */
+    uint64_t value;     /* the rewritten value: mirror + (old - start) */
+} gw_pin_hit_t;
+
+gw_pin_reg_t *gw_pin_new(void);
+void gw_pin_destroy(gw_pin_reg_t *r);
+/* 0 ok, -1 overlaps a registered region (or empty/wrapping range), -2 out of memory */
+int gw_pin_add(gw_pin_reg_t *r, uint64_t start, uint64_t len, uint64_t mirror, uint32_t id);
+/* 0 ok, -1 no region starts at start */
+int gw_pin_remove(gw_pin_reg_t *r, uint64_t start);
+size_t gw_pin_count(const gw_pin_reg_t *r);
+/* id of the region holding addr (end == one past the end counts when ends is set), else -1;
+ * *off receives addr - start */
+int64_t gw_pin_find(const gw_pin_reg_t *r, uint64_t addr, int ends, uint64_t *off);
+/* 1 when [addr, addr + n) lies inside one region */
+int gw_pin_covers(const gw_pin_reg_t *r, uint64_t addr, uint64_t n);
+/* Look up the 8-byte values at params + offs[i] (i < noffs; offsets past plen - 8 are
+ * skipped). Fills up to cap hits and returns how many slots hit (may exceed cap: call
+ * again with room). */
+int gw_pin_scan(const gw_pin_reg_t *r, const uint8_t *params, size_t plen, const uint32_t *offs,
+                size_t noffs, gw_pin_hit_t *hits, size_t cap);
+/* Like gw_pin_scan, and writes each hit's rewritten value into params (in place). */
+int gw_pin_rewrite(const gw_pin_reg_t *r, uint8_t *params, size_t plen, const uint32_t *offs,
+                   size_t noffs, gw_pin_hit_t *hits, size_t cap);
+/* bench: looks each of vals[0..n) up iters times; returns the number of hits */
+uint64_t gw_pin_bench_find(const gw_pin_reg_t *r, const uint64_t *vals, size_t n, size_t iters);
+
+/* compare mode: the changed byte range of live vs shadow (granule-rounded), copied into
+ * shadow; returns 0 and sets *lo = *hi when nothing changed */
+int gw_pin_diff(uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi);
+/* Multi-threaded versions for big regions (>= 1 MiB, compare mode): a small persistent pool of
+ * gw_pin_threads(n) threads (n <= 16; 0 or 1: the caller's thread only; reset in a forked
+ * child). gw_pin_diff_mt: like gw_pin_diff; gw_pin_span_mt: the same span without copying
+ * (0 and *lo = *hi = n when equal); gw_pin_copy_mt: memcpy. */
+int gw_pin_threads(int n);
+int gw_pin_diff_mt(uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi);
+int gw_pin_span_mt(const uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi);
+void gw_pin_copy_mt(uint8_t *dst, const uint8_t *src, size_t n);
+
+/* "protect" tracking (opt-in): write-protected regions whose first host write is caught by
+ * a SIGSEGV handler (chained to the one installed before it), which makes the range
+ * writable again and sets its dirty flag. start/len must cover whole pages owned by the
+ * region. gw_wp_add returns a slot (>= 0) or -1 (table full) / -errno (sigaction). */
+int gw_wp_add(uint64_t start, uint64_t len);
+void gw_wp_remove(int slot);
+/* clears the dirty flag and write-protects: 0 or errno */
+int gw_wp_protect(int slot);
+/* makes the range writable (dirty flag unchanged): 0 or errno */
+int gw_wp_unprotect(int slot);
+/* 1 when the range was written since gw_wp_protect (or is not protected), else 0 */
+int gw_wp_dirty(int slot);
+/* number of write faults the handler resolved (all slots, since load) */
+uint64_t gw_wp_faults(void);
+/* mlock / munlock: 0 or errno */
+int gw_pin_lock(void *p, size_t n);
+int gw_pin_unlock(void *p, size_t n);
+
+#endif

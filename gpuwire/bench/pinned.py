@@ -1,0 +1,482 @@
+"""`gpuwire bench pinned`: pinned-buffer mirroring (docs/pinned.md) against its targets.
+
+Tests (``--tests``, comma-separated):
+
+* ``lookup``    the C registry with ``--regions`` (10,000) real pinned regions of one
+                session: ns per interval lookup (C loop over random interior
+                addresses), µs per uncached scan call (Python→C: find and rewrite the
+                pointer slots of a 3-pointer kernel), and the extra issue cost of a
+                launch on pinned pointers over the same launch on device pointers.
+* ``mirror``    per size (``--sizes``, default 4K,1M,64M): a stream loop of ``--iters``
+                iterations of "write a new input (every byte changes), pin_scale(in,
+                out), synchronize" where
+                the kernel's in/out are pinned regions mirrored by gpuwire, against the
+                same program doing the copies itself (fill a registered host buffer,
+                cuMemcpyHtoDAsync, launch on device buffers, cuMemcpyDtoHAsync, sync).
+                Cases: the *plain* program (no annotation, no mark_dirty; the PTX scan
+                finds `in` read-only) in tracking modes always / compare / protect; explicit
+                with mark_dirty and `in` annotated read-only by hand; always with the PTX
+                scan off (what the earlier default did). Same run, same server; ratio =
+                mirrored / explicit (median of iterations; means are in the rows too).
+* ``unchanged`` per size: ``--launches`` async launches of pin_touch(in, out) whose
+                pinned input did not change (read-only annotated), one sync at the end
+                (included in the time), vs the same launches on device pointers: extra
+                µs per launch, per tracking mode.
+* ``placement`` (GPU, local through cuda.bindings, no gpuwire) where a mirror should
+                live: a kernel reading/writing a region in device memory (after an H2D
+                copy from pinned staging, and a D2H copy back: what a mirror push/pull
+                costs on the server) vs the same kernel on pinned host memory mapped
+                for the device (the push would land there, no copy): once, and 10× on
+                unchanged data.
+
+Rows go to ``--json``/``--csv`` like the other benches.
+"""
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import sys
+import time
+from typing import Any, Dict, List
+
+from .report import config_echo, human_size, parse_size, print_config, write_csv, write_json
+from .rpc import start_rpc_server, stop, tls_of
+
+TARGETS = {"mirror_ratio": 1.10, "unchanged_extra_us": 1.0, "lookup_us": 1.0}
+
+
+def _addr(a) -> int:
+    return int(a.ctypes.data)
+
+
+# ----------------------------------------------------------------------------- lookup
+
+def bench_lookup(connect, args, ptx) -> List[Dict[str, Any]]:
+    import numpy as np
+    from gpuwire.rpc import pinned
+    rows = []
+    s = connect()
+    try:
+        m = None
+        arrs = []
+        t0 = time.perf_counter()
+        for _ in range(args.regions):
+            arrs.append(s.host_alloc(4096))
+        made_s = time.perf_counter() - t0
+        s.gwSync()
+        m = pinned.manager(s)
+        ffi, lib = m.ffi, m.lib
+        rng = np.random.default_rng(1)
+        pick = rng.integers(0, len(arrs), 4096)
+        vals = np.array([_addr(arrs[i]) + int(o) for i, o in zip(pick, rng.integers(0, 4096, 4096))], np.uint64)
+        iters = 200
+        cv = ffi.cast("uint64_t *", vals.ctypes.data)
+        lib.gw_pin_bench_find(m.reg, cv, len(vals), 10)
+        t0 = time.perf_counter_ns()
+        hits = lib.gw_pin_bench_find(m.reg, cv, len(vals), iters)
+        ns = (time.perf_counter_ns() - t0) / (len(vals) * iters)
+        assert hits == len(vals) * iters
+        fi = pinned._Func("pin_add", [(0, 8), (8, 8), (16, 8), (24, 4)], None, m.version)
+        import struct
+        params = [struct.pack("<QQQi", int(vals[i]), int(vals[i + 1]), 12345, 7) for i in range(0, 2000, 2)]
+
+        def scan_us():
+            rw = m._rewrite
+            t0 = time.perf_counter()
+            for _ in range(20):
+                for p in params:
+                    rw(fi, p)
+            return (time.perf_counter() - t0) / (20 * len(params)) * 1e6
+        scan_us()
+        us = statistics.median(scan_us() for _ in range(5))
+        miss = [struct.pack("<QQQi", 1 << 40, 2 << 40, 3, 7)] * 1000
+
+        def miss_us():
+            rw = m._rewrite
+            t0 = time.perf_counter()
+            for _ in range(20):
+                for p in miss:
+                    rw(fi, p)
+            return (time.perf_counter() - t0) / (20 * len(miss)) * 1e6
+        us_miss = statistics.median(miss_us() for _ in range(5))
+        # the launch path itself: pin_add(x, y, out) on pinned pointers vs device pointers, both
+        # issued async (the per-function rewrite cache hits after the first launch)
+        mod = s.load_module(ptx)
+        f = mod.function("pin_add")
+        f.param_layout()
+        st = s.stream()
+        dbuf = s.alloc(3 * 4096)
+        a0, a1, a2 = arrs[0], arrs[1], arrs[2]
+
+        def issue(ptrs, reps=2000):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                s.launch(f, 1, 32, ptrs + (32,), stream=st)
+            t1 = time.perf_counter()
+            st.synchronize()
+            return (t1 - t0) / reps * 1e6
+        pp = (_addr(a0), _addr(a1), _addr(a2))
+        dp = (dbuf.ptr, dbuf.ptr + 4096, dbuf.ptr + 8192)
+        pinned.annotate(f, readonly=(0, 1, 2))          # measure the lookup, not the pull of out
+        for a in (a0, a1, a2):
+            pinned.set_tracking(s, a, "explicit")      # ... nor pushes of unchanged bytes
+        issue(pp, 200)
+        issue(dp, 200)
+        lp, ld = [], []
+        for _ in range(5):
+            ld.append(issue(dp))
+            lp.append(issue(pp))
+        launch_extra = statistics.median(lp) - statistics.median(ld)
+        dbuf.free()
+        rows.append({"bench": "pinned", "test": "lookup", "regions": lib.gw_pin_count(m.reg),
+                     "c_lookup_ns": round(ns, 2), "c_lookups_per_launch_us": round(3 * ns / 1e3, 3),
+                     "scan_call_us_2hits": round(us, 3), "scan_call_us_no_hit": round(us_miss, 3),
+                     "launch_device_ptrs_us": round(statistics.median(ld), 3),
+                     "launch_pinned_ptrs_us": round(statistics.median(lp), 3),
+                     "launch_extra_us": round(launch_extra, 3), "create_s": round(made_s, 2),
+                     "target_us": TARGETS["lookup_us"],
+                     "met_c_lookup": 3 * ns / 1e3 <= TARGETS["lookup_us"],
+                     "met_scan_call": us <= TARGETS["lookup_us"],
+                     "met_launch_extra": launch_extra <= TARGETS["lookup_us"]})
+        for a in arrs:
+            s.free_host(a)
+        s.gwSync()
+    finally:
+        s.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- mirror vs explicit copies
+
+def _loop_explicit(s, f, n, iters, src, st):
+    import numpy as np
+    hin, hout = s.pinned(4 * n).view(np.float32), s.pinned(4 * n).view(np.float32)
+    din, dout = s.alloc(4 * n), s.alloc(4 * n)
+    g = (n + 255) // 256
+    ts = []
+    try:
+        for i in range(iters):
+            t0 = time.perf_counter()
+            np.add(src, np.float32(i), out=hin)      # every byte of the input changes
+            s.cuMemcpyHtoDAsync(din, hin, 4 * n, st)
+            s.launch(f, g, 256, (din.ptr, dout.ptr, 2.0, n), stream=st)
+            s.cuMemcpyDtoHAsync(hout, dout, 4 * n, st)
+            st.synchronize()
+            ts.append(time.perf_counter() - t0)
+        ok = hout[0] == 2 * (iters - 1) + 1 and hout[-1] == 2 * (src[-1] + iters - 1) + 1
+    finally:
+        din.free()
+        dout.free()
+    return ts, bool(ok)
+
+
+def _loop_mirrored(s, f, n, iters, src, st, mode):
+    import numpy as np
+    from gpuwire.rpc import pinned
+    hin, hout = s.host_alloc(4 * n).view(np.float32), s.host_alloc(4 * n).view(np.float32)
+    pinned.set_tracking(s, hin, mode)
+    pinned.set_tracking(s, hout, mode)
+    R = pinned.region(s, hin)
+    g = (n + 255) // 256
+    ts = []
+    try:
+        for i in range(iters):
+            t0 = time.perf_counter()
+            np.add(src, np.float32(i), out=hin)      # every byte of the input changes
+            if mode == "explicit":
+                R.mark_dirty()           # what the explicit mode needs (the other modes find changes)
+            s.launch(f, g, 256, (_addr(hin), _addr(hout), 2.0, n), stream=st)
+            st.synchronize()
+            ts.append(time.perf_counter() - t0)
+        ok = hout[0] == 2 * (iters - 1) + 1 and hout[-1] == 2 * (src[-1] + iters - 1) + 1
+    finally:
+        s.free_host(hin)
+        s.free_host(hout)
+    return ts, bool(ok)
+
+
+# (tracking mode, `in` annotated readonly by hand, PTX read-only scan on). "plain" rows: no
+# annotation, no mark_dirty: what a program gets without telling gpuwire anything.
+_MIRROR_CASES = (("always", False, True), ("compare", False, True), ("protect", False, True),
+                 ("explicit", True, True), ("always", False, False))
+
+
+def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
+    import numpy as np
+    from gpuwire import settings
+    from gpuwire.rpc import pinned
+    rows = []
+    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
+        n = size // 4
+        iters = max(5, min(args.iters, (2 << 30) // max(size, 1) // 4))
+        src = (np.arange(n) % 1000).astype(np.float32)
+        s = connect()
+        try:
+            mod = s.load_module(ptx)
+            f = mod.function("pin_scale")
+            st = s.stream()
+            _loop_explicit(s, f, n, 2, src, st)
+            for mode, ro, ptx_ro in _MIRROR_CASES:
+                if args.modes and mode not in args.modes.split(","):
+                    continue
+                # the plain program: no annotation, `in` found read-only by the PTX scan (ptx_ro);
+                # readonly=(0,) is the hand annotation; ptx_ro False: the PTX scan off
+                f.param_layout()
+                pinned.annotate(f, readonly=(0,) if ro else ())
+                with settings.override(pinned_ptx_readonly=ptx_ro):
+                    _loop_mirrored(s, f, n, 2, src, st, mode)    # warm-up
+                    before = pinned.stats(s)
+                    # interleave the two programs so drift hits both alike
+                    te, tm, oke, okm = [], [], True, True
+                    for _rep in range(args.reps):
+                        a, ok1 = _loop_explicit(s, f, n, iters, src, st)
+                        b, ok2 = _loop_mirrored(s, f, n, iters, src, st, mode)
+                        te += a
+                        tm += b
+                        oke &= ok1
+                        okm &= ok2
+                    after = pinned.stats(s)
+                me, mm = statistics.median(te), statistics.median(tm)
+                k = args.reps * iters
+                rows.append({"bench": "pinned", "test": "mirror", "size_bytes": size, "size": human_size(size),
+                             "mode": mode, "in_readonly": ro, "ptx_readonly": ptx_ro,
+                             "plain": not ro and ptx_ro and mode != "explicit", "iters": k,
+                             "explicit_us": round(me * 1e6, 1), "mirrored_us": round(mm * 1e6, 1),
+                             "ratio": round(mm / me, 3),
+                             "explicit_mean_us": round(statistics.mean(te) * 1e6, 1),
+                             "mirrored_mean_us": round(statistics.mean(tm) * 1e6, 1),
+                             "push_bytes_per_iter": (after["push_bytes"] - before["push_bytes"]) // k,
+                             "pull_bytes_per_iter": (after["pull_bytes"] - before["pull_bytes"]) // k,
+                             "results_ok": oke and okm, "target": TARGETS["mirror_ratio"],
+                             "met": mm / me <= TARGETS["mirror_ratio"]})
+            st.destroy()
+        finally:
+            s.close()
+    return rows
+
+
+def bench_unchanged(connect, args, ptx) -> List[Dict[str, Any]]:
+    import numpy as np
+    from gpuwire.rpc import pinned
+    rows = []
+    L = args.launches
+    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
+        s = connect()
+        try:
+            mod = s.load_module(ptx)
+            f = mod.function("pin_touch")
+            f.param_layout()
+            pinned.annotate(f, readonly=(0,))
+            st = s.stream()
+            din, dout = s.alloc(size), s.alloc(64)
+            hin = s.host_alloc(size).view(np.float32)
+            hin[:] = 1.5
+
+
+            def run(ptr, reps=None):
+                reps = reps or L
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    s.launch(f, 1, 32, (ptr, dout.ptr), stream=st)
+                st.synchronize()      # included: pushes in flight finish here
+                return (time.perf_counter() - t0) / reps * 1e6
+            for mode in ("explicit", "compare", "protect", "always"):
+                if args.modes and mode not in args.modes.split(","):
+                    continue
+                # compare diffs and 'always' pushes the whole region per launch: fewer launches for big ones
+                L = args.launches if mode == "explicit" or size <= (64 << 10) else \
+                    max(20, min(args.launches, (256 << 20) // size))
+                pinned.set_tracking(s, hin, mode)
+                run(_addr(hin), min(200, L))
+                run(din.ptr, min(200, L))
+                b0 = pinned.stats(s)["push_bytes"]
+                base, mir = [], []
+                for _ in range(5):
+                    base.append(run(din.ptr))
+                    mir.append(run(_addr(hin)))
+                pushed = pinned.stats(s)["push_bytes"] - b0
+                out = np.zeros(1, np.float32)
+                s.copy_to_host(out, dout)
+                extra = statistics.median(mir) - statistics.median(base)
+                rows.append({"bench": "pinned", "test": "unchanged", "size_bytes": size, "size": human_size(size),
+                             "mode": mode, "launches": 5 * L, "device_ptr_us": round(statistics.median(base), 3),
+                             "pinned_us": round(statistics.median(mir), 3), "extra_us": round(extra, 3),
+                             "push_bytes": pushed, "result_ok": bool(out[0] == 1.5),
+                             "target_us": TARGETS["unchanged_extra_us"],
+                             "met": extra <= TARGETS["unchanged_extra_us"]})
+            din.free()
+            dout.free()
+            s.free_host(hin)
+        finally:
+            s.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- placement (GPU, local)
+
+def bench_placement(args, ptx) -> List[Dict[str, Any]]:
+    import numpy as np
+    from cuda.bindings import driver as d
+
+    def ck(r):
+        if int(r[0]):
+            raise RuntimeError(f"CUDA error {r[0]}")
+        return r[1] if len(r) == 2 else (r[1:] if len(r) > 2 else None)
+    ck(d.cuInit(0))
+    dev = ck(d.cuDeviceGet(0))
+    ctx = ck(d.cuDevicePrimaryCtxRetain(dev))
+    ck(d.cuCtxSetCurrent(ctx))
+    mod = ck(d.cuModuleLoadData(ptx))
+    f = ck(d.cuModuleGetFunction(mod, b"pin_scale"))
+    st = ck(d.cuStreamCreate(1))
+    e0, e1 = ck(d.cuEventCreate(0)), ck(d.cuEventCreate(0))
+    rows = []
+    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
+        n = size // 4
+        g = (n + 255) // 256
+        stage_in = int(ck(d.cuMemHostAlloc(size, 0)))
+        stage_out = int(ck(d.cuMemHostAlloc(size, 0)))
+        mapped_in = int(ck(d.cuMemHostAlloc(size, 2)))     # DEVICEMAP
+        mapped_out = int(ck(d.cuMemHostAlloc(size, 2)))
+        dm_in = int(ck(d.cuMemHostGetDevicePointer(mapped_in, 0)))
+        dm_out = int(ck(d.cuMemHostGetDevicePointer(mapped_out, 0)))
+        din, dout = int(ck(d.cuMemAlloc(size))), int(ck(d.cuMemAlloc(size)))
+        keep = []
+
+        def launch(pin, pout):
+            vals = [np.array([pin], np.uint64), np.array([pout], np.uint64), np.array([2.0], np.float32),
+                    np.array([n], np.int32)]
+            ptrs = np.array([v.ctypes.data for v in vals], np.uint64)
+            keep.append((vals, ptrs))
+            ck(d.cuLaunchKernel(f, g, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+
+        def timed(fn, reps=5):
+            fn()
+            ck(d.cuStreamSynchronize(st))
+            out = []
+            for _ in range(reps):
+                ck(d.cuEventRecord(e0, st))
+                fn()
+                ck(d.cuEventRecord(e1, st))
+                ck(d.cuEventSynchronize(e1))
+                out.append(ck(d.cuEventElapsedTime(e0, e1)) * 1e3)
+            keep.clear()
+            return statistics.median(out)
+
+        def dev_once():
+            ck(d.cuMemcpyHtoDAsync(din, stage_in, size, st))
+            launch(din, dout)
+            ck(d.cuMemcpyDtoHAsync(stage_out, dout, size, st))
+
+        def dev_10():
+            ck(d.cuMemcpyHtoDAsync(din, stage_in, size, st))
+            for _ in range(10):
+                launch(din, dout)
+            ck(d.cuMemcpyDtoHAsync(stage_out, dout, size, st))
+        a1, a10 = timed(dev_once), timed(dev_10)
+        b1, b10 = timed(lambda: launch(dm_in, dm_out)), timed(lambda: [launch(dm_in, dm_out) for _ in range(10)])
+        k_dev = timed(lambda: launch(din, dout))
+        rows.append({"bench": "pinned", "test": "placement", "size_bytes": size, "size": human_size(size),
+                     "device_mirror_once_us": round(a1, 1), "mapped_pinned_once_us": round(b1, 1),
+                     "device_mirror_10x_us": round(a10, 1), "mapped_pinned_10x_us": round(b10, 1),
+                     "kernel_on_device_mem_us": round(k_dev, 1)})
+        for p in (stage_in, stage_out, mapped_in, mapped_out):
+            d.cuMemFreeHost(p)
+        d.cuMemFree(din)
+        d.cuMemFree(dout)
+    d.cuStreamDestroy(st)
+    d.cuModuleUnload(mod)
+    d.cuDevicePrimaryCtxRelease(dev)
+    return rows
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run(args: argparse.Namespace) -> int:
+    import gpuwire
+    from gpuwire import settings
+    import gpuwire.rpc.client  # noqa: F401 - registers the rpc settings
+    from gpuwire.rpc.kernels import pinned as PK
+    tls = tls_of(args.tls)
+    tests = [x for x in args.tests.split(",") if x]
+    ptx = PK.PTX.read_bytes()
+    token = args.token or secrets.token_hex(16)
+    cfg = config_echo({"bench": "pinned", "tls": tls, "executor": args.executor, "tests": tests,
+                       "sizes": args.sizes, "server": args.server or "loopback (own process)",
+                       "pinned_track_default": settings.get("pinned_track"),
+                       "pinned_threads": settings.get("pinned_threads"),
+                       "pinned_ptx_readonly": settings.get("pinned_ptx_readonly")})
+    print_config(cfg)
+    srv = None
+    address = args.server
+    if not address and any(x != "placement" for x in tests):
+        srv, address = start_rpc_server(args.executor, tls, token,
+                                        ["--cpu-kernels", "gpuwire.rpc.kernels.pinned"])
+
+    def connect():
+        return gpuwire.connect(address, token=token, tls=tls, name="bench-pinned")
+    rows: List[Dict[str, Any]] = []
+    try:
+        with settings.override(rpc_flush_us=args.flush_us):
+            for test in tests:
+                t0 = time.perf_counter()
+                if test == "lookup":
+                    new = bench_lookup(connect, args, ptx)
+                elif test == "mirror":
+                    new = bench_mirror(connect, args, ptx)
+                elif test == "unchanged":
+                    new = bench_unchanged(connect, args, ptx)
+                elif test == "placement":
+                    try:
+                        new = bench_placement(args, ptx)
+                    except Exception as e:   # no GPU / no cuda.bindings here
+                        new = [{"bench": "pinned", "test": "placement", "skipped": f"{type(e).__name__}: {e}"[:200]}]
+                else:
+                    raise SystemExit(f"--tests: unknown test {test!r}")
+                for r in new:
+                    r["tls"] = args.tls
+                    r["executor"] = args.executor if not args.server else "remote"
+                    r["seconds"] = round(time.perf_counter() - t0, 2)
+                    print("  ".join(f"{k}={v}" for k, v in r.items() if k != "bench"), flush=True)
+                rows.extend(new)
+    finally:
+        stop(srv)
+    if args.json:
+        write_json(args.json, rows, cfg)
+    if args.csv:
+        write_csv(args.csv, rows)
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("cpu", "gpu"), default="gpu", help="loopback server executor (default gpu)")
+    p.add_argument("--tls", default="tcp", help="tcp (default), sm, or a UCX_TLS value")
+    p.add_argument("--tests", default="lookup,mirror,unchanged,placement",
+                   help="lookup, mirror, unchanged, placement (comma-separated)")
+    p.add_argument("--server", help="HOST:PORT of a running `gpuwire serve --cpu-kernels gpuwire.rpc.kernels.pinned`")
+    p.add_argument("--token", help="token of --server")
+    p.add_argument("--sizes", default="4K,1M,64M", help="region sizes (mirror, unchanged, placement)")
+    p.add_argument("--regions", type=int, default=10000, help="lookup: registered regions")
+    p.add_argument("--iters", type=int, default=30, help="mirror: iterations per repetition (fewer for big sizes)")
+    p.add_argument("--launches", type=int, default=2000, help="unchanged: launches per timed run")
+    p.add_argument("--reps", type=int, default=3, help="mirror: interleaved repetitions of both programs")
+    p.add_argument("--modes", default="", help="mirror/unchanged: only these tracking modes (comma-separated; "
+                   "default all: always, compare, protect, explicit)")
+    p.add_argument("--flush-us", type=float, default=200.0, help="rpc_flush_us of the bench sessions")
+    p.add_argument("--json", help="write rows to this JSON file")
+    p.add_argument("--csv", help="write rows to this CSV file")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("pinned", help="pinned-buffer mirroring: lookup, mirror vs explicit copies, placement",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(prog="python -m gpuwire.bench.pinned")
+    add_arguments(ap)
+    sys.exit(run(ap.parse_args()))

@@ -1,0 +1,991 @@
+"""Pinned host buffers in kernel parameters: found at each launch and mirrored on the server.
+
+With a local GPU a kernel may dereference pinned host memory (``cuMemHostAlloc``,
+``cuMemHostRegister``) passed as a parameter. Remotely that address means nothing on
+the server, so gpuwire keeps a **mirror** of every pinned region in the session's
+device memory and rewrites parameters that point into a region to the mirror at the
+same offset. The full story (what is found, what is not, ordering, tracking modes,
+free-while-in-flight) is docs/pinned.md; in short:
+
+* ``cuMemHostAlloc`` / ``cuMemHostRegister`` through a session make a :class:`Region`:
+  the client memory is page-locked where the OS lets us (mlock), registered with UCX
+  (zero-copy sends and receives), given a mirror (a deferred ``cuMemAlloc`` in the
+  session's VA range: the client knows its address at once) and entered in the C
+  interval registry (``gpuwire._pinned``: sorted array, binary search).
+* At each launch the function's parameter layout (cuFuncGetParamInfo, asked once per
+  function and cached) gives the 8-byte slots; the C scan rewrites every slot whose
+  value lies in a region (interior and one-past-the-end pointers included) to the
+  mirror. Slots of another size are never touched. Per-kernel annotations
+  (:func:`annotate`) declare pointers inside struct parameters, slots that are
+  integers (the false-positive opt-out) and read-only pointers; for modules loaded from
+  PTX, parameters the kernel never writes through are found read-only by a conservative
+  scan of the PTX (gpuwire/rpc/ptx_access.py, setting ``pinned_ptx_readonly``).
+* Before the launch the region's bytes are pushed (``cuMemcpyHtoDAsync`` on the
+  launch's stream, zero-copy from the registered region) unless the tracking mode
+  says they did not change or the mirror holds newer bytes (a kernel wrote it and
+  nothing pulled it yet). After a launch that may write it, the region is *device
+  owned*; it is pulled back (``cuMemcpyDtoHAsync`` into the region) right before the
+  sync call that lets the client observe it: a synchronize or a completed query of a
+  stream that wrote it (or that waited on an event recorded after the write), an
+  event synchronize/query, a context synchronize. Copies through gpuwire that read a
+  device-owned region read the mirror (``cuMemcpyDtoD``); async copies into a region
+  land in the mirror, so later work on the stream sees them (CUDA's ordering).
+
+The hooks are per session and only present while the session has pinned regions:
+sessions without pinned memory run the generated stubs untouched.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+import threading
+import weakref
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import settings
+from .. import transport as t
+from . import protocol as P
+from .protocol import CudaError
+
+settings.register("pinned_track", "compare", str,
+                  "Client: how a pinned region's changes are found before a launch pushes it: 'always' "
+                  "(push the whole region at every launch that uses it), 'compare' (diff against a shadow "
+                  "copy, push the changed range), 'explicit' (push only after gpuwire wrote it or "
+                  "Region.mark_dirty()), 'protect' (opt-in: write-protect the region after each push/pull "
+                  "and catch the first host write with a SIGSEGV handler; host_alloc regions only, others "
+                  "use 'compare'; a syscall writing into a protected region fails with EFAULT). "
+                  "See docs/pinned.md.", layer="rpc")
+settings.register("pinned_ptx_readonly", True, bool,
+                  "Client: scan the PTX of modules loaded through the session for kernel parameters that are "
+                  "never written through (gpuwire/rpc/ptx_access.py) and treat them as read-only: regions "
+                  "reached only through them are not pulled back. Conservative; cubin/fatbin are not scanned. "
+                  "See docs/pinned.md.", layer="rpc")
+settings.register("pinned_threads", 4, int,
+                  "Client: threads (this one included) that diff and copy regions of 1 MiB or more for the "
+                  "'compare' tracking mode (C pool in gpuwire._pinned); 1: the calling thread only.",
+                  layer="rpc")
+settings.register("pinned_mlock", True, bool,
+                  "Client: page-lock (mlock) pinned regions; when the OS refuses (RLIMIT_MEMLOCK) the "
+                  "region stays pageable and Region.locked says so.", layer="rpc")
+
+TRACK_MODES = ("always", "compare", "explicit", "protect")
+_HOT_MIN = 64 << 10      # compare mode: regions this big stop diffing while rewritten every launch
+_HOT_MAX = 64
+_HUGE = 2 << 20          # host_alloc of this size or more: 2 MiB-aligned, transparent huge pages
+_Q = struct.Struct("<Q")
+_PAGE = mmap.PAGESIZE
+
+_ffi = _lib = None
+_threads = None
+
+
+def _c():
+    global _ffi, _lib
+    if _lib is None:
+        try:
+            from .. import _pinned
+        except ImportError as e:  # pragma: no cover - a build problem
+            raise ImportError(f"gpuwire._pinned (the pinned-region registry, cffi_src/build_pinned.py) is not "
+                              f"built: {e}; reinstall gpuwire (pip install -e .)") from None
+        _ffi, _lib = _pinned.ffi, _pinned.lib
+    return _ffi, _lib
+
+
+def _pool(lib) -> None:
+    global _threads
+    want = max(1, int(settings.get("pinned_threads")))
+    if _threads != want:
+        _threads = lib.gw_pin_threads(want)
+
+
+def _sid(h: Any) -> int:
+    """Stream key: 0 for the legacy default stream (0 / CU_STREAM_LEGACY)."""
+    if not h:
+        return 0
+    v = int(h)
+    return 0 if v == P.STREAM_LEGACY else v
+
+
+# ----------------------------------------------------------------------------- regions
+
+class Region:
+    """One pinned client range and its server mirror.
+
+    ``array``: the client bytes (numpy uint8); ``mirror``: the device address of the
+    mirror; ``locked``: page-locked; ``track``: how changes are found (see module doc);
+    ``device_owned``: a launch that may write it has not been pulled back yet."""
+    __slots__ = ("id", "start", "nbytes", "mirror", "array", "kind", "track", "gen", "pushed_gen", "pushed",
+                 "shadow", "cshadow", "clive", "dirty", "mr", "keep", "locked", "lock_error", "freed", "wp", "span",
+                 "hot", "streak", "__weakref__")
+
+    def __init__(self, rid: int, start: int, nbytes: int, mirror: int, array: np.ndarray, kind: str, track: str):
+        self.id, self.start, self.nbytes, self.mirror = rid, start, nbytes, mirror
+        self.array, self.kind = array, kind
+        self.track = track
+        self.gen = 0
+        self.pushed_gen = -1
+        self.pushed = False
+        self.shadow: Optional[np.ndarray] = None
+        self.cshadow = self.clive = None       # C pointers of shadow / the region (compare mode)
+        self.dirty: Dict[int, int] = {}     # writer stream -> seq of its last possibly-writing launch
+        self.mr = None
+        self.keep: Any = None
+        self.locked = False
+        self.lock_error = ""
+        self.freed = False
+        self.wp = -1                        # protect mode: slot in the C write-protect table
+        self.span = nbytes                  # protect mode: bytes covered (whole pages)
+        self.hot = 0                        # compare mode: launches left that push whole, no diff
+        self.streak = 0                     # compare mode: diffs in a row that found all changed
+
+    @property
+    def device_owned(self) -> bool:
+        return bool(self.dirty)
+
+    def mark_dirty(self) -> None:
+        """Tell gpuwire the client changed the bytes (the 'explicit' tracking mode)."""
+        self.gen += 1
+
+    def write(self, data: Any, offset: int = 0) -> None:
+        """Copy ``data`` into the region at ``offset`` and mark it changed."""
+        mv = memoryview(data).cast("B")
+        if offset < 0 or offset + mv.nbytes > self.nbytes:
+            raise ValueError(f"Region.write: {mv.nbytes} B at offset {offset} do not fit {self.nbytes} B")
+        self.array[offset:offset + mv.nbytes] = np.frombuffer(mv, np.uint8)
+        self.gen += 1
+
+    def __repr__(self):
+        return (f"<pinned Region {self.start:#x}+{self.nbytes} mirror {self.mirror:#x} {self.kind} "
+                f"track={self.track}{' device-owned' if self.dirty else ''}{' freed' if self.freed else ''}>")
+
+
+class _Ann:
+    __slots__ = ("readonly", "ignore", "struct_ptrs")
+
+    def __init__(self, readonly: Iterable[int] = (), ignore: Iterable[int] = (),
+                 struct_ptrs: Optional[Dict[int, Sequence[int]]] = None):
+        self.readonly = frozenset(int(i) for i in readonly)
+        self.ignore = frozenset(int(i) for i in ignore)
+        self.struct_ptrs = {int(k): tuple(int(o) for o in v) for k, v in (struct_ptrs or {}).items()}
+
+
+class _Func:
+    """Per function: the scanned offsets and what each belongs to, and a cache of rewrites."""
+    __slots__ = ("offs", "coffs", "param", "readonly", "cache", "version")
+
+    def __init__(self, name: str, layout: List[Tuple[int, int]], ann: Optional[_Ann], version: int,
+                 auto_readonly: FrozenSet[int] = frozenset()):
+        ffi, _lib = _c()
+        ann = ann or _Ann()
+        offs: List[int] = []
+        param: List[int] = []
+        for i, (off, size) in enumerate(layout):
+            if i in ann.ignore:
+                continue
+            if size == 8:
+                offs.append(off)
+                param.append(i)
+            for inner in ann.struct_ptrs.get(i, ()):
+                if inner < 0 or inner + 8 > size or inner % 8:
+                    raise ValueError(f"kernel {name}: struct pointer offset {inner} is not an aligned 8-byte "
+                                     f"slot inside parameter {i} ({size} B)")
+                if size != 8:
+                    offs.append(off + inner)
+                    param.append(i)
+        for i in ann.struct_ptrs:
+            if i >= len(layout):
+                raise ValueError(f"kernel {name}: struct pointer annotation names parameter {i}, the kernel "
+                                 f"has {len(layout)}")
+        self.offs = offs
+        self.coffs = ffi.new("uint32_t[]", offs or [0])
+        self.param = param
+        self.readonly = ann.readonly | auto_readonly
+        self.cache: Dict[bytes, Tuple[bytes, Tuple[int, ...], Tuple[int, ...]]] = {}
+        self.version = version
+
+
+# ----------------------------------------------------------------------------- the manager
+
+_HOOKS = ("cuLaunchKernel", "cuMemcpyHtoD", "cuMemcpyHtoDAsync", "cuMemcpyDtoH", "cuMemcpyDtoHAsync",
+          "cuStreamSynchronize", "cuEventSynchronize", "cuCtxSynchronize", "cuEventRecord", "cuStreamWaitEvent",
+          "cuStreamQuery", "cuEventQuery")
+_ENTRY = ("cuMemHostAlloc", "cuMemHostRegister", "cuMemFreeHost", "cuMemHostUnregister")
+_ORIG = _HOOKS + _ENTRY + ("cuMemAlloc", "cuMemFree", "cuMemcpyDtoD", "cuMemcpyDtoDAsync", "cuEventCreate",
+                           "gwSync")
+
+
+class PinnedManager:
+    """The pinned regions of one session and the launch/sync hooks that mirror them."""
+
+    def __init__(self, session: Any):
+        ffi, lib = _c()
+        _pool(lib)
+        self.ffi, self.lib = ffi, lib
+        self._sref = weakref.ref(session)
+        self.reg = ffi.gc(lib.gw_pin_new(), lib.gw_pin_destroy)
+        self.regions: Dict[int, Region] = {}
+        self.by_start: Dict[int, Region] = {}
+        self.next_id = 1
+        self.version = 0
+        self.funcs: Dict[int, _Func] = {}
+        self.ann: Dict[int, _Ann] = {}
+        self.pend: Dict[int, Dict[int, Dict[int, int]]] = {}   # stream -> region -> writer -> seq
+        self.ev: Dict[int, Tuple[int, Dict[int, Dict[int, int]]]] = {}
+        self.seq = 0
+        self.cap = 32
+        self.hits = ffi.new("gw_pin_hit_t[]", self.cap)
+        self.off = ffi.new("uint64_t *")
+        self.lohi = ffi.new("size_t[2]")
+        self.events: List[int] = []
+        self.lock = threading.RLock()
+        cls = type(session)
+        self.orig = {n: getattr(cls, n) for n in _ORIG}
+        self.hooked = False
+        self.stats = {"launches": 0, "rewritten": 0, "pushes": 0, "push_bytes": 0, "skipped": 0, "pulls": 0,
+                      "pull_bytes": 0, "copies_via_mirror": 0}
+
+    # ------------------------------------------------------------------ hooks on/off
+    def _hook(self, s: Any) -> None:
+        if not self.hooked:
+            for n in _HOOKS:
+                s.__dict__[n] = getattr(self, "h_" + n)
+            self.hooked = True
+
+    def _unhook_if_idle(self, s: Any) -> None:
+        if self.hooked and not self.regions and not self.ann:
+            for n in _HOOKS:
+                s.__dict__.pop(n, None)
+            self.hooked = False
+            self.pend.clear()
+            self.ev.clear()
+
+    # ------------------------------------------------------------------ regions
+    def _new_region(self, s: Any, start: int, n: int, array: np.ndarray, kind: str, keep: Any) -> Region:
+        rid = self.next_id
+        mirror = self.orig["cuMemAlloc"](s, n)
+        R = Region(rid, start, n, mirror, array, kind, str(settings.get("pinned_track")))
+        if R.track == "protect" and kind != "alloc":
+            R.track = "compare"     # only host_alloc regions own whole pages (docs/pinned.md)
+        if R.track not in TRACK_MODES:
+            self.orig["cuMemFree"](s, mirror)
+            raise ValueError(f"GPUWIRE_PINNED_TRACK={R.track!r}: expected one of {', '.join(TRACK_MODES)}")
+        R.keep = keep
+        st = self.lib.gw_pin_add(self.reg, start, n, mirror, rid)
+        if st:
+            self.orig["cuMemFree"](s, mirror)
+            other = self.find(start) or self.find(start + n - 1)
+            raise CudaError(P.CURESULT["CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"], "cuMemHostRegister",
+                            f"{start:#x}+{n} overlaps the pinned region {other!r}")
+        self.next_id += 1
+        if settings.get("pinned_mlock"):
+            e = self.lib.gw_pin_lock(self.ffi.cast("void *", start), n)
+            R.locked = e == 0
+            R.lock_error = "" if e == 0 else f"mlock: errno {e} (RLIMIT_MEMLOCK?): the region stays pageable"
+        try:
+            R.mr = s._tctx.register(t.RawBuffer(start, n))
+        except t.TransportError:
+            R.mr = None     # zero-copy needs it; plain sends still work
+        if R.track == "protect":
+            try:
+                self._wp_on(R)
+            except RuntimeError:
+                R.track = "compare"     # the write-protect table is full: diff this one instead
+        if R.track == "compare":
+            R.shadow = np.empty(n, np.uint8)
+        self.regions[rid] = R
+        self.by_start[start] = R
+        self.version += 1
+        self._hook(s)
+        return R
+
+    def host_alloc(self, s: Any, bytesize: Any, flags: int = 0) -> int:
+        if not isinstance(bytesize, int) or isinstance(bytesize, bool) or bytesize <= 0:
+            raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc",
+                            f"cuMemHostAlloc: bytesize must be a positive int, got {bytesize!r}")
+        if not isinstance(flags, int) or flags & ~0xF:
+            raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc", f"cuMemHostAlloc: flags {flags!r}")
+        span = (bytesize + _PAGE - 1) // _PAGE * _PAGE
+        if bytesize >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+            # 2 MiB-aligned and backed by transparent huge pages where the OS allows: fewer TLB
+            # misses, and write-protecting the region (tracking 'protect') touches few entries
+            span = (bytesize + _HUGE - 1) // _HUGE * _HUGE
+            mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            base = int(np.frombuffer(mm, np.uint8, 1).ctypes.data)
+            off = (-base) % _HUGE
+            try:
+                mm.madvise(mmap.MADV_HUGEPAGE, off, span)
+            except OSError:
+                pass
+            arr = np.frombuffer(mm, np.uint8, bytesize, offset=off)
+        else:
+            mm = mmap.mmap(-1, span)
+            arr = np.frombuffer(mm, np.uint8, bytesize)
+        start = int(arr.ctypes.data)
+        with self.lock:
+            R = self._new_region(s, start, bytesize, arr, "alloc", mm)
+            R.span = span
+        s._host[start] = arr
+        return start
+
+    def host_register(self, s: Any, p: Any, bytesize: Any, flags: int = 0) -> None:
+        if not isinstance(bytesize, int) or isinstance(bytesize, bool) or bytesize <= 0:
+            raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostRegister",
+                            f"cuMemHostRegister: bytesize must be a positive int, got {bytesize!r}")
+        if p is None or (isinstance(p, int) and p == 0):
+            raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostRegister", "cuMemHostRegister: NULL pointer")
+        keep = None
+        if isinstance(p, int):
+            start = p
+        else:
+            b = t.Buffer(p, writable=True)
+            if b.nbytes < bytesize:
+                raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostRegister",
+                                f"cuMemHostRegister: the buffer holds {b.nbytes} B, bytesize is {bytesize}")
+            start, keep = b.ptr, p
+        arr = np.frombuffer((ctypes.c_uint8 * bytesize).from_address(start), np.uint8)
+        with self.lock:
+            self._new_region(s, start, bytesize, arr, "register", keep)
+
+    def find(self, addr: int) -> Optional[Region]:
+        rid = self.lib.gw_pin_find(self.reg, addr, 0, self.off)
+        return self.regions.get(rid) if rid >= 0 else None
+
+    def covers(self, addr: int, n: int) -> bool:
+        return bool(self.lib.gw_pin_covers(self.reg, addr, n))
+
+    def release(self, s: Any, R: Region) -> None:
+        """cuMemFreeHost / cuMemHostUnregister of a region (deferred free, docs/pinned.md)."""
+        with self.lock:
+            self.lib.gw_pin_remove(self.reg, R.start)
+            self.regions.pop(R.id, None)
+            self.by_start.pop(R.start, None)
+            self.version += 1
+            R.freed = True
+            R.dirty.clear()          # writes of kernels still in flight are dropped (the memory is going)
+            self._wp_off(R)
+        with s._lock:                # zero-copy sends may still read the region: let them finish
+            s._wait_inflight()
+        self.orig["cuMemFree"](s, R.mirror)   # ordered after every call issued before (server side)
+        if R.mr is not None:
+            try:
+                R.mr.close()
+            except Exception:
+                pass
+            R.mr = None
+        if R.locked:
+            self.lib.gw_pin_unlock(self.ffi.cast("void *", R.start), R.nbytes)
+            R.locked = False
+        s._host.pop(R.start, None)
+        R.keep = None                # an mmap goes back to the OS when the last view of it goes
+        with self.lock:
+            self._unhook_if_idle(s)
+
+    def close(self) -> None:
+        """The session is closing: unlock and forget every region (the server frees the mirrors
+        with the session; an mmap of cuMemHostAlloc goes when the last view of it goes)."""
+        with self.lock:
+            for R in list(self.regions.values()):
+                if R.mr is not None:
+                    try:
+                        R.mr.close()
+                    except Exception:
+                        pass
+                    R.mr = None
+                self._wp_off(R)
+                if R.locked:
+                    self.lib.gw_pin_unlock(self.ffi.cast("void *", R.start), R.nbytes)
+                    R.locked = False
+                self.lib.gw_pin_remove(self.reg, R.start)
+                R.freed = True
+                R.dirty.clear()
+                R.keep = None
+            self.regions.clear()
+            self.by_start.clear()
+            self.pend.clear()
+            self.ev.clear()
+            self.version += 1
+
+    # ------------------------------------------------------------------ protect tracking
+    def _wp_on(self, R: Region) -> None:
+        slot = self.lib.gw_wp_add(R.start, R.span)
+        if slot < 0:
+            raise RuntimeError(f"pinned tracking 'protect': no write-protect slot for {R!r} ({slot}): too many "
+                               f"protected regions (4096) or sigaction failed; use another tracking mode")
+        R.wp = slot          # dirty until the first push protects it
+
+    def _wp_off(self, R: Region) -> None:
+        if R.wp >= 0:
+            self.lib.gw_wp_remove(R.wp)
+            R.wp = -1
+
+    # ------------------------------------------------------------------ push / pull
+    def _push(self, s: Any, R: Region, stream: Any) -> None:
+        if R.dirty:
+            self.stats["skipped"] += 1       # the mirror holds newer bytes than the client
+            return
+        n = R.nbytes
+        lo, hi = 0, n
+        if R.pushed:
+            if R.track == "explicit":
+                if R.gen == R.pushed_gen:
+                    self.stats["skipped"] += 1
+                    return
+            elif R.track == "compare":
+                if R.hot:
+                    # rewritten every time lately: push it whole without keeping the shadow
+                    # (saves a copy of the region per launch); re-arm the diff at the end
+                    R.hot -= 1
+                    if not R.hot:
+                        self._copy(R.shadow, R)
+                else:
+                    if R.cshadow is None:
+                        R.cshadow = self.ffi.cast("uint8_t *", R.shadow.ctypes.data)
+                        R.clive = self.ffi.cast("uint8_t *", R.start)
+                    lh = self.lohi
+                    if not self.lib.gw_pin_diff_mt(R.cshadow, R.clive, n, lh, lh + 1):
+                        self.stats["skipped"] += 1
+                        R.streak = 0
+                        return
+                    lo, hi = lh[0], lh[1]
+                    if lo == 0 and hi == n and n >= _HOT_MIN:
+                        R.streak += 1
+                        if R.streak >= 2:
+                            R.hot = min(_HOT_MAX, 1 << R.streak)
+                    else:
+                        R.streak = 0
+            elif R.track == "protect":
+                if not self.lib.gw_wp_dirty(R.wp):
+                    self.stats["skipped"] += 1   # no host store since the last push/pull
+                    return
+        elif R.shadow is not None:
+            self._copy(R.shadow, R)
+        if R.wp >= 0:
+            # protected before the copy reads it: a host store from here on is caught (and the
+            # copy, as with CUDA, must not race with one)
+            e = self.lib.gw_wp_protect(R.wp)
+            if e:
+                self.stats["protect_errors"] = self.stats.get("protect_errors", 0) + 1
+        self.orig["cuMemcpyHtoDAsync"](s, R.mirror + lo, R.array[lo:hi], hi - lo, stream)
+        R.pushed = True
+        R.pushed_gen = R.gen
+        self.stats["pushes"] += 1
+        self.stats["push_bytes"] += hi - lo
+
+    def _copy(self, shadow: np.ndarray, R: Region) -> None:
+        """shadow <- the region (the C pool for big regions)."""
+        ffi = self.ffi
+        self.lib.gw_pin_copy_mt(ffi.cast("uint8_t *", shadow.ctypes.data), ffi.cast("uint8_t *", R.start),
+                                R.nbytes)
+
+    def _pull(self, s: Any, R: Region, stream: int) -> None:
+        if R.wp >= 0:
+            self.lib.gw_wp_unprotect(R.wp)     # the receive writes the region (a syscall: no EFAULT)
+        self.orig["cuMemcpyDtoHAsync"](s, R.array, R.mirror, R.nbytes, stream)
+        self.stats["pulls"] += 1
+        self.stats["pull_bytes"] += R.nbytes
+
+    def _finish(self, pulled: List[Region]) -> None:
+        """After the sync call returned: the pulled bytes are in the regions."""
+        for R in pulled:
+            if R.freed:
+                continue
+            if R.shadow is not None:
+                self._copy(R.shadow, R)
+            if R.wp >= 0:
+                self.lib.gw_wp_protect(R.wp)       # client == mirror again: catch the next store
+            R.pushed_gen = R.gen
+            R.pushed = True
+        if self.events:
+            self._free_events, self.events = getattr(self, "_free_events", []) + self.events, []
+
+    def _event(self, s: Any) -> int:
+        free = getattr(self, "_free_events", None)
+        if free:
+            e = free.pop()
+        else:
+            e = self.orig["cuEventCreate"](s, 2)       # CU_EVENT_DISABLE_TIMING
+        self.events.append(e)
+        return e
+
+    def _pull_cover(self, s: Any, stream: int, cover: Optional[Dict[int, Dict[int, int]]]) -> List[Region]:
+        pulled: List[Region] = []
+        if not cover:
+            return pulled
+        for rid, ws in cover.items():
+            R = self.regions.get(rid)
+            if R is None or not R.dirty:
+                continue
+            hit = False
+            for w, sq in ws.items():
+                cur = R.dirty.get(w)
+                if cur is None:
+                    continue
+                hit = True
+                if cur <= sq:
+                    del R.dirty[w]
+            if hit:
+                self._pull(s, R, stream)
+                pulled.append(R)
+        return pulled
+
+    def _pull_all(self, s: Any) -> List[Region]:
+        pulled: List[Region] = []
+        for R in list(self.regions.values()):
+            if not R.dirty:
+                continue
+            writers = sorted(R.dirty, key=R.dirty.__getitem__)
+            target = writers[-1]
+            for w in writers[:-1]:       # the pull waits for every writer stream
+                ev = self._event(s)
+                self.orig["cuEventRecord"](s, ev, w)
+                self.orig["cuStreamWaitEvent"](s, target, ev, 0)
+            R.dirty.clear()
+            self._pull(s, R, target)
+            pulled.append(R)
+        self.pend.clear()
+        return pulled
+
+    # ------------------------------------------------------------------ the launch
+    def _func(self, s: Any, f: Any, fh: int) -> _Func:
+        lay = getattr(f, "_layout", None)
+        if lay is None:
+            lay = s._param_layout(fh)
+            if hasattr(f, "_layout"):
+                f._layout = lay
+        fi = _Func(getattr(f, "name", f"function {fh:#x}"), lay, self.ann.get(fh), self.version,
+                   ptx_readonly(s, fh))
+        self.funcs[fh] = fi
+        return fi
+
+    def h_cuLaunchKernel(self, f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes,
+                         hStream=0, kernelParams=None, extra=None):
+        s = self._sref()
+        orig = self.orig["cuLaunchKernel"]
+        params = kernelParams if kernelParams is not None else extra
+        if not params or not self.regions:
+            return orig(s, f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes,
+                        hStream, kernelParams, extra)
+        with self.lock:
+            fh = int(f)
+            fi = self.funcs.get(fh)
+            if fi is None:
+                fi = self._func(s, f, fh)
+            ent = None
+            cacheable = type(params) is bytes
+            if cacheable:
+                if fi.version != self.version:
+                    fi.cache.clear()
+                    fi.version = self.version
+                ent = fi.cache.get(params)
+            if ent is None:
+                ent = self._rewrite(fi, params)
+                if cacheable:
+                    if len(fi.cache) >= 256:
+                        fi.cache.clear()
+                    fi.cache[params] = ent
+            newp, used, written = ent
+            self.stats["launches"] += 1
+            if not used:
+                return orig(s, f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes,
+                            hStream, kernelParams, extra)
+            self.stats["rewritten"] += 1
+            regions = self.regions
+            for rid in used:
+                self._push(s, regions[rid], hStream)
+            r = orig(s, f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes,
+                     hStream, newp, None)
+            if written:
+                st = _sid(hStream)
+                self.seq = sq = self.seq + 1
+                pst = self.pend.get(st)
+                if pst is None:
+                    pst = self.pend[st] = {}
+                for rid in written:
+                    regions[rid].dirty[st] = sq
+                    w = pst.get(rid)
+                    if w is None:
+                        pst[rid] = {st: sq}
+                    else:
+                        w[st] = sq
+            return r
+
+    def _rewrite(self, fi: _Func, params: Any) -> Tuple[Any, Tuple[int, ...], Tuple[int, ...]]:
+        """(rewritten params, regions used, regions possibly written) of one launch."""
+        if not fi.offs:
+            return params, (), ()
+        ffi, lib = self.ffi, self.lib
+        pb = bytearray(params)
+        buf = ffi.from_buffer("uint8_t[]", pb)
+        n = lib.gw_pin_rewrite(self.reg, buf, len(pb), fi.coffs, len(fi.offs), self.hits, self.cap)
+        if n > self.cap:
+            self.cap = n
+            self.hits = ffi.new("gw_pin_hit_t[]", n)
+            n = lib.gw_pin_rewrite(self.reg, buf, len(pb), fi.coffs, len(fi.offs), self.hits, self.cap)
+        if n == 0:
+            return params, (), ()
+        hits = self.hits
+        if n == 1:
+            h = hits[0]
+            rid = h.id
+            return bytes(pb), (rid,), (() if fi.param[h.slot] in fi.readonly else (rid,))
+        used: List[int] = []
+        written: List[int] = []
+        ro, param = fi.readonly, fi.param
+        for i in range(n):
+            h = hits[i]
+            rid = h.id
+            if rid not in used:
+                used.append(rid)
+            if rid not in written and param[h.slot] not in ro:
+                written.append(rid)
+        return bytes(pb), tuple(used), tuple(written)
+
+    # ------------------------------------------------------------------ copies through gpuwire
+    def _region_of(self, x: Any, n: int) -> Tuple[Optional[Region], int]:
+        if not self.regions or x is None:
+            return None, 0
+        try:
+            a = x if isinstance(x, int) else t.Buffer(x).ptr
+        except (TypeError, ValueError):
+            return None, 0
+        rid = self.lib.gw_pin_find(self.reg, a, 0, self.off)
+        if rid < 0:
+            return None, 0
+        off = int(self.off[0])
+        R = self.regions.get(rid)
+        if R is None or off + n > R.nbytes:
+            return None, 0
+        return R, off
+
+    def h_cuMemcpyHtoD(self, dstDevice, srcHost, ByteCount):
+        s = self._sref()
+        with self.lock:
+            R, off = self._region_of(srcHost, ByteCount)
+            if R is not None and R.dirty:   # the mirror holds the kernel's writes: copy from it
+                self.stats["copies_via_mirror"] += 1
+                return self.orig["cuMemcpyDtoD"](s, dstDevice, R.mirror + off, ByteCount)
+        return self.orig["cuMemcpyHtoD"](s, dstDevice, srcHost, ByteCount)
+
+    def h_cuMemcpyHtoDAsync(self, dstDevice, srcHost, ByteCount, hStream=0):
+        s = self._sref()
+        with self.lock:
+            R, off = self._region_of(srcHost, ByteCount)
+            if R is not None and R.dirty:
+                self.stats["copies_via_mirror"] += 1
+                return self.orig["cuMemcpyDtoDAsync"](s, dstDevice, R.mirror + off, ByteCount, hStream)
+        return self.orig["cuMemcpyHtoDAsync"](s, dstDevice, srcHost, ByteCount, hStream)
+
+    def h_cuMemcpyDtoHAsync(self, dstHost, srcDevice, ByteCount, hStream=0):
+        s = self._sref()
+        with self.lock:
+            R, off = self._region_of(dstHost, ByteCount)
+            if R is None:
+                return self.orig["cuMemcpyDtoHAsync"](s, dstHost, srcDevice, ByteCount, hStream)
+            # into the mirror, in stream order; the region is pulled at the sync that covers it
+            self._push(s, R, hStream)
+            self.stats["copies_via_mirror"] += 1
+            self.orig["cuMemcpyDtoDAsync"](s, R.mirror + off, srcDevice, ByteCount, hStream)
+            st = _sid(hStream)
+            self.seq = sq = self.seq + 1
+            R.dirty[st] = sq
+            self.pend.setdefault(st, {}).setdefault(R.id, {})[st] = sq
+            return None
+
+    def h_cuMemcpyDtoH(self, dstHost, srcDevice, ByteCount):
+        s = self._sref()
+        with self.lock:
+            R, off = self._region_of(dstHost, ByteCount)
+            if R is not None and R.dirty:
+                # a kernel's writes to R are still in the mirror: the copy goes into the mirror
+                # after them (legacy stream), and the whole region comes back, as one legacy sync
+                self.stats["copies_via_mirror"] += 1
+                self.orig["cuMemcpyDtoD"](s, R.mirror + off, srcDevice, ByteCount)
+                self.seq += 1
+                R.dirty[0] = self.seq
+                pulled = self._pull_all(s)
+                sync = True
+            else:
+                pulled = self._pull_cover(s, 0, self.pend.pop(0, None))   # a sync copy syncs the legacy stream
+                sync = False
+                if R is not None and R.wp >= 0:
+                    self.lib.gw_wp_unprotect(R.wp)   # the reply lands here (maybe by a syscall)
+        try:
+            if sync:
+                self.orig["cuStreamSynchronize"](s, 0)
+                return None
+            return self.orig["cuMemcpyDtoH"](s, dstHost, srcDevice, ByteCount)
+        finally:
+            with self.lock:
+                self._finish(pulled)
+                if R is not None and not sync:
+                    R.gen += 1      # new client bytes the mirror does not have
+
+    # ------------------------------------------------------------------ sync points
+    def h_cuCtxSynchronize(self):
+        s = self._sref()
+        with self.lock:
+            pulled = self._pull_all(s)
+        try:
+            return self.orig["cuCtxSynchronize"](s)
+        finally:
+            with self.lock:
+                self._finish(pulled)
+
+    def h_cuStreamSynchronize(self, hStream=0):
+        s = self._sref()
+        st = _sid(hStream)
+        with self.lock:
+            # the legacy stream synchronises with every blocking stream: pull everything
+            pulled = self._pull_all(s) if st == 0 else self._pull_cover(s, st, self.pend.pop(st, None))
+        try:
+            return self.orig["cuStreamSynchronize"](s, hStream)
+        finally:
+            with self.lock:
+                self._finish(pulled)
+
+    def h_cuEventSynchronize(self, hEvent):
+        s = self._sref()
+        with self.lock:
+            cov = self.ev.get(int(hEvent))
+            pulled = self._pull_cover(s, cov[0], cov[1]) if cov else []
+        try:
+            return self.orig["cuEventSynchronize"](s, hEvent)
+        finally:
+            with self.lock:
+                self._finish(pulled)
+
+    def h_cuStreamQuery(self, hStream=0):
+        s = self._sref()
+        done = self.orig["cuStreamQuery"](s, hStream)
+        if done:
+            st = _sid(hStream)
+            with self.lock:
+                pulled = self._pull_all(s) if st == 0 else self._pull_cover(s, st, self.pend.pop(st, None))
+            if pulled:
+                try:
+                    self.orig["gwSync"](s)          # the pulled bytes are in place when it returns
+                finally:
+                    with self.lock:
+                        self._finish(pulled)
+        return done
+
+    def h_cuEventQuery(self, hEvent):
+        s = self._sref()
+        done = self.orig["cuEventQuery"](s, hEvent)
+        if done:
+            with self.lock:
+                cov = self.ev.get(int(hEvent))
+                pulled = self._pull_cover(s, cov[0], cov[1]) if cov else []
+            if pulled:
+                try:
+                    self.orig["gwSync"](s)
+                finally:
+                    with self.lock:
+                        self._finish(pulled)
+        return done
+
+    def h_cuEventRecord(self, hEvent, hStream=0):
+        s = self._sref()
+        st = _sid(hStream)
+        with self.lock:
+            if st == 0:     # the legacy stream orders after every blocking stream's earlier work
+                cov: Dict[int, Dict[int, int]] = {}
+                for p in self.pend.values():
+                    _merge(cov, p)
+            else:
+                p = self.pend.get(st)
+                cov = {rid: dict(ws) for rid, ws in p.items()} if p else {}
+            self.ev[int(hEvent)] = (st, cov)
+        return self.orig["cuEventRecord"](s, hEvent, hStream)
+
+    def h_cuStreamWaitEvent(self, hStream, hEvent, Flags=0):
+        s = self._sref()
+        with self.lock:
+            cov = self.ev.get(int(hEvent))
+            if cov and cov[1]:
+                _merge(self.pend.setdefault(_sid(hStream), {}), cov[1])
+        return self.orig["cuStreamWaitEvent"](s, hStream, hEvent, Flags)
+
+
+def _merge(into: Dict[int, Dict[int, int]], cov: Dict[int, Dict[int, int]]) -> None:
+    for rid, ws in cov.items():
+        d = into.get(rid)
+        if d is None:
+            into[rid] = dict(ws)
+        else:
+            for w, sq in ws.items():
+                if d.get(w, -1) < sq:
+                    d[w] = sq
+
+
+# ----------------------------------------------------------------------------- session entry points
+
+def manager(session: Any, create: bool = True) -> Optional[PinnedManager]:
+    """The session's :class:`PinnedManager` (made on first use)."""
+    m = session.__dict__.get("_pin")
+    if m is None and create:
+        m = session._pin = PinnedManager(session)
+    return m
+
+
+def attach(session: Any) -> None:
+    """Route the session's host-memory calls through the pinned registry (Session.__init__)."""
+    ref = weakref.ref(session)
+    cls = type(session)
+
+    def cuMemHostAlloc(bytesize, Flags=0):
+        return manager(ref()).host_alloc(ref(), bytesize, Flags)
+
+    def cuMemHostRegister(p, bytesize, Flags=0):
+        return manager(ref()).host_register(ref(), p, bytesize, Flags)
+
+    def _free(name):
+        base = getattr(cls, name)
+
+        def fn(p):
+            s = ref()
+            m = manager(s, create=False)
+            if m is not None and p is not None:
+                a = s._hostaddr(p) if not isinstance(p, int) else p
+                R = m.by_start.get(a)
+                if R is not None:
+                    return m.release(s, R)
+            return base(s, p)            # not a region of ours: the server answers (as before)
+        fn.__name__ = name
+        fn.__doc__ = base.__doc__
+        return fn
+
+    base_load, base_get = getattr(cls, "cuModuleLoadData"), getattr(cls, "cuModuleGetFunction")
+    ptx = session.__dict__.setdefault("_pin_ptx", {"mods": {}, "funcs": {}})
+
+    def cuModuleLoadData(image):
+        h = base_load(ref(), image)
+        try:
+            from .spec import image_format
+            if settings.get("pinned_ptx_readonly") and image_format(image) == "ptx":
+                ptx["mods"][int(h)] = bytes(memoryview(image).cast("B")).split(b"\0", 1)[0]
+        except (TypeError, ValueError):
+            pass
+        return h
+
+    def cuModuleGetFunction(hmod, name):
+        h = base_get(ref(), hmod, name)
+        try:
+            mh = int(hmod)
+            if mh in ptx["mods"]:
+                nm = name.decode() if isinstance(name, (bytes, bytearray)) else str(name)
+                ptx["funcs"][int(h)] = (mh, nm)
+        except (TypeError, ValueError):
+            pass
+        return h
+
+    cuModuleLoadData.__doc__ = base_load.__doc__
+    cuModuleGetFunction.__doc__ = base_get.__doc__
+    cuMemHostAlloc.__doc__ = getattr(cls, "cuMemHostAlloc").__doc__
+    cuMemHostRegister.__doc__ = getattr(cls, "cuMemHostRegister").__doc__
+    d = session.__dict__
+    d["cuMemHostAlloc"] = cuMemHostAlloc
+    d["cuMemHostRegister"] = cuMemHostRegister
+    d["cuMemFreeHost"] = _free("cuMemFreeHost")
+    d["cuMemHostUnregister"] = _free("cuMemHostUnregister")
+    d["cuModuleLoadData"] = cuModuleLoadData
+    d["cuModuleGetFunction"] = cuModuleGetFunction
+
+
+def ptx_readonly(session: Any, fh: int) -> FrozenSet[int]:
+    """Parameters of function ``fh`` that its PTX never writes through (empty when the module
+    was not PTX, not loaded through the session, or the setting is off)."""
+    info = session.__dict__.get("_pin_ptx")
+    if not info or not settings.get("pinned_ptx_readonly"):
+        return frozenset()
+    got = info["funcs"].get(fh)
+    if got is None:
+        return frozenset()
+    mh, name = got
+    mod = info["mods"].get(mh)
+    if mod is None:
+        return frozenset()
+    if isinstance(mod, bytes):          # analysed on first use, once per module
+        from . import ptx_access
+        try:
+            mod = ptx_access.analyse(mod.decode("utf-8", "replace"))
+        except Exception:               # never let the scan break a launch: nothing inferred
+            mod = {}
+        info["mods"][mh] = mod
+    ent = mod.get(name)
+    if ent is None:
+        return frozenset()
+    n, written = ent
+    return frozenset(range(n)) - written
+
+
+def _session_of(func: Any, session: Any) -> Tuple[Any, int]:
+    if session is None:
+        session = getattr(func, "session", None)
+        if session is None:
+            raise TypeError("annotate: give a Function (module.function(name)) or session= with a handle")
+    return session, int(func)
+
+
+def annotate(func: Any, *, readonly: Iterable[int] = (), ignore: Iterable[int] = (),
+             struct_pointers: Optional[Dict[int, Sequence[int]]] = None, session: Any = None) -> None:
+    """Declare what the launch rewrite cannot know about a kernel (by parameter index):
+
+    * ``readonly``: pointer parameters the kernel only reads: regions reached only
+      through them are not pulled back after the launch;
+    * ``ignore``: 8-byte parameters that are not pointers (an integer or double that
+      may equal a pinned address): never rewritten (the false-positive opt-out);
+    * ``struct_pointers``: ``{param: [offsets]}``: 8-byte pointers inside a struct
+      parameter passed by value, at these byte offsets inside it (a pointer field of
+      8 bytes at an 8-aligned offset)."""
+    s, fh = _session_of(func, session)
+    m = manager(s)
+    with m.lock:
+        m.ann[fh] = _Ann(readonly, ignore, struct_pointers)
+        m.funcs.pop(fh, None)
+        m._hook(s)
+
+
+def region(session: Any, buf: Any) -> Region:
+    """The pinned :class:`Region` holding ``buf`` (a host_alloc array, a registered buffer or an address)."""
+    m = manager(session, create=False)
+    a = buf if isinstance(buf, int) else t.Buffer(buf).ptr
+    R = m.find(a) if m is not None else None
+    if R is None:
+        raise ValueError(f"{a:#x} is not inside a pinned region of this session")
+    return R
+
+
+def set_tracking(session: Any, buf: Any, mode: str) -> Region:
+    """Change how a region's changes are found before a push (always / compare / explicit)."""
+    if mode not in TRACK_MODES:
+        raise ValueError(f"tracking mode {mode!r}: expected one of {', '.join(TRACK_MODES)}")
+    R = region(session, buf)
+    if mode == "protect" and R.kind != "alloc":
+        raise ValueError(f"tracking mode 'protect' needs a host_alloc region (whole pages of its own); "
+                         f"{R!r} was registered: use 'compare' or 'explicit'")
+    m = manager(session)
+    with m.lock:
+        if mode != "protect":
+            m._wp_off(R)
+        elif R.wp < 0:
+            m._wp_on(R)
+            R.pushed = False
+        R.hot = R.streak = 0
+        R.track = mode
+        if mode == "compare" and R.shadow is None:
+            R.shadow = np.empty(R.nbytes, np.uint8)
+            R.cshadow = None
+            R.pushed = False          # the next launch pushes all and fills the shadow
+        elif mode != "compare":
+            R.shadow = R.cshadow = None
+    return R
+
+
+def stats(session: Any) -> Dict[str, int]:
+    """Counters: launches seen, launches rewritten, pushes/pulls and their bytes, pushes skipped."""
+    m = manager(session, create=False)
+    return dict(m.stats) if m is not None else {}
