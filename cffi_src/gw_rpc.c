@@ -691,8 +691,9 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
         rc = ((dtoh_fn)v->fn[GW_RPC_DTOH_ASYNC])(dst, src, (size_t)n, st);
         if (rc) errf(v->err, sizeof(v->err), "cuMemcpyDtoHAsync");
       }
-      if (!rc && v->fn_query && v->progress && v->worker) {
-        /* the bytes go out once copied; meanwhile the previous push keeps moving */
+      if (!rc && n >= 65536 && v->fn_query && v->progress && v->worker) {
+        /* the bytes go out once copied; meanwhile the previous push keeps moving (bulk pushes
+         * only: small ones, like a loss value per step, wait as before) */
         while ((rc = ((ssync_fn)v->fn_query)(st)) == 600 /* CUDA_ERROR_NOT_READY */)
           ((int (*)(void *))v->progress)(v->worker);
         if (rc) errf(v->err, sizeof(v->err), "cuStreamQuery (before the push)");

@@ -680,7 +680,7 @@ def test_c_server_deferred_pushes_keep_their_bytes(inproc):
         s.gwSync()
         sizes = [4, 1001, (64 << 10) + 3, (256 << 10) - 1, (512 << 10) - 64, (512 << 10) + 1, 3 << 20]
         outs = []
-        c0, p0 = sess.c_frames, sess.frames
+        c0 = sess.c_frames
         for rnd in range(3):
             for i, n in enumerate(sizes):
                 val = (rnd * 16 + i + 1) & 0xFF

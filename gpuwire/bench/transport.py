@@ -267,19 +267,21 @@ def run(args: argparse.Namespace) -> int:
                 for test in tests:
                     row: Dict[str, Any] = {"bench": "transport", "backend": "gpuwire", "tls": name,
                                            "size_bytes": size, "test": test, "transports": transports}
-                    if test == "lat":
-                        trials = [cl.latency(size, args.warmup, lat_iters(size, args.iters))
-                                  for _ in range(args.repeat)]
-                    else:
-                        trials = [cl.bandwidth(size, bw_count(size, args.count), args.window)
-                                  for _ in range(args.repeat)]
+                    # Trials alternate gpuwire / ucx_perftest so that drift of the machine
+                    # during the run (other load, frequency) hits both backends alike.
+                    trials, base = [], []
+                    for _ in range(args.repeat):
+                        if test == "lat":
+                            trials.append(cl.latency(size, args.warmup, lat_iters(size, args.iters)))
+                        else:
+                            trials.append(cl.bandwidth(size, bw_count(size, args.count), args.window))
+                        if not args.no_baseline:
+                            base.append(_baseline(perftest, args, cl, name, theirs, size, test))
                     row.update(_median(trials, test))
                     rows.append(row)
                     prog.update(1, f"gpuwire {name} {human_size(size)} {test}")
                     if not args.no_baseline:
-                        trials = [_baseline(perftest, args, cl, name, theirs, size, test)
-                                  for _ in range(args.repeat)]
-                        rows.append(_median(trials, test))
+                        rows.append(_median(base, test))
                         prog.update(1, f"perftest {name} {human_size(size)} {test}")
         finally:
             cl.close()
@@ -395,7 +397,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=100000, help="messages per bandwidth point (capped by 2 GiB)")
     p.add_argument("--window", type=int, default=32, help="outstanding sends in the bandwidth test")
     p.add_argument("--repeat", type=int, default=1,
-                   help="trials per point, both backends; the median trial is reported")
+                   help="trials per point, both backends, alternating gpuwire and ucx_perftest; the median trial is reported")
     p.add_argument("--server", help="HOST:PORT of a `gpuwire bench transport --serve` (else loopback)")
     p.add_argument("--serve", action="store_true", help="run the bench server")
     p.add_argument("--listen", default="0.0.0.0:13370", help="server: HOST:PORT to listen on")
