@@ -2,26 +2,14 @@
 paths (cffi_src/gw_rpc.h): the client's batch encoder, the server's frame decoder and
 its dispatch loop for hot calls. No dependencies beyond libc: the CUDA driver is
 reached through function pointers the GPU executor passes in."""
-import os
-import sys
+
 import pathlib
+import sys
 
-from cffi import FFI
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # setuptools runs this file by path
+from _cdef import libc_only_ffi  # noqa: E402
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # setuptools runs this file by path
-from _cdef import cdef_from_header  # noqa: E402
-
-
-ffi = FFI()
-ffi.cdef(cdef_from_header(HERE / "gw_rpc.h", keep_values=True))
-ffi.set_source(
-    "gpuwire._rpc",
-    '#include "gw_rpc.h"',
-    sources=[os.path.relpath(HERE / "gw_rpc.c")],
-    include_dirs=[str(HERE)],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-)
+ffi = libc_only_ffi("_rpc", "gw_rpc", keep_values=True)
 
 if __name__ == "__main__":
     ffi.compile(verbose=True)

@@ -766,6 +766,8 @@ struct gw_rpc_timer {
   int64_t armed_at;
   uint32_t armed_seq;
   int armed, stop, idle;
+  uint64_t signals;     /* arms that had to wake the waiter (tests, diagnosis) */
+  int64_t linger_until; /* after a batch: stay awake (timed wait) until then, see gw_rpc_timer_wait */
   uint32_t cur_seq; /* written by the client (frame being built), read here */
 };
 
@@ -804,14 +806,28 @@ void gw_rpc_timer_arm(gw_rpc_timer_t *t, uint32_t seq) {
   t->armed_at = mono_ns();
   int wake = t->idle; /* a sleeper with an earlier deadline re-checks at it: no wake-up needed */
   pthread_mutex_unlock(&t->mu);
-  if (wake) pthread_cond_signal(&t->cv);
+  if (wake) {
+    __atomic_fetch_add(&t->signals, 1, __ATOMIC_RELAXED);
+    pthread_cond_signal(&t->cv);
+  }
 }
+
+uint64_t gw_rpc_timer_signals(gw_rpc_timer_t *t) { return __atomic_load_n(&t->signals, __ATOMIC_RELAXED); }
 
 int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t) {
   pthread_mutex_lock(&t->mu);
   for (;;) {
     if (t->stop) break;
     if (!t->armed) {
+      /* a batch ended moments ago: the next one (a training loop's next step) is likely soon.
+       * Wait timed for one more delay without marking idle, so its arm needs no wake-up (a
+       * futex wake, an IPI in a VM, on the client's critical path); then sleep untimed. */
+      int64_t until = t->linger_until;
+      if (until > mono_ns()) {
+        struct timespec ts = {(time_t)(until / 1000000000LL), (long)(until % 1000000000LL)};
+        pthread_cond_timedwait(&t->cv, &t->mu, &ts);
+        continue;
+      }
       t->idle = 1;
       pthread_cond_wait(&t->cv, &t->mu);
       t->idle = 0;
@@ -825,6 +841,7 @@ int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t) {
     }
     uint32_t s = t->armed_seq;
     t->armed = 0;
+    t->linger_until = now + t->delay_ns;
     if (__atomic_load_n(&t->cur_seq, __ATOMIC_ACQUIRE) == s) { /* still unsent: flush */
       pthread_mutex_unlock(&t->mu);
       return (int64_t)s;
@@ -949,6 +966,7 @@ int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t a
   f->rlen = 0;
   int st = ((gw_rpc_call_fn)f->call)(f->conn, f->req_tag, f->frame, f->len, f->rep_tag, f->rep, f->rep_cap,
                                      f->timeout_ns, &f->rlen);
+  if (f->seqp) __atomic_store_n(f->seqp, seq + 1, __ATOMIC_RELEASE); /* the seq is used, sent or not */
   if (st) return st < 0 ? st : -st;
   /* the plain answer: header (magic 0x5747, version, flags 0, seq) | status 0 | pushes |
    * CUresult 0 | report byte 0 */

@@ -185,6 +185,8 @@ void gw_rpc_timer_free(gw_rpc_timer_t *t);
 uint32_t *gw_rpc_timer_seqp(gw_rpc_timer_t *t);
 /* a batch started in frame seq */
 void gw_rpc_timer_arm(gw_rpc_timer_t *t, uint32_t seq);
+/* how many arms had to wake the waiter (it sleeps untimed only after one idle delay) */
+uint64_t gw_rpc_timer_signals(gw_rpc_timer_t *t);
 /* blocks until a started batch is still unsent delay_ns after it started: returns its frame
  * seq; -1 once stopped */
 int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t);
@@ -211,6 +213,8 @@ typedef struct {
   size_t rlen;
   uint32_t len;
   uint8_t frame[32];
+  uint32_t *seqp; /* when set: seq + 1 is stored here once the frame went out (the flush timer's
+                   * seq cell, gw_rpc_timer_seqp), so Python need not */
 } gw_rpc_fsync_t;
 int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg);
 

@@ -695,3 +695,113 @@ def test_c_server_deferred_pushes_keep_their_bytes(inproc):
         assert sess.c_frames - c0 >= 3 * 5       # the ones that fit a half went through C
     finally:
         s.close()
+
+
+def test_flush_timer_stays_awake_one_delay_after_a_batch():
+    """After a batch the timer waits one more delay without sleeping untimed: an arm in that
+    window needs no wake-up (no futex wake on the client's path, e.g. a training loop's next
+    step) and is still flushed on time; after an idle delay an arm wakes it again."""
+    import time
+    tm = ffi.gc(lib.gw_rpc_timer_new(30_000_000), lib.gw_rpc_timer_free)     # 30 ms
+    seqp = lib.gw_rpc_timer_seqp(tm)
+    got = []
+    th = threading.Thread(target=lambda: [got.append(lib.gw_rpc_timer_wait(tm)) for _ in range(3)])
+    th.start()
+    time.sleep(0.05)                                  # the waiter is asleep, untimed
+    seqp[0] = 1
+    lib.gw_rpc_timer_arm(tm, 1)
+    assert lib.gw_rpc_timer_signals(tm) == 1          # it had to be woken
+    seqp[0] = 2                                       # frame 1 goes out on its own
+    time.sleep(0.045)                                 # its check ran (30 ms): now in the awake window
+    t0 = time.monotonic()
+    lib.gw_rpc_timer_arm(tm, 2)                       # the next batch, never sent
+    assert lib.gw_rpc_timer_signals(tm) == 1          # no wake-up needed ...
+    for _ in range(400):
+        if got:
+            break
+        time.sleep(0.002)
+    assert got == [2] and 0.028 <= time.monotonic() - t0 < 1.0   # ... and flushed on time
+    seqp[0] = 3
+    time.sleep(0.1)                                   # idle beyond the window: asleep untimed
+    lib.gw_rpc_timer_arm(tm, 3)
+    assert lib.gw_rpc_timer_signals(tm) == 2
+    for _ in range(400):
+        if len(got) == 2:
+            break
+        time.sleep(0.002)
+    assert got == [2, 3]
+    lib.gw_rpc_timer_stop(tm)
+    th.join(timeout=5)
+    assert got == [2, 3, -1]
+
+
+def test_fast_sync_stub_keeps_the_flush_timers_seq(inproc, fsync_count):
+    """The fast stub's C call stores the next frame seq in the flush timer's cell: a batch
+    started after fast syncs is still flushed by the timer (a stale cell would read as sent)."""
+    import time
+    with _settings.override(rpc_flush_us=20_000):    # 20 ms
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        sess = _the_session(inproc)
+        d = s.alloc(4096)
+        st = s.stream()
+        s.gwSync()
+        for _ in range(5):
+            s.gwSync()
+        assert fsync_count[0] == 6 and s._tseq is not None and s._tseq[0] == s._seq
+        n0 = sess.c_frames + sess.frames
+        s.cuMemsetD32Async(d, 9, 1024, st)           # batched; only the timer sends it
+        for _ in range(250):
+            if sess.c_frames + sess.frames > n0:
+                break
+            time.sleep(0.004)
+        assert sess.c_frames + sess.frames == n0 + 1
+        out = np.zeros(1024, np.uint32)
+        s.copy_to_host(out, d)
+        assert (out == 9).all() and s.protocol_errors == []
+    finally:
+        s.close()
+
+
+def test_training_step_frames_and_loss_readback(inproc):
+    """A training step (memset, 11 launches, the loss D2H, a stream sync; the bench's MLP on
+    the CPU executor) goes out as the batch ramp says: ramp frames, then the last batch with
+    the D2H and the sync in one frame, so one round trip per step; the loss read back with
+    the sync equals numpy's for the same step."""
+    from gpuwire.bench import rpc as R
+    B, I, H, O = 8, 4, 6, 2
+    with _settings.override(rpc_flush_us=0, rpc_batch_first=2, rpc_batch_calls=64):
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        sess = _the_session(inproc)
+        ptx = R.find_ptx(None).read_bytes()
+        mod = s.load_module(ptx)
+        fns = {k: mod.function(k) for k in R.MLP_KERNELS}
+        bufs = {k: s.alloc(4 * n) for k, n in R._mlp_buffers(B, I, H, O).items()}
+        init = R._mlp_init(B, I, H, O)
+        for k, v in init.items():
+            s.copy_to_device(bufs[k], v)
+        st = s.stream()
+        plan = [(fns[n].handle, g, fns[n].pack([bufs[a] if isinstance(a, str) else a for a in args]))
+                for n, g, args in R._mlp_plan(B, I, H, O)]
+        loss = np.zeros(1, np.float32)
+        s.gwSync()
+        want_frames = 0
+        left, at = len(plan) + 3, 2               # memset + launches + D2H + sync
+        while left > at:                          # ramp: 2, 4, 8, ... then the rest with the sync
+            want_frames, left, at = want_frames + 1, left - at, at * 2
+        want_frames += 1
+        losses = []
+        for _ in range(3):
+            f0, n0 = s._seq, sess.c_frames + sess.frames
+            issue, sync, frames = R._mlp_remote_parts(s, st, plan, loss, bufs["loss"])
+            assert frames == want_frames == (s._seq - f0)
+            assert sess.c_frames + sess.frames - n0 == want_frames
+            losses.append(float(loss[0]))
+        x, t_ = init["x"], init["t"]
+        h = np.maximum(x @ init["W1"] + init["b1"], 0)
+        y = h @ init["W2"] + init["b2"]
+        assert losses[0] == pytest.approx(float(((y - t_) ** 2).mean()), rel=1e-4)
+        assert losses[2] < losses[0]              # the SGD updates ran between the readbacks
+    finally:
+        s.close()

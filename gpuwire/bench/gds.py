@@ -33,6 +33,7 @@ import tempfile
 import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from . import _cli
 from .report import config_echo, human_size, parse_size, print_config, write_csv, write_json
 
 CASES = ("seq", "small", "loader")
@@ -679,18 +680,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_remote_arguments(p)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("gds", help="file reads into GPU memory: kvikio vs POSIX+H2D vs host; "
-                              "many small files; dataloader overhead",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    return _cli.subcommand(subparsers, "gds", "file reads into GPU memory: kvikio vs POSIX+H2D vs host; "
+                           "many small files; dataloader overhead", __doc__, add_arguments, run)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gpuwire bench gds")
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return _cli.main("gds", add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
+from . import _cli
 from .report import config_echo, human_size, parse_size, print_config, write_csv, write_json
 from .rpc import start_rpc_server, stop, tls_of
 
@@ -469,14 +470,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("pinned", help="pinned-buffer mirroring: lookup, mirror vs explicit copies, placement",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return _cli.subcommand(subparsers, "pinned", "pinned-buffer mirroring: lookup, mirror vs explicit copies, "
+                           "placement", __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m gpuwire.bench.pinned")
-    add_arguments(ap)
-    sys.exit(run(ap.parse_args()))
+    sys.exit(_cli.main("pinned", add_arguments, run))

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from . import _cli
 from .report import config_echo, human_size, print_config, size_range, write_csv, write_json
 
 TLS_MAP = {"tcp": "tcp,self", "sm": "tcp,sm,self", "shm": "tcp,sm,self"}
@@ -98,6 +99,12 @@ def bench_rtt(s, args, tls: str) -> List[Dict[str, Any]]:
         sync()
     st["mean"] = (pc() - t0) / args.iters / 1e3
     rows.append({"bench": "rpc", "test": "rtt", "what": "gwSync (sync no-op call)", "rtt_us": st})
+    raw = _fsync_raw_mean(s, args.iters)
+    if raw is not None:
+        # the fast stub's C call alone in a Python loop (no lock, no session bookkeeping):
+        # what gwSync costs above it is the Python wrapper, below the transport is server + frame
+        rows.append({"bench": "rpc", "test": "rtt", "what": "gwSync's C call alone (gw_rpc_fsync in a loop)",
+                     "rtt_us": {"mean": raw}})
     # the transport's 8 B round trip against its C echo server, same transports
     from . import transport as tb
     srv, addr = tb._start_local_server(tls, 64, None)
@@ -119,6 +126,34 @@ def bench_rtt(s, args, tls: str) -> List[Dict[str, Any]]:
     rows.append({"bench": "rpc", "test": "rtt", "what": "ratio rpc/transport", "rtt_ratio": ratio,
                  "rtt_ratio_p50": ratio50, "target": TARGETS["rtt_ratio"]})
     return rows
+
+
+def _fsync_raw_mean(s, iters: int) -> Optional[float]:
+    """Mean us of the fast sync stub's C call (gw_rpc_fsync) in a bare loop; None without it."""
+    from time import perf_counter_ns as pc
+    from gpuwire.rpc import client as C
+    f = getattr(s, "_fs_gwSync", None)
+    fs = C._fsync
+    if f is None or fs is None:
+        return None
+    with s._lock:
+        if s._ncalls or s._bulk or s._inflight or s.closed:
+            return None
+        seq, pd = s._seq, s._push_done
+        t0 = pc()
+        for _ in range(iters):
+            if fs(f, seq, pd, 0):
+                break
+            seq = (seq + 1) & 0xFFFFFFFF
+        else:
+            seq = -seq - 1
+        dt = pc() - t0
+        ok = seq < 0
+        seq = -seq - 1 if ok else (seq + 1) & 0xFFFFFFFF
+        s._seq = seq
+        if s._tseq is not None:
+            s._tseq[0] = seq
+    return dt / iters / 1e3 if ok else None
 
 
 def _issue_burst(s, fn, make_args, burst: int, reps: int) -> float:
@@ -397,6 +432,29 @@ def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
         t0 = time.perf_counter()
         losses = [step() for _ in range(steps)]
         dt = time.perf_counter() - t0
+
+        def parts():   # the same step with timestamps: issue (memset .. D2H) and the sync
+            a = time.perf_counter_ns()
+            ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
+            for f, grid, ptrs, _keep in plan:
+                ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+            b = time.perf_counter_ns()
+            ck(d.cuStreamSynchronize(st))
+            return b - a, time.perf_counter_ns() - b
+        split = _median_parts([parts() for _ in range(max(10, steps // 2))])
+        # the GPU's idle time between steps: an event before the memset and one after the D2H
+        evs = [(ck(d.cuEventCreate(0)), ck(d.cuEventCreate(0))) for _ in range(_GAP_STEPS)]
+        for ea, eb in evs:
+            ck(d.cuEventRecord(ea, st))
+            ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
+            for f, grid, ptrs, _keep in plan:
+                ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+            ck(d.cuEventRecord(eb, st))
+            ck(d.cuStreamSynchronize(st))
+        gap = _gap_stats([float(ck(d.cuEventElapsedTime(evs[i - 1][1], evs[i][0]))) for i in range(1, len(evs))],
+                         [float(ck(d.cuEventElapsedTime(ea, eb))) for ea, eb in evs])
         # GPU time of a step's kernels (events around them), a few extra steps
         e0, e1 = ck(d.cuEventCreate(0)), ck(d.cuEventCreate(0))
         gms = []
@@ -408,9 +466,28 @@ def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
             ck(d.cuEventSynchronize(e1))
             gms.append(float(ck(d.cuEventElapsedTime(e0, e1))))
         return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1],
-                "gpu_ms_per_step": sorted(gms)[2]}
+                "gpu_ms_per_step": sorted(gms)[2], "issue_us": split[0], "sync_us": split[1], **gap}
     finally:
         d.cuCtxDestroy(ctx)
+
+
+_GAP_STEPS = 21
+
+
+def _gap_stats(gaps_ms, busy_ms):
+    """Medians (us) of the GPU's idle time from one step's last operation (the loss D2H) to
+    the next step's first (the memset), and of a step's GPU span (memset .. D2H)."""
+    g, b = sorted(gaps_ms), sorted(busy_ms)
+    return {"gpu_gap_us": g[len(g) // 2] * 1e3, "gpu_span_us": b[len(b) // 2] * 1e3}
+
+
+def _median_parts(samples):
+    """Per-part medians (us) of (issue_ns, sync_ns[, frames]) samples."""
+    out = []
+    for i in range(len(samples[0])):
+        v = sorted(x[i] for x in samples)
+        out.append(v[len(v) // 2] / (1e3 if i < 2 else 1))
+    return out
 
 
 def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
@@ -439,6 +516,18 @@ def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, An
     t0 = time.perf_counter()
     losses = [step() for _ in range(steps)]
     dt = time.perf_counter() - t0
+    split = _median_parts([_mlp_remote_parts(s, st, plan, loss, lossbuf) for _ in range(max(10, steps // 2))])
+    evs = [(s.event(), s.event()) for _ in range(_GAP_STEPS)]
+    for ea, eb in evs:
+        ea.record(st)
+        s.cuMemsetD32Async(lossbuf, 0, 1, st)
+        for h, grid, params in plan:
+            L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
+        s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
+        eb.record(st)
+        s.cuStreamSynchronize(st)
+    gap = _gap_stats([evs[i - 1][1].elapsed_ms(evs[i][0]) for i in range(1, len(evs))],
+                     [ea.elapsed_ms(eb) for ea, eb in evs])
     e0, e1 = s.event(), s.event()
     gms = []
     for _ in range(5):
@@ -449,7 +538,25 @@ def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, An
         e1.synchronize()
         gms.append(e0.elapsed_ms(e1))
     return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1],
-            "gpu_ms_per_step": sorted(gms)[2]}
+            "gpu_ms_per_step": sorted(gms)[2], "issue_us": split[0], "sync_us": split[1],
+            "frames_per_step": split[2], **gap}
+
+
+def _mlp_remote_parts(s, st, plan, loss, lossbuf):
+    """One remote step with timestamps: (issue ns: memset .. D2H, sync ns: the stream sync
+    call, frames sent for the step). Frames are the session's frame sequence numbers: every
+    flush and the sync round trip each take one; one of them per step waits for a reply."""
+    L = s.cuLaunchKernel
+    f0 = s._seq
+    a = time.perf_counter_ns()
+    s.cuMemsetD32Async(lossbuf, 0, 1, st)
+    for h, grid, params in plan:
+        L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
+    s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
+    b = time.perf_counter_ns()
+    s.cuStreamSynchronize(st)
+    c = time.perf_counter_ns()
+    return b - a, c - b, (s._seq - f0) & 0xFFFFFFFF
 
 
 def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
@@ -467,6 +574,13 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
                      "local_ms_per_step": loc["ms_per_step"], "remote_ms_per_step": rem["ms_per_step"],
                      "ratio": rem["ms_per_step"] / loc["ms_per_step"],
                      "local_gpu_ms_per_step": loc["gpu_ms_per_step"], "remote_gpu_ms_per_step": rem["gpu_ms_per_step"],
+                     # an extra timestamped pass (medians, us): where a step's host time goes
+                     "local_issue_us": loc["issue_us"], "local_sync_us": loc["sync_us"],
+                     "remote_issue_us": rem["issue_us"], "remote_sync_us": rem["sync_us"],
+                     "remote_frames_per_step": rem["frames_per_step"],
+                     # events (us): the GPU's idle time between steps and a step's GPU span
+                     "local_gpu_gap_us": loc["gpu_gap_us"], "remote_gpu_gap_us": rem["gpu_gap_us"],
+                     "local_gpu_span_us": loc["gpu_span_us"], "remote_gpu_span_us": rem["gpu_span_us"],
                      "local_loss": [loc["first_loss"], loc["last_loss"]],
                      "remote_loss": [rem["first_loss"], rem["last_loss"]], "target": TARGETS["mlp_ratio"]})
     return rows
@@ -685,14 +799,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("rpc", help="RPC round trip, async issue cost, launch loop, copies, MLP",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return _cli.subcommand(subparsers, "rpc", "RPC round trip, async issue cost, launch loop, copies, MLP",
+                           __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m gpuwire.bench.rpc")
-    add_arguments(ap)
-    sys.exit(run(ap.parse_args()))
+    sys.exit(_cli.main("rpc", add_arguments, run))

@@ -22,6 +22,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from . import _cli
 from .report import (
     config_echo, human_size, percentiles, plot, print_config, ratio_table, scale_stats,
     size_range, write_csv, write_json,
@@ -415,14 +416,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("transport", help="transport latency/bandwidth sweep vs ucx_perftest",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return _cli.subcommand(subparsers, "transport", "transport latency/bandwidth sweep vs ucx_perftest",
+                           __doc__, add_arguments, run)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="python -m gpuwire.bench.transport")
-    add_arguments(ap)
-    sys.exit(run(ap.parse_args()))
+    sys.exit(_cli.main("transport", add_arguments, run))

@@ -400,9 +400,7 @@ class _FastSync:
                 seq = self._seq
                 f = self._fs_gwSync
                 st = _fsync(f, seq, self._push_done, 0)
-                self._seq = nxt = (seq + 1) & 0xFFFFFFFF
-                if self._tseq is not None:
-                    self._tseq[0] = nxt
+                self._seq = (seq + 1) & 0xFFFFFFFF     # (the timer's seq cell: set by the C call)
                 self._call_seq += 1
                 self._flush_at = self._ramp0
                 if not st:
@@ -421,9 +419,7 @@ class _FastSync:
                 seq = self._seq
                 f = self._fs_cuCtxSynchronize
                 st = _fsync(f, seq, self._push_done, 0)
-                self._seq = nxt = (seq + 1) & 0xFFFFFFFF
-                if self._tseq is not None:
-                    self._tseq[0] = nxt
+                self._seq = (seq + 1) & 0xFFFFFFFF     # (the timer's seq cell: set by the C call)
                 self._call_seq += 1
                 self._flush_at = self._ramp0
                 if not st:
@@ -450,9 +446,7 @@ class _FastSync:
                 seq = self._seq
                 f = self._fs_cuStreamSynchronize
                 st = _fsync(f, seq, self._push_done, h)
-                self._seq = nxt = (seq + 1) & 0xFFFFFFFF
-                if self._tseq is not None:
-                    self._tseq[0] = nxt
+                self._seq = (seq + 1) & 0xFFFFFFFF     # (the timer's seq cell: set by the C call)
                 self._call_seq += 1
                 self._flush_at = self._ramp0
                 if not st:
@@ -548,6 +542,10 @@ class Session(Stubs):
                 # the wait runs in C without the GIL and returns only when a flush is due
                 self._tc, self._tseq = tc, _rpc_lib.gw_rpc_timer_seqp(tc)
                 self._tseq[0] = self._seq
+                if getattr(self, "_fs_keep", None):
+                    for f in self._fs_keep[0]:
+                        f.seqp = self._tseq     # the fast sync stub keeps it current from C
+                    self._fs_keep += (tc,)      # (the cell lives in the timer)
                 self._timer = threading.Thread(target=_timer_loop_c, args=(weakref.ref(self), tc),
                                                name="gpuwire-rpc-flush", daemon=True)
             else:

@@ -369,15 +369,7 @@ class PinnedManager:
         with s._lock:                # zero-copy sends may still read the region: let them finish
             s._wait_inflight()
         self.orig["cuMemFree"](s, R.mirror)   # ordered after every call issued before (server side)
-        if R.mr is not None:
-            try:
-                R.mr.close()
-            except Exception:
-                pass
-            R.mr = None
-        if R.locked:
-            self.lib.gw_pin_unlock(self.ffi.cast("void *", R.start), R.nbytes)
-            R.locked = False
+        self._drop_local(R)
         s._host.pop(R.start, None)
         R.keep = None                # an mmap goes back to the OS when the last view of it goes
         with self.lock:
@@ -388,16 +380,8 @@ class PinnedManager:
         with the session; an mmap of cuMemHostAlloc goes when the last view of it goes)."""
         with self.lock:
             for R in list(self.regions.values()):
-                if R.mr is not None:
-                    try:
-                        R.mr.close()
-                    except Exception:
-                        pass
-                    R.mr = None
                 self._wp_off(R)
-                if R.locked:
-                    self.lib.gw_pin_unlock(self.ffi.cast("void *", R.start), R.nbytes)
-                    R.locked = False
+                self._drop_local(R)
                 self.lib.gw_pin_remove(self.reg, R.start)
                 R.freed = True
                 R.dirty.clear()
@@ -407,6 +391,18 @@ class PinnedManager:
             self.pend.clear()
             self.ev.clear()
             self.version += 1
+
+    def _drop_local(self, R: Region) -> None:
+        """Give back what this process holds for ``R``: its UCX registration and its page lock."""
+        if R.mr is not None:
+            try:
+                R.mr.close()
+            except Exception:
+                pass
+            R.mr = None
+        if R.locked:
+            self.lib.gw_pin_unlock(self.ffi.cast("void *", R.start), R.nbytes)
+            R.locked = False
 
     # ------------------------------------------------------------------ protect tracking
     def _wp_on(self, R: Region) -> None:
