@@ -392,43 +392,38 @@ class _FastSync:
         res, = P.U32.unpack_from(rep, _REPLY_MIN)
         return res, self._rep_report(rep, _REPLY_MIN + 4, name)
 
-    def gwSync(self):
+    def _fast_sync(self, f: Any, name: str, arg: int):
+        """One sync call through its pre-encoded frame (``f``) and one C call, when
+        nothing is batched. Returns None when the call succeeded, _SLOW when the
+        generated stub must make it, or (CUresult, report) of a failure."""
         with self._lock:
             if self._ncalls or self._bulk or self._inflight or self.closed:
-                r = None
-            else:
-                seq = self._seq
-                f = self._fs_gwSync
-                st = _fsync(f, seq, self._push_done, 0)
-                self._seq = (seq + 1) & 0xFFFFFFFF     # (the timer's seq cell: set by the C call)
-                self._call_seq += 1
-                self._flush_at = self._ramp0
-                if not st:
-                    return None
-                r = self._fs_tail(st, seq, f, "gwSync")
+                return _SLOW
+            seq = self._seq
+            st = _fsync(f, seq, self._push_done, arg)
+            self._seq = (seq + 1) & 0xFFFFFFFF     # (the timer's seq cell: set by the C call)
+            self._call_seq += 1
+            self._flush_at = self._ramp0
+            if not st:
+                return None
+            r = self._fs_tail(st, seq, f, name)
+        return r if (r[0] or r[1] is not None) else None
+
+    def gwSync(self):
+        r = self._fast_sync(self._fs_gwSync, "gwSync", 0)
         if r is None:
+            return None
+        if r is _SLOW:
             return super().gwSync()
-        if r[0] or r[1] is not None:
-            self._fail(r[0], r[1], "gwSync")
+        self._fail(r[0], r[1], "gwSync")
 
     def cuCtxSynchronize(self):
-        with self._lock:
-            if self._ncalls or self._bulk or self._inflight or self.closed:
-                r = None
-            else:
-                seq = self._seq
-                f = self._fs_cuCtxSynchronize
-                st = _fsync(f, seq, self._push_done, 0)
-                self._seq = (seq + 1) & 0xFFFFFFFF     # (the timer's seq cell: set by the C call)
-                self._call_seq += 1
-                self._flush_at = self._ramp0
-                if not st:
-                    return None
-                r = self._fs_tail(st, seq, f, "cuCtxSynchronize")
+        r = self._fast_sync(self._fs_cuCtxSynchronize, "cuCtxSynchronize", 0)
         if r is None:
+            return None
+        if r is _SLOW:
             return super().cuCtxSynchronize()
-        if r[0] or r[1] is not None:
-            self._fail(r[0], r[1], "cuCtxSynchronize")
+        self._fail(r[0], r[1], "cuCtxSynchronize")
 
     def cuStreamSynchronize(self, hStream=0):
         h = hStream
@@ -439,23 +434,12 @@ class _FastSync:
                 return super().cuStreamSynchronize(hStream)     # its error for a bad argument
         if not 0 <= h <= 0xFFFFFFFFFFFFFFFF:
             return super().cuStreamSynchronize(hStream)
-        with self._lock:
-            if self._ncalls or self._bulk or self._inflight or self.closed:
-                r = None
-            else:
-                seq = self._seq
-                f = self._fs_cuStreamSynchronize
-                st = _fsync(f, seq, self._push_done, h)
-                self._seq = (seq + 1) & 0xFFFFFFFF     # (the timer's seq cell: set by the C call)
-                self._call_seq += 1
-                self._flush_at = self._ramp0
-                if not st:
-                    return None
-                r = self._fs_tail(st, seq, f, "cuStreamSynchronize")
+        r = self._fast_sync(self._fs_cuStreamSynchronize, "cuStreamSynchronize", h)
         if r is None:
+            return None
+        if r is _SLOW:
             return super().cuStreamSynchronize(hStream)
-        if r[0] or r[1] is not None:
-            self._fail(r[0], r[1], "cuStreamSynchronize")
+        self._fail(r[0], r[1], "cuStreamSynchronize")
 
 
 class Session(Stubs):
@@ -1190,6 +1174,7 @@ class _Frame:
 
 
 _HEADER_PACK = P.HEADER.pack_into
+_SLOW = object()   # _fast_sync: the generated stub must make this call
 # a reply's frame header and reply head in one unpack (the fast path of _roundtrip)
 _REPLY_HEAD_ALL = __import__("struct").Struct("<" + P.HEADER.format.lstrip("<=") +
                                              P.REPLY_HEAD.format.lstrip("<=")).unpack_from
