@@ -34,7 +34,7 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import _cli
-from .report import config_echo, human_size, parse_size, print_config, write_csv, write_json
+from .report import config_echo, human_size, parse_size, print_config, add_output_arguments, write_outputs
 
 CASES = ("seq", "small", "loader")
 LOCAL_BACKENDS = ("kvikio", "posix", "host")
@@ -577,10 +577,7 @@ def run(args: argparse.Namespace) -> int:
     for r in rs:
         print(f"# {r['what']} ({r['cache']}): {r['ratio']:.3f}  target {r['target']}")
     cfg["ratios"] = rs
-    if args.json:
-        write_json(args.json, rows, cfg)
-    if args.csv:
-        write_csv(args.csv, rows)
+    write_outputs(args, rows, cfg)
     return 0
 
 
@@ -675,8 +672,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="kvikio threads (default: gds_threads)")
     p.add_argument("--task-size", type=_size, default=None, help="kvikio task size (default: gds_task_size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--json", default=None, help="write rows and configuration as JSON")
-    p.add_argument("--csv", default=None, help="write rows as CSV")
+    add_output_arguments(p)
     add_remote_arguments(p)
 
 

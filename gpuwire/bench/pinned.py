@@ -41,7 +41,7 @@ import time
 from typing import Any, Dict, List
 
 from . import _cli
-from .report import config_echo, human_size, parse_size, print_config, write_csv, write_json
+from .report import config_echo, human_size, parse_size, print_config, add_output_arguments, write_outputs
 from .rpc import start_rpc_server, stop, tls_of
 
 TARGETS = {"mirror_ratio": 1.10, "unchanged_extra_us": 1.0, "lookup_us": 1.0}
@@ -82,25 +82,17 @@ def bench_lookup(connect, args, ptx) -> List[Dict[str, Any]]:
         import struct
         params = [struct.pack("<QQQi", int(vals[i]), int(vals[i + 1]), 12345, 7) for i in range(0, 2000, 2)]
 
-        def scan_us():
+        def rewrite_us(blobs):
             rw = m._rewrite
             t0 = time.perf_counter()
             for _ in range(20):
-                for p in params:
+                for p in blobs:
                     rw(fi, p)
-            return (time.perf_counter() - t0) / (20 * len(params)) * 1e6
-        scan_us()
-        us = statistics.median(scan_us() for _ in range(5))
+            return (time.perf_counter() - t0) / (20 * len(blobs)) * 1e6
+        rewrite_us(params)
+        us = statistics.median(rewrite_us(params) for _ in range(5))
         miss = [struct.pack("<QQQi", 1 << 40, 2 << 40, 3, 7)] * 1000
-
-        def miss_us():
-            rw = m._rewrite
-            t0 = time.perf_counter()
-            for _ in range(20):
-                for p in miss:
-                    rw(fi, p)
-            return (time.perf_counter() - t0) / (20 * len(miss)) * 1e6
-        us_miss = statistics.median(miss_us() for _ in range(5))
+        us_miss = statistics.median(rewrite_us(miss) for _ in range(5))
         # the launch path itself: pin_add(x, y, out) on pinned pointers vs device pointers, both
         # issued async (the per-function rewrite cache hits after the first launch)
         mod = s.load_module(ptx)
@@ -443,10 +435,7 @@ def run(args: argparse.Namespace) -> int:
                 rows.extend(new)
     finally:
         stop(srv)
-    if args.json:
-        write_json(args.json, rows, cfg)
-    if args.csv:
-        write_csv(args.csv, rows)
+    write_outputs(args, rows, cfg)
     return 0
 
 
@@ -465,8 +454,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="", help="mirror/unchanged: only these tracking modes (comma-separated; "
                    "default all: always, compare, protect, explicit)")
     p.add_argument("--flush-us", type=float, default=200.0, help="rpc_flush_us of the bench sessions")
-    p.add_argument("--json", help="write rows to this JSON file")
-    p.add_argument("--csv", help="write rows to this CSV file")
+    add_output_arguments(p)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -113,6 +113,20 @@ def _flat(row: Dict[str, Any]) -> Dict[str, Any]:
     return flat
 
 
+def add_output_arguments(p) -> None:
+    """``--json FILE`` and ``--csv FILE``, the row outputs every bench has."""
+    p.add_argument("--json", help="write rows and configuration to this JSON file")
+    p.add_argument("--csv", help="write rows to this CSV file")
+
+
+def write_outputs(args, rows: List[Dict[str, Any]], config: Dict[str, Any]) -> None:
+    """Write ``rows`` where ``--json`` / ``--csv`` asked for them."""
+    if args.json:
+        write_json(args.json, rows, config)
+    if args.csv:
+        write_csv(args.csv, rows)
+
+
 def write_json(path: str, rows: List[Dict[str, Any]], config: Dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump({"config": config, "rows": rows}, f, indent=1, default=str)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import _cli
-from .report import config_echo, human_size, print_config, size_range, write_csv, write_json
+from .report import config_echo, human_size, print_config, size_range, add_output_arguments, write_outputs
 
 TLS_MAP = {"tcp": "tcp,self", "sm": "tcp,sm,self", "shm": "tcp,sm,self"}
 PTX_CANDIDATES = [Path(__file__).resolve().parents[1] / "rpc" / "kernels" / "gw_test_kernels.ptx"]
@@ -374,23 +374,26 @@ def _mlp_init(B, I, H, O):
             "W2": (rng.standard_normal((H, O)) * 0.05).astype(np.float32), "b2": np.zeros(O, np.float32)}
 
 
+def _ck(r):
+    """A cuda.bindings result tuple: raise on an error code, else its value(s)."""
+    if int(r[0]):
+        raise RuntimeError(f"CUDA error {r[0]}")
+    return r[1] if len(r) == 2 else r[1:]
+
+
 def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
     import numpy as np
     from cuda.bindings import driver as d
 
-    def ck(r):
-        if int(r[0]):
-            raise RuntimeError(f"CUDA error {r[0]}")
-        return r[1] if len(r) == 2 else r[1:]
-    ck(d.cuInit(0))
-    dev = ck(d.cuDeviceGet(0))
+    _ck(d.cuInit(0))
+    dev = _ck(d.cuDeviceGet(0))
     try:
-        ctx = ck(d.cuCtxCreate(None, 0, dev))
+        ctx = _ck(d.cuCtxCreate(None, 0, dev))
     except TypeError:
-        ctx = ck(d.cuCtxCreate(0, dev))
+        ctx = _ck(d.cuCtxCreate(0, dev))
     try:
-        mod = ck(d.cuModuleLoadData(ptx))
-        fns = {k: ck(d.cuModuleGetFunction(mod, k.encode())) for k in MLP_KERNELS}
+        mod = _ck(d.cuModuleLoadData(ptx))
+        fns = {k: _ck(d.cuModuleGetFunction(mod, k.encode())) for k in MLP_KERNELS}
         layout = {}
         for k, f in fns.items():
             lay = []
@@ -400,10 +403,10 @@ def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
                     break
                 lay.append((int(r[1]), int(r[2])))
             layout[k] = lay
-        bufs = {k: int(ck(d.cuMemAlloc(4 * n))) for k, n in _mlp_buffers(B, I, H, O).items()}
+        bufs = {k: int(_ck(d.cuMemAlloc(4 * n))) for k, n in _mlp_buffers(B, I, H, O).items()}
         for k, v in _mlp_init(B, I, H, O).items():
-            ck(d.cuMemcpyHtoD(bufs[k], v, v.nbytes))
-        st = ck(d.cuStreamCreate(0))
+            _ck(d.cuMemcpyHtoD(bufs[k], v, v.nbytes))
+        st = _ck(d.cuStreamCreate(0))
         plan = []
         for name, grid, args in _mlp_plan(B, I, H, O):
             vals = [bufs[a] if isinstance(a, str) else a for a in args]
@@ -421,11 +424,11 @@ def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
         loss = np.zeros(1, np.float32)
 
         def step():
-            ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
+            _ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
             for f, grid, ptrs, _keep in plan:
-                ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
-            ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
-            ck(d.cuStreamSynchronize(st))
+                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            _ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+            _ck(d.cuStreamSynchronize(st))
             return float(loss[0])
         for _ in range(warm):
             step()
@@ -435,36 +438,36 @@ def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
 
         def parts():   # the same step with timestamps: issue (memset .. D2H) and the sync
             a = time.perf_counter_ns()
-            ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
+            _ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
             for f, grid, ptrs, _keep in plan:
-                ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
-            ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            _ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
             b = time.perf_counter_ns()
-            ck(d.cuStreamSynchronize(st))
+            _ck(d.cuStreamSynchronize(st))
             return b - a, time.perf_counter_ns() - b
         split = _median_parts([parts() for _ in range(max(10, steps // 2))])
         # the GPU's idle time between steps: an event before the memset and one after the D2H
-        evs = [(ck(d.cuEventCreate(0)), ck(d.cuEventCreate(0))) for _ in range(_GAP_STEPS)]
+        evs = [(_ck(d.cuEventCreate(0)), _ck(d.cuEventCreate(0))) for _ in range(_GAP_STEPS)]
         for ea, eb in evs:
-            ck(d.cuEventRecord(ea, st))
-            ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
+            _ck(d.cuEventRecord(ea, st))
+            _ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
             for f, grid, ptrs, _keep in plan:
-                ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
-            ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
-            ck(d.cuEventRecord(eb, st))
-            ck(d.cuStreamSynchronize(st))
-        gap = _gap_stats([float(ck(d.cuEventElapsedTime(evs[i - 1][1], evs[i][0]))) for i in range(1, len(evs))],
-                         [float(ck(d.cuEventElapsedTime(ea, eb))) for ea, eb in evs])
+                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            _ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+            _ck(d.cuEventRecord(eb, st))
+            _ck(d.cuStreamSynchronize(st))
+        gap = _gap_stats([float(_ck(d.cuEventElapsedTime(evs[i - 1][1], evs[i][0]))) for i in range(1, len(evs))],
+                         [float(_ck(d.cuEventElapsedTime(ea, eb))) for ea, eb in evs])
         # GPU time of a step's kernels (events around them), a few extra steps
-        e0, e1 = ck(d.cuEventCreate(0)), ck(d.cuEventCreate(0))
+        e0, e1 = _ck(d.cuEventCreate(0)), _ck(d.cuEventCreate(0))
         gms = []
         for _ in range(5):
-            ck(d.cuEventRecord(e0, st))
+            _ck(d.cuEventRecord(e0, st))
             for f, grid, ptrs, _keep in plan:
-                ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
-            ck(d.cuEventRecord(e1, st))
-            ck(d.cuEventSynchronize(e1))
-            gms.append(float(ck(d.cuEventElapsedTime(e0, e1))))
+                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            _ck(d.cuEventRecord(e1, st))
+            _ck(d.cuEventSynchronize(e1))
+            gms.append(float(_ck(d.cuEventElapsedTime(e0, e1))))
         return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1],
                 "gpu_ms_per_step": sorted(gms)[2], "issue_us": split[0], "sync_us": split[1], **gap}
     finally:
@@ -593,30 +596,26 @@ def bench_dispatch(args, ptx: bytes) -> List[Dict[str, Any]]:
     rows = []
     n = args.dispatch_n
 
-    def ck(r):
-        if int(r[0]):
-            raise RuntimeError(f"CUDA error {r[0]}")
-        return r[1] if len(r) == 2 else r[1:]
-    ck(d.cuInit(0))
-    dev = ck(d.cuDeviceGet(0))
-    ctx = ck(d.cuDevicePrimaryCtxRetain(dev))
-    ck(d.cuCtxSetCurrent(ctx))
-    mod = ck(d.cuModuleLoadData(ptx))
-    f = ck(d.cuModuleGetFunction(mod, b"fill_f32"))
-    buf = int(ck(d.cuMemAlloc(1024)))
-    st = ck(d.cuStreamCreate(0))
+    _ck(d.cuInit(0))
+    dev = _ck(d.cuDeviceGet(0))
+    ctx = _ck(d.cuDevicePrimaryCtxRetain(dev))
+    _ck(d.cuCtxSetCurrent(ctx))
+    mod = _ck(d.cuModuleLoadData(ptx))
+    f = _ck(d.cuModuleGetFunction(mod, b"fill_f32"))
+    buf = int(_ck(d.cuMemAlloc(1024)))
+    st = _ck(d.cuStreamCreate(0))
     vals = [np.array([buf], np.uint64), np.array([1.0], np.float32), np.array([256], np.int32)]
     ptrs = np.array([v.ctypes.data for v in vals], np.uint64)
 
     def timeit(fn):
         for _ in range(200):
             fn()
-        ck(d.cuStreamSynchronize(st))
+        _ck(d.cuStreamSynchronize(st))
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
         t1 = time.perf_counter()
-        ck(d.cuStreamSynchronize(st))
+        _ck(d.cuStreamSynchronize(st))
         return (t1 - t0) / n * 1e6
     p = ptrs.ctypes.data
     rows.append({"bench": "rpc", "test": "dispatch", "path": "cuda.bindings cuLaunchKernel",
@@ -758,10 +757,7 @@ def run(args: argparse.Namespace) -> int:
     summ = summary(rows)
     print("# summary vs targets:", summ, flush=True)
     cfg["summary"] = summ
-    if args.json:
-        write_json(args.json, rows, cfg)
-    if args.csv:
-        write_csv(args.csv, rows)
+    write_outputs(args, rows, cfg)
     return 0
 
 
@@ -794,8 +790,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
     p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")
     p.add_argument("--dispatch-n", type=int, default=20000, help="dispatch: launches timed per path")
-    p.add_argument("--json", help="write rows to this JSON file")
-    p.add_argument("--csv", help="write rows to this CSV file")
+    add_output_arguments(p)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

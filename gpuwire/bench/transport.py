@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 from . import _cli
 from .report import (
     config_echo, human_size, percentiles, plot, print_config, ratio_table, scale_stats,
-    size_range, write_csv, write_json,
+    size_range, add_output_arguments, write_outputs,
 )
 
 CTRL = 0xFFFFF0
@@ -298,10 +298,7 @@ def run(args: argparse.Namespace) -> int:
         print()
         ratios = ratio_table(merged)
         cfg["ratios"] = ratios
-    if args.json:
-        write_json(args.json, merged, cfg)
-    if args.csv:
-        write_csv(args.csv, merged)
+    write_outputs(args, merged, cfg)
     if args.plot:
         plot(args.plot, merged, f"gpuwire transport vs ucx_perftest ({cfg['host']})")
     return 0
@@ -410,8 +407,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip ucx_perftest")
     p.add_argument("--server-cpu", type=int, help="pin the loopback server (and perftest server) to this CPU")
     p.add_argument("--client-cpu", type=int, help="pin the client (and perftest client) to this CPU")
-    p.add_argument("--json", help="write rows to this JSON file")
-    p.add_argument("--csv", help="write rows to this CSV file")
+    add_output_arguments(p)
     p.add_argument("--plot", help="write a latency/bandwidth plot (PNG; needs matplotlib)")
 
 

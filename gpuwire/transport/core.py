@@ -281,7 +281,17 @@ def _scratch() -> _Info:
         return _tls.info
 
 
-class Context:
+class _Closing:
+    """``with obj:`` closes ``obj`` at the end (close is idempotent)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+class Context(_Closing):
     """A UCX context. ``config`` passes UCX settings through, e.g. ``{"TLS": "tcp,self"}``
     (keys with or without the ``UCX_`` prefix); UCX_* environment variables apply too."""
 
@@ -345,12 +355,6 @@ class Context:
         self._closed = True
         lib.gw_ctx_destroy(self._c)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
-
 
 def parse_hostport(text: str, default_port: Optional[int] = None) -> Tuple[str, int]:
     """'host:port', '[v6]:port' or 'host' (with default_port) -> (ip, port)."""
@@ -393,7 +397,7 @@ def resolve_host(host: str) -> str:
     raise ValueError(f"cannot resolve host {host!r}")
 
 
-class Worker:
+class Worker(_Closing):
     """A UCX worker with gpuwire's progress engine (spin, then block on the event fd)."""
 
     def __init__(self, ctx: Context):
@@ -650,12 +654,6 @@ class Worker:
             self._closed = True
             lib.gw_worker_destroy(self._w)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
-
 
 def _req_status(r: Request) -> int:
     info = _scratch()
@@ -663,7 +661,7 @@ def _req_status(r: Request) -> int:
     return info.st[0]
 
 
-class Listener:
+class Listener(_Closing):
     def __init__(self, worker: Worker, l, ip: str):
         self.worker = worker
         self._l = l
@@ -693,14 +691,8 @@ class Listener:
             lib.gw_listener_close(self._l)
         self._closed = True
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *a):
-        self.close()
-
-
-class Endpoint:
+class Endpoint(_Closing):
     """A connection to one peer: tagged messages (header + payload), RMA, request/reply."""
 
     def __init__(self, worker: Worker, c, where: str):
@@ -997,12 +989,6 @@ class Endpoint:
         # the C struct stays (closed) until this object is collected, so that a late
         # call through a prepared callable is an error, never a use after free
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
-
     def __del__(self):
         try:
             c = self._c
@@ -1016,7 +1002,7 @@ class Endpoint:
             pass
 
 
-class MemoryRegion:
+class MemoryRegion(_Closing):
     """Memory registered with UCX: zero-copy sends/receives and RMA target."""
 
     def __init__(self, ctx: Context, buf: Any, size: Optional[int]):
@@ -1074,12 +1060,6 @@ class MemoryRegion:
         if self._m is not None and not self.ctx._closed:
             lib.gw_mem_unmap(self._m)
         self._m = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        self.close()
 
 
 class RemoteKey:
