@@ -281,6 +281,16 @@ def _scratch() -> _Info:
         return _tls.info
 
 
+def _wait_or_cancel(req: "Request", timeout: Optional[float]) -> "Received":
+    """Wait for a posted receive; on a timeout (or any error) cancel it, so that it
+    cannot take a later message."""
+    try:
+        return req.wait(timeout)
+    except BaseException:
+        req.release()
+        raise
+
+
 class _Closing:
     """``with obj:`` closes ``obj`` at the end (close is idempotent)."""
 
@@ -598,12 +608,7 @@ class Worker(_Closing):
              timeout: Optional[float] = None) -> Received:
         """Receive one message from any endpoint. On a timeout (or any error) the
         receive is cancelled: it cannot take a later message."""
-        req = self.recv_nb(buf, tag, tag_mask)
-        try:
-            return req.wait(timeout)
-        except BaseException:
-            req.release()
-            raise
+        return _wait_or_cancel(self.recv_nb(buf, tag, tag_mask), timeout)
 
     def _req_array(self, reqs: List[Request], what: str):
         self._check()
@@ -786,12 +791,7 @@ class Endpoint(_Closing):
              timeout: Optional[float] = None) -> Received:
         """Receive one message from this peer. On a timeout (or any error) the
         receive is cancelled: it cannot take a later message."""
-        req = self.recv_nb(buf, tag, tag_mask)
-        try:
-            return req.wait(timeout)
-        except BaseException:
-            req.release()
-            raise
+        return _wait_or_cancel(self.recv_nb(buf, tag, tag_mask), timeout)
 
     def call(self, msg: Any, reply: Any, tag: int = 0, reply_tag: Optional[int] = None,
              timeout: Optional[float] = None) -> int:
