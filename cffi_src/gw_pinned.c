@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 typedef struct {
     uint64_t start, end, mirror;
@@ -190,7 +191,40 @@ static struct {
     size_t lo[MT_MAX + 1], hi[MT_MAX + 1];
     uint64_t g0[MT_MAX + 1];    /* the job generation a worker was created at */
     int atfork;
+    int shift;                  /* 1: an async job, worker k runs part k - 1 (the caller none) */
+    uint64_t spin_ns;           /* workers spin this long after a job before sleeping */
+    uint64_t spin_until;        /* gw_pin_arm: workers spin until then (monotonic ns) */
 } mt = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static pthread_mutex_t mt_call = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* with mt.mu held: spin (unlocked) until the job generation moves past seen or the spin
+ * deadline passes; returns with mt.mu held */
+static void spin_for_job(uint64_t seen, uint64_t until) {
+    if (!until) return;
+    pthread_mutex_unlock(&mt.mu);
+    uint64_t n = 0;
+    for (;;) {
+        if (__atomic_load_n(&mt.gen, __ATOMIC_ACQUIRE) != seen) break;
+        if ((++n & 63) == 0 && now_ns() >= until) break;
+        cpu_relax();
+    }
+    pthread_mutex_lock(&mt.mu);
+}
 
 /* first and last differing granule of a[s, e) vs b[s, e): lo = hi = e when equal */
 static void span_part(const uint8_t *a, const uint8_t *b, size_t s, size_t e, size_t *lo, size_t *hi) {
@@ -237,15 +271,26 @@ static void *mt_worker(void *arg) {
     uint64_t seen = 0;
     pthread_mutex_lock(&mt.mu);
     seen = mt.g0[k];
+    uint64_t after_job = 0;      /* spin deadline after the last job */
     for (;;) {
-        while (mt.gen == seen && (int)k <= mt.nth) pthread_cond_wait(&mt.start, &mt.mu);
+        while (mt.gen == seen && (int)k <= mt.nth) {
+            uint64_t until = after_job > mt.spin_until ? after_job : mt.spin_until;
+            if (until && now_ns() < until) {
+                spin_for_job(seen, until);
+                after_job = 0;
+                continue;
+            }
+            pthread_cond_wait(&mt.start, &mt.mu);
+        }
         if ((int)k > mt.nth) break;
         seen = mt.gen;
-        int mine = k < mt.parts;
+        size_t part = k - (size_t)mt.shift;
+        int mine = part < mt.parts;
         pthread_mutex_unlock(&mt.mu);
-        if (mine) run_part(k);
+        if (mine) run_part(part);
         pthread_mutex_lock(&mt.mu);
         if (mine && --mt.pending == 0) pthread_cond_signal(&mt.done);
+        after_job = mt.spin_ns ? now_ns() + mt.spin_ns : 0;
     }
     pthread_mutex_unlock(&mt.mu);
     return NULL;
@@ -255,13 +300,16 @@ static void mt_child(void) {     /* a forked child has no workers: start over */
     pthread_mutex_init(&mt.mu, NULL);
     pthread_cond_init(&mt.start, NULL);
     pthread_cond_init(&mt.done, NULL);
+    pthread_mutex_init(&mt_call, NULL);
     mt.nth = 0;
     mt.pending = 0;
+    mt.shift = 0;
 }
 
 int gw_pin_threads(int n) {
     if (n < 1) n = 1;
     if (n > MT_MAX) n = MT_MAX;
+    pthread_mutex_lock(&mt_call);      /* not while a job runs: its parts are given out by nth */
     pthread_mutex_lock(&mt.mu);
     if (!mt.atfork) {
         pthread_atfork(NULL, NULL, mt_child);
@@ -283,6 +331,7 @@ int gw_pin_threads(int n) {
     (void)have;
     int r = mt.nth + 1;
     pthread_mutex_unlock(&mt.mu);
+    pthread_mutex_unlock(&mt_call);
     return r;
 }
 
@@ -298,19 +347,87 @@ static void mt_run(int kind, uint8_t *dst, const uint8_t *a, const uint8_t *b, s
     mt.parts = parts;
     if (parts > 1) {
         mt.pending = (int)parts - 1;
-        mt.gen++;
+        __atomic_add_fetch(&mt.gen, 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&mt.start);
     }
     pthread_mutex_unlock(&mt.mu);
     run_part(0);
     if (parts > 1) {
+        /* the other parts end about now: spin a little before sleeping on the condition */
+        for (int i = 0; i < 20000 && __atomic_load_n(&mt.pending, __ATOMIC_ACQUIRE); i++) cpu_relax();
         pthread_mutex_lock(&mt.mu);
         while (mt.pending) pthread_cond_wait(&mt.done, &mt.mu);
         pthread_mutex_unlock(&mt.mu);
     }
 }
 
-static pthread_mutex_t mt_call = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
+int gw_pin_span_start(const uint8_t *shadow, const uint8_t *live, size_t n) {
+    pthread_mutex_lock(&mt_call);
+    pthread_mutex_lock(&mt.mu);
+    if (mt.nth < 1 || n < MT_MIN) {
+        pthread_mutex_unlock(&mt.mu);
+        pthread_mutex_unlock(&mt_call);
+        return -1;
+    }
+    mt.kind = JOB_SPAN;
+    mt.dst = NULL;
+    mt.a = shadow;
+    mt.b = live;
+    mt.n = n;
+    mt.parts = (size_t)mt.nth;
+    mt.shift = 1;
+    mt.pending = (int)mt.parts;
+    __atomic_add_fetch(&mt.gen, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&mt.start);
+    pthread_mutex_unlock(&mt.mu);
+    return 0;           /* mt_call stays held until gw_pin_span_finish */
+}
+
+int gw_pin_job_done(void) {
+    return __atomic_load_n(&mt.pending, __ATOMIC_ACQUIRE) == 0;
+}
+
+int gw_pin_span_finish(size_t n, size_t *lo, size_t *hi) {
+    for (int i = 0; i < 20000 && __atomic_load_n(&mt.pending, __ATOMIC_ACQUIRE); i++) cpu_relax();
+    pthread_mutex_lock(&mt.mu);
+    while (mt.pending) pthread_cond_wait(&mt.done, &mt.mu);
+    mt.shift = 0;
+    pthread_mutex_unlock(&mt.mu);
+    size_t a = n, b = 0;
+    for (size_t k = 0; k < mt.parts; k++) {
+        size_t s, e;
+        part_bounds(k, mt.parts, n, &s, &e);
+        if (mt.lo[k] < e) {
+            if (mt.lo[k] < a) a = mt.lo[k];
+            if (mt.hi[k] > b) b = mt.hi[k];
+        }
+    }
+    pthread_mutex_unlock(&mt_call);
+    if (a >= b) {
+        *lo = *hi = n;
+        return 0;
+    }
+    *lo = a;
+    *hi = b;
+    return 1;
+}
+
+void gw_pin_spin(uint64_t spin_ns) {
+    pthread_mutex_lock(&mt.mu);
+    mt.spin_ns = spin_ns;
+    pthread_mutex_unlock(&mt.mu);
+}
+
+void gw_pin_arm(uint64_t ns) {
+    pthread_mutex_lock(&mt.mu);
+    if (mt.nth > 0 && ns) {
+        uint64_t until = now_ns() + ns;
+        if (until > mt.spin_until) mt.spin_until = until;
+        pthread_cond_broadcast(&mt.start);     /* sleeping workers wake and spin until a job comes */
+    }
+    pthread_mutex_unlock(&mt.mu);
+}
+
 
 int gw_pin_span_mt(const uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi) {
     pthread_mutex_lock(&mt_call);

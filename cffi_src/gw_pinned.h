@@ -57,6 +57,18 @@ int gw_pin_diff(uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size
  * child). gw_pin_diff_mt: like gw_pin_diff; gw_pin_span_mt: the same span without copying
  * (0 and *lo = *hi = n when equal); gw_pin_copy_mt: memcpy. */
 int gw_pin_threads(int n);
+/* Workers spin spin_ns after each job before sleeping (0: sleep at once): a job that follows
+ * soon finds them awake instead of paying a wake-up. gw_pin_arm(ns): wake sleeping workers
+ * now and let them spin for up to ns (a job is expected soon, e.g. a copy after a sync). */
+void gw_pin_spin(uint64_t spin_ns);
+/* An async gw_pin_span_mt on the workers alone, so the caller can drive the network meanwhile:
+ * gw_pin_span_start returns 0 once started (-1: no workers or n < 1 MiB; nothing started), then
+ * poll gw_pin_job_done and end with gw_pin_span_finish (its result as gw_pin_span_mt's). No other
+ * gw_pin_*_mt call may be made by the starting thread in between (they would wait for it). */
+int gw_pin_span_start(const uint8_t *shadow, const uint8_t *live, size_t n);
+int gw_pin_job_done(void);
+int gw_pin_span_finish(size_t n, size_t *lo, size_t *hi);
+void gw_pin_arm(uint64_t ns);
 int gw_pin_diff_mt(uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi);
 int gw_pin_span_mt(const uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi);
 void gw_pin_copy_mt(uint8_t *dst, const uint8_t *src, size_t n);

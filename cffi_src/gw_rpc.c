@@ -160,7 +160,13 @@ int gw_rpc_scan(const uint8_t *frame, size_t off, size_t end, uint32_t ncalls, i
         return GW_RPC_ST_MALFORMED;
       }
       uint32_t rt = rd32(frame + p);
-      if (rt && (rt < GW_RPC_TAG_OUT_FIRST || rt > GW_RPC_TAG_OUT_LAST)) {
+      if (rt == GW_RPC_ROUTE_REPLY) {
+        if (!d->deferred || !sync) {
+          errf(err, errlen, "call %u (id %u): route %d to the reply tail outside a sync frame's deferred call",
+               i, (unsigned)id, k);
+          return GW_RPC_ST_MALFORMED;
+        }
+      } else if (rt && (rt < GW_RPC_TAG_OUT_FIRST || rt > GW_RPC_TAG_OUT_LAST)) {
         errf(err, errlen, "call %u (id %u): route tag 0x%x outside the server->client bulk range", i,
              (unsigned)id, rt);
         return GW_RPC_ST_MALFORMED;
@@ -627,8 +633,20 @@ static int srv_kind(const gw_rpc_srv_t *v, const gw_rpc_rec_t *r) {
   return -1;
 }
 
-static int srv_pass(gw_rpc_srv_t *v) {
+static inline int64_t tr_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int64_t gw_rpc_now_ns(void) { return tr_now(); }
+
+static int srv_pass(gw_rpc_srv_t *v, gw_rpc_trace_t *tr) {
   v->passed++;
+  if (tr) {
+    tr->flags |= GW_RPC_TR_PASS;
+    tr->t_out = tr_now();
+  }
   return 0; /* GW_SERVE_PASS */
 }
 
@@ -637,15 +655,28 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
   const uint8_t *fr = (const uint8_t *)msg;
   *nout = 0;
   v->resume = 0;
-  if (!v->enabled || !v->s || len < GW_HDR) return srv_pass(v);
+  v->tail_n = 0;
+  gw_rpc_trace_t *tr = NULL;
+  if (v->trace && v->trace_cap) {
+    tr = &v->trace[v->trace_n % v->trace_cap];
+    memset(tr, 0, sizeof(*tr));
+    tr->t_in = tr_now();
+    v->trace_n++;
+    if (len >= GW_HDR) {
+      tr->seq = rd32(fr + 4);
+      tr->ncalls = rd32(fr + 8);
+      tr->flags = (fr[3] & GW_F_SYNC) ? GW_RPC_TR_SYNC : 0;
+    }
+  }
+  if (!v->enabled || !v->s || len < GW_HDR) return srv_pass(v, tr);
   uint16_t magic = rd16(fr);
   uint8_t ver = fr[2], flags = fr[3];
   uint32_t seq = rd32(fr + 4), ncalls = rd32(fr + 8), blen = rd32(fr + 12);
   if (magic != GW_MAGIC || ver != GW_VERSION || (flags & ~GW_F_KNOWN) || (flags & (GW_F_HELLO | GW_F_BYE)) ||
       blen != len - GW_HDR || ncalls == 0 || ncalls > v->nrecs)
-    return srv_pass(v);
+    return srv_pass(v, tr);
   int sync = (flags & GW_F_SYNC) != 0;
-  if (gw_rpc_scan(fr, GW_HDR, len, ncalls, sync, v->desc, v->ndesc, v->recs, NULL, 0)) return srv_pass(v);
+  if (gw_rpc_scan(fr, GW_HDR, len, ncalls, sync, v->desc, v->ndesc, v->recs, NULL, 0)) return srv_pass(v, tr);
   /* every record must be one C runs; the pushes must fit (into this call's half of scratch
    * when pushes are deferred sends) */
   uint8_t *scratch = v->scratch;
@@ -654,25 +685,36 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
     cap = (v->scratch_cap / 2) & ~(uint64_t)63;
     scratch += (v->flip & 1) * cap;
   }
-  uint64_t need = 0;
+  uint64_t need = 0, tneed = 0;
   int npush = 0;
   for (uint32_t i = 0; i < ncalls; i++) {
     const gw_rpc_rec_t *r = &v->recs[i];
     int k = srv_kind(v, r);
-    if (k < 0) return srv_pass(v);
+    if (k < 0) return srv_pass(v, tr);
     int last_sync = sync && i == ncalls - 1;
     int is_sync = (k == 100 || k == GW_RPC_STREAM_SYNC || k == GW_RPC_CTX_SYNC);
-    if (is_sync != last_sync) return srv_pass(v); /* (the scanner enforces the position) */
+    if (is_sync != last_sync) return srv_pass(v, tr); /* (the scanner enforces the position) */
     if (k == GW_RPC_DTOH_ASYNC) {
       uint64_t n = rd64(fr + r->fixed + 8);
-      if (!v->fn[GW_RPC_STREAM_SYNC] || (v->chunk && n > v->chunk)) return srv_pass(v);
+      if (!v->fn[GW_RPC_STREAM_SYNC] || (v->chunk && n > v->chunk)) return srv_pass(v, tr);
       need += (n + 7) & ~(uint64_t)7;
-      if (need > cap || ++npush >= maxout) return srv_pass(v);
+      if (need > cap) return srv_pass(v, tr);
+      if (r->route[0] == GW_RPC_ROUTE_REPLY) { /* into the reply tail (Python checks the rest) */
+        tneed += 4 + n;
+        if (n > GW_RPC_REPLY_INLINE_LIMIT || !v->tail || tneed > v->tail_cap) return srv_pass(v, tr);
+      } else if (++npush >= maxout) {
+        return srv_pass(v, tr);
+      }
     }
   }
-  if (sync && !(ncalls >= 1)) return srv_pass(v);
+  if (sync && !(ncalls >= 1)) return srv_pass(v, tr);
+  if (tr) tr->t_scan = tr_now();
   /* run */
   uint64_t used = 0;
+  /* the stream (wire id) whose work a push's wait has just seen complete, with nothing issued
+   * since: a cuStreamSynchronize of it now has nothing to wait for (skip_ssync) */
+  uint64_t synced = 0;
+  int have_synced = 0;
   for (uint32_t i = 0; i < ncalls; i++) {
     const gw_rpc_rec_t *r = &v->recs[i];
     const uint8_t *f = fr + r->fixed;
@@ -681,6 +723,8 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
     v->err[0] = 0;
     if (k < GW_RPC_NHOT) {
       rc = exec_one(v->s, fr, r, k, v->err, sizeof(v->err));
+      have_synced = 0;
+      if (tr && !tr->t_first) tr->t_first = tr_now();
     } else if (k == GW_RPC_DTOH_ASYNC) {
       uint64_t src = rd64(f), n = rd64(f + 8);
       void *st = NULL;
@@ -691,6 +735,12 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
         rc = ((dtoh_fn)v->fn[GW_RPC_DTOH_ASYNC])(dst, src, (size_t)n, st);
         if (rc) errf(v->err, sizeof(v->err), "cuMemcpyDtoHAsync");
       }
+      have_synced = 0;
+      if (tr) {
+        int64_t t = tr_now();
+        if (!tr->t_first) tr->t_first = t;
+        if (!tr->t_issued) tr->t_issued = t;
+      }
       if (!rc && n >= 65536 && v->fn_query && v->progress && v->worker) {
         /* the bytes go out once copied; meanwhile the previous push keeps moving (bulk pushes
          * only: small ones, like a loss value per step, wait as before) */
@@ -700,8 +750,16 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
       } else if (!rc) {
         rc = ((ssync_fn)v->fn[GW_RPC_STREAM_SYNC])(st); /* the bytes go out once copied */
         if (rc) errf(v->err, sizeof(v->err), "cuStreamSynchronize (before the push)");
+        synced = rd64(f + 16);
+        have_synced = !rc;
       }
-      if (!rc) {
+      if (tr) tr->t_waited = tr_now();
+      if (!rc && r->route[0] == GW_RPC_ROUTE_REPLY) {
+        uint32_t n32 = (uint32_t)n; /* the sync reply carries it: length, bytes */
+        memcpy(v->tail + v->tail_n, &n32, 4);
+        memcpy(v->tail + v->tail_n + 4, dst, (size_t)n);
+        v->tail_n += 4 + n32;
+      } else if (!rc) {
         out[*nout].tag = r->route[0];
         out[*nout].flags = v->defer ? GW_RPC_MSG_DEFER : 0;
         out[*nout].buf = dst;
@@ -713,20 +771,27 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
     } else if (k == GW_RPC_STREAM_SYNC) {
       void *st = NULL;
       rc = tr_stream(v->s, rd64(f), &st, v->err, sizeof(v->err));
-      if (!rc) {
+      if (tr && !tr->t_issued) tr->t_issued = tr_now();
+      if (!rc && v->skip_ssync && have_synced && rd64(f) == synced) {
+        v->ssync_skipped++; /* the push's wait just saw this stream's work complete */
+      } else if (!rc) {
         rc = ((ssync_fn)v->fn[GW_RPC_STREAM_SYNC])(st);
         if (rc) errf(v->err, sizeof(v->err), "cuStreamSynchronize");
+        if (tr) tr->t_waited = tr_now();
       }
     } else if (k == GW_RPC_CTX_SYNC) {
+      if (tr && !tr->t_issued) tr->t_issued = tr_now();
       rc = ((csync_fn)v->fn[GW_RPC_CTX_SYNC])();
       if (rc) errf(v->err, sizeof(v->err), "cuCtxSynchronize");
+      if (tr) tr->t_waited = tr_now();
     }
     if (rc) {
       v->resume = 1;
       v->resume_at = i;
       v->resume_res = rc;
       v->ran += i;
-      return srv_pass(v);
+      if (tr) tr->npush = (uint32_t)*nout;
+      return srv_pass(v, tr);
     }
   }
   v->ran += ncalls;
@@ -735,7 +800,7 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
   if (sync) {
     uint8_t *p = v->rep;
     uint16_t mg = GW_MAGIC;
-    uint32_t one = 1, body = 13, zero = 0;
+    uint32_t one = 1, tn = v->tail_n, body = 13 + tn, zero = 0;
     memcpy(p, &mg, 2);
     p[2] = GW_VERSION;
     p[3] = 0;
@@ -744,13 +809,19 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
     memcpy(p + 12, &body, 4);
     memcpy(p + 16, &zero, 4);      /* frame status */
     memcpy(p + 20, &v->pushes, 4); /* pushes so far */
-    memcpy(p + 24, &zero, 4);      /* the sync call's CUresult (its reply is '<I') */
-    p[28] = 0;                     /* no deferred-error report */
+    if (tn) memcpy(p + 24, v->tail, tn); /* the reply tail: D2H results routed here */
+    memcpy(p + 24 + tn, &zero, 4); /* the sync call's CUresult (its reply is '<I') */
+    p[28 + tn] = 0;                /* no deferred-error report */
     out[*nout].tag = v->rep_tag;
     out[*nout].flags = 0;
     out[*nout].buf = v->rep;
     out[*nout].len = GW_HDR + body;
     (*nout)++;
+  }
+  if (tr) {
+    if (!tr->t_issued) tr->t_issued = tr_now();
+    tr->npush = (uint32_t)npush;
+    tr->t_out = tr_now();
   }
   return 1; /* GW_SERVE_NEXT */
 }
@@ -959,14 +1030,13 @@ uint64_t gw_rpc_host_count(int which) {
 typedef int (*gw_rpc_call_fn)(void *conn, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag,
                               void *rbuf, size_t rcap, int64_t timeout_ns, size_t *rlen);
 
-int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg) {
+static int fsync_core(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg) {
   if (!f->call || !f->conn || (f->len != 24 && f->len != 32) || f->rep_cap < 29) return -22;
   memcpy(f->frame + 4, &seq, 4);
   if (f->len == 32) memcpy(f->frame + 24, &arg, 8);
   f->rlen = 0;
   int st = ((gw_rpc_call_fn)f->call)(f->conn, f->req_tag, f->frame, f->len, f->rep_tag, f->rep, f->rep_cap,
                                      f->timeout_ns, &f->rlen);
-  if (f->seqp) __atomic_store_n(f->seqp, seq + 1, __ATOMIC_RELEASE); /* the seq is used, sent or not */
   if (st) return st < 0 ? st : -st;
   /* the plain answer: header (magic 0x5747, version, flags 0, seq) | status 0 | pushes |
    * CUresult 0 | report byte 0 */
@@ -980,4 +1050,703 @@ int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t a
   if (r[0] != 0x47 || r[1] != 0x57 || r[3] != 0 || rseq != seq || status || pushes != push_done || res || r[28])
     return 1;
   return 0;
+}
+
+int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg) {
+  int st = fsync_core(f, seq, push_done, arg);
+  if (f->seqp && st != -22) __atomic_store_n(f->seqp, seq + 1, __ATOMIC_RELEASE); /* the seq is used, sent or not */
+  return st;
+}
+
+struct gw_rpc_wire {
+  pthread_mutex_t mu;
+  uint32_t *seqp;     /* own_seq, or the flush timer's seq cell */
+  uint32_t own_seq;
+  uint32_t push_done;
+  uint64_t call_seq;
+  uint64_t nsync;     /* fast sync calls made */
+  uint64_t nsync_seen;
+  int busy;
+  int dead;
+};
+
+gw_rpc_wire_t *gw_rpc_wire_new(void) {
+  gw_rpc_wire_t *w = calloc(1, sizeof *w);
+  if (!w) return NULL;
+  pthread_mutex_init(&w->mu, NULL);
+  w->seqp = &w->own_seq;
+  return w;
+}
+
+void gw_rpc_wire_free(gw_rpc_wire_t *w) {
+  if (!w) return;
+  pthread_mutex_destroy(&w->mu);
+  free(w);
+}
+
+uint32_t *gw_rpc_wire_seqp(gw_rpc_wire_t *w) { return w->seqp; }
+uint32_t *gw_rpc_wire_push_donep(gw_rpc_wire_t *w) { return &w->push_done; }
+uint64_t *gw_rpc_wire_call_seqp(gw_rpc_wire_t *w) { return &w->call_seq; }
+
+void gw_rpc_wire_use_seq_cell(gw_rpc_wire_t *w, uint32_t *cell) {
+  pthread_mutex_lock(&w->mu);
+  uint32_t *c = cell ? cell : &w->own_seq;
+  __atomic_store_n(c, __atomic_load_n(w->seqp, __ATOMIC_ACQUIRE), __ATOMIC_RELEASE);
+  w->seqp = c;
+  pthread_mutex_unlock(&w->mu);
+}
+
+void gw_rpc_wire_lock(gw_rpc_wire_t *w) { pthread_mutex_lock(&w->mu); }
+void gw_rpc_wire_unlock(gw_rpc_wire_t *w) { pthread_mutex_unlock(&w->mu); }
+
+void gw_rpc_wire_release(gw_rpc_wire_t *w, int busy) {
+  w->busy = busy;
+  pthread_mutex_unlock(&w->mu);
+}
+
+int gw_rpc_wire_open(gw_rpc_wire_t *w, gw_rpc_timer_t *t) {
+  pthread_mutex_lock(&w->mu);
+  w->busy = 1;
+  if (t) gw_rpc_timer_arm(t, __atomic_load_n(w->seqp, __ATOMIC_ACQUIRE));
+  int synced = w->nsync != w->nsync_seen;
+  w->nsync_seen = w->nsync;
+  pthread_mutex_unlock(&w->mu);
+  return synced;
+}
+
+void gw_rpc_wire_kill(gw_rpc_wire_t *w) {
+  __atomic_store_n(&w->dead, 1, __ATOMIC_RELEASE); /* no lock: the holder of it may call this */
+}
+
+typedef int (*gw_rpc_send_fn)(void *conn, uint32_t tag, const void *hdr, size_t hlen, const void *buf,
+                              size_t len, void **out);
+typedef int (*gw_rpc_wait_fn)(void *worker, void *req, int64_t timeout_ns);
+typedef void (*gw_rpc_release_fn)(void *worker, void *req);
+
+int gw_rpc_flush(gw_rpc_flusher_t *fl, gw_rpc_wire_t *w, uint32_t cur, uint32_t len, uint32_t ncalls,
+                 int busy_after, int *sent) {
+  *sent = 0;
+  if (!fl->send || !fl->conn || !fl->nframes || fl->nframes > GW_RPC_FLUSH_FRAMES || cur >= fl->nframes ||
+      len < GW_HDR || !fl->frame[cur])
+    return -22;
+  pthread_mutex_lock(&w->mu);
+  uint8_t *p = fl->frame[cur];
+  uint32_t seq = *w->seqp, body = len - GW_HDR;
+  uint16_t mg = GW_MAGIC;
+  memcpy(p, &mg, 2);
+  p[2] = GW_VERSION;
+  p[3] = 0;
+  memcpy(p + 4, &seq, 4);
+  memcpy(p + 8, &ncalls, 4);
+  memcpy(p + 12, &body, 4);
+  void *req = NULL;
+  int st = ((gw_rpc_send_fn)fl->send)(fl->conn, fl->req_tag, NULL, 0, p, len, &req);
+  if (st < 0) {
+    pthread_mutex_unlock(&w->mu);
+    return st;
+  }
+  *sent = 1;
+  __atomic_store_n(w->seqp, seq + 1, __ATOMIC_RELEASE);
+  w->call_seq += ncalls;
+  fl->req[cur] = req;
+  uint32_t nxt = (cur + 1) % fl->nframes;
+  st = 0;
+  if (fl->req[nxt]) {
+    void *r = fl->req[nxt];
+    fl->req[nxt] = NULL;
+    st = ((gw_rpc_wait_fn)fl->wait)(fl->worker, r, fl->timeout_ns);
+    ((gw_rpc_release_fn)fl->release)(fl->worker, r);
+  }
+  w->busy = busy_after;
+  pthread_mutex_unlock(&w->mu);
+  if (st) return st < 0 ? st : -st;
+  return (int)nxt;
+}
+
+int gw_rpc_flusher_wait(gw_rpc_flusher_t *fl, uint32_t i, int64_t timeout_ns) {
+  if (i >= fl->nframes || i >= GW_RPC_FLUSH_FRAMES || !fl->req[i]) return 0;
+  void *r = fl->req[i];
+  fl->req[i] = NULL;
+  int st = ((gw_rpc_wait_fn)fl->wait)(fl->worker, r, timeout_ns);
+  ((gw_rpc_release_fn)fl->release)(fl->worker, r);
+  return st < 0 ? st : -st;
+}
+
+void gw_rpc_flusher_drain(gw_rpc_flusher_t *fl, int64_t timeout_ns) {
+  for (uint32_t i = 0; i < fl->nframes && i < GW_RPC_FLUSH_FRAMES; i++) {
+    void *r = fl->req[i];
+    if (!r) continue;
+    fl->req[i] = NULL;
+    ((gw_rpc_wait_fn)fl->wait)(fl->worker, r, timeout_ns);
+    ((gw_rpc_release_fn)fl->release)(fl->worker, r);
+  }
+}
+
+int gw_rpc_fsync_w(gw_rpc_fsync_t *f, uint64_t arg) {
+  gw_rpc_wire_t *w = f->wire;
+  if (!w) return -22;
+  pthread_mutex_lock(&w->mu);
+  if (w->busy | __atomic_load_n(&w->dead, __ATOMIC_ACQUIRE)) {
+    pthread_mutex_unlock(&w->mu);
+    return 2;
+  }
+  uint32_t seq = *w->seqp;
+  int st = fsync_core(f, seq, w->push_done, arg);
+  if (st != -22) {
+    __atomic_store_n(w->seqp, seq + 1, __ATOMIC_RELEASE); /* the seq is used, sent or not */
+    w->call_seq++;
+    w->nsync++;
+  }
+  if (st == 0) pthread_mutex_unlock(&w->mu);
+  return st; /* 1 or negative: the caller reads the reply, then gw_rpc_wire_unlock */
+}
+
+/* ------------------------------------------------------------------ bulk copies (gw_rpc_bulk_*) */
+
+typedef int (*b_recv_fn)(void *, void *, uint32_t, uint32_t, void *, size_t, void **);
+typedef int (*b_send_fn)(void *, uint32_t, const void *, size_t, const void *, size_t, void **);
+typedef int (*b_wait_fn)(void *, void *, int64_t);
+typedef int (*b_test_fn)(void *);
+typedef void (*b_info_fn)(void *, int *, size_t *, uint32_t *, uint32_t *, uint32_t *);
+typedef void (*b_release_fn)(void *, void *);
+typedef int (*b_progress_fn)(void *);
+typedef int (*b_htod_fn)(uint64_t, const void *, size_t, void *);
+typedef int (*b_dtoh_fn)(void *, uint64_t, size_t, void *);
+typedef int (*b_evrec_fn)(void *, void *);
+typedef int (*b_evquery_fn)(void *);
+
+#define B_TAG_MASK 0xFFFFFFu
+#define B_NOT_READY 600 /* CUDA_ERROR_NOT_READY */
+#define B_TRUNCATED (-1005) /* the transport's GW_ERR_TRUNCATED: a message longer than the receive */
+#define B_NCOPY (2 * GW_RPC_BULK_MAXSLOTS)
+
+enum { SL_FREE = 0, SL_RECV, SL_D2HQ, SL_SEND };
+
+typedef struct {
+  int state;
+  int ev_used;     /* a copy's event was recorded on this slot: wait for it before reuse */
+  int empty;       /* SL_D2HQ: send an empty message (the copy failed) */
+  void *req;       /* SL_RECV: the posted receive; SL_SEND: the send */
+  uint64_t dptr;   /* SL_RECV: destination */
+  uint64_t len;    /* expected / copied bytes */
+  void *stream;
+  uint32_t tag;    /* SL_D2HQ: the client's route tag */
+  uint32_t copy;   /* index into copies[] */
+} bslot_t;
+
+typedef struct { /* one copy record, for its late failure */
+  uint32_t seq, pos;
+  uint16_t id;
+  int failed;
+  uint64_t ran_at; /* v->ran + pos when it ran */
+  uint8_t fixed[24];
+} bcopy_t;
+
+struct gw_rpc_bulk {
+  gw_rpc_bulk_cfg_t c;
+  bslot_t sl[GW_RPC_BULK_MAXSLOTS];
+  uint32_t ring;                       /* the next slot to take (the least recently taken) */
+  int dq[GW_RPC_BULK_MAXSLOTS];        /* slots in SL_D2HQ, oldest first */
+  uint32_t dq_head, dq_n;
+  bcopy_t copies[B_NCOPY];
+  uint32_t ncopy;                      /* copies started (index mod B_NCOPY) */
+  gw_rpc_late_t late[GW_RPC_BULK_MAXLATE];
+  int nlate;
+  uint32_t dropped;
+  uint64_t ran_pass;                   /* late[].back is set (at a pass) */
+  uint64_t pend_bytes;                 /* bytes of the SL_RECV slots */
+  uint64_t stat[6];
+};
+
+static void b_fail(gw_rpc_bulk_t *b, bcopy_t *cp, int res, const char *fmt, ...) {
+  if (cp->failed) return; /* one failure per copy (its later chunks are only drained) */
+  cp->failed = 1;
+  if (b->nlate >= GW_RPC_BULK_MAXLATE) {
+    b->dropped++;
+    return;
+  }
+  gw_rpc_late_t *l = &b->late[b->nlate++];
+  memset(l, 0, sizeof(*l));
+  l->res = res;
+  l->seq = cp->seq;
+  l->pos = cp->pos;
+  l->id = cp->id;
+  l->back = cp->ran_at; /* becomes the distance at the pass */
+  memcpy(l->fixed, cp->fixed, 24);
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(l->msg, sizeof(l->msg), fmt, ap);
+  va_end(ap);
+}
+
+static uint64_t b_msg(const gw_rpc_bulk_t *b, uint64_t n) { return (b->c.chunk && n > b->c.chunk) ? b->c.chunk : n; }
+static uint64_t b_nchunks(const gw_rpc_bulk_t *b, uint64_t n) {
+  return (b->c.chunk && n > b->c.chunk) ? (n + b->c.chunk - 1) / b->c.chunk : 1;
+}
+
+static void b_poll(gw_rpc_bulk_t *b);
+
+/* wait for a slot's event while driving the transport (and settling payloads that came in) */
+static int b_ev_wait(gw_rpc_bulk_t *b, int k) {
+  bslot_t *s = &b->sl[k];
+  if (!s->ev_used) return 0;
+  int rc;
+  while ((rc = ((b_evquery_fn)b->c.evquery)(b->c.ev[k])) == B_NOT_READY) {
+    ((b_progress_fn)b->c.progress)(b->c.worker);
+    b_poll(b);
+  }
+  s->ev_used = 0;
+  return rc;
+}
+
+/* an H2D slot: wait for its payload, queue its copy to the device */
+static void b_settle(gw_rpc_bulk_t *b, int k) {
+  bslot_t *s = &b->sl[k];
+  bcopy_t *cp = &b->copies[s->copy];
+  int rc = ((b_wait_fn)b->c.wait)(b->c.worker, s->req, b->c.timeout_ns);
+  int st = 0;
+  size_t got = 0;
+  uint32_t a, t, h;
+  ((b_info_fn)b->c.info)(s->req, &st, &got, &a, &t, &h);
+  ((b_release_fn)b->c.release)(b->c.worker, s->req); /* cancels it if it is still posted */
+  s->req = NULL;
+  s->state = SL_FREE;
+  b->stat[GW_RPC_BS_PENDING]--;
+  b->pend_bytes -= s->len;
+  if (cp->failed) return;
+  if (rc == B_TRUNCATED || (!rc && st == B_TRUNCATED)) { /* (gw_wait returns the request's status) */
+    b_fail(b, cp, GW_CU_INVALID_VALUE, "bulk payload chunk longer than the expected %llu B", (unsigned long long)s->len);
+    return;
+  }
+  if (rc || st) {
+    b_fail(b, cp, GW_CU_INVALID_VALUE, "bulk payload chunk of %llu B at 0x%llx: not received (transport status %d)",
+           (unsigned long long)s->len, (unsigned long long)s->dptr, rc ? rc : st);
+    return;
+  }
+  if (got != s->len) {
+    b_fail(b, cp, GW_CU_INVALID_VALUE, "bulk payload chunk of %llu B, expected %llu", (unsigned long long)got,
+           (unsigned long long)s->len);
+    return;
+  }
+  rc = ((b_htod_fn)b->c.htod)(s->dptr, b->c.slot[k], (size_t)s->len, s->stream);
+  if (rc) {
+    b_fail(b, cp, rc, "cuMemcpyHtoDAsync (%llu B from staging)", (unsigned long long)s->len);
+    return;
+  }
+  rc = ((b_evrec_fn)b->c.evrec)(b->c.ev[k], s->stream);
+  if (rc) {
+    /* (the context is broken: the driver's next call on it fails as well) */
+    b_fail(b, cp, rc, "cuEventRecord (after the staging copy)");
+    return;
+  }
+  s->ev_used = 1;
+}
+
+static void b_send(gw_rpc_bulk_t *b, int k) {
+  bslot_t *s = &b->sl[k];
+  void *req = NULL;
+  int rc = ((b_send_fn)b->c.send)(b->c.conn, s->tag, NULL, 0, b->c.slot[k], s->empty ? 0 : (size_t)s->len, &req);
+  if (rc < 0 || !req) { /* the connection is gone: the serve loop sees it next */
+    s->state = SL_FREE;
+    return;
+  }
+  s->req = req;
+  s->state = SL_SEND;
+}
+
+/* send the oldest queued D2H chunk (its copy waited for) */
+static void b_dq_pop(gw_rpc_bulk_t *b) {
+  int k = b->dq[b->dq_head];
+  b->dq_head = (b->dq_head + 1) % GW_RPC_BULK_MAXSLOTS;
+  b->dq_n--;
+  bslot_t *s = &b->sl[k];
+  if (!s->empty) {
+    int rc = b_ev_wait(b, k);
+    if (rc) {
+      b_fail(b, &b->copies[s->copy], rc, "cuEventQuery (D2H staging copy)");
+      s->empty = 1;
+    } else if (b->copies[s->copy].failed) {
+      s->empty = 1;
+    }
+  }
+  b_send(b, k);
+}
+
+/* the next slot of the ring, free for a new use: what it held before is finished first */
+static int b_take(gw_rpc_bulk_t *b, int *kout) {
+  int k = (int)b->ring;
+  b->ring = (b->ring + 1) % b->c.nslots;
+  bslot_t *s = &b->sl[k];
+  if (s->state == SL_RECV) b_settle(b, k); /* the oldest pending payload */
+  if (s->state == SL_D2HQ)
+    while (s->state == SL_D2HQ) b_dq_pop(b); /* it is the oldest queued chunk */
+  if (s->state == SL_SEND) {
+    ((b_wait_fn)b->c.wait)(b->c.worker, s->req, b->c.timeout_ns);
+    ((b_release_fn)b->c.release)(b->c.worker, s->req);
+    s->req = NULL;
+    s->state = SL_FREE;
+  }
+  *kout = k;
+  return b_ev_wait(b, k);
+}
+
+/* the pending H2D payloads that are in, oldest first, up to the first still on its way:
+ * their device copies are queued now (a slot settles only after every older one) */
+static void b_poll(gw_rpc_bulk_t *b) {
+  if (!b->stat[GW_RPC_BS_PENDING]) return;
+  for (uint32_t j = 0; j < b->c.nslots; j++) {
+    int k = (int)((b->ring + j) % b->c.nslots);
+    bslot_t *s = &b->sl[k];
+    if (s->state != SL_RECV) continue;
+    if (!((b_test_fn)b->c.test)(s->req)) return;
+    b_settle(b, k);
+  }
+}
+
+/* the oldest pending H2D payload: received and queued (0: none was pending) */
+static int b_settle_oldest(gw_rpc_bulk_t *b) {
+  for (uint32_t j = 0; j < b->c.nslots; j++) {
+    int k = (int)((b->ring + j) % b->c.nslots);
+    if (b->sl[k].state == SL_RECV) {
+      b_settle(b, k);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+/* every pending H2D payload: received and queued, in order */
+static void b_settle_all(gw_rpc_bulk_t *b) {
+  if (!b->stat[GW_RPC_BS_PENDING]) return; /* (the common frame: nothing pending) */
+  for (uint32_t j = 0; j < b->c.nslots; j++) {
+    int k = (int)((b->ring + j) % b->c.nslots);
+    if (b->sl[k].state == SL_RECV) b_settle(b, k);
+  }
+}
+
+static bcopy_t *b_copy(gw_rpc_bulk_t *b, const uint8_t *fr, const gw_rpc_rec_t *r, uint32_t seq, uint32_t i) {
+  uint32_t ci = b->ncopy++ % B_NCOPY;
+  bcopy_t *cp = &b->copies[ci];
+  cp->seq = seq;
+  cp->pos = i;
+  cp->id = r->id;
+  cp->failed = 0;
+  cp->ran_at = b->c.srv->ran + i;
+  memcpy(cp->fixed, fr + r->fixed, 24);
+  return cp;
+}
+
+static int b_pass(gw_rpc_bulk_t *b) {
+  gw_rpc_srv_t *v = b->c.srv;
+  for (int i = 0; i < b->nlate; i++)
+    if (b->ran_pass <= (uint64_t)i) b->late[i].back = v->ran - b->late[i].back;
+  b->ran_pass = (uint64_t)b->nlate;
+  v->resume = 0;
+  v->passed++;
+  return 0; /* GW_SERVE_PASS */
+}
+
+/* 1: an H2D frame this handler runs, 2: a D2H frame, 0: not one (then it goes on as before).
+ * Such a frame is [hot calls gw_rpc_serve_handler runs (launches, memsets, ...)] followed by
+ * [copies of one kind]; *first is the index of the first copy. */
+static int b_classify(gw_rpc_bulk_t *b, const uint8_t *fr, size_t len, uint64_t *nchunks, uint32_t *first) {
+  gw_rpc_srv_t *v = b->c.srv;
+  if (!v->enabled || !v->s || len < GW_HDR) return 0;
+  uint8_t flags = fr[3];
+  uint32_t ncalls = rd32(fr + 8), blen = rd32(fr + 12);
+  if (rd16(fr) != GW_MAGIC || fr[2] != GW_VERSION || flags || blen != len - GW_HDR || ncalls == 0 ||
+      ncalls > v->nrecs)
+    return 0; /* sync, hello and bye frames: not here */
+  /* a glance at the record headers: is there a copy at all (the common frame has none) */
+  int any = 0;
+  size_t off = GW_HDR;
+  for (uint32_t i = 0; i < ncalls && off + 8 <= len; i++) {
+    uint16_t id = rd16(fr + off);
+    uint32_t rl = rd32(fr + off + 4);
+    if (id == b->c.id_htod || id == b->c.id_dtoh) {
+      any = 1;
+      break;
+    }
+    if (rl < 8 || rl > len - off) return 0;
+    off += rl;
+  }
+  if (!any) return 0;
+  if (gw_rpc_scan(fr, GW_HDR, len, ncalls, 0, v->desc, v->ndesc, v->recs, NULL, 0)) return 0;
+  char err[8];
+  uint64_t total = 0;
+  int big = 0, ncopy = 0;
+  uint16_t id0 = 0;
+  *first = ncalls;
+  for (uint32_t i = 0; i < ncalls; i++) {
+    const gw_rpc_rec_t *r = &v->recs[i];
+    if (*first == ncalls) {
+      if (r->id != b->c.id_htod && r->id != b->c.id_dtoh) {
+        int k = srv_kind(v, r);
+        if (k < 0 || k >= GW_RPC_NHOT) return 0; /* only hot calls before the copies */
+        continue;
+      }
+      *first = i;
+      id0 = r->id;
+    }
+    const uint8_t *f = fr + r->fixed;
+    uint64_t p = rd64(f), n = rd64(f + 8);
+    void *st;
+    if (r->id != id0 || n == 0 || b_msg(b, n) > b->c.slot_size) return 0;
+    if (!amap_ok(&v->s->allocs, p, n) || tr_stream(v->s, rd64(f + 16), &st, err, sizeof(err))) return 0;
+    if (id0 == b->c.id_htod) {
+      if (r->nvar != 1 || r->var_off[0] != 0xFFFFFFFFu || r->var_bulk[0] != n) return 0;
+    } else {
+      if (r->nroute != 1 || !r->route[0]) return 0;
+      if (n >= b->c.dtoh_min) big = 1;
+    }
+    total += b_nchunks(b, n);
+    ncopy++;
+  }
+  if (!ncopy) return 0;
+  /* several H2D copies must fit the ring together (a single one may cycle through it) */
+  if (id0 == b->c.id_htod && ncopy > 1 && total > b->c.nslots) return 0;
+  if (id0 == b->c.id_dtoh && !big) return 0; /* small pushes: gw_rpc_serve_handler's way */
+  *nchunks = total;
+  return id0 == b->c.id_htod ? 1 : 2;
+}
+
+static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_t from, uint32_t ncalls) {
+  gw_rpc_srv_t *v = b->c.srv;
+  for (uint32_t i = from; i < ncalls; i++) {
+    const gw_rpc_rec_t *r = &v->recs[i];
+    const uint8_t *f = fr + r->fixed;
+    uint64_t dst = rd64(f), n = rd64(f + 8);
+    void *st = NULL;
+    char err[8];
+    tr_stream(v->s, rd64(f + 16), &st, err, sizeof(err)); /* (checked by b_classify) */
+    uint32_t tag = r->var_len[0];
+    bcopy_t *cp = b_copy(b, fr, r, seq, i);
+    uint32_t ci = (uint32_t)(cp - b->copies);
+    uint64_t m = b_msg(b, n);
+    for (uint64_t off = 0; off < n; off += m) {
+      uint64_t ln = n - off < m ? n - off : m;
+      int k;
+      int rc = b_take(b, &k);
+      if (rc) b_fail(b, cp, rc, "cuEventQuery (staging slot)");
+      bslot_t *s = &b->sl[k];
+      void *req = NULL;
+      /* at most `inflight` bytes posted: large messages keep fewer receives in flight */
+      while (b->pend_bytes && b->pend_bytes + ln > b->c.inflight && b_settle_oldest(b)) {
+      }
+      /* posted even after a failure: the payload is on its way and must be taken */
+      rc = ((b_recv_fn)b->c.recv)(b->c.worker, b->c.conn, tag, B_TAG_MASK, b->c.slot[k], (size_t)ln, &req);
+      if (rc < 0 || !req) {
+        b_fail(b, cp, GW_CU_INVALID_VALUE, "bulk payload: cannot post its receive (transport status %d)", rc);
+        continue;
+      }
+      s->state = SL_RECV;
+      s->req = req;
+      s->dptr = dst + off;
+      s->len = ln;
+      s->stream = st;
+      s->copy = ci;
+      if (++b->stat[GW_RPC_BS_PENDING] > b->stat[GW_RPC_BS_MAXPEND]) b->stat[GW_RPC_BS_MAXPEND] = b->stat[GW_RPC_BS_PENDING];
+      b->pend_bytes += ln;
+    }
+    b->stat[GW_RPC_BS_H2D]++;
+  }
+}
+
+static void b_run_d2h(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_t from, uint32_t ncalls) {
+  gw_rpc_srv_t *v = b->c.srv;
+  for (uint32_t i = from; i < ncalls; i++) {
+    const gw_rpc_rec_t *r = &v->recs[i];
+    const uint8_t *f = fr + r->fixed;
+    uint64_t src = rd64(f), n = rd64(f + 8);
+    void *st = NULL;
+    char err[8];
+    tr_stream(v->s, rd64(f + 16), &st, err, sizeof(err));
+    bcopy_t *cp = b_copy(b, fr, r, seq, i);
+    uint32_t ci = (uint32_t)(cp - b->copies);
+    uint64_t m = b_msg(b, n);
+    for (uint64_t off = 0; off < n; off += m) {
+      uint64_t ln = n - off < m ? n - off : m;
+      int k;
+      int rc = b_take(b, &k);
+      if (rc) b_fail(b, cp, rc, "cuEventQuery (staging slot)");
+      bslot_t *s = &b->sl[k];
+      s->empty = cp->failed;
+      if (!cp->failed) {
+        rc = ((b_dtoh_fn)b->c.dtoh)(b->c.slot[k], src + off, (size_t)ln, st);
+        if (!rc) {
+          rc = ((b_evrec_fn)b->c.evrec)(b->c.ev[k], st);
+          if (rc) {
+            b_fail(b, cp, rc, "cuEventRecord (after the staging copy)");
+            s->empty = 1;
+          } else {
+            s->ev_used = 1;
+          }
+        } else {
+          b_fail(b, cp, rc, "cuMemcpyDtoHAsync");
+          s->empty = 1;
+        }
+      }
+      s->state = SL_D2HQ;
+      s->len = ln;
+      s->tag = r->route[0];
+      s->copy = ci;
+      b->dq[(b->dq_head + b->dq_n) % GW_RPC_BULK_MAXSLOTS] = k;
+      b->dq_n++;
+      /* chunks whose copy is done go out now, in order */
+      while (b->dq_n) {
+        bslot_t *h = &b->sl[b->dq[b->dq_head]];
+        if (!h->empty && h->ev_used &&
+            ((b_evquery_fn)b->c.evquery)(b->c.ev[b->dq[b->dq_head]]) == B_NOT_READY)
+          break;
+        b_dq_pop(b);
+      }
+    }
+    v->pushes++;
+    b->stat[GW_RPC_BS_D2H]++;
+  }
+  while (b->dq_n) b_dq_pop(b); /* every send is issued before the handler returns */
+}
+
+int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int maxout, int *nout) {
+  gw_rpc_bulk_t *b = (gw_rpc_bulk_t *)arg;
+  gw_rpc_srv_t *v = b->c.srv;
+  const uint8_t *fr = (const uint8_t *)msg;
+  *nout = 0;
+  if (b->nlate) { /* Python takes the late failures first */
+    b_settle_all(b);
+    return b_pass(b);
+  }
+  b_poll(b); /* payloads that came in while the serve loop waited: their copies start now */
+  if (b->nlate) {
+    b_settle_all(b);
+    return b_pass(b);
+  }
+  uint64_t need = 0;
+  uint32_t first = 0;
+  int kind = b_classify(b, fr, len, &need, &first);
+  if (kind == 1 && first == 0) {
+    /* the slots this frame takes: their pending payloads are settled first (so a failure
+     * there is found before anything of this frame ran) */
+    uint64_t upto = need < b->c.nslots ? need : b->c.nslots;
+    for (uint64_t j = 0; j < upto; j++) {
+      int k = (int)((b->ring + j) % b->c.nslots);
+      if (b->sl[k].state == SL_RECV) {
+        b_settle(b, k);
+        b->stat[GW_RPC_BS_EARLY]++;
+      }
+    }
+  } else {
+    b_settle_all(b); /* later calls run after the pending H2D copies are queued */
+  }
+  if (b->nlate) {
+    b_settle_all(b);
+    return b_pass(b);
+  }
+  if (!kind) return gw_rpc_serve_handler(v, msg, len, out, maxout, nout);
+  uint32_t seq = rd32(fr + 4), ncalls = rd32(fr + 8);
+  v->resume = 0;
+  /* the hot calls before the copies, as gw_rpc_serve_handler runs them; a failure stops the
+   * frame there and Python takes it from that record (its copies then run in Python) */
+  for (uint32_t i = 0; i < first; i++) {
+    const gw_rpc_rec_t *r = &v->recs[i];
+    v->err[0] = 0;
+    int rc = exec_one(v->s, fr, r, srv_kind(v, r), v->err, sizeof(v->err));
+    if (rc) {
+      v->resume = 1;
+      v->resume_at = i;
+      v->resume_res = rc;
+      v->ran += i;
+      v->passed++;
+      return 0; /* GW_SERVE_PASS */
+    }
+  }
+  if (kind == 1)
+    b_run_h2d(b, fr, seq, first, ncalls);
+  else
+    b_run_d2h(b, fr, seq, first, ncalls);
+  v->ran += ncalls;
+  v->frames++;
+  b->stat[GW_RPC_BS_FRAMES]++;
+  return 1; /* GW_SERVE_NEXT (these frames are never sync frames: no reply) */
+}
+
+uintptr_t gw_rpc_bulk_handler_addr(void) { return (uintptr_t)gw_rpc_bulk_handler; }
+
+gw_rpc_bulk_t *gw_rpc_bulk_new(const gw_rpc_bulk_cfg_t *cfg) {
+  if (!cfg || !cfg->srv || cfg->nslots < 2 || cfg->nslots > GW_RPC_BULK_MAXSLOTS || !cfg->slot_size ||
+      (cfg->chunk && cfg->chunk > cfg->slot_size) || !cfg->recv || !cfg->send || !cfg->wait || !cfg->test || !cfg->info ||
+      !cfg->release || !cfg->progress || !cfg->worker || !cfg->conn || !cfg->htod || !cfg->dtoh || !cfg->evrec ||
+      !cfg->evquery)
+    return NULL;
+  for (uint32_t k = 0; k < cfg->nslots; k++)
+    if (!cfg->slot[k]) return NULL;
+  gw_rpc_bulk_t *b = (gw_rpc_bulk_t *)calloc(1, sizeof(*b));
+  if (!b) return NULL;
+  b->c = *cfg;
+  return b;
+}
+
+void gw_rpc_bulk_free(gw_rpc_bulk_t *b) {
+  if (!b) return;
+  for (uint32_t k = 0; k < b->c.nslots; k++) {
+    bslot_t *s = &b->sl[k];
+    if (s->state == SL_RECV || s->state == SL_SEND) {
+      if (s->state == SL_SEND) ((b_wait_fn)b->c.wait)(b->c.worker, s->req, 2000000000LL);
+      ((b_release_fn)b->c.release)(b->c.worker, s->req); /* a posted receive is cancelled */
+    }
+    s->req = NULL;
+    s->state = SL_FREE;
+  }
+  /* D2HQ slots exist only inside a handler call */
+  free(b);
+}
+
+int gw_rpc_bulk_late(gw_rpc_bulk_t *b, gw_rpc_late_t *out, int cap, uint32_t *dropped) {
+  int n = b->nlate < cap ? b->nlate : cap;
+  gw_rpc_srv_t *v = b->c.srv;
+  for (int i = 0; i < n; i++) {
+    out[i] = b->late[i];
+    if ((uint64_t)i >= b->ran_pass) out[i].back = v->ran - out[i].back; /* (taken without a pass) */
+  }
+  memmove(b->late, b->late + n, sizeof(gw_rpc_late_t) * (size_t)(b->nlate - n));
+  b->nlate -= n;
+  b->ran_pass = b->ran_pass > (uint64_t)n ? b->ran_pass - (uint64_t)n : 0;
+  if (dropped) *dropped = b->dropped;
+  b->dropped = 0;
+  return n;
+}
+
+int gw_rpc_bulk_nlate(gw_rpc_bulk_t *b) { return b->nlate; }
+
+uint64_t gw_rpc_bulk_stat(gw_rpc_bulk_t *b, int which) {
+  return (which >= 0 && which < 6) ? b->stat[which] : 0;
+}
+
+static int bh_htod(uint64_t d, const void *s, size_t n, void *st) {
+  (void)st;
+  memcpy((void *)(uintptr_t)d, s, n);
+  return 0;
+}
+static int bh_dtoh(void *d, uint64_t s, size_t n, void *st) {
+  (void)st;
+  memcpy(d, (const void *)(uintptr_t)s, n);
+  return 0;
+}
+static int bh_evrec(void *e, void *st) {
+  (void)e; (void)st;
+  return 0;
+}
+static int bh_evquery(void *e) {
+  (void)e;
+  return 0;
+}
+
+void *gw_rpc_bulk_host_fn(int which) {
+  switch (which) {
+  case 0: return (void *)bh_htod;
+  case 1: return (void *)bh_dtoh;
+  case 2: return (void *)bh_evrec;
+  case 3: return (void *)bh_evquery;
+  default: return NULL;
+  }
 }

@@ -29,6 +29,9 @@
 #define GW_RPC_TAG_IN_LAST 0x7FFFFF
 #define GW_RPC_TAG_OUT_FIRST 0x800000
 #define GW_RPC_TAG_OUT_LAST 0xEFFFFF
+/* route of a D2H result carried in its sync frame's reply (protocol.py ROUTE_REPLY) */
+#define GW_RPC_ROUTE_REPLY 0xFFFFFFFE
+#define GW_RPC_REPLY_INLINE_LIMIT 4096
 
 /* CUresult values used by the dispatch loop */
 #define GW_CU_SUCCESS 0
@@ -134,6 +137,24 @@ typedef struct {
   size_t len;
 } gw_rpc_msg_t;
 
+/* one frame's timestamps (CLOCK_MONOTONIC ns, the clock of gw_rpc_now_ns and of Python's
+ * time.monotonic_ns on Linux); 0 = that point was not reached */
+typedef struct {
+  uint32_t seq;
+  uint32_t ncalls;
+  uint32_t flags;    /* GW_RPC_TR_* */
+  uint32_t npush;
+  int64_t t_in;      /* handler entered: the frame has been received */
+  int64_t t_scan;    /* decoded and checked (C runs it) */
+  int64_t t_first;   /* the first driver call returned */
+  int64_t t_issued;  /* the calls before the first wait (push copy, sync call) returned */
+  int64_t t_waited;  /* the last wait returned */
+  int64_t t_out;     /* reply and pushes handed to the serve loop */
+} gw_rpc_trace_t;
+#define GW_RPC_TR_SYNC 1   /* a sync frame */
+#define GW_RPC_TR_PASS 2   /* passed to Python (not run in C, or stopped at a failed call) */
+int64_t gw_rpc_now_ns(void);
+
 typedef struct {
   gw_rpc_sess_t *s;            /* dispatch session (hot calls, tables, allocation map) */
   const gw_rpc_desc_t *desc;   /* the scanner's call table */
@@ -167,6 +188,21 @@ typedef struct {
   void *fn_query;
   uint32_t flip;
   uint32_t defer;              /* 1: use GW_RPC_MSG_DEFER and the halves (the serve loop has it) */
+  /* per-frame timestamps (rpc_trace_dir; NULL: off): frame i goes to trace[i % trace_cap] */
+  gw_rpc_trace_t *trace;
+  uint32_t trace_cap;
+  uint32_t pad2;
+  uint64_t trace_n;            /* frames recorded (total) */
+  uint32_t skip_ssync;         /* 1: a stream sync right after a push's wait on the same stream
+                                * (nothing issued since) is answered without a driver call */
+  uint32_t pad3;
+  uint64_t ssync_skipped;      /* stream syncs answered that way (total) */
+  /* the reply tail (route GW_RPC_ROUTE_REPLY): per D2H result a u32 length + its bytes, written
+   * after the reply head of the frame's reply; rep must hold 64 + tail_cap bytes. tail_n: bytes
+   * of the current frame (a frame passed with resume set: what the calls before it wrote) */
+  uint8_t *tail;
+  uint32_t tail_cap;
+  uint32_t tail_n;
 } gw_rpc_srv_t;
 /* = the transport's GW_MSG_DEFER */
 #define GW_RPC_MSG_DEFER 1
@@ -192,6 +228,8 @@ uint64_t gw_rpc_timer_signals(gw_rpc_timer_t *t);
 int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t);
 void gw_rpc_timer_stop(gw_rpc_timer_t *t);
 
+typedef struct gw_rpc_wire gw_rpc_wire_t;
+
 /* ---- the client's fast sync stub: a sync call with no or one u64 argument (gwSync,
  * cuCtxSynchronize, cuStreamSynchronize) sent when nothing is batched. The frame (header +
  * one record, `len` bytes) is encoded once by Python; gw_rpc_fsync patches the frame seq (and
@@ -215,8 +253,155 @@ typedef struct {
   uint8_t frame[32];
   uint32_t *seqp; /* when set: seq + 1 is stored here once the frame went out (the flush timer's
                    * seq cell, gw_rpc_timer_seqp), so Python need not */
+  gw_rpc_wire_t *wire; /* gw_rpc_fsync_w: the session's wire state (below) */
 } gw_rpc_fsync_t;
 int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg);
+
+/* ---- the session's wire state, for the fast sync stub without the Python session lock.
+ * One per session. The wire lock (a mutex) is held by whoever uses the session's request /
+ * reply path: gw_rpc_fsync_w for its whole round trip, and Python around a flush, a sync
+ * round trip or the bye (lock order: Python's session lock, then this one). The frame seq,
+ * the pushes done and the call count live here (Python reads them through the cells), and
+ * `busy` is set while Python has calls batched or copies in flight: the fast stub then
+ * leaves the call to the generated stub (returns 2). `dead` is set once the session closes. */
+int gw_rpc_fsync_w(gw_rpc_fsync_t *f, uint64_t arg);
+/* 0: the plain answer (the lock is released). 2: busy or dead, nothing sent (released).
+ * 1 or negative (a reply Python must read, or the transport's status; the seq was used):
+ * the lock is still held, Python reads f->rep and then calls gw_rpc_wire_unlock. */
+gw_rpc_wire_t *gw_rpc_wire_new(void);
+void gw_rpc_wire_free(gw_rpc_wire_t *w);
+uint32_t *gw_rpc_wire_seqp(gw_rpc_wire_t *w);        /* the seq of the next frame */
+void gw_rpc_wire_use_seq_cell(gw_rpc_wire_t *w, uint32_t *cell); /* keep the seq there (the value moves) */
+uint32_t *gw_rpc_wire_push_donep(gw_rpc_wire_t *w);  /* pushes the client has waited for */
+uint64_t *gw_rpc_wire_call_seqp(gw_rpc_wire_t *w);   /* calls sent so far */
+void gw_rpc_wire_lock(gw_rpc_wire_t *w);
+void gw_rpc_wire_unlock(gw_rpc_wire_t *w);
+void gw_rpc_wire_release(gw_rpc_wire_t *w, int busy); /* set busy, then unlock */
+/* a batch starts (its first deferred call): busy is set and the flush timer (when given)
+ * armed with the seq the batch's frame will have, under the lock. Returns 1 when fast sync
+ * calls went out since the previous batch started (Python restarts its batch ramp). */
+int gw_rpc_wire_open(gw_rpc_wire_t *w, gw_rpc_timer_t *t);
+void gw_rpc_wire_kill(gw_rpc_wire_t *w);             /* the session closed: no more fast calls
+                                                      * (no lock taken: callable with it held) */
+
+/* ---- the client's batch flush in C (sessions with a wire state): the frame header is
+ * written with the wire's next seq, the frame sent through the transport's gw_send (entry
+ * points from Endpoint.c_bulk_entry), and the ring moves on to the next frame buffer once
+ * that buffer's previous send completed. The wire lock is held throughout. */
+#define GW_RPC_FLUSH_FRAMES 8
+typedef struct {
+  void *send;    /* gw_send */
+  void *wait;    /* gw_wait */
+  void *release; /* gw_req_release */
+  void *conn;
+  void *worker;
+  int64_t timeout_ns;
+  uint32_t req_tag;
+  uint32_t nframes;
+  uint8_t *frame[8];             /* GW_RPC_FLUSH_FRAMES */
+  void *req[8]; /* the send in flight from each frame buffer, or NULL */
+} gw_rpc_flusher_t;
+/* Send frame `cur` (`len` bytes: header + `ncalls` deferred records) as the next seq; the
+ * call count grows by ncalls. Returns the index of the frame to build next (free again), or
+ * a negative transport status: nothing sent (seq unchanged) when the send failed, sent when
+ * the wait for the next buffer failed (`*sent` tells which). busy is set to `busy_after`
+ * when the frame went out. */
+int gw_rpc_flush(gw_rpc_flusher_t *fl, gw_rpc_wire_t *w, uint32_t cur, uint32_t len, uint32_t ncalls,
+                 int busy_after, int *sent);
+/* Wait (up to timeout_ns each) for the flusher's sends in flight and release them. */
+void gw_rpc_flusher_drain(gw_rpc_flusher_t *fl, int64_t timeout_ns);
+/* Wait for (then release) the send in flight from frame buffer `i`, if any: 0 or a status. */
+int gw_rpc_flusher_wait(gw_rpc_flusher_t *fl, uint32_t i, int64_t timeout_ns);
+
+/* ---- bulk copies in the C server (gw_rpc_bulk_*). A handler for the transport's serve loop
+ * that wraps gw_rpc_serve_handler: frames made only of async H2D copies with a bulk payload
+ * (cuMemcpyHtoDAsync), or only of async D2H copies with at least one of dtoh_min bytes or
+ * more (cuMemcpyDtoHAsync, no sync call), it runs itself; every other frame goes to
+ * gw_rpc_serve_handler (which runs it or passes it to Python) after the H2D copies still
+ * pending are settled, so nothing of a later call runs before them.
+ *
+ * H2D: each payload message (chunk) is received into a slot of a ring of pinned staging
+ * buffers; the receives are posted as the frame is handled and *not waited for*: a slot is
+ * settled (receive completed, cuMemcpyHtoDAsync + cuEventRecord on the copy's stream) as soon
+ * as its payload is in and every older one is settled (checked at each handler call and while
+ * the handler waits), and at the latest when the ring comes round to it, before any other kind
+ * of frame runs, or before a frame goes to Python. So up to nslots payloads are in flight while
+ * the server handles frames, and each device copy starts as its bytes arrive.
+ * D2H: each chunk is copied into a slot (cuMemcpyDtoHAsync + event), copies run ahead of the
+ * sends, and each chunk is sent to the client's route tag from its slot once its event is
+ * complete; every send is issued before the handler returns.
+ * Failures found after the record ran (a short payload, a driver error while settling) are
+ * kept as late failures (gw_rpc_late_t): while any is kept every frame is passed to Python,
+ * which takes them (gw_rpc_bulk_late) and records each as the deferred error of its copy.
+ * A failed D2H copy still sends (empty) messages for its chunks, so the client's receives
+ * complete. */
+#define GW_RPC_BULK_MAXSLOTS 64
+#define GW_RPC_BULK_MAXLATE 8
+
+typedef struct {
+  int32_t res;        /* CUresult */
+  uint32_t seq;       /* frame seq */
+  uint32_t pos;       /* batch position (record index in its frame) */
+  uint16_t id;        /* call id */
+  uint16_t pad;
+  uint64_t back;      /* calls run in C from this one (inclusive) to the pass: its call seq is the
+                       * session's call seq (with the C count folded in) minus back */
+  uint8_t fixed[24];  /* the record's fixed part ('<QQQ') */
+  char msg[232];
+} gw_rpc_late_t;
+
+typedef struct {
+  gw_rpc_srv_t *srv;  /* the C server it wraps (gw_rpc_serve_handler's arg) */
+  /* the transport's entry points and objects (Endpoint.c_bulk_entry) */
+  void *recv;         /* int gw_recv(worker, conn, tag, tag_mask, buf, cap, gw_req_t **) */
+  void *send;         /* int gw_send(conn, tag, hdr, hlen, buf, len, gw_req_t **) */
+  void *wait;         /* int gw_wait(worker, req, timeout_ns) */
+  void *test;         /* int gw_req_test(req): 1 once complete */
+  void *info;         /* void gw_req_info(req, int *status, size_t *len, uint32_t *, uint32_t *, uint32_t *) */
+  void *release;      /* void gw_req_release(worker, req) */
+  void *progress;     /* int gw_worker_progress(worker) */
+  void *worker;
+  void *conn;
+  int64_t timeout_ns; /* rpc_bulk_timeout_s */
+  /* driver entry points (or the host ones of gw_rpc_bulk_host_fn) */
+  void *htod;         /* CUresult cuMemcpyHtoDAsync(CUdeviceptr, const void *, size_t, CUstream) */
+  void *dtoh;         /* CUresult cuMemcpyDtoHAsync(void *, CUdeviceptr, size_t, CUstream) */
+  void *evrec;        /* CUresult cuEventRecord(CUevent, CUstream) */
+  void *evquery;      /* CUresult cuEventQuery(CUevent) */
+  uint16_t id_htod;
+  uint16_t id_dtoh;
+  uint32_t nslots;    /* 2 .. GW_RPC_BULK_MAXSLOTS */
+  uint64_t slot_size; /* bytes of each slot; a copy's messages must fit */
+  uint64_t chunk;     /* message size of payloads (the session's bulk_chunk; 0: one message) */
+  uint64_t inflight;  /* H2D payload bytes posted and not yet settled, at most (at least one
+                       * message is always posted): the ring's depth for large messages */
+  uint64_t dtoh_min;  /* a D2H-only frame runs here when one of its copies has this many bytes
+                       * (0: never; such frames stay with gw_rpc_serve_handler / Python) */
+  uint8_t *slot[GW_RPC_BULK_MAXSLOTS];
+  void *ev[GW_RPC_BULK_MAXSLOTS];
+} gw_rpc_bulk_cfg_t;
+
+typedef struct gw_rpc_bulk gw_rpc_bulk_t;
+gw_rpc_bulk_t *gw_rpc_bulk_new(const gw_rpc_bulk_cfg_t *cfg); /* NULL: bad configuration */
+/* the session ends: settle/cancel what is pending, wait for the sends, free */
+void gw_rpc_bulk_free(gw_rpc_bulk_t *b);
+int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int maxout, int *nout);
+uintptr_t gw_rpc_bulk_handler_addr(void);
+/* takes up to cap late failures (oldest first); returns how many; *dropped: failures beyond
+ * GW_RPC_BULK_MAXLATE that were only counted since the last call */
+int gw_rpc_bulk_late(gw_rpc_bulk_t *b, gw_rpc_late_t *out, int cap, uint32_t *dropped);
+int gw_rpc_bulk_nlate(gw_rpc_bulk_t *b);
+/* counters (totals) */
+#define GW_RPC_BS_H2D 0       /* H2D copies run by the bulk handler */
+#define GW_RPC_BS_D2H 1       /* D2H copies run by the bulk handler */
+#define GW_RPC_BS_FRAMES 2    /* frames it ran itself */
+#define GW_RPC_BS_EARLY 3     /* slots settled before the ring came round (a frame needed them) */
+#define GW_RPC_BS_PENDING 4   /* H2D payload chunks posted and not yet settled (now) */
+#define GW_RPC_BS_MAXPEND 5   /* the most there were at once */
+uint64_t gw_rpc_bulk_stat(gw_rpc_bulk_t *b, int which);
+/* host versions of the entry points (the CPU executor): 0 htod (memcpy), 1 dtoh (memcpy),
+ * 2 event record (no-op), 3 event query (complete) */
+void *gw_rpc_bulk_host_fn(int which);
 
 /* ---- host "driver": memsets and copies on host memory (the CPU executor's device
  * memory), and a counting no-op launch for tests of the dispatch loop */

@@ -356,3 +356,45 @@ def test_file_cache_never_closes_held_files_and_evicts_the_longest_idle(tmp_path
     again.close()
     c.close_all()
     assert len(c) == 0
+
+
+# ----------------------------------------------------------------------------- Direct I/O decision (gds_direct)
+
+def test_gds_direct_setting_values():
+    from gpuwire import settings
+
+    for raw, want in (("auto", "auto"), ("ON", "on"), ("1", "on"), ("off", "off"), ("0", "off")):
+        with settings.override(gds_direct=raw):
+            assert settings.get("gds_direct") == want
+    with pytest.raises(ValueError, match="auto, on or off"):
+        with settings.override(gds_direct="sometimes"):
+            pass
+
+
+def test_kvikio_direct_decision_follows_the_page_cache(tmp_path):
+    """KvikioReader._want_direct (no GPU needed): auto asks mincore; on / off decide alone."""
+    import types
+    from gpuwire.gds.backends import KvikioReader, page_residency
+
+    p = tmp_path / "big.bin"
+    p.write_bytes(os.urandom(8 << 20))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.pread(fd, 8 << 20, 0)
+        h = types.SimpleNamespace(fd=fd)
+        big = [(h, 0, 4 << 20), (h, 4 << 20, 4 << 20)]
+        me = types.SimpleNamespace(direct="auto")
+        assert page_residency(fd, 0, 8 << 20) == (16, 16)                  # 16 pages sampled
+        assert page_residency(fd, 4096, 40 << 10) == (10, 10)              # a short range: every page
+        assert KvikioReader._want_direct(me, big) is False                 # cached: buffered
+        assert KvikioReader._want_direct(types.SimpleNamespace(direct="on"), big) is True
+        assert KvikioReader._want_direct(types.SimpleNamespace(direct="off"), big) is False
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if page_residency(fd, 0, 8 << 20)[0] > 8:
+            pytest.skip("the page cache kept the file (tmpfs?)")
+        assert KvikioReader._want_direct(me, big) is True                  # cold: Direct I/O
+        os.pread(fd, 6 << 20, 0)                                            # 3/4 cached again
+        assert KvikioReader._want_direct(me, big) is False
+    finally:
+        os.close(fd)

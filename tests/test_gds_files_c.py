@@ -64,7 +64,7 @@ def test_many_small_files_and_offsets_checksummed(session, files):
                 got = bytes(session.view(dst, n))
                 assert hashlib.sha256(got).digest() == hashlib.sha256(w).digest(), (name, off, n)
         assert fs.reads == 2 * sum(1 for r in reads if r[2])
-        assert fs._files.opens > len(reads)
+        assert fs.file_stats()["opens"] > len(reads)
     finally:
         fs.close()
 
@@ -202,7 +202,7 @@ def test_reopen_through_a_swapped_directory_into_a_sibling_root_name_is_refused(
     (root / "g.bin").write_bytes(b"other!")
     (sib / "d" / "f.bin").write_bytes(b"SECRET")
     fs = _service(root, session)
-    fs._files.max_open = 1
+    fs.set_max_open(1)
     d = session.va_base
     try:
         fs.read_many([("d/f.bin", 0, 6, d)], None)
@@ -215,5 +215,313 @@ def test_reopen_through_a_swapped_directory_into_a_sibling_root_name_is_refused(
         with pytest.raises(OutsideDataRootsError, match="d/f.bin"):
             fs.read_many([("d/f.bin", 0, 6, d)], None)
         assert bytes(session.view(d, 6)) == bytes(6)
+    finally:
+        fs.close()
+
+
+# ----------------------------------------------------------------------------- the C file table (gw_ft_*)
+
+def test_paths_are_resolved_once_and_reopened_in_c(session, files):
+    """The table remembers each client path's validated real path: a second pass over more
+    files than gds_max_open_files reopens them in C without resolving them again."""
+    root, data = files
+    fs = _service(root, session)
+    assert fs._ft is not None
+    fs.set_max_open(50)
+    try:
+        names = sorted(data)
+        reads, pos = [], session.va_base
+        for name in names:
+            reads.append((name, 0, len(data[name]), pos))
+            pos += len(data[name])
+        for _ in range(2):
+            fs.read_many(reads, None)
+        st = fs.file_stats()
+        assert st["resolves"] == len(names) and st["paths"] == len(names)
+        assert st["opens"] >= 2 * len(names) - 50 and st["open"] <= 50
+        for name, _o, n, dst in reads:
+            assert bytes(session.view(dst, n)) == data[name]
+    finally:
+        fs.close()
+
+
+def test_a_replaced_file_is_resolved_again(session, tmp_path):
+    """The remembered real path no longer opens (deleted; replaced by a symlink inside the
+    root): the path is resolved again and the new file is read."""
+    (tmp_path / "a.bin").write_bytes(b"first!")
+    (tmp_path / "other.bin").write_bytes(b"second")
+    (tmp_path / "z.bin").write_bytes(b"zzzzzz")
+    fs = _service(tmp_path, session)
+    fs.set_max_open(1)
+    d = session.va_base
+    try:
+        fs.read_many([("a.bin", 0, 6, d)], None)
+        fs.read_many([("z.bin", 0, 6, d + 8)], None)        # evicts a.bin
+        (tmp_path / "a.bin").unlink()
+        os.symlink("other.bin", tmp_path / "a.bin")        # inside the root: fine
+        fs.read_many([("a.bin", 0, 6, d)], None)
+        assert bytes(session.view(d, 6)) == b"second"
+        assert fs.file_stats()["resolves"] == 3
+        fs.read_many([("z.bin", 0, 6, d + 8)], None)        # evicts a.bin
+        (tmp_path / "a.bin").unlink()
+        os.symlink("z.bin", tmp_path / "a.bin")            # retargeted: a symlinked path is
+        fs.read_many([("a.bin", 0, 6, d)], None)            # resolved again at every reopen
+        assert bytes(session.view(d, 6)) == b"zzzzzz"
+        fs.read_many([("other.bin", 0, 6, d + 8)], None)    # evicts a.bin
+        (tmp_path / "a.bin").unlink()                      # gone: named
+        with pytest.raises(FileNotFoundError, match="a.bin"):
+            fs.read_many([("a.bin", 0, 6, d)], None)
+    finally:
+        fs.close()
+
+
+def test_escapes_are_refused_through_the_table(session, tmp_path):
+    from gpuwire.gds.roots import OutsideDataRootsError
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"SECRET")
+    (root / "ok.bin").write_bytes(b"ok")
+    os.symlink(tmp_path / "secret.bin", root / "link.bin")
+    fs = _service(root, session)
+    d = session.va_base
+    try:
+        for bad in ("../secret.bin", "link.bin", str(tmp_path / "secret.bin")):
+            with pytest.raises(OutsideDataRootsError, match="secret.bin|link.bin"):
+                fs.read_many([("ok.bin", 0, 2, d), (bad, 0, 6, d + 8)], None)
+        with pytest.raises(IsADirectoryError):
+            fs.read_many([(".", 0, 1, d)], None)
+        assert fs.file_stats()["open"] <= 1          # nothing stays held after a refusal
+        fs.read_many([("ok.bin", 0, 2, d)], None)
+        assert bytes(session.view(d, 2)) == b"ok"
+    finally:
+        fs.close()
+
+
+def test_malformed_request_lists_are_named(session, files):
+    from gpuwire.gds.service import pack_reads
+
+    root, data = files
+    name = next(n for n, b in sorted(data.items()) if len(b) > 10)
+    fs = _service(root, session)
+    try:
+        blob = pack_reads([(name, 0, 10, session.va_base)])
+        with pytest.raises(ValueError, match="bytes of entries for 2 reads"):
+            fs.read_packed(blob, 2, None)
+        with pytest.raises(ValueError, match="path index"):
+            fs.read_packed(blob[:-4] + (7).to_bytes(4, "little"), 1, None)
+        with pytest.raises(ValueError, match="shorter than its path count"):
+            fs.read_packed(b"\x01", 1, None)
+        with pytest.raises(ValueError, match="runs past"):
+            fs.read_packed(b"\x01\0\0\0\xff\0\0\0ab", 0, None)
+        fs.read_packed(blob, 1, None)
+        assert bytes(session.view(session.va_base, 10)) == data[name][:10]
+    finally:
+        fs.close()
+
+
+def test_destinations_are_checked_per_interval_then_per_entry(session, files):
+    """check_dst (the server's devptr check) sees the merged intervals; where one spans two
+    allocations back to back each entry is checked on its own, and a bad one is named."""
+    from gpuwire.gds.service import pack_reads
+
+    root, data = files
+    names = [n for n, b in sorted(data.items()) if len(b) >= 1000][:4]
+    base = session.va_base
+    allocs = [(base, base + 2000), (base + 2000, base + 4000)]   # two allocations, back to back
+    calls = []
+
+    def check_dst(ptr, n, what):
+        calls.append((ptr, n))
+        if not any(lo <= ptr and ptr + n <= hi for lo, hi in allocs):
+            raise ValueError(f"{what}: device range {ptr:#x}+{n} is not inside an allocation")
+
+    fs = _service(root, session)
+    try:
+        reads = [(nm, 0, 1000, base + 1000 * k) for k, nm in enumerate(names)]
+        fs.read_packed(pack_reads(reads), 4, None, check_dst=check_dst)
+        assert calls[0] == (base, 4000) and len(calls) == 1 + 4    # one interval, then each entry
+        for nm, _o, n, dst in reads:
+            assert bytes(session.view(dst, n)) == data[nm][:n]
+        calls.clear()
+        fs.read_packed(pack_reads(reads[:2]), 2, None, check_dst=check_dst)
+        assert calls == [(base, 2000)]                               # inside one: one check
+        bad = reads[:3] + [(names[3], 0, 1000, base + 3500)]
+        with pytest.raises(ValueError, match=hex(base + 3500)):
+            fs.read_packed(pack_reads(bad), 4, None, check_dst=check_dst)
+    finally:
+        fs.close()
+
+
+@pytest.mark.parametrize("c_plan", [True, False])
+def test_c_and_python_planners_read_the_same_bytes(session, files, c_plan):
+    from gpuwire import settings
+
+    root, data = files
+    with settings.override(gds_c_plan=c_plan):
+        fs = _service(root, session, chunk=32 << 10)
+    assert (fs._ft is not None) == c_plan
+    try:
+        reads, want, pos = [], [], session.va_base
+        for k, (name, b) in enumerate(sorted(data.items())):
+            off = (k * 13) % (len(b) + 1)
+            reads.append((name, off, len(b) - off, pos))
+            want.append(b[off:])
+            pos += len(b) - off
+        fs.read_many(reads, None)
+        assert bytes(session.view(session.va_base, pos - session.va_base)) == b"".join(want)
+        assert fs.reads == sum(1 for r in reads if r[2]) and fs.bytes == pos - session.va_base
+    finally:
+        fs.close()
+
+
+def test_stat_and_reads_share_the_open_file(session, tmp_path):
+    """gwFileStat opens through the same table: a file that shrinks after stat fails on the
+    read worker (the range was checked against the size at open), naming the file."""
+    p = tmp_path / "s.bin"
+    p.write_bytes(b"x" * 5000)
+    fs = _service(tmp_path, session)
+    try:
+        assert fs.stat("s.bin") == 5000
+        os.truncate(p, 100)
+        assert fs.stat("s.bin") == 100       # stat re-reads the size
+        fs.read_many([("s.bin", 0, 5000, session.va_base)], None)   # checked against 5000 at open
+        call, text, code, _seq, _later = fs.take_error()
+        assert call == "gwFileReadV" and "s.bin" in text and "got 100" in text
+    finally:
+        fs.close()
+
+
+# ----------------------------------------------------------------------------- Direct I/O (gds_direct)
+
+def _odirect_works(path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (OSError, AttributeError):
+        return False
+    try:
+        import mmap
+        return os.preadv(fd, [mmap.mmap(-1, 4096)], 0) >= 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _direct_reads(base):
+    """Entries mixing unaligned heads and tails with aligned megabytes (file offset, nbytes, dst)."""
+    return [(7, 1000, base + 3), (4096, 2 << 20, base + 8192), (8192, (3 << 19) + 123, base + (3 << 20)),
+            (1 << 20, 1 << 20, base + (5 << 20) + 100)]
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_direct_io_reads_the_same_bytes(session, tmp_path, mode):
+    from gpuwire import settings
+
+    data = np.random.default_rng(3).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes()
+    (tmp_path / "d.bin").write_bytes(data)
+    with settings.override(gds_direct=mode):
+        fs = _service(tmp_path, session, chunk=256 << 10)
+    try:
+        reads = [("d.bin", o, n, d) for o, n, d in _direct_reads(session.va_base)]
+        fs.read_many(reads, None)
+        for _p, o, n, d in reads:
+            assert bytes(session.view(d, n)) == data[o:o + n], (o, n)
+        st = fs.file_stats()
+        if mode == "on" and _odirect_works(tmp_path / "d.bin"):
+            # host destinations: only pieces whose file offset, size and destination are aligned
+            assert st["direct_entries"] == 3 and 0 < st["direct_bytes"] < sum(r[2] for r in reads)
+        else:
+            assert st["direct_bytes"] == 0
+    finally:
+        fs.close()
+
+
+def test_direct_auto_follows_the_page_cache(session, tmp_path):
+    from gpuwire import settings
+    from gpuwire.gds.backends import page_residency
+
+    p = tmp_path / "c.bin"
+    data = os.urandom(4 << 20)
+    p.write_bytes(data)
+    if not _odirect_works(p):
+        pytest.skip("no O_DIRECT on this filesystem")
+    with settings.override(gds_direct="auto"):
+        fs = _service(tmp_path, session)
+    try:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.pread(fd, len(data), 0)
+            assert page_residency(fd, 0, len(data)) == (16, 16)
+            fs.read_many([("c.bin", 0, len(data), session.va_base)], None)     # warm: buffered
+            assert fs.file_stats()["direct_entries"] == 0
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if page_residency(fd, 0, len(data))[0] > 0:
+                pytest.skip("the page cache kept the file")
+        finally:
+            os.close(fd)
+        session.view(session.va_base, len(data))[:] = 0
+        fs.read_many([("c.bin", 0, len(data), session.va_base)], None)         # cold: direct
+        assert fs.file_stats()["direct_entries"] == 1
+        assert bytes(session.view(session.va_base, len(data))) == data
+    finally:
+        fs.close()
+
+
+@pytest.mark.gpu
+def test_gpu_direct_io_pieces_checksummed(tmp_path):
+    """The GPU loop with O_DIRECT pieces: each lands at an aligned place of the worker's
+    pinned buffer (after unaligned ones), and every byte arrives."""
+    from test_rpc_support import ServerProc, gpu_available
+    from gpuwire.gds.remote import RemoteArray, RemoteFiles
+
+    why = gpu_available()
+    if why:
+        pytest.skip(f"GPU executor: {why}")
+    data = np.random.default_rng(5).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes()
+    (tmp_path / "d.bin").write_bytes(data)
+    srv = ServerProc("gpu", extra=["--data-root", str(tmp_path)],
+                     env={"GPUWIRE_GDS_DIRECT": "on", "GPUWIRE_GDS_STAGING_BYTES": str(256 << 10)})
+    try:
+        s = srv.connect()
+        info = RemoteFiles(s).backend()
+        assert info.get("direct") == "on" and info.get("plan") == "c", info
+        with s.alloc(8 << 20) as buf:
+            reads = [("d.bin", o, n, buf.ptr + d) for o, n, d in _direct_reads(0)]
+            RemoteFiles(s).read_many(reads)
+            RemoteFiles(s).check()
+            got = RemoteArray(s, buf.ptr, np.uint8, (8 << 20,)).to_host()
+        for _p, o, n, d in reads:
+            off = d - buf.ptr
+            assert hashlib.sha256(got[off:off + n].tobytes()).digest() == hashlib.sha256(data[o:o + n]).digest()
+        s.close()
+    finally:
+        srv.stop()
+
+
+def test_a_full_path_table_drops_idle_paths_only(session, files):
+    """More distinct paths than the table holds: idle ones are dropped (and resolved again
+    when used), files held by a read in flight keep their entries."""
+    root, data = files
+    names = [n for n, b in sorted(data.items()) if b][:40]
+    fs = _service(root, session)
+    lib.gw_ft_set_max_paths(fs._ft, 16)
+    try:
+        pos = session.va_base
+        reads = []
+        for nm in names:
+            reads.append((nm, 0, len(data[nm]), pos))
+            pos += len(data[nm])
+        for k in range(0, len(reads), 8):                   # 8 paths a call: fits
+            fs.read_many(reads[k:k + 8], None)
+        for nm, _o, n, dst in reads:
+            assert bytes(session.view(dst, n)) == data[nm]
+        st = fs.file_stats()
+        assert st["paths"] <= 16 and st["resolves"] == len(names)
+        fs.read_many(reads[:8], None)                       # dropped: resolved again, read again
+        assert fs.file_stats()["resolves"] > len(names)
+        with pytest.raises(OSError, match="path table"):     # one call naming more than fit
+            fs.read_many(reads[:20], None)
     finally:
         fs.close()

@@ -208,3 +208,70 @@ def test_torch_wrapper_on_gpu(reader, tmp_path):
     torch.cuda.synchronize()
     got = (torch.cat(outs) / 2).cpu().numpy()
     assert _sha(got.tobytes()) == _sha(data[order].tobytes())
+
+
+@pytest.mark.parametrize("direct", ["on", "auto"])
+def test_kvikio_direct_io_reads_checksummed(blob, direct):
+    """kvikio with Direct I/O (compat mode): unaligned heads and tails, whole file; auto
+    takes Direct I/O for a range evicted from the page cache and buffered reads once cached."""
+    import os
+
+    cp = _need_gpu()
+    ok, why = kvikio_status()
+    if not ok:
+        pytest.skip(f"kvikio unavailable: {why}")
+    from gpuwire.gds import KvikioReader
+
+    path, data = blob
+    r = KvikioReader(direct=direct, small_bytes=4096)
+    try:
+        if r.direct == "off":
+            pytest.skip(f"Direct I/O not available here (mode {r.mode})")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        buf = r.alloc(len(data) + (1 << 20) + 8192)
+        reqs = [(path, 0, len(data), 0), (path, 4097, (1 << 20) + 3, len(data) + 1)]
+        for src, off, n, d in reqs:
+            before = r.direct_batches
+            r.read_into(src, off, n, buf, d)
+            got = cp.asnumpy(buf[d:d + n]).tobytes()
+            assert _sha(got) == _sha(data[off:off + n]), (off, n)
+            if direct == "on":
+                assert r.direct_batches == before + 1
+        assert r.direct_batches == 2             # auto: both cold (Direct I/O leaves nothing cached)
+        with open(path, "rb") as f:             # now cached: auto reads buffered
+            f.read()
+        buf[:] = 0
+        r.read_into(path, 0, len(data), buf, 0)
+        assert _sha(cp.asnumpy(buf[:len(data)]).tobytes()) == _sha(data)
+        assert r.direct_batches == (3 if direct == "on" else 2)
+    finally:
+        r.close()
+
+
+def test_kvikio_batches_under_1mib_read_buffered(blob):
+    """Opening a file turns kvikio's Direct I/O flag on (for its O_DIRECT descriptor); a
+    batch of requests under DIRECT_MIN_BYTES must still read buffered (warm small files)."""
+    cp = _need_gpu()
+    ok, why = kvikio_status()
+    if not ok:
+        pytest.skip(f"kvikio unavailable: {why}")
+    import kvikio.defaults
+
+    from gpuwire.gds import KvikioReader
+
+    path, data = blob
+    r = KvikioReader(direct="on", small_bytes=4096)
+    try:
+        if r.direct == "off":
+            pytest.skip(f"Direct I/O not available here (mode {r.mode})")
+        buf = r.alloc(256 << 10)
+        r.read_into(path, 4096, 256 << 10, buf)
+        assert r.direct_batches == 0 and kvikio.defaults.get("auto_direct_io_read") is False
+        assert _sha(cp.asnumpy(buf).tobytes()) == _sha(data[4096:4096 + (256 << 10)])
+    finally:
+        r.close()

@@ -11,7 +11,7 @@ import sys
 def test_bench_pinned_cpu_smoke(tmp_path):
     out = tmp_path / "pinned.json"
     p = subprocess.run([sys.executable, "-m", "gpuwire.cli", "bench", "pinned", "--executor", "cpu",
-                        "--tests", "lookup,mirror,unchanged,placement", "--sizes", "4K", "--iters", "2",
+                        "--tests", "lookup,mirror,unchanged,detect,pool,placement", "--sizes", "4K,128K", "--iters", "2",
                         "--launches", "20", "--regions", "300", "--json", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -21,9 +21,23 @@ def test_bench_pinned_cpu_smoke(tmp_path):
         by.setdefault(r["test"], []).append(r)
     assert by["lookup"][0]["regions"] == 300 and by["lookup"][0]["c_lookup_ns"] > 0
     assert {(r["mode"], r["in_readonly"], r["ptx_readonly"]) for r in by["mirror"]} == {
-        ("always", False, True), ("compare", False, True), ("protect", False, True), ("explicit", True, True),
-        ("always", False, False)}
+        ("default (compare)", False, True), ("always", False, True), ("compare", False, True),
+        ("protect", False, True), ("explicit", True, True), ("always", False, False)}
     assert all(r["results_ok"] for r in by["mirror"])
+    big = {(r["mode"], r["pull_detect"]): r for r in by["mirror"] if r["size_bytes"] == 128 << 10}
+    by["mirror"] = [r for r in by["mirror"] if r["size_bytes"] == 4096]
+    # the default moves what the explicit program moves: the input in, the output back
+    assert big[("default (compare)", True)]["push_bytes_per_iter"] == 128 << 10
+    assert big[("default (compare)", True)]["pull_bytes_per_iter"] == 128 << 10
+    # detect: a kernel without PTX pulls its input too; server-side detection sends none of it
+    det = {(r["size_bytes"], r["pull_detect"]): r for r in by["detect"]}
+    assert all(r["results_ok"] for r in by["detect"])
+    assert det[(128 << 10, False)]["pull_bytes_per_iter"] == 2 * (128 << 10)
+    assert det[(128 << 10, True)]["pull_bytes_per_iter"] == 128 << 10
+    assert det[(128 << 10, True)]["pull_bytes_saved_per_iter"] == 128 << 10
+    assert det[(4096, True)]["pull_bytes_per_iter"] == 2 * 4096           # under pinned_detect_min
+    assert {r["size_bytes"] for r in by["pool"]} == {4096, 128 << 10}
+    by["unchanged"] = [r for r in by["unchanged"] if r["size_bytes"] == 4096]
     assert all(r["result_ok"] for r in by["unchanged"])
     # what each mode moves is decided by the mirroring logic, not by timing
     mir = {(r["mode"], r["ptx_readonly"]): r for r in by["mirror"]}

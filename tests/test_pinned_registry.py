@@ -109,12 +109,16 @@ def test_diff_finds_the_changed_span():
             np.testing.assert_array_equal(shadow, live)              # the shadow is refreshed
 
 
-@pytest.mark.parametrize("threads", [1, 3, 4])
-def test_multithreaded_span_diff_and_copy_match_the_single_thread_diff(threads):
+@pytest.mark.parametrize("threads,spin_us", [(1, 0), (3, 0), (4, 0), (3, 300), (4, 2000)])
+def test_multithreaded_span_diff_and_copy_match_the_single_thread_diff(threads, spin_us):
     """gw_pin_span_mt / gw_pin_diff_mt / gw_pin_copy_mt (compare mode, regions >= 1 MiB) on a
-    pool of `threads` give the same span and bytes as gw_pin_diff."""
+    pool of `threads` give the same span and bytes as gw_pin_diff, with the workers sleeping
+    between jobs or spinning (gw_pin_spin, and woken early by gw_pin_arm)."""
     rng = np.random.default_rng(threads)
     assert lib.gw_pin_threads(threads) == threads
+    lib.gw_pin_spin(spin_us * 1000)
+    if spin_us:
+        lib.gw_pin_arm(spin_us * 1000)
     try:
         for n in (1 << 20, (5 << 20) + 12345):            # the pool works on 1 MiB and more
             live = rng.integers(0, 256, n, dtype=np.uint8)
@@ -138,8 +142,26 @@ def test_multithreaded_span_diff_and_copy_match_the_single_thread_diff(threads):
             lib.gw_pin_copy_mt(ffi.cast("uint8_t *", dst.ctypes.data), ffi.cast("uint8_t *", live.ctypes.data), n)
             assert (dst == live).all()
     finally:
+        lib.gw_pin_spin(0)
         lib.gw_pin_threads(int(pinned.settings.get("pinned_threads")))
-        pinned._threads = None
+        pinned._threads = pinned._spin = None
+
+
+def test_pool_shrinks_while_workers_spin():
+    """Workers spinning (armed) leave when the pool shrinks; the smaller pool still works."""
+    lib.gw_pin_threads(4)
+    lib.gw_pin_spin(50_000_000)
+    lib.gw_pin_arm(50_000_000)
+    try:
+        assert lib.gw_pin_threads(2) == 2
+        n = 3 << 20
+        a, b = np.arange(n, dtype=np.uint64).view(np.uint8)[:n].copy(), np.zeros(n, np.uint8)
+        lib.gw_pin_copy_mt(ffi.cast("uint8_t *", b.ctypes.data), ffi.cast("uint8_t *", a.ctypes.data), n)
+        assert (a == b).all()
+    finally:
+        lib.gw_pin_spin(0)
+        lib.gw_pin_threads(int(pinned.settings.get("pinned_threads")))
+        pinned._threads = pinned._spin = None
 
 
 def test_pool_in_a_forked_child_does_not_hang():

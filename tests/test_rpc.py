@@ -248,7 +248,26 @@ def _files(s, srv):
     s.get_last_error()
 
 
+def _mirror_pull(s, srv):
+    """gwMirrorPull (pinned mirrors; tests/test_pinned_detect.py covers it in depth): only the
+    granule that differs from the reference comes back, and the reference is updated."""
+    n = 8192
+    host = np.zeros(n, np.uint8)
+    with s.alloc(n) as m, s.alloc(n) as ref:
+        s.cuMemsetD8(m, 0, n)
+        s.cuMemsetD8(ref, 0, n)
+        s.cuMemsetD8(m.ptr + 4096, 3, 10)
+        host[0] = 1                                    # granule 0 is unchanged: the client keeps it
+        s.gwMirrorPull(host, m.ptr, ref.ptr, n, 4096)
+        s.gwSync()
+        assert host[0] == 1 and list(host[4096:4097 + 10]) == [3] * 10 + [0]
+        back = np.ones(n, np.uint8)
+        s.cuMemcpyDtoH(back, ref, n)
+        assert back[0] == 0 and back[4096] == 3
+
+
 SCENARIOS = {
+    "gwMirrorPull": _mirror_pull,
     "gwFileRead": _files, "gwFileReadV": _files, "gwFileStat": _files, "gwFileBackend": _files,
     "gwHello": _hello, "gwSync": _sync, "gwGetLastError": _last, "gwPeekAtLastError": _last,
     "cuInit": _init, "cuDriverGetVersion": _driver, "cuGetErrorName": _errname, "cuGetErrorString": _errname,

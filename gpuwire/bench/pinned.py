@@ -13,11 +13,20 @@ Tests (``--tests``, comma-separated):
                 the kernel's in/out are pinned regions mirrored by gpuwire, against the
                 same program doing the copies itself (fill a registered host buffer,
                 cuMemcpyHtoDAsync, launch on device buffers, cuMemcpyDtoHAsync, sync).
-                Cases: the *plain* program (no annotation, no mark_dirty; the PTX scan
-                finds `in` read-only) in tracking modes always / compare / protect; explicit
-                with mark_dirty and `in` annotated read-only by hand; always with the PTX
-                scan off (what the earlier default did). Same run, same server; ratio =
-                mirrored / explicit (median of iterations; means are in the rows too).
+                Both programs allocate their buffers once per case (a warm-up, then
+                ``--reps`` interleaved repetitions). Cases: the *plain* program (no
+                annotation, no mark_dirty; the PTX scan finds `in` read-only) in the
+                default configuration (``--modes default``), tracking modes always /
+                compare (server-side detection off) / protect; explicit with mark_dirty and
+                `in` annotated read-only by hand; always with the PTX scan off (what the
+                earlier default did). Same run, same server; ratio = mirrored / explicit
+                (median of iterations; means are in the rows too).
+* ``detect``    the plain program with pin_scale loaded from a cubin (built with nvcc for
+                the server's GPU; the CPU executor: a JSON kernel list): no PTX to scan, so
+                `in` is pulled at every sync; server-side detection (gwMirrorPull) off vs
+                on, against the explicit-copy program.
+* ``pool``      (local) the compare mode's client passes: shadow copy and diff of an
+                unchanged region on one thread, on the pool after an idle gap, armed.
 * ``unchanged`` per size: ``--launches`` async launches of pin_touch(in, out) whose
                 pinned input did not change (read-only annotated), one sync at the end
                 (included in the time), vs the same launches on device pointers: extra
@@ -142,13 +151,21 @@ def bench_lookup(connect, args, ptx) -> List[Dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- mirror vs explicit copies
 
-def _loop_explicit(s, f, n, iters, src, st):
-    import numpy as np
-    hin, hout = s.pinned(4 * n).view(np.float32), s.pinned(4 * n).view(np.float32)
-    din, dout = s.alloc(4 * n), s.alloc(4 * n)
-    g = (n + 255) // 256
-    ts = []
-    try:
+class _Explicit:
+    """The program that moves its data itself: a registered host buffer pair, device buffers,
+    cuMemcpyHtoDAsync + launch + cuMemcpyDtoHAsync + sync (allocated once, like a real program)."""
+
+    def __init__(self, s, n):
+        import numpy as np
+        self.s, self.n = s, n
+        self.hin, self.hout = s.pinned(4 * n).view(np.float32), s.pinned(4 * n).view(np.float32)
+        self.din, self.dout = s.alloc(4 * n), s.alloc(4 * n)
+
+    def loop(self, f, iters, src, st):
+        import numpy as np
+        s, n, hin, hout, din, dout = self.s, self.n, self.hin, self.hout, self.din, self.dout
+        g = (n + 255) // 256
+        ts = []
         for i in range(iters):
             t0 = time.perf_counter()
             np.add(src, np.float32(i), out=hin)      # every byte of the input changes
@@ -158,41 +175,55 @@ def _loop_explicit(s, f, n, iters, src, st):
             st.synchronize()
             ts.append(time.perf_counter() - t0)
         ok = hout[0] == 2 * (iters - 1) + 1 and hout[-1] == 2 * (src[-1] + iters - 1) + 1
-    finally:
-        din.free()
-        dout.free()
-    return ts, bool(ok)
+        return ts, bool(ok)
+
+    def free(self):
+        self.din.free()
+        self.dout.free()
 
 
-def _loop_mirrored(s, f, n, iters, src, st, mode):
-    import numpy as np
-    from gpuwire.rpc import pinned
-    hin, hout = s.host_alloc(4 * n).view(np.float32), s.host_alloc(4 * n).view(np.float32)
-    pinned.set_tracking(s, hin, mode)
-    pinned.set_tracking(s, hout, mode)
-    R = pinned.region(s, hin)
-    g = (n + 255) // 256
-    ts = []
-    try:
+class _Mirrored:
+    """The same program on pinned regions passed to the kernel (allocated once): write a new
+    input, launch on the host pointers, synchronize. ``mode`` None: the default tracking."""
+
+    def __init__(self, s, n, mode):
+        import numpy as np
+        from gpuwire.rpc import pinned
+        self.s, self.n, self.mode = s, n, mode
+        self.hin, self.hout = s.host_alloc(4 * n).view(np.float32), s.host_alloc(4 * n).view(np.float32)
+        if mode is not None:
+            pinned.set_tracking(s, self.hin, mode)
+            pinned.set_tracking(s, self.hout, mode)
+        self.R = pinned.region(s, self.hin)
+
+    def loop(self, f, iters, src, st):
+        import numpy as np
+        s, n, hin, hout, R = self.s, self.n, self.hin, self.hout, self.R
+        g = (n + 255) // 256
+        ai, ao = _addr(hin), _addr(hout)
+        explicit = self.mode == "explicit"
+        ts = []
         for i in range(iters):
             t0 = time.perf_counter()
             np.add(src, np.float32(i), out=hin)      # every byte of the input changes
-            if mode == "explicit":
+            if explicit:
                 R.mark_dirty()           # what the explicit mode needs (the other modes find changes)
-            s.launch(f, g, 256, (_addr(hin), _addr(hout), 2.0, n), stream=st)
+            s.launch(f, g, 256, (ai, ao, 2.0, n), stream=st)
             st.synchronize()
             ts.append(time.perf_counter() - t0)
         ok = hout[0] == 2 * (iters - 1) + 1 and hout[-1] == 2 * (src[-1] + iters - 1) + 1
-    finally:
-        s.free_host(hin)
-        s.free_host(hout)
-    return ts, bool(ok)
+        return ts, bool(ok)
+
+    def free(self):
+        self.s.free_host(self.hin)
+        self.s.free_host(self.hout)
 
 
-# (tracking mode, `in` annotated readonly by hand, PTX read-only scan on). "plain" rows: no
-# annotation, no mark_dirty: what a program gets without telling gpuwire anything.
-_MIRROR_CASES = (("always", False, True), ("compare", False, True), ("protect", False, True),
-                 ("explicit", True, True), ("always", False, False))
+# (tracking mode (None: the default setting), `in` annotated readonly by hand, PTX read-only scan on,
+# server-side pull detection on). "plain" rows: no annotation, no mark_dirty: what a program gets
+# without telling gpuwire anything. The first row is the default configuration.
+_MIRROR_CASES = ((None, False, True, True), ("always", False, True, True), ("compare", False, True, False),
+                 ("protect", False, True, True), ("explicit", True, True, True), ("always", False, False, False))
 
 
 def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
@@ -200,6 +231,7 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
     from gpuwire import settings
     from gpuwire.rpc import pinned
     rows = []
+    default_mode = str(settings.get("pinned_track"))
     for size in [parse_size(x) for x in args.sizes.split(",") if x]:
         n = size // 4
         iters = max(5, min(args.iters, (2 << 30) // max(size, 1) // 4))
@@ -209,31 +241,39 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
             mod = s.load_module(ptx)
             f = mod.function("pin_scale")
             st = s.stream()
-            _loop_explicit(s, f, n, 2, src, st)
-            for mode, ro, ptx_ro in _MIRROR_CASES:
-                if args.modes and mode not in args.modes.split(","):
+            ex = _Explicit(s, n)
+            ex.loop(f, 3, src, st)
+            for mode, ro, ptx_ro, detect in _MIRROR_CASES:
+                name = mode or "default"
+                if args.modes and name not in args.modes.split(",") and (mode or default_mode) not in \
+                        args.modes.split(","):
                     continue
                 # the plain program: no annotation, `in` found read-only by the PTX scan (ptx_ro);
                 # readonly=(0,) is the hand annotation; ptx_ro False: the PTX scan off
                 f.param_layout()
                 pinned.annotate(f, readonly=(0,) if ro else ())
-                with settings.override(pinned_ptx_readonly=ptx_ro):
-                    _loop_mirrored(s, f, n, 2, src, st, mode)    # warm-up
-                    before = pinned.stats(s)
-                    # interleave the two programs so drift hits both alike
-                    te, tm, oke, okm = [], [], True, True
-                    for _rep in range(args.reps):
-                        a, ok1 = _loop_explicit(s, f, n, iters, src, st)
-                        b, ok2 = _loop_mirrored(s, f, n, iters, src, st, mode)
-                        te += a
-                        tm += b
-                        oke &= ok1
-                        okm &= ok2
-                    after = pinned.stats(s)
+                with settings.override(pinned_ptx_readonly=ptx_ro, pinned_pull_detect=detect):
+                    mi = _Mirrored(s, n, mode)
+                    try:
+                        mi.loop(f, max(3, min(iters, 8)), src, st)      # warm-up: first pushes, streaks
+                        before = pinned.stats(s)
+                        # interleave the two programs so drift hits both alike
+                        te, tm, oke, okm = [], [], True, True
+                        for _rep in range(args.reps):
+                            a, ok1 = ex.loop(f, iters, src, st)
+                            b, ok2 = mi.loop(f, iters, src, st)
+                            te += a
+                            tm += b
+                            oke &= ok1
+                            okm &= ok2
+                        after = pinned.stats(s)
+                    finally:
+                        mi.free()
                 me, mm = statistics.median(te), statistics.median(tm)
                 k = args.reps * iters
                 rows.append({"bench": "pinned", "test": "mirror", "size_bytes": size, "size": human_size(size),
-                             "mode": mode, "in_readonly": ro, "ptx_readonly": ptx_ro,
+                             "mode": name if mode else f"default ({default_mode})", "in_readonly": ro,
+                             "ptx_readonly": ptx_ro, "pull_detect": detect,
                              "plain": not ro and ptx_ro and mode != "explicit", "iters": k,
                              "explicit_us": round(me * 1e6, 1), "mirrored_us": round(mm * 1e6, 1),
                              "ratio": round(mm / me, 3),
@@ -243,6 +283,7 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
                              "pull_bytes_per_iter": (after["pull_bytes"] - before["pull_bytes"]) // k,
                              "results_ok": oke and okm, "target": TARGETS["mirror_ratio"],
                              "met": mm / me <= TARGETS["mirror_ratio"]})
+            ex.free()
             st.destroy()
         finally:
             s.close()
@@ -251,6 +292,7 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
 
 def bench_unchanged(connect, args, ptx) -> List[Dict[str, Any]]:
     import numpy as np
+    from gpuwire import settings
     from gpuwire.rpc import pinned
     rows = []
     L = args.launches
@@ -274,8 +316,10 @@ def bench_unchanged(connect, args, ptx) -> List[Dict[str, Any]]:
                     s.launch(f, 1, 32, (ptr, dout.ptr), stream=st)
                 st.synchronize()      # included: pushes in flight finish here
                 return (time.perf_counter() - t0) / reps * 1e6
+            default_mode = str(settings.get("pinned_track"))
             for mode in ("explicit", "compare", "protect", "always"):
-                if args.modes and mode not in args.modes.split(","):
+                if args.modes and mode not in args.modes.split(",") and not (
+                        mode == default_mode and "default" in args.modes.split(",")):
                     continue
                 # compare diffs and 'always' pushes the whole region per launch: fewer launches for big ones
                 L = args.launches if mode == "explicit" or size <= (64 << 10) else \
@@ -303,6 +347,135 @@ def bench_unchanged(connect, args, ptx) -> List[Dict[str, Any]]:
             s.free_host(hin)
         finally:
             s.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- detect (no PTX to scan)
+
+def _no_scan_image(s) -> bytes:
+    """pin_scale without a PTX text the client can scan: a cubin built here with nvcc for the
+    server's GPU, or the CPU executor's JSON kernel list."""
+    import json
+    if s.info.get("executor") != "gpu":
+        return json.dumps({"gpuwire_cpu_kernels": ["pin_scale"]}).encode()
+    import shutil
+    import subprocess
+    import tempfile
+    from gpuwire.rpc.kernels import pinned as PK
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise RuntimeError("nvcc not found: the detect test builds a cubin")
+    major, minor = s.cuDeviceGetAttribute(75, 0), s.cuDeviceGetAttribute(76, 0)
+    with tempfile.TemporaryDirectory() as td:
+        subprocess.run([nvcc, "-cubin", f"-arch=sm_{major}{minor}", "-o", f"{td}/k.cubin", str(PK.SOURCE)],
+                       check=True, capture_output=True, timeout=300)
+        with open(f"{td}/k.cubin", "rb") as fh:
+            return fh.read()
+
+
+def bench_detect(connect, args, ptx) -> List[Dict[str, Any]]:
+    """The plain program with a kernel loaded from a cubin (nothing to scan: `in` counts as
+    written and is pulled at every sync): server-side detection off vs on (the default), vs
+    the explicit-copy program, in the same run."""
+    import numpy as np
+    from gpuwire import settings
+    from gpuwire.rpc import pinned
+    rows = []
+    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
+        n = size // 4
+        iters = max(5, min(args.iters, (2 << 30) // max(size, 1) // 4))
+        src = (np.arange(n) % 1000).astype(np.float32)
+        s = connect()
+        try:
+            f = s.load_module(_no_scan_image(s)).function("pin_scale")
+            st = s.stream()
+            ex = _Explicit(s, n)
+            ex.loop(f, 3, src, st)
+            for detect in (False, True):
+                with settings.override(pinned_pull_detect=detect):
+                    mi = _Mirrored(s, n, None)
+                    try:
+                        mi.loop(f, max(3, min(iters, 8)), src, st)
+                        before = pinned.stats(s)
+                        te, tm, ok = [], [], True
+                        for _rep in range(args.reps):
+                            a, ok1 = ex.loop(f, iters, src, st)
+                            b, ok2 = mi.loop(f, iters, src, st)
+                            te += a
+                            tm += b
+                            ok &= ok1 and ok2
+                        after = pinned.stats(s)
+                    finally:
+                        mi.free()
+                me, mm = statistics.median(te), statistics.median(tm)
+                k = args.reps * iters
+                rows.append({"bench": "pinned", "test": "detect", "size_bytes": size, "size": human_size(size),
+                             "image": "cubin" if s.info.get("executor") == "gpu" else "json (cpu executor)",
+                             "pull_detect": detect, "iters": k, "explicit_us": round(me * 1e6, 1),
+                             "mirrored_us": round(mm * 1e6, 1), "ratio": round(mm / me, 3),
+                             "push_bytes_per_iter": (after["push_bytes"] - before["push_bytes"]) // k,
+                             "pull_bytes_per_iter": (after["pull_bytes"] - before["pull_bytes"]) // k,
+                             "pull_bytes_saved_per_iter":
+                                 (after.get("pull_bytes_saved", 0) - before.get("pull_bytes_saved", 0)) // k,
+                             "results_ok": ok, "target": TARGETS["mirror_ratio"],
+                             "met": mm / me <= TARGETS["mirror_ratio"]})
+            ex.free()
+            st.destroy()
+        finally:
+            s.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- pool (client memory passes)
+
+def bench_pool(args) -> List[Dict[str, Any]]:
+    """The client-side passes of 'compare' on this machine: the shadow copy after a pull and the
+    diff of an unchanged region before a push, on the calling thread alone, on the pool with
+    workers asleep (a job after an idle gap), and on the pool armed (gw_pin_arm) or spinning."""
+    import numpy as np
+    from gpuwire.rpc import pinned
+    from gpuwire import settings
+    ffi, lib = pinned._c()
+    rows = []
+    threads = max(1, int(settings.get("pinned_threads")))
+    gap_s = 0.0005                      # idle time before each job (a sync round trip, the user's code)
+    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
+        a = pinned._shadow(size)
+        b = pinned._shadow(size)
+        a[:] = 1
+        b[:] = 1
+        pa, pb = ffi.cast("uint8_t *", a.ctypes.data), ffi.cast("uint8_t *", b.ctypes.data)
+        lo, hi = ffi.new("size_t *"), ffi.new("size_t *")
+        reps = max(5, min(200, (512 << 20) // size))
+
+        def timed(fn, arm_ns=0):
+            out = []
+            for _ in range(reps):
+                if arm_ns:
+                    lib.gw_pin_arm(arm_ns)
+                time.sleep(gap_s)
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+            return statistics.median(out) * 1e6
+
+        def copy():
+            lib.gw_pin_copy_mt(pa, pb, size)
+
+        def diff():
+            lib.gw_pin_span_mt(pa, pb, size, lo, hi)
+        row = {"bench": "pinned", "test": "pool", "size_bytes": size, "size": human_size(size), "threads": threads,
+               "gap_us": gap_s * 1e6}
+        for name, nth, spin, arm in (("one_thread", 1, 0, 0), ("pool_asleep", threads, 0, 0),
+                                     ("pool_armed", threads, 1000, 2_000_000)):
+            lib.gw_pin_threads(nth)
+            lib.gw_pin_spin(spin * 1000)
+            copy()
+            diff()
+            row[f"copy_us_{name}"] = round(timed(copy, arm), 1)
+            row[f"diff_us_{name}"] = round(timed(diff, arm), 1)
+        rows.append(row)
+    pinned._threads = pinned._spin = None        # the next session sets the pool up again
     return rows
 
 
@@ -403,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
     print_config(cfg)
     srv = None
     address = args.server
-    if not address and any(x != "placement" for x in tests):
+    if not address and any(x not in ("placement", "pool") for x in tests):
         srv, address = start_rpc_server(args.executor, tls, token,
                                         ["--cpu-kernels", "gpuwire.rpc.kernels.pinned"])
 
@@ -420,6 +593,10 @@ def run(args: argparse.Namespace) -> int:
                     new = bench_mirror(connect, args, ptx)
                 elif test == "unchanged":
                     new = bench_unchanged(connect, args, ptx)
+                elif test == "detect":
+                    new = bench_detect(connect, args, ptx)
+                elif test == "pool":
+                    new = bench_pool(args)
                 elif test == "placement":
                     try:
                         new = bench_placement(args, ptx)
@@ -443,7 +620,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=("cpu", "gpu"), default="gpu", help="loopback server executor (default gpu)")
     p.add_argument("--tls", default="tcp", help="tcp (default), sm, or a UCX_TLS value")
     p.add_argument("--tests", default="lookup,mirror,unchanged,placement",
-                   help="lookup, mirror, unchanged, placement (comma-separated)")
+                   help="lookup, mirror, unchanged, detect, pool, placement (comma-separated)")
     p.add_argument("--server", help="HOST:PORT of a running `gpuwire serve --cpu-kernels gpuwire.rpc.kernels.pinned`")
     p.add_argument("--token", help="token of --server")
     p.add_argument("--sizes", default="4K,1M,64M", help="region sizes (mirror, unchanged, placement)")

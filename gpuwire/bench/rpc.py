@@ -14,7 +14,11 @@ Tests (``--tests``, comma-separated; default all that apply):
 * ``bw``       cuMemcpyHtoD / cuMemcpyDtoH from pinned (UCX-registered) client memory
                vs ucx_perftest tag_bw at the same size and transports.
 * ``mlp``      (GPU) a small MLP training loop as CUDA kernels from the same PTX: local
-               through cuda.bindings vs remote through gpuwire.
+               through cuda.bindings vs remote through gpuwire. With ``--trace`` the
+               loopback server records per-frame timestamps (GPUWIRE_RPC_TRACE_DIR) and
+               each row gets ``boundary_split_us``: where the GPU's idle time between two
+               steps goes (server, wire + client return, client issue), and each frame's
+               arrival and issue time within a step.
 * ``dispatch`` (GPU) local per-launch cost: cuda.bindings, cupy, gpuwire's C helper.
 
 By default a loopback ``gpuwire serve`` process is started (``--executor cpu|gpu``);
@@ -57,10 +61,14 @@ def tls_of(name: str) -> str:
 
 # ----------------------------------------------------------------------------- servers
 
-def start_rpc_server(executor: str, tls: str, token: str, extra: List[str] = ()) -> tuple:
+def start_rpc_server(executor: str, tls: str, token: str, extra: List[str] = (),
+                     env: Optional[Dict[str, str]] = None, cpus=None) -> tuple:
+    """A loopback ``gpuwire serve`` in its own process (on ``cpus`` when given: --pin)."""
+    import os
     cmd = [sys.executable, "-m", "gpuwire.rpc.cli", "--executor", executor, "--listen", "127.0.0.1:0",
            "--token", token, "--tls", tls, "--ready-stdout", "--log-level", "warning"] + list(extra)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=pre)
     line = p.stdout.readline()
     if not line.strip():
         p.wait(timeout=30)
@@ -81,6 +89,12 @@ def stop(p) -> None:
 # ----------------------------------------------------------------------------- tests
 
 def bench_rtt(s, args, tls: str) -> List[Dict[str, Any]]:
+    """gwSync's round trip against the transport's 8 B round trip, in alternating rounds
+    (``--rtt-rounds``): each round times the RPC call, the fast stub's C call alone and the
+    transport, so drift of the machine lands on both sides; the means are the medians of
+    the rounds' means and the ratio the median of the rounds' ratios. Percentiles come from
+    one pass with a timestamp per call on each side."""
+    from statistics import median
     from .report import percentiles
     from time import perf_counter_ns as pc
     rows = []
@@ -93,25 +107,27 @@ def bench_rtt(s, args, tls: str) -> List[Dict[str, Any]]:
         sync()
         ts[i] = pc()
     st = percentiles([ts[i] - ts[i - 1] for i in range(1, args.iters + 1)])
-    # the mean from an untimed pass (no timestamp per call), as the transport baseline does
-    t0 = pc()
-    for i in range(args.iters):
-        sync()
-    st["mean"] = (pc() - t0) / args.iters / 1e3
-    rows.append({"bench": "rpc", "test": "rtt", "what": "gwSync (sync no-op call)", "rtt_us": st})
-    raw = _fsync_raw_mean(s, args.iters)
-    if raw is not None:
-        # the fast stub's C call alone in a Python loop (no lock, no session bookkeeping):
-        # what gwSync costs above it is the Python wrapper, below the transport is server + frame
-        rows.append({"bench": "rpc", "test": "rtt", "what": "gwSync's C call alone (gw_rpc_fsync in a loop)",
-                     "rtt_us": {"mean": raw}})
     # the transport's 8 B round trip against its C echo server, same transports
     from . import transport as tb
-    srv, addr = tb._start_local_server(tls, 64, None)
+    pin = getattr(args, "pin_plan", None)
+    srv, addr = tb._start_local_server(tls, 64, min(pin[1]) if pin else None)
     try:
         cl = tb._Client(addr, tls)
         try:
-            lat = cl.latency(8, args.warmup, args.iters)
+            lat = cl.latency(8, args.warmup, args.iters)       # its percentiles
+            rounds = max(1, int(getattr(args, "rtt_rounds", 7)))
+            per = max(100, args.iters // rounds)
+            m_rpc, m_raw, m_tr = [], [], []
+            for _ in range(rounds):
+                # an untimed pass per side (no timestamp per call), as the transport's mean
+                t0 = pc()
+                for _i in range(per):
+                    sync()
+                m_rpc.append((pc() - t0) / per / 1e3)
+                raw = _fsync_raw_mean(s, per)
+                if raw is not None:
+                    m_raw.append(raw)
+                m_tr.append(cl.latency(8, 200, per)["rtt_us"]["mean"])
         finally:
             cl.close()
     finally:
@@ -119,41 +135,43 @@ def bench_rtt(s, args, tls: str) -> List[Dict[str, Any]]:
             srv.wait(timeout=10)
         except subprocess.TimeoutExpired:
             srv.kill()
+    st["mean"] = median(m_rpc)
+    lat["rtt_us"]["mean"] = median(m_tr)
+    rows.append({"bench": "rpc", "test": "rtt", "what": "gwSync (sync no-op call)", "rtt_us": st,
+                 "round_means_us": [round(x, 3) for x in m_rpc]})
+    if m_raw:
+        # the fast stub's C call alone in a Python loop (no session bookkeeping): what gwSync
+        # costs above it is the Python wrapper, below the transport is server + frame
+        rows.append({"bench": "rpc", "test": "rtt", "what": "gwSync's C call alone (gw_rpc_fsync_w in a loop)",
+                     "rtt_us": {"mean": median(m_raw)}, "round_means_us": [round(x, 3) for x in m_raw]})
     rows.append({"bench": "rpc", "test": "rtt", "what": "transport 8 B round trip (Endpoint.call, C echo)",
-                 "rtt_us": lat["rtt_us"]})
-    ratio = st["mean"] / lat["rtt_us"]["mean"]
+                 "rtt_us": lat["rtt_us"], "round_means_us": [round(x, 3) for x in m_tr]})
+    ratios = [a / b for a, b in zip(m_rpc, m_tr)]
+    ratio = median(ratios)
     ratio50 = st["p50"] / lat["rtt_us"]["p50"]
-    rows.append({"bench": "rpc", "test": "rtt", "what": "ratio rpc/transport", "rtt_ratio": ratio,
-                 "rtt_ratio_p50": ratio50, "target": TARGETS["rtt_ratio"]})
+    rows.append({"bench": "rpc", "test": "rtt", "what": "ratio rpc/transport (median of rounds)", "rtt_ratio": ratio,
+                 "rtt_ratio_p50": ratio50, "round_ratios": [round(x, 3) for x in ratios],
+                 "target": TARGETS["rtt_ratio"]})
     return rows
 
 
 def _fsync_raw_mean(s, iters: int) -> Optional[float]:
-    """Mean us of the fast sync stub's C call (gw_rpc_fsync) in a bare loop; None without it."""
+    """Mean us of the fast sync stub's C call (gw_rpc_fsync_w: wire lock, frame, round trip,
+    reply check) in a bare loop; None without it or when the session is not idle."""
     from time import perf_counter_ns as pc
     from gpuwire.rpc import client as C
     f = getattr(s, "_fs_gwSync", None)
     fs = C._fsync
     if f is None or fs is None:
         return None
-    with s._lock:
-        if s._ncalls or s._bulk or s._inflight or s.closed:
+    t0 = pc()
+    for _ in range(iters):
+        st = fs(f, 0)
+        if st:
+            if st != 2:
+                C._rpc_lib.gw_rpc_wire_unlock(s._wire)
             return None
-        seq, pd = s._seq, s._push_done
-        t0 = pc()
-        for _ in range(iters):
-            if fs(f, seq, pd, 0):
-                break
-            seq = (seq + 1) & 0xFFFFFFFF
-        else:
-            seq = -seq - 1
-        dt = pc() - t0
-        ok = seq < 0
-        seq = -seq - 1 if ok else (seq + 1) & 0xFFFFFFFF
-        s._seq = seq
-        if s._tseq is not None:
-            s._tseq[0] = seq
-    return dt / iters / 1e3 if ok else None
+    return (pc() - t0) / iters / 1e3
 
 
 def _issue_burst(s, fn, make_args, burst: int, reps: int) -> float:
@@ -493,7 +511,7 @@ def _median_parts(samples):
     return out
 
 
-def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
+def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int, trace: bool = False) -> Dict[str, Any]:
     import numpy as np
     mod = s.load_module(ptx)
     fns = {k: mod.function(k) for k in MLP_KERNELS}
@@ -540,9 +558,125 @@ def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, An
         e1.record(st)
         e1.synchronize()
         gms.append(e0.elapsed_ms(e1))
+    ctrace = _mlp_remote_trace(s, st, plan, loss, lossbuf, max(20, steps // 2)) if trace else None
     return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1],
             "gpu_ms_per_step": sorted(gms)[2], "issue_us": split[0], "sync_us": split[1],
-            "frames_per_step": split[2], **gap}
+            "frames_per_step": split[2], "client_trace": ctrace,
+            "reply_tail_max": int(getattr(s, "_tail_max", 0)), **gap}
+
+
+def _mlp_remote_trace(s, st, plan, loss, lossbuf, steps: int):
+    """Steps with client timestamps on the server trace's clock (time.monotonic_ns =
+    CLOCK_MONOTONIC): per step (frame seq at its start, start ns, [(ns, seq) after each
+    call], ns when the sync call starts, ns when it returned)."""
+    mono = time.monotonic_ns
+    L = s.cuLaunchKernel
+    out = []
+    for _ in range(steps):
+        seq0 = s._seq
+        a = mono()
+        s.cuMemsetD32Async(lossbuf, 0, 1, st)
+        marks = [(mono(), s._seq)]
+        for h, grid, params in plan:
+            L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
+            marks.append((mono(), s._seq))
+        s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
+        b = mono()
+        marks.append((b, s._seq))
+        s.cuStreamSynchronize(st)
+        c = mono()
+        float(loss[0])
+        out.append((seq0, a, marks, b, c))
+    return out
+
+
+# where the GPU's idle time between two steps goes (us, medians), from the client's and the
+# server's timestamps of the same frames: the chain from the server seeing the last step's
+# work done (its wait for the loss copy returned) to the next step's first driver call
+SPLIT_PARTS = (
+    ("srv_reply", "server: wait returned -> reply and push handed to the transport"),
+    ("reply_to_client", "server send + wire + client receive + client's sync-call return path (Python)"),
+    ("client_loop", "client: sync returned -> next step's first call (the training loop's own Python)"),
+    ("client_issue", "client: first calls of the step until the one that sent the first batch returned"),
+    ("batch_to_server", "first batch: client call returned -> server handler entered (wire, server wake); "
+                        "negative when the frame arrived before the client's send call returned"),
+    ("srv_decode", "server: frame decoded and checked"),
+    ("srv_first_call", "server: the first driver call (the step's memset) returned"),
+    ("boundary", "sum: server wait returned -> next step's first driver call returned"),
+)
+
+
+def _trace_split(ctrace, doc, raw: bool = False) -> Dict[str, Any]:
+    """Join the client's step timestamps with the server's frame trace by frame seq
+    (medians; ``raw``: the per-step lists)."""
+    fields = doc["fields"]
+    fr = {}
+    for row in doc["frames"]:
+        r = dict(zip(fields, row))
+        fr[r["seq"]] = r
+    samples: Dict[str, List[float]] = {k: [] for k, _ in SPLIT_PARTS}
+    extra: Dict[str, List[float]] = {"sync_frame_arrival": [], "srv_gpu_wait": [], "srv_frames_per_step": []}
+    for j in range(len(ctrace) - 1):
+        seq0, a, marks, b, c = ctrace[j]
+        nseq0, na, nmarks, _nb, _nc = ctrace[j + 1]
+        last, f1 = fr.get((nseq0 - 1) & 0xFFFFFFFF), fr.get(nseq0)
+        if last is None or f1 is None or (last["flags"] & 3) != 1 or (f1["flags"] & 2):
+            continue
+        if not (last["t_waited"] and f1["t_first"]):
+            continue
+        flush = next((t for t, sq in nmarks if sq != nseq0), None)
+        if flush is None:
+            continue
+        vals = {"srv_reply": last["t_out"] - last["t_waited"], "reply_to_client": c - last["t_out"],
+                "client_loop": na - c, "client_issue": flush - na, "batch_to_server": f1["t_in"] - flush,
+                "srv_decode": f1["t_scan"] - f1["t_in"], "srv_first_call": f1["t_first"] - f1["t_scan"],
+                "boundary": f1["t_first"] - last["t_waited"]}
+        for k, v in vals.items():
+            samples[k].append(v / 1e3)
+        extra["sync_frame_arrival"].append((last["t_in"] - b) / 1e3)
+        extra["srv_gpu_wait"].append((last["t_waited"] - last["t_issued"]) / 1e3)
+        extra["srv_frames_per_step"].append(float((nseq0 - seq0) & 0xFFFFFFFF))
+        # step j's own timeline from its start (us): each frame received / its calls issued
+        # (before any wait), the sync call made, the loss copy done; and the server-seen GPU
+        # span (first driver call .. loss copy done; > the kernels' time = the GPU starved)
+        own = [fr.get((seq0 + k) & 0xFFFFFFFF) for k in range((nseq0 - seq0) & 0xFFFFFFFF)]
+        if own and all(x is not None and not x["flags"] & 2 for x in own) and own[0]["t_first"]:
+            for k, x in enumerate(own, 1):
+                extra.setdefault(f"at_f{k}_in", []).append((x["t_in"] - a) / 1e3)
+                extra.setdefault(f"at_f{k}_issued", []).append((x["t_issued"] - a) / 1e3)
+            extra.setdefault("at_sync_call", []).append((b - a) / 1e3)
+            extra.setdefault("at_done", []).append((last["t_waited"] - a) / 1e3)
+            extra.setdefault("srv_span", []).append((last["t_waited"] - own[0]["t_first"]) / 1e3)
+
+    def med(v):
+        v = sorted(v)
+        return v[len(v) // 2] if v else None
+    if raw:
+        return {**samples, **extra}
+    out = {k: med(v) for k, v in samples.items()}
+    out.update({k: med(v) for k, v in extra.items()})
+    out["steps_joined"] = len(samples["boundary"])
+    out["ssync_skipped"] = doc.get("ssync_skipped")
+    return out
+
+
+def _new_trace(tdir: str, before: set, want_seq: Optional[int] = None,
+               timeout: float = 10.0) -> Optional[Dict[str, Any]]:
+    """The trace file a session wrote when it ended: the first one not in ``before`` (that
+    has a frame ``want_seq``, when given: another session's file may appear meanwhile)."""
+    import json
+    import os
+    end = time.monotonic() + timeout
+    seen = set(before)
+    while time.monotonic() < end:
+        for f in sorted(f for f in os.listdir(tdir) if f.endswith(".json") and f not in seen):
+            seen.add(f)
+            with open(os.path.join(tdir, f)) as fh:
+                doc = json.load(fh)
+            if want_seq is None or any(r[0] == want_seq for r in doc.get("frames", ())):
+                return doc
+        time.sleep(0.02)
+    return None
 
 
 def _mlp_remote_parts(s, st, plan, loss, lossbuf):
@@ -567,11 +701,19 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
     for shape in args.mlp_shapes.split(";"):
         B, I, H, O = (int(x) for x in shape.split(","))
         loc = mlp_local(ptx, B, I, H, O, args.mlp_steps, 3)
+        tdir = getattr(args, "trace_dir", None)
+        import os
+        before = set(os.listdir(tdir)) if tdir else set()
         s = connect()
         try:
-            rem = mlp_remote(s, ptx, B, I, H, O, args.mlp_steps, 3)
+            rem = mlp_remote(s, ptx, B, I, H, O, args.mlp_steps, 3, trace=bool(tdir))
         finally:
             s.close()
+        split = None
+        if tdir:
+            ct = rem["client_trace"]
+            doc = _new_trace(tdir, before, ct[-1][0] if ct else None)
+            split = _trace_split(ct, doc) if doc else {"error": "no server trace file"}
         rows.append({"bench": "rpc", "test": "mlp", "shape": f"B{B} I{I} H{H} O{O}", "steps": args.mlp_steps,
                      "launches_per_step": len(_mlp_plan(B, I, H, O)) + 2,
                      "local_ms_per_step": loc["ms_per_step"], "remote_ms_per_step": rem["ms_per_step"],
@@ -581,11 +723,18 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
                      "local_issue_us": loc["issue_us"], "local_sync_us": loc["sync_us"],
                      "remote_issue_us": rem["issue_us"], "remote_sync_us": rem["sync_us"],
                      "remote_frames_per_step": rem["frames_per_step"],
+                     "reply_tail_max": rem["reply_tail_max"],     # loss read in the sync reply (>= 4)
                      # events (us): the GPU's idle time between steps and a step's GPU span
                      "local_gpu_gap_us": loc["gpu_gap_us"], "remote_gpu_gap_us": rem["gpu_gap_us"],
                      "local_gpu_span_us": loc["gpu_span_us"], "remote_gpu_span_us": rem["gpu_span_us"],
                      "local_loss": [loc["first_loss"], loc["last_loss"]],
-                     "remote_loss": [rem["first_loss"], rem["last_loss"]], "target": TARGETS["mlp_ratio"]})
+                     "remote_loss": [rem["first_loss"], rem["last_loss"]],
+                     # the losses' largest relative difference (float atomics: ~1e-5 on the big shape)
+                     "loss_rel_diff": max(abs(a - b) / max(abs(a), 1e-30) for a, b in
+                                          ((loc["first_loss"], rem["first_loss"]), (loc["last_loss"], rem["last_loss"]))),
+                     "target": TARGETS["mlp_ratio"]})
+        if split is not None:   # --trace: where the GPU's idle time between steps goes (us)
+            rows[-1]["boundary_split_us"] = split
     return rows
 
 
@@ -703,15 +852,31 @@ def run(args: argparse.Namespace) -> int:
     ptx_path = find_ptx(args.ptx)
     ptx = ptx_path.read_bytes()
     token = args.token or secrets.token_hex(16)
+    from . import _pin
+    try:
+        args.pin_plan = _pin.plan(None if args.server else args.pin)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if args.pin_plan:
+        import os
+        os.sched_setaffinity(0, args.pin_plan[0])        # this process: the client (and local runs)
     cfg = config_echo({"bench": "rpc", "tls": tls, "executor": args.executor, "tests": tests,
                        "server": args.server or "loopback (own process)", "rtt_us": args.rtt_us,
-                       "ptx": str(ptx_path)})
+                       "ptx": str(ptx_path), "pin": _pin.describe(args.pin_plan)})
     print_config(cfg)
     srv = None
     address = args.server
+    args.trace_dir = None
+    env = None
+    if args.trace and not address:
+        import os
+        import tempfile
+        args.trace_dir = tempfile.mkdtemp(prefix="gpuwire-trace-")
+        env = dict(os.environ, GPUWIRE_RPC_TRACE_DIR=args.trace_dir)
     if not address:
         srv, address = start_rpc_server(args.executor, tls, token, ["--isolation", args.isolation]
-                                        if args.isolation else [])
+                                        if args.isolation else [], env=env,
+                                        cpus=args.pin_plan[1] if args.pin_plan else None)
 
     def connect():
         return gpuwire.connect(address, token=token, tls=tls, name="bench")
@@ -769,10 +934,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tests", default="rtt,issue,launch,bw,mlp,dispatch",
                    help="rtt, issue, launch, bw, mlp, dispatch (comma-separated)")
     p.add_argument("--server", help="HOST:PORT of a running `gpuwire serve` (else a loopback one)")
+    p.add_argument("--pin", default="none",
+                   help="CPU placement of client and loopback server: none (default), auto (one whole "
+                        "core for the client, the next two for the server), or CLIENT:SERVER cpu lists "
+                        "such as 2,3:4-7")
     p.add_argument("--token", help="token of --server")
     p.add_argument("--ptx", help="the test kernels (default: the packaged gpuwire/rpc/kernels/gw_test_kernels.ptx)")
     p.add_argument("--iters", type=int, default=20000, help="timed round trips (rtt)")
     p.add_argument("--warmup", type=int, default=2000, help="untimed round trips (rtt)")
+    p.add_argument("--rtt-rounds", type=int, default=7,
+                   help="rtt: alternating rounds of RPC and transport round trips (medians)")
     p.add_argument("--burst", type=int, default=10000, help="calls per timed burst (issue)")
     p.add_argument("--sustained", type=int, default=100000, help="calls of the sustained issue run")
     p.add_argument("--launches", type=int, default=20000, help="kernels of the launch loop")
@@ -789,6 +960,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-shapes", default="4096,512,1024,64;2048,512,512,32;1024,256,256,16",
                    help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
     p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")
+    p.add_argument("--trace", action="store_true",
+                   help="mlp: start the loopback server with per-frame timestamps (GPUWIRE_RPC_TRACE_DIR) "
+                        "and report where the GPU's idle time between steps goes (boundary_split_us)")
     p.add_argument("--dispatch-n", type=int, default=20000, help="dispatch: launches timed per path")
     add_output_arguments(p)
 

@@ -68,3 +68,28 @@ settings.register(
     "reads before the session's next call",
     layer="gds",
 )
+settings.register(
+    "gds_c_plan", True, bool,
+    "server: plan remote reads in C (gw_ft_plan: request list parsed, paths looked up in a "
+    "table of validated paths, files opened and checked, ranges and destinations checked, "
+    "tasks split, GIL released); 0: the Python planner (A/B)",
+    layer="gds",
+)
+
+
+def _direct(text: str) -> str:
+    v = str(text).strip().lower()
+    v = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(v, v)
+    if v not in ("auto", "on", "off"):
+        raise ValueError(f"gds_direct must be auto, on or off, not {text!r}")
+    return v
+
+
+settings.register(
+    "gds_direct", "auto", _direct,
+    "kvikio backend (compat mode): Direct I/O (O_DIRECT, kvikio's auto_direct_io_read) for "
+    "reads of at least 1 MiB; auto: only for a batch whose ranges are mostly not in the "
+    "page cache (mincore), so cold reads skip the page cache and warm ones still hit it; "
+    "on: always; off: never",
+    layer="gds",
+)

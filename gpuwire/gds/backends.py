@@ -588,6 +588,40 @@ def apply_kvikio_settings(threads: Optional[int] = None, task_size: Optional[int
     }
 
 
+#: KvikioReader: requests of at least this size may use Direct I/O (setting gds_direct).
+DIRECT_MIN_BYTES = 1 << 20
+
+
+def page_residency(fd: int, offset: int, nbytes: int) -> Optional[Tuple[int, int]]:
+    """``(cached pages, pages)`` of ``fd[offset:offset+nbytes]`` (mmap + mincore, no read);
+    None where it cannot be told (gpuwire._files not built, mmap refused)."""
+    try:
+        from .._files import ffi, lib
+    except ImportError:
+        return None
+    r, t = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    if lib.gw_fr_resident(fd, offset, nbytes, r, t) != 0:
+        return None
+    return int(r[0]), int(t[0])
+
+
+def _kvikio_direct_known(kvikio) -> bool:
+    """kvikio has the auto_direct_io_read setting (>= 25.08)."""
+    d = getattr(kvikio, "defaults", None)
+    try:
+        d.get("auto_direct_io_read")
+        return callable(getattr(d, "set", None))
+    except Exception:
+        return False
+
+
+def _kvikio_set_direct(kvikio, flag: bool) -> None:
+    try:
+        kvikio.defaults.set({"auto_direct_io_read": bool(flag)})
+    except Exception:
+        pass
+
+
 class KvikioReader(_CupyMixin, Reader):
     """kvikio ``CuFile.pread`` into cupy buffers: cuFile GDS or kvikio's compat mode.
 
@@ -606,7 +640,7 @@ class KvikioReader(_CupyMixin, Reader):
 
     def __init__(self, threads: Optional[int] = None, task_size: Optional[int] = None,
                  max_open: Optional[int] = None, roots=None, small_bytes: Optional[int] = None,
-                 staging_bytes: Optional[int] = None):
+                 staging_bytes: Optional[int] = None, direct: Optional[str] = None):
         ok, why = kvikio_status()
         if not ok:
             raise BackendUnavailable(f"kvikio backend unavailable: {why}")
@@ -617,13 +651,43 @@ class KvikioReader(_CupyMixin, Reader):
         self._kvikio = kvikio
         self.kvikio_settings = apply_kvikio_settings(threads, task_size)
         self.mode, self.mode_detail = kvikio_mode(kvikio)
+        # Direct I/O for cold reads (compat mode only: cuFile GDS does its own DMA)
+        want = str(settings.get("gds_direct") if direct is None else direct).lower()
+        self.direct = want if self.mode == "kvikio-compat" and _kvikio_direct_known(kvikio) else "off"
+        self.kvikio_settings["direct"] = self.direct
+        self.direct_batches = 0      # batches read with Direct I/O (stats, tests)
         self.small_bytes = int(SMALL_READ_BYTES if small_bytes is None else small_bytes)
         self._staging = _StagingPool(self._cp, self.device_id,
                                      int(staging_bytes or settings.get("gds_staging_bytes")))
 
     def _open_file(self, path: str) -> tuple:
+        if self.direct != "off":   # CuFile opens its O_DIRECT descriptor only with the flag on
+            _kvikio_set_direct(self._kvikio, True)
         f = self._kvikio.CuFile(path, "r")
-        return f, f.fileno()  # the descriptor without O_DIRECT: small reads use it
+        fd = f.fileno()  # the descriptor without O_DIRECT: small reads use it, and kvikio's buffered ones
+        try:   # one struct file shared by kvikio's threads: its readahead must not take them for random
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (OSError, AttributeError):
+            pass
+        return f, fd
+
+    def _want_direct(self, big: list) -> bool:
+        """Direct I/O for this batch? ``big``: its kvikio requests ``(handle, offset, nbytes)``.
+        ``auto``: when less than half of the pages looked at are cached (:func:`page_residency`
+        samples 16 pages of a request, 1-3 us each; at most 4 requests, spread over the batch)."""
+        if self.direct == "on":
+            return True
+        if self.direct != "auto" or not big:
+            return False
+        resident = total = 0
+        step = max(1, len(big) // 4)
+        for h, offset, nbytes in big[::step][:4]:
+            r = page_residency(h.fd, offset, nbytes)
+            if r is None:
+                return False
+            resident += r[0]
+            total += r[1]
+        return total > 0 and resident * 2 < total
 
     def _close_file(self, obj) -> None:
         try:
@@ -635,14 +699,24 @@ class KvikioReader(_CupyMixin, Reader):
         held, futures, err, total = [], [], None, 0
         gather, st = None, None
         try:
+            checked = []
             for src, offset, nbytes, dst_offset in requests:
                 h, owned = self._acquire(src)
                 if owned:
                     held.append(h)
                 self._check_range(h, offset, nbytes)
                 self._check_dst(dst, dst_offset, nbytes)
-                if not nbytes:
-                    continue
+                if nbytes:
+                    checked.append((h, offset, nbytes, dst_offset))
+            if self.direct != "off":
+                # kvikio reads the global flag when each task runs: set once per batch (another
+                # thread's batch running meanwhile may take this one's choice: speed, not data)
+                # (every batch: opening a file above turned the flag on)
+                big = [(h, o, n) for h, o, n, _d in checked if n >= DIRECT_MIN_BYTES]
+                d = bool(big) and self._want_direct(big)
+                _kvikio_set_direct(self._kvikio, d)
+                self.direct_batches += d
+            for h, offset, nbytes, dst_offset in checked:
                 if nbytes >= self.small_bytes:
                     part = dst[dst_offset:dst_offset + nbytes]
                     futures.append((h, offset, nbytes, self._pread(h, part, nbytes, offset)))

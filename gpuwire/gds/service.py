@@ -55,7 +55,13 @@ Engines (``mode``, with ``order`` in :meth:`FileService.describe`):
 Each worker task (up to ``gds_task_size`` bytes: many small files) is one C call
 (``gpuwire._files``, cffi_src/gw_files.c, GIL released): the preads and, on the GPU,
 the copies and stream syncs run with no Python between pieces; CUDA entry points come
-from ``dlopen("libcuda.so.1")``. Checks stay here, once per file per call.
+from ``dlopen("libcuda.so.1")``. The per-file work before that is C too
+(``gw_ft_plan``, one call per request list: the table of validated paths, opens and
+their /proc/self/fd check, range and destination checks, task split; see
+:meth:`FileService._plan_c`); Python resolves a path only at its first use, when its
+real path stops opening, and at reopens of paths reached through a symlink. Entries
+of at least 1 MiB whose range is not in the page cache are read with O_DIRECT
+(``gds_direct``, docs/gds.md "Cold reads").
 
 Session end (:meth:`FileService.close`, before the session's memory and context go):
 reads not started are dropped, running ones stop after their current piece, every
@@ -75,7 +81,7 @@ import queue
 import struct
 import threading
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .. import settings
 from . import _settings  # noqa: F401  (registers GPUWIRE_GDS_*)
@@ -377,7 +383,7 @@ class _Worker:
         self.st = _ffi.new("gw_fr_status_t *") if _ffi is not None else None
 
 
-_PIECE = struct.Struct("<QQQiI")   # gw_fr_piece_t: dst, file offset, nbytes, fd, tag
+_PIECE = struct.Struct("<QQQiIiI")   # gw_fr_piece_t: dst, file offset, nbytes, fd, tag, bfd, flags
 
 
 class _Task:
@@ -394,9 +400,78 @@ class _Task:
         """``[(fd, path, size, offset, nbytes, dst)]`` (the Python loop and the tests)."""
         out = []
         for k in range(self.n):
-            dst, off, n, fd, tag = _PIECE.unpack_from(self.buf, k * _PIECE.size)
+            dst, off, n, fd, tag = _PIECE.unpack_from(self.buf, k * _PIECE.size)[:5]
             path, size = self.names[tag]
             out.append((fd, path, size, off, n, dst))
+        return out
+
+    def ptr(self) -> Any:
+        """The pieces as a ``gw_fr_piece_t *`` for the C loop."""
+        return _ffi.from_buffer("gw_fr_piece_t[]", self.buf)
+
+    def piece(self, i: int) -> Tuple[int, int, int, int, int]:
+        return _PIECE.unpack_from(self.buf, i * _PIECE.size)[:5]
+
+    def name(self, tag: int) -> Tuple[str, int]:
+        return self.names[tag]
+
+
+class _CPlan:
+    """A request list planned by the C file table (``gw_ft_plan``): the pieces, the tasks,
+    the merged destination intervals; it holds its files open until :meth:`close`."""
+
+    __slots__ = ("ft", "p")
+
+    def __init__(self, ft: Any, p: Any):
+        self.ft, self.p = ft, p
+
+    def name(self, tag: int) -> Tuple[str, int]:
+        p = self.p
+        return os.fsdecode(_ffi.unpack(p.path[tag], p.path_len[tag])), int(p.size[tag])
+
+    def tasks(self) -> List["_CTask"]:
+        ts = self.p.task_start
+        return [_CTask(self, ts[k], ts[k + 1] - ts[k]) for k in range(self.p.ntasks)]
+
+    def ranges(self) -> List[Tuple[int, int]]:
+        p = self.p
+        r = _ffi.unpack(p.ranges, 2 * p.nranges) if p.nranges else []
+        return list(zip(r[0::2], r[1::2]))
+
+    def close(self) -> None:
+        """Release the files (closing idle ones beyond gds_max_open_files) and the plan."""
+        p, self.p = self.p, None
+        if p is not None:
+            _lib.gw_ft_plan_free(self.ft, p)
+
+
+class _CTask:
+    """A task of a :class:`_CPlan`: pieces ``[start, start + n)`` of its list."""
+
+    __slots__ = ("plan", "start", "n")
+
+    def __init__(self, plan: _CPlan, start: int, n: int):
+        self.plan, self.start, self.n = plan, start, n
+
+    def ptr(self) -> Any:
+        return self.plan.p.pieces + self.start
+
+    def piece(self, i: int) -> Tuple[int, int, int, int, int]:
+        q = self.plan.p.pieces[self.start + i]
+        return q.dst, q.offset, q.nbytes, q.fd, q.tag
+
+    def name(self, tag: int) -> Tuple[str, int]:
+        return self.plan.name(tag)
+
+    def unpack(self) -> List[Tuple[int, str, int, int, int, int]]:
+        """As :meth:`_Task.unpack`, with the buffered descriptor (the Python loops read into
+        unaligned places: no O_DIRECT there)."""
+        out = []
+        pieces = self.plan.p.pieces
+        for i in range(self.n):
+            q = pieces[self.start + i]
+            path, size = self.name(q.tag)
+            out.append((q.bfd, path, size, q.offset, q.nbytes, q.dst))
         return out
 
 
@@ -411,7 +486,7 @@ def _plan(entries: Sequence[Tuple[Any, str, int, int, int]], chunk: int, serial:
     for tag, (h, _path, off, n, dst) in enumerate(entries):
         fd = h.fd
         if used + n <= chunk or serial and n <= chunk:   # the common case: the whole entry
-            cur.buf += pack(dst, off, n, fd, tag)
+            cur.buf += pack(dst, off, n, fd, tag, fd, 0)
             cur.n += 1
             used += n
             if not serial and used >= chunk:
@@ -421,7 +496,7 @@ def _plan(entries: Sequence[Tuple[Any, str, int, int, int]], chunk: int, serial:
         pos = 0
         while pos < n:
             m = min(n - pos, chunk - used) if not serial else min(n - pos, chunk)
-            cur.buf += pack(dst + pos, off + pos, m, fd, tag)
+            cur.buf += pack(dst + pos, off + pos, m, fd, tag, fd, 0)
             cur.n += 1
             pos += m
             used += m
@@ -438,8 +513,8 @@ def _task_error(t: _Task, st: Any) -> Optional[BaseException]:
     kind = st.kind
     if kind == _lib.GW_FR_CANCELLED:
         return None
-    dst, off, n, fd, tag = _PIECE.unpack_from(t.buf, max(0, int(st.index)) * _PIECE.size)
-    path, size = t.names[tag]
+    dst, off, n, fd, tag = t.piece(max(0, int(st.index)))
+    path, size = t.name(tag)
     if kind == _lib.GW_FR_EOF:
         return ShortReadError(path, off, n, int(st.got), size)
     if kind == _lib.GW_FR_OS:
@@ -511,6 +586,19 @@ class FileService:
         # the C loop of the GPU engine needs libcuda's entry points (dlopen, no link-time CUDA)
         self._c_gpu = not self.host and _lib is not None and _lib.gw_fr_cuda_load() == 0
         self._group: Optional[_Group] = None
+        # the C file table (gw_ft_*): per-file planning of the asynchronous and host engines
+        # in C, paths validated once and remembered (see _plan_c); None: the Python planner
+        self._ft = None
+        self.direct = "off"
+        self.max_open = int(settings.get("gds_max_open_files"))
+        if _lib is not None and (self.host or self.async_wanted) and settings.get("gds_c_plan"):
+            rb = b"".join(os.fsencode(r) + b"\0" for r in self.roots.roots)
+            self._ft = _lib.gw_ft_new(rb, len(rb), len(self.roots.roots), max(1, self.max_open))
+            if self._ft == _ffi.NULL:
+                self._ft = None
+            else:   # cold ranges of large entries through O_DIRECT (setting gds_direct)
+                self.direct = str(settings.get("gds_direct"))
+                _lib.gw_ft_set_direct(self._ft, {"off": 0, "auto": 1, "on": 2}[self.direct], int(self.host))
         self._gpu_ready: Optional[bool] = None   # None: not set up yet
         self._d = None
         self._flags: Any = None
@@ -617,6 +705,12 @@ class FileService:
 
     def stat(self, path: str) -> int:
         """Size of ``path`` (opened, so an unreadable file fails here as it would on read)."""
+        if self._ft is not None and self._async_engine():   # the table the reads use: one open
+            plan = self._plan_c(pack_reads([(path, 0, 0, 0)]), 1, "gwFileStat")
+            try:
+                return os.fstat(_lib.gw_ft_plan_fd(self._ft, plan.p, 0)).st_size
+            finally:
+                plan.close()
         h = self._files.acquire(path)
         try:
             return h.refresh_size()
@@ -633,6 +727,7 @@ class FileService:
             parts.append("kvikio=" + ",".join(f"{k}:{v}" for k, v in self.kvikio_settings.items()))
         parts.append("roots=" + os.pathsep.join(self.roots.roots))
         parts.append(f"order={self.order}")
+        parts.append(f"plan={'c' if self._ft is not None else 'python'}; direct={self.direct}")
         parts.append(f"workers={self.workers if self.order != 'sync' else 0}")
         if self.mem_ops_attrs:
             parts.append("memops=" + ",".join(f"{k.replace('CU_DEVICE_ATTRIBUTE_', '')}:{v}"
@@ -653,13 +748,12 @@ class FileService:
         on ``stream`` (see the module docstring); a read failing there is reported by
         :meth:`take_error` at the session's next sync. ``seq``: the session's call
         number of this call (consecutive reads on a stream may run together)."""
-        if not self.host and not self.async_wanted:
+        if not self._async_engine():
             self._read_gpu(reads, stream)
             return
-        if not self.host and self._gpu_ready is None:
-            self._setup_gpu()
-        if not self.host and not self._gpu_ready:
-            self._read_gpu(reads, stream)
+        if self._ft is not None:
+            blob = pack_reads(reads)
+            self._read_planned(blob, len(reads), stream, seq, call, None)
             return
         held: list = []
         acquire, check, lo, hi = self._files.acquire, self._check, self._host_lo, self._host_hi
@@ -683,6 +777,153 @@ class FileService:
         tasks = _plan(entries, self.chunk, serial)
         self.reads += len(entries)
         self.bytes += sum(e[3] for e in entries)
+        self._dispatch(call, held, tasks, ranges, stream, seq)
+
+    def _async_engine(self) -> bool:
+        """Whether reads go to the read workers (host or stream-wait engine), not _read_gpu."""
+        if self.host:
+            return True
+        if not self.async_wanted:
+            return False
+        if self._gpu_ready is None:
+            self._setup_gpu()
+        return bool(self._gpu_ready)
+
+    def read_packed(self, blob: Any, count: int, stream: Any, seq: int = -1, call: str = "gwFileReadV",
+                    check_dst: Optional[Callable[[int, int, str], None]] = None) -> None:
+        """A ``gwFileReadV`` request list as it came (:func:`pack_reads`'s format).
+
+        ``check_dst(ptr, n, what)`` raises for a destination range outside the session's
+        memory (the server's devptr check). With the C file table the per-file work runs
+        in C (:meth:`_plan_c`) and ``check_dst`` sees the merged destination intervals
+        (entries landing back to back: one check), each entry's own range only where an
+        interval spans several allocations; without it the list is unpacked here."""
+        if self._ft is None or not self._async_engine():
+            reads = unpack_reads(blob, count)
+            if check_dst is not None:
+                for _p, _o, n, dst in reads:
+                    check_dst(dst, n, f"{call}: destination")
+            self.read_many(reads, stream, seq, call)
+            return
+        self._read_planned(blob, count, stream, seq, call, check_dst)
+
+    def _read_planned(self, blob: Any, count: int, stream: Any, seq: int, call: str,
+                      check_dst: Optional[Callable[[int, int, str], None]]) -> None:
+        plan = self._plan_c(blob, count, call)
+        try:
+            ranges = plan.ranges()
+            if check_dst is not None:
+                self._check_intervals(ranges, blob, count, call, check_dst)
+            p = plan.p
+            self.reads += int(p.nentries)
+            self.bytes += int(p.nbytes)
+            tasks = plan.tasks()
+        except BaseException:
+            plan.close()
+            raise
+        self._dispatch(call, [plan], tasks, ranges, stream, seq)
+
+    @staticmethod
+    def _check_intervals(ranges, blob, count, call, check_dst) -> None:
+        what = f"{call}: destination"
+        for lo, hi in ranges:
+            try:
+                check_dst(lo, hi - lo, what)
+            except Exception:
+                break      # maybe back to back across two allocations: each entry decides
+        else:
+            return
+        for _p, _o, n, dst in unpack_reads(blob, count):
+            if n:
+                check_dst(dst, n, what)
+
+    def _plan_c(self, blob: Any, count: int, call: str) -> _CPlan:
+        """Plan a request list in C (gw_ft_plan, GIL released). Paths the table does not
+        know yet (first use, or their remembered real path stopped opening) are resolved
+        here with :class:`DataRoots` (``..``, symlinks leading out, missing files: raised
+        by name) and taught to the table, then the list is planned again. Every open in
+        C checks the opened descriptor's /proc/self/fd link against the roots."""
+        if count > MAX_READS:
+            raise ValueError(f"{call}: {count} reads in one call (at most {MAX_READS})")
+        ft = self._ft
+        src = _ffi.from_buffer(blob)
+        lo, hi = (self._host_lo, self._host_hi) if self._host_lo is not None else (0, 0)
+        for attempt in range(4):
+            p = _lib.gw_ft_plan(ft, src, len(src), count, self.chunk, lo, hi)
+            if p == _ffi.NULL:
+                raise MemoryError(f"{call}: out of memory planning {count} reads")
+            kind = p.kind
+            if kind == _lib.GW_FT_OK:
+                return _CPlan(ft, p)
+            plan = _CPlan(ft, p)
+            try:
+                if kind == _lib.GW_FT_NEED:
+                    p_n = int(p.npaths)
+                    names = [_ffi.unpack(p.path[i], p.path_len[i]) for i in (p.need[k] for k in range(p.nneed))]
+                else:
+                    raise self._plan_error(plan, blob, count, call)
+            finally:
+                plan.close()
+            for raw in names:
+                path = os.fsdecode(raw)
+                real = os.fsencode(self.roots.resolve(path))   # raises naming the path
+                r = _lib.gw_ft_learn(ft, raw, len(raw), real, len(real), int(real == self._direct_name(raw)))
+                if r < 0:
+                    raise OSError(-r, f"{os.strerror(-r)} (remembering the path)", path)
+        raise OSError(f"{call}: {path!r} and others of the call's {p_n} paths kept changing while "
+                      f"opening, or more distinct paths than the session's path table holds")
+
+    def _direct_name(self, raw: bytes) -> bytes:
+        """Where ``raw`` lies without following anything: under the first root (relative)
+        or itself (absolute). Equal to its real path: the path is *direct* (gw_ft_learn)."""
+        if raw.startswith(b"/"):
+            return raw
+        return self._root_prefixes[0] + raw if self._root_prefixes else b""
+
+    def _plan_error(self, plan: _CPlan, blob: Any, count: int, call: str) -> BaseException:
+        p = plan.p
+        kind = p.kind
+        if kind == _lib.GW_FT_BADREQ:
+            unpack_reads(blob, count)       # raises ValueError naming what is wrong
+            return ValueError(f"{call}: malformed request list")
+        if kind == _lib.GW_FT_NOMEM:
+            return MemoryError(f"{call}: out of memory planning {count} reads")
+        path, size = plan.name(p.bad_path)
+        if kind == _lib.GW_FT_OS:
+            return OSError(p.err, os.strerror(p.err), path)
+        if kind == _lib.GW_FT_OUTSIDE:
+            return OutsideDataRootsError(path, self.roots.roots, "changed while opening")
+        if kind == _lib.GW_FT_NOTREG:
+            return OSError(f"{path!r} is not a regular file")
+        off, n = int(p.bad_offset), int(p.bad_nbytes)
+        if kind == _lib.GW_FT_EOF:
+            return ShortReadError(path, off, n, max(0, size - off), size)
+        if kind == _lib.GW_FT_BADDST:
+            return ValueError(f"{call}: destination {int(p.bad_dst):#x}+{n} for {path} is outside "
+                              f"the session's memory")
+        return OSError(f"{call}: planning failed (kind {kind}) at {path}")
+
+    def file_stats(self) -> dict:
+        """Counters of the C file table: ``opens`` (files opened), ``open`` (descriptors
+        held now), ``paths`` (known paths), ``resolves`` (paths resolved by Python)."""
+        if self._ft is None:
+            return {"opens": self._files.opens, "open": len(self._files), "paths": len(self._real), "resolves": 0,
+                    "direct_entries": 0, "direct_bytes": 0}
+        out = _ffi.new("uint64_t[6]")
+        _lib.gw_ft_stats(self._ft, out)
+        return {"opens": int(out[0]), "open": int(out[1]), "paths": int(out[2]), "resolves": int(out[3]),
+                "direct_entries": int(out[4]), "direct_bytes": int(out[5])}
+
+    def set_max_open(self, n: int) -> None:
+        """Idle open files kept (both file caches of the session)."""
+        self.max_open = max(1, int(n))
+        self._files.max_open = self.max_open
+        if self._ft is not None:
+            _lib.gw_ft_set_max_open(self._ft, self.max_open)
+
+    def _dispatch(self, call: str, held: list, tasks: list, ranges: List[Tuple[int, int]],
+                  stream: Any, seq: int) -> None:
+        """Hand a planned call's tasks to the read workers (``held``: what to close when done)."""
         if not tasks:
             for h in held:
                 h.close()
@@ -904,7 +1145,7 @@ class FileService:
 
     def _task_host(self, w: _Worker, t: _Task) -> None:
         if self._host_lo is not None:   # C: pread straight to the destinations, GIL released
-            if _lib.gw_fr_read_host(_ffi.from_buffer("gw_fr_piece_t[]", t.buf), t.n, self._cancel, w.st):
+            if _lib.gw_fr_read_host(t.ptr(), t.n, self._cancel, w.st):
                 e = _task_error(t, w.st)
                 if e is not None:
                     raise e
@@ -922,7 +1163,7 @@ class FileService:
             _ck(d.cuEventSynchronize(job.group.event.h), "cuEventSynchronize")
             job.gate_ok = True
         if self._c_gpu and w.sh is not None:   # C: pread to the pinned buffer + H2D, GIL released
-            if _lib.gw_fr_read_gpu(_ffi.from_buffer("gw_fr_piece_t[]", t.buf), t.n, w.ptr, w.cap,
+            if _lib.gw_fr_read_gpu(t.ptr(), t.n, w.ptr, w.cap,
                                    w.sh, self._cancel, w.st):
                 e = _task_error(t, w.st)   # (the C loop synchronized the stream already)
                 if e is not None:
@@ -983,13 +1224,14 @@ class FileService:
             if job.slot >= 0:
                 self._flags[job.slot] = job.target   # the call's stream goes on
                 self._free_slots.append(job.slot)
+            held, job.held = job.held, []
+        for h in held:   # the files are released before the job counts as done
+            h.close()
+        with self._cv:
             self._unref(job.group)
             self._inflight.discard(job)
             job.done = True
-            held, job.held = job.held, []
             self._cv.notify_all()
-        for h in held:
-            h.close()
 
     def _worker_free(self, w: _Worker) -> None:
         d = self._d
@@ -1130,3 +1372,6 @@ class FileService:
             self._all_events, self._free_events = [], []
             self._free_flags()
         self._files.close_all()
+        if self._ft is not None and not alive:   # (a stuck worker may still read its descriptors)
+            _lib.gw_ft_free(self._ft)
+            self._ft = None

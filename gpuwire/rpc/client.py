@@ -341,19 +341,78 @@ def _fast_sync_class(base: type) -> type:
 
 class _FastSync:
     """The sync calls without arguments (``gwSync``, ``cuCtxSynchronize``) and
-    ``cuStreamSynchronize``, when nothing is batched: a frame encoded once per call, sent and
-    checked by one C call (``gw_rpc_fsync``: seq patched in C, the transport's ``gw_call``,
-    the reply checked for the plain answer). Anything else in the reply (a CUDA error, a
-    deferred-error report, pushes to wait for, a stray error reply) is read by the same Python
-    code as the generated stubs'; with calls batched or bulk sends in flight the generated
-    stub runs. The generated stubs are what ``super()`` names here."""
+    ``cuStreamSynchronize``, when nothing is batched: one C call (``gw_rpc_fsync_w``) takes
+    the session's wire lock, sees that nothing is batched, sends a frame encoded once, and
+    checks the reply for the plain answer; the Python session lock is not taken. The frame
+    seq, the pushes done and the call count live in the session's C wire state (the
+    properties below), and the wire lock is held by the Python paths that use the
+    request/reply path (flush, sync round trip, bye: lock order session lock, then wire
+    lock). A batch that starts marks the wire busy (``_arm_timer``); a flush or round trip
+    that leaves nothing batched or in flight clears it. Anything else in the reply (a CUDA
+    error, a deferred-error report, pushes to wait for, a stray error reply) is read by the
+    same Python code as the generated stubs', from the fast stub's own reply buffer, with
+    the wire lock still held. With calls batched the generated stub runs. The generated
+    stubs are what ``super()`` names here."""
 
     _fs_gwSync = _fs_cuCtxSynchronize = _fs_cuStreamSynchronize = None
+    _wire = None
+    _fl = None          # the C batch flush (gw_rpc_flusher_t), when the transport offers it
+
+    # ---- the state shared with the C stub (cells in the wire state)
+    @property
+    def _seq(self):
+        return self._wseq[0]
+
+    @_seq.setter
+    def _seq(self, v):
+        self._wseq[0] = v
+
+    @property
+    def _push_done(self):
+        return self._wpd[0]
+
+    @_push_done.setter
+    def _push_done(self, v):
+        self._wpd[0] = v
+
+    @property
+    def _call_seq(self):
+        return self._wcs[0]
+
+    @_call_seq.setter
+    def _call_seq(self, v):
+        self._wcs[0] = v
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @closed.setter
+    def closed(self, v):
+        self._closed = v
+        if v:
+            _rpc_lib.gw_rpc_wire_kill(self._wire)     # no more fast calls (no lock: may be held here)
 
     def _fs_setup(self) -> None:
-        """Encode the three frames once (after the hello: the endpoint is final)."""
+        """Move the seq/push/call counters into a new wire state and encode the three
+        frames once (after the hello: the endpoint is final)."""
         ffi = _rpc_mod.ffi
+        w = ffi.gc(_rpc_lib.gw_rpc_wire_new(), _rpc_lib.gw_rpc_wire_free)
+        if w == ffi.NULL:
+            raise MemoryError("gpuwire: no memory for the session's wire state")
+        d = self.__dict__
+        self._wire = w
+        self._wseq = _rpc_lib.gw_rpc_wire_seqp(w)
+        self._wpd = _rpc_lib.gw_rpc_wire_push_donep(w)
+        self._wcs = _rpc_lib.gw_rpc_wire_call_seqp(w)
+        for k in ("_seq", "_push_done", "_call_seq"):
+            setattr(self, k, d.pop(k))                 # into the cells (the properties above)
+        self._closed = d.pop("closed", False)
+        self._fs_rep = bytearray(_REPLY_CAP)           # the fast stub's own reply buffer: a
+        self._fs_repb = t.Buffer(self._fs_rep, writable=True)  # generated stub may still be
+        self._fs_repmv = memoryview(self._fs_rep)      # reading _repb when the wire is free
         fn, conn, tmo = self._ep.c_call_entry(None if self._timeout < 0 else self._timeout)
+        self._fs_call_tmo = tmo
         keep = []
         for which, nargs in (("gwSync", 0), ("cuCtxSynchronize", 0), ("cuStreamSynchronize", 1)):
             call = default_spec().calls[which]
@@ -361,69 +420,167 @@ class _FastSync:
             f = ffi.new("gw_rpc_fsync_t *")
             f.call = ffi.cast("void *", fn)
             f.conn = ffi.cast("void *", conn)
-            f.rep = ffi.cast("uint8_t *", self._repb.ptr)
-            f.rep_cap = self._repb.nbytes
+            f.rep = ffi.cast("uint8_t *", self._fs_repb.ptr)
+            f.rep_cap = self._fs_repb.nbytes
             f.timeout_ns = tmo
             f.req_tag, f.rep_tag = P.TAG_REQ, P.TAG_REP
             f.len = n
+            f.wire = w
             frame = P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.F_SYNC, 0, 1, n - P.HEADER_SIZE) + \
                 struct.pack("<HHI", call.id, 0, n - P.HEADER_SIZE) + b"\0" * (8 * nargs)
             ffi.memmove(f.frame, frame, n)
             setattr(self, "_fs_" + which, f)
             keep.append(f)
-        self._fs_keep = (keep, self._ep, self._repb)   # the structs point into these
+        self._fs_keep = (keep, self._ep, self._fs_repb, w)   # the structs point into these
+        self._fl = None
+        if _cflush is not None and settings.get("rpc_c_flush") and hasattr(self._ep, "c_bulk_entry") and \
+                len(self._frames) <= _rpc_lib.GW_RPC_FLUSH_FRAMES and all(fr.cptr is not None for fr in self._frames):
+            # batches go out through one C call too (gw_rpc_flush)
+            e = self._ep.c_bulk_entry()
+            fl = ffi.new("gw_rpc_flusher_t *")
+            fl.send, fl.wait, fl.release = (ffi.cast("void *", e[k]) for k in ("send", "wait", "release"))
+            fl.conn, fl.worker = ffi.cast("void *", e["conn"]), ffi.cast("void *", e["worker"])
+            fl.timeout_ns = tmo
+            fl.req_tag = P.TAG_REQ
+            fl.nframes = len(self._frames)
+            for i, fr in enumerate(self._frames):
+                fl.frame[i] = fr.cptr
+            self._fl = fl
+            self._fl_sent = ffi.new("int *")
+            self._fs_keep += (fl, self._frames)
 
-    def _fs_tail(self, st: int, seq: int, f: Any, name: str):
-        """The reply was not the plain answer (or the transport failed): read it as the
-        generated stub does. Called with the lock held; returns (CUresult, report)."""
-        rep = self._repmv
+    def _fs_use_timer_cell(self, cell) -> None:
+        """Keep the frame seq in the C flush timer's cell (it compares it with the seq it
+        was armed with)."""
+        _rpc_lib.gw_rpc_wire_use_seq_cell(self._wire, cell)
+        self._wseq = cell
+
+    # ---- the Python paths that use the request/reply path hold the wire lock
+    def _wire_release(self) -> None:
+        _rpc_lib.gw_rpc_wire_release(self._wire, 1 if (self._ncalls or self._inflight or self._bulk) else 0)
+
+    def _roundtrip(self, end: int, name: str):
+        _rpc_lib.gw_rpc_wire_lock(self._wire)
         try:
-            if st < 0:
-                self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
-            n = f.rlen
-            magic, _ver, flags, rseq, _nc, _blen, _st, pushes = _REPLY_HEAD_ALL(rep, 0)
-            if flags or rseq != seq or magic != P.MAGIC or n < _REPLY_MIN:
-                pushes = self._reply_slow(n, seq, name)
-        except t.ConnectionLost as e:
-            self.closed = True
-            raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
-        if pushes != self._push_done:
-            self._wait_pushes(pushes)
-        res, = P.U32.unpack_from(rep, _REPLY_MIN)
-        return res, self._rep_report(rep, _REPLY_MIN + 4, name)
+            return super()._roundtrip(end, name)
+        finally:
+            self._wire_release()
 
-    def _fast_sync(self, f: Any, name: str, arg: int):
-        """One sync call through its pre-encoded frame (``f``) and one C call, when
-        nothing is batched. Returns None when the call succeeded, _SLOW when the
-        generated stub must make it, or (CUresult, report) of a failure."""
-        with self._lock:
-            if self._ncalls or self._bulk or self._inflight or self.closed:
-                return _SLOW
-            seq = self._seq
-            st = _fsync(f, seq, self._push_done, arg)
-            self._seq = (seq + 1) & 0xFFFFFFFF     # (the timer's seq cell: set by the C call)
-            self._call_seq += 1
+    def _flush_locked(self) -> None:
+        if self._ncalls == 0 and not self._bulk:
+            return
+        fl = self._fl
+        if fl is None or self._bulk:
+            _rpc_lib.gw_rpc_wire_lock(self._wire)
+            try:
+                super()._flush_locked()
+            finally:
+                self._wire_release()
+            return
+        # one C call: header with the wire's seq, gw_send, next frame buffer free again
+        self._check_open()
+        if self._pend:
+            self._post_pending()          # the frame's push receives first (as the Python path)
+        st = _cflush(fl, self._wire, self._fi, self._pos, self._ncalls, 1 if self._inflight else 0, self._fl_sent)
+        if st < 0:
+            if self._fl_sent[0]:          # the frame went out; waiting for the next buffer failed
+                self._ncalls = 0
+            self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+        self._ncalls = 0
+        self._flush_at = min(self._flush_at * 2, self._max_calls)
+        self._fi = st
+        fr = self._frames[st]
+        if fr.req is not None:            # a send made from Python (a sync frame with bulk data)
+            fr.req.wait(timeout=None if self._timeout < 0 else self._timeout)
+            fr.req = None
+        self._frame = fr
+        self._cbuf = fr.cptr
+        self._buf = fr.buf
+        self._cap = len(fr.buf)
+        self._pos = P.HEADER_SIZE
+
+    def _next_frame(self) -> None:
+        fl = self._fl
+        if fl is not None:                # the next buffer may still be in a send from C
+            st = _rpc_lib.gw_rpc_flusher_wait(fl, (self._fi + 1) % len(self._frames),
+                                              self._fs_call_tmo)
+            if st:
+                self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+        super()._next_frame()
+
+    def _drain_sends(self) -> None:
+        if self._fl is not None:
+            _rpc_lib.gw_rpc_flusher_drain(self._fl, 5_000_000_000)
+        super()._drain_sends()
+
+    def _bye_locked(self) -> None:
+        w = self._wire
+        _rpc_lib.gw_rpc_wire_lock(w)
+        try:
+            _rpc_lib.gw_rpc_wire_kill(w)
+            super()._bye_locked()
+        finally:
+            _rpc_lib.gw_rpc_wire_unlock(w)
+
+    def _teardown(self) -> None:
+        w = self._wire
+        if w is not None:
+            _rpc_lib.gw_rpc_wire_lock(w)        # no fast call is inside the endpoint now,
+            _rpc_lib.gw_rpc_wire_kill(w)        # and none starts
+            if self._fl is not None:            # every send from C released before the
+                _rpc_lib.gw_rpc_flusher_drain(self._fl, 0)   # endpoint closes
+            _rpc_lib.gw_rpc_wire_unlock(w)
+        super()._teardown()
+
+    def _arm_timer(self) -> None:
+        # a batch starts: the wire is busy until it is sent; fast syncs since the last
+        # batch restart the batch ramp (as every sync call does)
+        if _rpc_lib.gw_rpc_wire_open(self._wire, self._tc if self._tc is not None else _rpc_mod.ffi.NULL):
             self._flush_at = self._ramp0
-            if not st:
-                return None
-            r = self._fs_tail(st, seq, f, name)
-        return r if (r[0] or r[1] is not None) else None
+        if self._tc is None and self._timer is not None:
+            self._armed = self._seq
+            self._timer_ev.set()
+
+    # ---- the stubs
+    def _fs_more(self, st: int, f: Any, name: str) -> None:
+        """The C call returned with the wire lock held: a reply to read (1) or the
+        transport's status (< 0). Read it as the generated stub does, release the lock,
+        raise what the reply says."""
+        try:
+            seq = (self._seq - 1) & 0xFFFFFFFF
+            rep = self._fs_repmv
+            try:
+                if st < 0:
+                    self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+                n = f.rlen
+                magic, _ver, flags, rseq, _nc, _blen, _st, pushes = _REPLY_HEAD_ALL(rep, 0)
+                if flags or rseq != seq or magic != P.MAGIC or n < _REPLY_MIN:
+                    pushes = self._reply_slow(n, seq, name, self._fs_repmv, self._fs_repb)
+            except t.ConnectionLost as e:
+                self.closed = True
+                raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
+            if pushes != self._push_done:
+                self._wait_pushes(pushes)
+            res, = P.U32.unpack_from(rep, _REPLY_MIN)
+            rpt = self._rep_report(rep, _REPLY_MIN + 4, name)
+        finally:
+            _rpc_lib.gw_rpc_wire_unlock(self._wire)
+        if res or rpt is not None:
+            self._fail(res, rpt, name)
 
     def gwSync(self):
-        r = self._fast_sync(self._fs_gwSync, "gwSync", 0)
-        if r is None:
-            return None
-        if r is _SLOW:
-            return super().gwSync()
-        self._fail(r[0], r[1], "gwSync")
+        st = _fsync(self._fs_gwSync, 0)
+        if st:
+            if st == 2:
+                return super().gwSync()
+            self._fs_more(st, self._fs_gwSync, "gwSync")
 
     def cuCtxSynchronize(self):
-        r = self._fast_sync(self._fs_cuCtxSynchronize, "cuCtxSynchronize", 0)
-        if r is None:
-            return None
-        if r is _SLOW:
-            return super().cuCtxSynchronize()
-        self._fail(r[0], r[1], "cuCtxSynchronize")
+        st = _fsync(self._fs_cuCtxSynchronize, 0)
+        if st:
+            if st == 2:
+                return super().cuCtxSynchronize()
+            self._fs_more(st, self._fs_cuCtxSynchronize, "cuCtxSynchronize")
 
     def cuStreamSynchronize(self, hStream=0):
         h = hStream
@@ -434,12 +591,11 @@ class _FastSync:
                 return super().cuStreamSynchronize(hStream)     # its error for a bad argument
         if not 0 <= h <= 0xFFFFFFFFFFFFFFFF:
             return super().cuStreamSynchronize(hStream)
-        r = self._fast_sync(self._fs_cuStreamSynchronize, "cuStreamSynchronize", h)
-        if r is None:
-            return None
-        if r is _SLOW:
-            return super().cuStreamSynchronize(hStream)
-        self._fail(r[0], r[1], "cuStreamSynchronize")
+        st = _fsync(self._fs_cuStreamSynchronize, h)
+        if st:
+            if st == 2:
+                return super().cuStreamSynchronize(hStream)
+            self._fs_more(st, self._fs_cuStreamSynchronize, "cuStreamSynchronize")
 
 
 class Session(Stubs):
@@ -479,6 +635,10 @@ class Session(Stubs):
         self._outs: Dict[int, List[Any]] = {}
         self._pushes: deque = deque()
         self._push_done = 0
+        # pushes of the frame being built: (tag, buffer, bytes, record offset), posted when the
+        # frame goes out; a sync frame takes small D2H results in its reply (the reply tail)
+        self._pend: List[Tuple[int, Any, int, int]] = []
+        self._tail_max = 0        # set from the hello (the server must offer the reply tail)
         self._in_tag = P.TAG_BULK_IN_FIRST
         self._out_tag = P.TAG_BULK_OUT_FIRST
         self._next_h = P.FIRST_CLIENT_HANDLE
@@ -527,8 +687,7 @@ class Session(Stubs):
                 self._tc, self._tseq = tc, _rpc_lib.gw_rpc_timer_seqp(tc)
                 self._tseq[0] = self._seq
                 if getattr(self, "_fs_keep", None):
-                    for f in self._fs_keep[0]:
-                        f.seqp = self._tseq     # the fast sync stub keeps it current from C
+                    self._fs_use_timer_cell(self._tseq)   # the fast sync stub keeps it current from C
                     self._fs_keep += (tc,)      # (the cell lives in the timer)
                 self._timer = threading.Thread(target=_timer_loop_c, args=(weakref.ref(self), tc),
                                                name="gpuwire-rpc-flush", daemon=True)
@@ -593,6 +752,9 @@ class Session(Stubs):
         self._va = _VASpace(int(self.info["va_base"]), int(self.info["va_size"]), int(self.info["va_granularity"]))
         self.executor = self.info.get("executor")
         self.session_id = self.info.get("session")
+        if self.info.get("reply_tail"):
+            self._tail_max = max(0, min(int(settings.get("rpc_reply_inline_max")), int(self.info["reply_tail"]),
+                                        P.REPLY_INLINE_LIMIT))
 
     def close(self) -> None:
         """Run what is batched, end the session on the server (it frees everything the
@@ -701,6 +863,8 @@ class Session(Stubs):
         fr = self._frame
         P.HEADER.pack_into(fr.buf, 0, P.MAGIC, P.PROTOCOL_VERSION, 0, self._seq, self._ncalls,
                            end - P.HEADER_SIZE)
+        if self._pend:
+            self._post_pending()
         fr.req = self._ep.send_nb(fr.view(end), tag=P.TAG_REQ)
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         if self._tseq is not None:
@@ -730,6 +894,10 @@ class Session(Stubs):
             self._w.wait_all(reqs, timeout=None if self._timeout < 0 else self._timeout)
         if len(self._inflight) > 64:
             self._wait_inflight(32)
+        elif settings.get("rpc_bulk_progress"):
+            # drive the transport once (non-blocking): while the caller issues its next copies the
+            # payloads in flight keep moving (over tcp they only move when this side progresses)
+            self._w.progress()
 
     def _wait_inflight(self, keep: int = 0) -> None:
         tmo = None if self._timeout < 0 else self._timeout
@@ -774,6 +942,7 @@ class Session(Stubs):
         seq = self._seq
         ncalls = self._ncalls + 1
         fr = self._frame
+        tail = self._tail_routes(fr.buf) if self._pend else None
         _HEADER_PACK(fr.buf, 0, P.MAGIC, P.PROTOCOL_VERSION, P.F_SYNC, seq, ncalls, end - P.HEADER_SIZE)
         self._seq = (seq + 1) & 0xFFFFFFFF
         if self._tseq is not None:
@@ -807,13 +976,58 @@ class Session(Stubs):
             self._wait_pushes(pushes)
         if self._inflight:
             self._wait_inflight()
+        if tail:
+            return rep, self._take_tail(rep, n, tail, name)
         return rep, _REPLY_MIN
 
-    def _reply_slow(self, n: int, seq: int, name: str) -> int:
+    def _post_pending(self) -> None:
+        """Post the receives of the pushes of the frame about to go out (in call order)."""
+        pend, self._pend = self._pend, []
+        for tag, buf, n, _at in pend:
+            self._pushes.append((tag, self._post_recvs(buf, n, tag), buf))
+
+    def _tail_routes(self, buf) -> List[Tuple[Any, int]]:
+        """The sync frame about to go out: its small cuMemcpyDtoHAsync results come back in
+        the reply (their route becomes ROUTE_REPLY); the other pushes are posted as usual.
+        Returns the results the reply tail carries, in order: (buffer, bytes)."""
+        pend, self._pend = self._pend, []
+        out: List[Tuple[Any, int]] = []
+        total = 0
+        for tag, dst, n, at in pend:
+            cid, _fl, ln = _RECORD_AT(buf, at)
+            rt = at + ln - 4
+            if (cid == _D2H_ID and n <= self._tail_max and total + 4 + n <= P.REPLY_TAIL_MAX
+                    and _U32_AT(buf, rt)[0] == tag):
+                _U32_PUT(buf, rt, P.ROUTE_REPLY)
+                out.append((dst, n))
+                total += 4 + n
+            else:
+                self._pushes.append((tag, self._post_recvs(dst, n, tag), dst))
+        return out
+
+    def _take_tail(self, rep, n: int, tail, name: str) -> int:
+        """Copy the reply tail's results into their buffers; returns where the call's reply
+        fields start. A result of 0 bytes: that copy failed (its error is in the report)."""
+        off = _REPLY_MIN
+        for dst, k in tail:
+            if off + 4 > n:
+                raise ProtocolError(f"{name}: reply from {self.address} ends inside its D2H results")
+            (m,) = _U32_AT(rep, off)
+            if m:
+                if m != k or off + 4 + m > n:
+                    raise ProtocolError(f"{name}: reply from {self.address} has a D2H result of {m} B, "
+                                        f"expected {k}")
+                dst[:] = rep[off + 4:off + 4 + m]
+            off += 4 + m
+        return off
+
+    def _reply_slow(self, n: int, seq: int, name: str, rep=None, repb=None) -> int:
         """The reply is not the plain answer to frame ``seq``: stray error replies (recorded,
-        then the next reply is read), our own error reply (raised), or garbage."""
+        then the next reply is read), our own error reply (raised), or garbage. The reply
+        is in ``rep`` (a view of ``repb``; default the session's reply buffer)."""
         tmo = None if self._timeout < 0 else self._timeout
-        rep = self._repmv
+        if rep is None:
+            rep, repb = self._repmv, self._repb
         while True:
             magic, ver, flags, rseq, _nc, blen = P.HEADER.unpack_from(rep, 0)
             if magic != P.MAGIC or n < P.HEADER_SIZE + P.REPLY_HEAD.size:
@@ -822,7 +1036,7 @@ class Session(Stubs):
                 st, msg = P.parse_error(rep, n)
                 if rseq != seq:
                     self.protocol_errors.append(f"frame {rseq}: {msg}")
-                    n = self._ep.recv(self._repb, tag=P.TAG_REP, tag_mask=t.EXACT_TAG, timeout=tmo).nbytes
+                    n = self._ep.recv(repb, tag=P.TAG_REP, tag_mask=t.EXACT_TAG, timeout=tmo).nbytes
                     continue
                 raise ProtocolError(f"{name}: server refused frame {seq}: {msg}", st)
             if rseq != seq:
@@ -982,7 +1196,13 @@ class Session(Stubs):
 
     def _post_push(self, buf: Any, n: int) -> int:
         tag = self._next_out_tag()
-        self._pushes.append((tag, self._post_recvs(buf, n, tag), buf))
+        if n <= self._tail_max:
+            # posted when the frame goes out (_post_pending), or carried in its sync reply
+            self._pend.append((tag, buf, n, self._pos))
+        else:
+            self._pushes.append((tag, self._post_recvs(buf, n, tag), buf))
+            if n > self._inline_max and settings.get("rpc_bulk_progress"):
+                self._w.progress()      # earlier pushes keep moving while the caller issues copies
         return tag
 
     # reply parsing
@@ -1174,11 +1394,14 @@ class _Frame:
 
 
 _HEADER_PACK = P.HEADER.pack_into
-_SLOW = object()   # _fast_sync: the generated stub must make this call
 # a reply's frame header and reply head in one unpack (the fast path of _roundtrip)
 _REPLY_HEAD_ALL = __import__("struct").Struct("<" + P.HEADER.format.lstrip("<=") +
                                              P.REPLY_HEAD.format.lstrip("<=")).unpack_from
 _REPLY_MIN = P.HEADER_SIZE + P.REPLY_HEAD.size
+_RECORD_AT = P.RECORD.unpack_from
+_U32_AT = P.U32.unpack_from
+_U32_PUT = P.U32.pack_into
+_D2H_ID = default_spec().calls["cuMemcpyDtoHAsync"].id
 
 _HELLO_REP = None
 
@@ -1203,9 +1426,10 @@ try:
     from .. import _rpc as _rpc_mod
     _rpc_lib = _rpc_mod.lib
     _timer_arm = _rpc_lib.gw_rpc_timer_arm
-    _fsync = getattr(_rpc_lib, "gw_rpc_fsync", None)   # None: an older build, no fast sync stub
+    _fsync = getattr(_rpc_lib, "gw_rpc_fsync_w", None)   # None: an older build, no fast sync stub
+    _cflush = getattr(_rpc_lib, "gw_rpc_flush", None)
 except ImportError:  # pragma: no cover - depends on the build
-    _rpc_mod = _rpc_lib = _timer_arm = _fsync = None
+    _rpc_mod = _rpc_lib = _timer_arm = _fsync = _cflush = None
 
 
 def _c_timer(delay_s: float):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 import threading
 import weakref
@@ -67,6 +68,24 @@ settings.register("pinned_threads", 4, int,
                   "Client: threads (this one included) that diff and copy regions of 1 MiB or more for the "
                   "'compare' tracking mode (C pool in gpuwire._pinned); 1: the calling thread only.",
                   layer="rpc")
+settings.register("pinned_pull_detect", True, bool,
+                  "Client: pull mirrors of regions of pinned_detect_min bytes or more with gwMirrorPull: the "
+                  "server keeps a device copy of the bytes the client holds and sends back only the granules "
+                  "the kernel changed (cubin/fatbin kernels that did not write a region cost no copy back). "
+                  "Costs a second device allocation per region. See docs/pinned.md.", layer="rpc")
+settings.register("pinned_detect_min", 64 << 10, int,
+                  "Client: regions smaller than this are pulled whole (the server-side diff costs more than it "
+                  "saves on a few KiB that travel inline in the reply).", layer="rpc")
+settings.register("pinned_pull_granule", 1 << 20, int,
+                  "Client: the unit of server-side change detection for pulls (bytes, a multiple of 4096; "
+                  "bigger for regions over 64 granules so a pull is at most 64 messages, and at most the "
+                  "server's bulk message size).", layer="rpc")
+settings.register("pinned_spin_us", 1000, int,
+                  "Client: the 'compare' thread pool's workers spin this long (µs) after a job, and from the "
+                  "start of a sync call that will copy a pulled region of 1 MiB or more, before they sleep: the "
+                  "next diff or copy finds them awake (a wake-up costs tens of µs on a VM). 0: sleep at once. "
+                  "Only where the machine has 2 * pinned_threads + 2 cores or more.",
+                  layer="rpc")
 settings.register("pinned_mlock", True, bool,
                   "Client: page-lock (mlock) pinned regions; when the OS refuses (RLIMIT_MEMLOCK) the "
                   "region stays pageable and Region.locked says so.", layer="rpc")
@@ -75,6 +94,9 @@ TRACK_MODES = ("always", "compare", "explicit", "protect")
 _HOT_MIN = 64 << 10      # compare mode: regions this big stop diffing while rewritten every launch
 _HOT_MAX = 64
 _HUGE = 2 << 20          # host_alloc of this size or more: 2 MiB-aligned, transparent huge pages
+_MT_MIN = 1 << 20        # regions this big are diffed and copied by the C pool (gw_pinned.c MT_MIN)
+_DRAIN_MIN = 16 << 20    # compare regions this big: pulled granules copied to the shadow as they land
+_DRAINED = ()            # Region.pulling once _drain received and copied everything
 _Q = struct.Struct("<Q")
 _PAGE = mmap.PAGESIZE
 
@@ -94,11 +116,104 @@ def _c():
     return _ffi, _lib
 
 
+_spin = None
+
+
 def _pool(lib) -> None:
-    global _threads
+    global _threads, _spin
     want = max(1, int(settings.get("pinned_threads")))
     if _threads != want:
         _threads = lib.gw_pin_threads(want)
+    spin = _spin_us()
+    if _spin != spin:
+        lib.gw_pin_spin(spin * 1000)
+        _spin = spin
+
+
+def _spin_us() -> int:
+    """pinned_spin_us where the machine has the cores for it (twice the pool plus two: the
+    program and the transport), else 0: spinning workers on few cores steal the time they save."""
+    n = max(1, int(settings.get("pinned_threads")))
+    if n < 2 or (os.cpu_count() or 1) < 2 * n + 2:
+        return 0
+    return max(0, int(settings.get("pinned_spin_us")))
+
+
+def _shadow(n: int) -> np.ndarray:
+    """A compare-mode shadow: big ones are mmaps advised for transparent huge pages (fewer TLB
+    misses in the diff and the copies)."""
+    if n < _HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(n, np.uint8)
+    span = (n + _HUGE - 1) // _HUGE * _HUGE
+    mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = int(np.frombuffer(mm, np.uint8, 1).ctypes.data)
+    off = (-base) % _HUGE
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE, off, span)
+    except OSError:
+        pass
+    return np.frombuffer(mm, np.uint8, n, offset=off)
+
+
+def pull_granule(n: int, chunk: int) -> int:
+    """The granule of server-side detection for a region of n bytes (0: one message)."""
+    g = max(4096, int(settings.get("pinned_pull_granule")), -(-n // 64))
+    g = (g + 4095) // 4096 * 4096
+    if chunk > 0:
+        g = min(g, chunk)
+    return 0 if g >= n else g
+
+
+_MP_LOCK = threading.Lock()
+
+
+def mirror_parts(n: int, granule: int) -> List[Tuple[int, int]]:
+    """(offset, length) of gwMirrorPull's messages, as the server splits them."""
+    if granule < 0 or (granule and (n + granule - 1) // granule > (1 << 16)):
+        raise ValueError(f"gwMirrorPull: granule {granule} splits {n} B into more than 65536 messages")
+    if n == 0:
+        return [(0, 0)]
+    g = granule or n
+    return [(o, min(g, n - o)) for o in range(0, n, g)]
+
+
+def mirror_pull(s: Any, dstHost: Any, srcDevice: int, refDevice: int, ByteCount: int, granule: int,
+                hStream: Any = 0, _reqs: Optional[List[Any]] = None) -> None:
+    """gwMirrorPull with one receive per granule (the generated stub posts receives per bulk
+    chunk). ``_reqs``: the pinned manager collects the receives itself (it waits for them and
+    reads which granules came back); otherwise they are waited like any push, at the sync."""
+    if not isinstance(ByteCount, int) or not isinstance(granule, int) or ByteCount < 0:
+        raise TypeError("gwMirrorPull: ByteCount and granule must be non-negative ints")
+    parts = mirror_parts(ByteCount, granule)
+    chunk = int(getattr(s, "_chunk", 0) or 0)
+    if chunk and (granule or ByteCount) > chunk:
+        raise ValueError(f"gwMirrorPull: granule of {granule or ByteCount} B is larger than the server's bulk "
+                         f"message size ({chunk} B)")
+    cls = type(s)
+    me = threading.get_ident()
+    done = []
+
+    def post(buf: Any, n: int) -> int:
+        if done or threading.get_ident() != me or n != ByteCount:
+            return cls._post_push(s, buf, n)
+        done.append(1)
+        tag = s._next_out_tag()
+        base = t.Buffer(buf, writable=True).ptr if n else 0
+        dummy = t.Buffer(bytearray(1), writable=True)
+        reqs = [s._ep.recv_nb(t.Buffer(t.RawBuffer(base + off, ln), writable=True) if ln else dummy,
+                              tag=tag, tag_mask=t.EXACT_TAG) for off, ln in parts]
+        if _reqs is None:
+            s._pushes.append((tag, reqs, buf))
+        else:
+            s._pushes.append((tag, [], buf))      # counted like any push; the caller waits for reqs
+            _reqs.extend(reqs)
+        return tag
+    with _MP_LOCK:      # one patched _post_push at a time (it only serves this thread's call)
+        s.__dict__["_post_push"] = post
+        try:
+            cls.gwMirrorPull(s, dstHost, srcDevice, refDevice, ByteCount, granule, hStream)
+        finally:
+            s.__dict__.pop("_post_push", None)
 
 
 def _sid(h: Any) -> int:
@@ -119,7 +234,7 @@ class Region:
     ``device_owned``: a launch that may write it has not been pulled back yet."""
     __slots__ = ("id", "start", "nbytes", "mirror", "array", "kind", "track", "gen", "pushed_gen", "pushed",
                  "shadow", "cshadow", "clive", "dirty", "mr", "keep", "locked", "lock_error", "freed", "wp", "span",
-                 "hot", "streak", "__weakref__")
+                 "hot", "streak", "ref", "granule", "detect", "dstreak", "dskip", "pulling", "__weakref__")
 
     def __init__(self, rid: int, start: int, nbytes: int, mirror: int, array: np.ndarray, kind: str, track: str):
         self.id, self.start, self.nbytes, self.mirror = rid, start, nbytes, mirror
@@ -140,6 +255,12 @@ class Region:
         self.span = nbytes                  # protect mode: bytes covered (whole pages)
         self.hot = 0                        # compare mode: launches left that push whole, no diff
         self.streak = 0                     # compare mode: diffs in a row that found all changed
+        self.ref = 0                        # server-side detection: device copy of the client's bytes
+        self.granule = 0                    # its unit (bytes; 0: the whole region)
+        self.detect = False                 # pulled with server-side detection (ref made at the 1st pull)
+        self.dstreak = 0                    # detected pulls in a row that found every granule changed
+        self.dskip = 0                      # pulls left that go whole, without the server's diff
+        self.pulling: Any = None            # a detected pull in flight: its receive requests, per granule
 
     @property
     def device_owned(self) -> bool:
@@ -294,7 +415,11 @@ class PinnedManager:
             except RuntimeError:
                 R.track = "compare"     # the write-protect table is full: diff this one instead
         if R.track == "compare":
-            R.shadow = np.empty(n, np.uint8)
+            R.shadow = _shadow(n)
+        if settings.get("pinned_pull_detect") and n >= max(1, int(settings.get("pinned_detect_min"))):
+            # the reference copy is made at the first pull (a region never pulled needs none)
+            R.granule = pull_granule(n, int(getattr(s, "_chunk", 0) or 0))
+            R.detect = True
         self.regions[rid] = R
         self.by_start[start] = R
         self.version += 1
@@ -369,6 +494,9 @@ class PinnedManager:
         with s._lock:                # zero-copy sends may still read the region: let them finish
             s._wait_inflight()
         self.orig["cuMemFree"](s, R.mirror)   # ordered after every call issued before (server side)
+        if R.ref:
+            self.orig["cuMemFree"](s, R.ref)
+            R.ref = 0
         self._drop_local(R)
         s._host.pop(R.start, None)
         R.keep = None                # an mmap goes back to the OS when the last view of it goes
@@ -418,7 +546,38 @@ class PinnedManager:
             R.wp = -1
 
     # ------------------------------------------------------------------ push / pull
-    def _push(self, s: Any, R: Region, stream: Any) -> None:
+    def _overlap(self, s: Any, R: Region) -> bool:
+        """Diff R on the pool while this thread drives the zero-copy sends already in flight
+        (a region pushed before it in this launch): the diff costs no wall time then. Regions
+        of 16 MiB or more only: below, the diff on awake workers takes tens of µs and the H200
+        runs measured compare at 1 MiB slower with the overlap than without (docs/pinned.md)."""
+        return (R.track == "compare" and R.pushed and not R.hot and not R.dirty and R.nbytes >= _DRAIN_MIN
+                and bool(getattr(s, "_inflight", None)) and _threads is not None and _threads > 1)
+
+    def _diff_overlapped(self, s: Any, R: Region) -> Optional[Tuple[int, int]]:
+        """The changed span of R (None: unchanged; else (lo, hi), copied into the shadow), found
+        by the pool while the sends in flight progress; (-1, -1): not started (diff inline)."""
+        lib = self.lib
+        sh, lv = self._cptrs(R)
+        if lib.gw_pin_span_start(sh, lv, R.nbytes):
+            return (-1, -1)
+        self.stats["overlapped_diffs"] = self.stats.get("overlapped_diffs", 0) + 1
+        w = s._w
+        try:
+            while not lib.gw_pin_job_done():
+                w.progress()
+        finally:
+            lh = self.lohi
+            changed = lib.gw_pin_span_finish(R.nbytes, lh, lh + 1)
+        if not changed:
+            return None
+        lo, hi = lh[0], lh[1]
+        lib.gw_pin_copy_mt(sh + lo, lv + lo, hi - lo)
+        return (lo, hi)
+
+    def _push(self, s: Any, R: Region, stream: Any, span: Any = False) -> None:
+        """Push R if it changed. ``span``: compare mode's diff done already (None: unchanged,
+        (lo, hi): that span changed and the shadow has it; False: diff here)."""
         if R.dirty:
             self.stats["skipped"] += 1       # the mirror holds newer bytes than the client
             return
@@ -437,15 +596,17 @@ class PinnedManager:
                     if not R.hot:
                         self._copy(R.shadow, R)
                 else:
-                    if R.cshadow is None:
-                        R.cshadow = self.ffi.cast("uint8_t *", R.shadow.ctypes.data)
-                        R.clive = self.ffi.cast("uint8_t *", R.start)
-                    lh = self.lohi
-                    if not self.lib.gw_pin_diff_mt(R.cshadow, R.clive, n, lh, lh + 1):
+                    if span is False or span == (-1, -1):
+                        if R.cshadow is None:
+                            self._cptrs(R)
+                        lh = self.lohi
+                        span = (lh[0], lh[1]) if self.lib.gw_pin_diff_mt(R.cshadow, R.clive, n, lh, lh + 1) \
+                            else None
+                    if span is None:
                         self.stats["skipped"] += 1
                         R.streak = 0
                         return
-                    lo, hi = lh[0], lh[1]
+                    lo, hi = span
                     if lo == 0 and hi == n and n >= _HOT_MIN:
                         R.streak += 1
                         if R.streak >= 2:
@@ -464,38 +625,164 @@ class PinnedManager:
             e = self.lib.gw_wp_protect(R.wp)
             if e:
                 self.stats["protect_errors"] = self.stats.get("protect_errors", 0) + 1
-        self.orig["cuMemcpyHtoDAsync"](s, R.mirror + lo, R.array[lo:hi], hi - lo, stream)
+        self.orig["cuMemcpyHtoDAsync"](s, R.mirror + lo, R.array if hi - lo == n else R.array[lo:hi], hi - lo,
+                                       stream)
+        if R.ref:       # the server's copy of the client bytes (server-side detection of pulls)
+            self.orig["cuMemcpyDtoDAsync"](s, R.ref + lo, R.mirror + lo, hi - lo, stream)
         R.pushed = True
         R.pushed_gen = R.gen
         self.stats["pushes"] += 1
         self.stats["push_bytes"] += hi - lo
 
+    def _cptrs(self, R: Region) -> Tuple[Any, Any]:
+        if R.cshadow is None:
+            R.cshadow = self.ffi.cast("uint8_t *", R.shadow.ctypes.data)
+            R.clive = self.ffi.cast("uint8_t *", R.start)
+        return R.cshadow, R.clive
+
+    def _detected(self, R: Region) -> List[Tuple[int, int]]:
+        """Wait for a detected pull's receives; the byte ranges that came back (merged runs)."""
+        reqs, R.pulling = R.pulling, None
+        s = self._sref()
+        try:
+            res = s._w.wait_all(reqs, timeout=None if s._timeout < 0 else s._timeout)
+        except t.TransportError:        # the session is broken: its next call says so
+            return [(0, R.nbytes)]
+        return self._note_detected(R, [r.nbytes if r is not None else 0 for r in res])
+
+    def _note_detected(self, R: Region, counts: List[int]) -> List[Tuple[int, int]]:
+        """Bytes received per granule of a detected pull -> the changed runs; stats; whether
+        the next pulls skip the diff (a region rewritten whole every time)."""
+        runs: List[Tuple[int, int]] = []
+        g = R.granule or R.nbytes
+        got = 0
+        for i, nb in enumerate(counts):
+            if nb:
+                lo = i * g
+                hi = lo + nb
+                got += nb
+                if runs and runs[-1][1] == lo:
+                    runs[-1] = (runs[-1][0], hi)
+                else:
+                    runs.append((lo, hi))
+        st = self.stats
+        st["pull_bytes"] += got
+        st["pull_detected"] = st.get("pull_detected", 0) + 1
+        st["pull_bytes_saved"] = st.get("pull_bytes_saved", 0) + R.nbytes - got
+        if got == R.nbytes and counts:
+            R.dstreak += 1          # rewritten whole again: pull whole for a while, without the diff
+            if R.dstreak >= 2 and not self._drains(R):
+                R.dskip = min(_HOT_MAX, 1 << R.dstreak)
+        else:
+            R.dstreak = 0
+        return runs
+
+    def _drains(self, R: Region) -> bool:
+        """Big compare-mode regions: their detected pulls are received granule by granule before
+        the sync call goes out, each granule copied into the shadow as it lands (the copy
+        overlaps the transfer instead of following it); they always use detection."""
+        return R.shadow is not None and R.nbytes >= _DRAIN_MIN and R.granule > 0
+
+    def _drain(self, s: Any, pulled: List[Region]) -> None:
+        """Before a sync call: send the batch (with its pulls), then receive the granules of big
+        detected pulls as they come, copying each into the shadow at once."""
+        big = [R for R in pulled if R.pulling is not None and R.pulling is not _DRAINED and self._drains(R)]
+        if not big:
+            return
+        with s._lock:
+            if s._ncalls:
+                s._flush_locked()
+        lib = self.lib
+        tmo = None if s._timeout < 0 else s._timeout
+        for R in big:
+            reqs = R.pulling
+            g = R.granule
+            sh, lv = self._cptrs(R)
+            counts: List[int] = []
+            try:
+                for i, rq in enumerate(reqs):
+                    nb = rq.wait(timeout=tmo).nbytes      # drives the transport: later granules move too
+                    counts.append(nb)
+                    if nb:
+                        lib.gw_pin_copy_mt(sh + i * g, lv + i * g, nb)
+            except t.TransportError:
+                R.pulling = None        # broken session: _finish copies the whole region
+                continue
+            self._note_detected(R, counts)
+            R.pulling = _DRAINED
+
     def _copy(self, shadow: np.ndarray, R: Region) -> None:
         """shadow <- the region (the C pool for big regions)."""
-        ffi = self.ffi
-        self.lib.gw_pin_copy_mt(ffi.cast("uint8_t *", shadow.ctypes.data), ffi.cast("uint8_t *", R.start),
-                                R.nbytes)
+        sh, lv = self._cptrs(R)
+        self.lib.gw_pin_copy_mt(sh, lv, R.nbytes)
 
     def _pull(self, s: Any, R: Region, stream: int) -> None:
         if R.wp >= 0:
             self.lib.gw_wp_unprotect(R.wp)     # the receive writes the region (a syscall: no EFAULT)
-        self.orig["cuMemcpyDtoHAsync"](s, R.array, R.mirror, R.nbytes, stream)
         self.stats["pulls"] += 1
+        if R.detect and not R.ref:
+            # first pull: whole, and the reference copy made from the mirror first (in stream
+            # order); from now on pushes keep it equal to the client bytes
+            try:
+                R.ref = self.orig["cuMemAlloc"](s, R.nbytes)
+            except CudaError:
+                R.detect = False        # no room for the reference copy: pulls stay whole
+            else:
+                self.orig["cuMemcpyDtoDAsync"](s, R.ref, R.mirror, R.nbytes, stream)
+            self.orig["cuMemcpyDtoHAsync"](s, R.array, R.mirror, R.nbytes, stream)
+            self.stats["pull_bytes"] += R.nbytes
+            return
+        if R.ref and not R.dskip and R.pulling is None:
+            # server-side detection: only the granules that differ from the server's copy of the
+            # client bytes come back (the others arrive as empty messages); _finish sees which
+            reqs: List[Any] = []
+            mirror_pull(s, R.array, R.mirror, R.ref, R.nbytes, R.granule, stream, _reqs=reqs)
+            R.pulling = reqs
+            return
+        if R.ref:
+            # pulled whole (recently every granule changed, or a detected pull of it is still
+            # being received by another thread): the reference copy first, in stream order, so
+            # it is current when the server's copy back (which waits for it) is done
+            if R.dskip:
+                R.dskip -= 1
+            self.orig["cuMemcpyDtoDAsync"](s, R.ref, R.mirror, R.nbytes, stream)
+        self.orig["cuMemcpyDtoHAsync"](s, R.array, R.mirror, R.nbytes, stream)
         self.stats["pull_bytes"] += R.nbytes
 
     def _finish(self, pulled: List[Region]) -> None:
         """After the sync call returned: the pulled bytes are in the regions."""
         for R in pulled:
+            changed = None
+            if R.pulling is _DRAINED:
+                R.pulling = None
+                changed = []            # copied into the shadow as it arrived
+            elif R.pulling is not None:
+                changed = self._detected(R)
             if R.freed:
                 continue
             if R.shadow is not None:
-                self._copy(R.shadow, R)
+                sh, lv = self._cptrs(R)
+                if changed is None:
+                    self.lib.gw_pin_copy_mt(sh, lv, R.nbytes)
+                else:               # only what came back: the rest is as the shadow has it
+                    for lo, hi in changed:
+                        self.lib.gw_pin_copy_mt(sh + lo, lv + lo, hi - lo)
             if R.wp >= 0:
                 self.lib.gw_wp_protect(R.wp)       # client == mirror again: catch the next store
             R.pushed_gen = R.gen
             R.pushed = True
         if self.events:
             self._free_events, self.events = getattr(self, "_free_events", []) + self.events, []
+
+    def _arm(self, pulled: List[Region]) -> None:
+        """A pulled region with a shadow of 1 MiB or more is copied when the sync returns: wake
+        the pool now, so the wake-up overlaps the round trip."""
+        for R in pulled:
+            if R.shadow is not None and R.nbytes >= _MT_MIN and not (R.pulling is not None and self._drains(R)):
+                us = _spin_us()
+                if us:
+                    self.lib.gw_pin_arm(us * 1000)
+                return
 
     def _event(self, s: Any) -> int:
         free = getattr(self, "_free_events", None)
@@ -589,8 +876,18 @@ class PinnedManager:
                             hStream, kernelParams, extra)
             self.stats["rewritten"] += 1
             regions = self.regions
+            later = None
             for rid in used:
-                self._push(s, regions[rid], hStream)
+                R = regions[rid]
+                if R.nbytes >= _DRAIN_MIN and self._overlap(s, R):
+                    if later is None:
+                        later = []
+                    later.append(R)       # diffed after the other pushes went out, overlapping them
+                    continue
+                self._push(s, R, hStream)
+            if later:
+                for R in later:
+                    self._push(s, R, hStream, self._diff_overlapped(s, R) if self._overlap(s, R) else False)
             r = orig(s, f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes,
                      hStream, newp, None)
             if written:
@@ -724,6 +1021,9 @@ class PinnedManager:
         s = self._sref()
         with self.lock:
             pulled = self._pull_all(s)
+            if pulled:
+                self._arm(pulled)
+                self._drain(s, pulled)
         try:
             return self.orig["cuCtxSynchronize"](s)
         finally:
@@ -736,6 +1036,9 @@ class PinnedManager:
         with self.lock:
             # the legacy stream synchronises with every blocking stream: pull everything
             pulled = self._pull_all(s) if st == 0 else self._pull_cover(s, st, self.pend.pop(st, None))
+            if pulled:
+                self._arm(pulled)
+                self._drain(s, pulled)
         try:
             return self.orig["cuStreamSynchronize"](s, hStream)
         finally:
@@ -747,6 +1050,9 @@ class PinnedManager:
         with self.lock:
             cov = self.ev.get(int(hEvent))
             pulled = self._pull_cover(s, cov[0], cov[1]) if cov else []
+            if pulled:
+                self._arm(pulled)
+                self._drain(s, pulled)
         try:
             return self.orig["cuEventSynchronize"](s, hEvent)
         finally:
@@ -890,6 +1196,11 @@ def attach(session: Any) -> None:
     d["cuModuleLoadData"] = cuModuleLoadData
     d["cuModuleGetFunction"] = cuModuleGetFunction
 
+    def gwMirrorPull(dstHost, srcDevice, refDevice, ByteCount, granule, hStream=0):
+        return mirror_pull(ref(), dstHost, srcDevice, refDevice, ByteCount, granule, hStream)
+    gwMirrorPull.__doc__ = getattr(cls, "gwMirrorPull").__doc__
+    d["gwMirrorPull"] = gwMirrorPull
+
 
 def ptx_readonly(session: Any, fh: int) -> FrozenSet[int]:
     """Parameters of function ``fh`` that its PTX never writes through (empty when the module
@@ -973,7 +1284,7 @@ def set_tracking(session: Any, buf: Any, mode: str) -> Region:
         R.hot = R.streak = 0
         R.track = mode
         if mode == "compare" and R.shadow is None:
-            R.shadow = np.empty(R.nbytes, np.uint8)
+            R.shadow = _shadow(R.nbytes)
             R.cshadow = None
             R.pushed = False          # the next launch pushes all and fills the shadow
         elif mode != "compare":

@@ -39,6 +39,11 @@ settings.register("rpc_batch_first", 2, int,
 settings.register("rpc_flush_us", 200.0, float,
                   "Client: flush a started batch after this many microseconds (0: only on the other "
                   "triggers).", layer="rpc")
+settings.register("rpc_bulk_progress", False, bool,
+                  "Client: after sending an async copy's payload, and after posting the receive of a bulk "
+                  "async D2H push, drive the transport once (non-blocking), so bytes in flight keep moving "
+                  "while the caller issues its next calls (off: not measured on the GPU machine yet).",
+                  layer="rpc")
 settings.register("rpc_inline_max", 64 << 10, int,
                   "Client: host buffers up to this size travel inside the frame; larger ones as separate "
                   "zero-copy messages.", layer="rpc")
@@ -57,7 +62,18 @@ settings.register("rpc_token", "", str,
                   "Shared-secret token sent by gpuwire.connect when none is given.", layer="rpc")
 settings.register("rpc_c_sync", True, bool,
                   "Client: gwSync, cuCtxSynchronize and cuStreamSynchronize with nothing batched go out "
-                  "as a pre-encoded frame and one C call (gpuwire._rpc) that also checks the reply.",
+                  "as a pre-encoded frame and one C call (gpuwire._rpc) that takes the session's wire lock "
+                  "and checks the reply (no Python session lock; docs/protocol.md).",
+                  layer="rpc")
+settings.register("rpc_c_flush", True, bool,
+                  "Client (with rpc_c_sync): a batch of deferred calls goes out through one C call "
+                  "(gw_rpc_flush: frame header with the wire's seq, the transport's gw_send, the next "
+                  "frame buffer waited for) instead of the Python send path.",
+                  layer="rpc")
+settings.register("rpc_reply_inline_max", 4096, int,
+                  "Client: deferred D2H copies (cuMemcpyDtoHAsync) of at most this many bytes that are "
+                  "batched in the same frame as a sync call come back inside that call's reply instead of "
+                  "as push messages (at most 4096; 0: always pushes). Needs a server that offers it.",
                   layer="rpc")
 settings.register("rpc_c_encoder", False, bool,
                   "Client: encode deferred calls with the C batch encoder (gpuwire._rpc) instead of "
@@ -96,6 +112,11 @@ TAG_BULK_IN_LAST = 0x7FFFFF
 TAG_BULK_OUT_FIRST = 0x800000  # device->host bulk payloads (client picks, server sends there)
 TAG_BULK_OUT_LAST = 0xEFFFFF
 # 0xF00000..0xFFFFFF: reserved (transport benches, stop message)
+# route of a deferred D2H result that comes back in the sync reply of its own frame (the
+# reply tail: docs/protocol.md) instead of as a push message; a sync frame only
+ROUTE_REPLY = 0xFFFFFFFE
+REPLY_INLINE_LIMIT = 4096       # largest D2H result a reply tail carries
+REPLY_TAIL_MAX = 16384          # a reply tail's bytes at most (entries: u32 length + bytes)
 
 # Frame-level status codes (error replies)
 ST_OK = 0

@@ -51,6 +51,32 @@ settings.register("rpc_worker_claim_s", 30.0, float,
                   layer="rpc")
 settings.register("rpc_bulk_timeout_s", 120.0, float,
                   "Server: seconds to wait for a bulk payload a frame announced.", layer="rpc")
+settings.register("rpc_c_bulk", True, bool,
+                  "Server (C): frames of async H2D copies (payloads received into a ring of staging slots "
+                  "while later frames are handled) and of async D2H copies (sent from the slots) run in C "
+                  "(gw_rpc_bulk_*; with rpc_c_server).", layer="rpc")
+settings.register("rpc_c_bulk_dtoh_min", 0, int,
+                  "Server (C): frames of async D2H copies with one of at least this many bytes are copied "
+                  "into the C bulk staging slots and sent from C (0: never; they run as before: small "
+                  "frames in the C server, larger in Python).", layer="rpc")
+settings.register("rpc_c_bulk_inflight", 8 << 20, int,
+                  "Server (C): H2D payload bytes the C bulk copies keep posted at most (at least one message): "
+                  "8 slots of 1 MiB messages, or 2 of 4 MiB chunks, by default.", layer="rpc")
+settings.register("rpc_c_bulk_slots", 8, int,
+                  "Server (C): staging slots (of one bulk chunk each) of the C bulk copies; up to this many "
+                  "H2D payload messages are in flight at once.", layer="rpc")
+settings.register("rpc_trace_dir", "", str,
+                  "Server: when set, the C server records timestamps of every frame (received, decoded, "
+                  "first driver call, calls issued, waits done, reply handed to the transport; "
+                  "CLOCK_MONOTONIC) and each session writes them to "
+                  "<dir>/gpuwire-trace-<pid>-<session>.json when it ends (the bench's --trace). "
+                  "Empty: off.", layer="rpc")
+settings.register("rpc_trace_frames", 65536, int,
+                  "Server, with rpc_trace_dir: frames a session's trace keeps (the last ones).", layer="rpc")
+settings.register("rpc_server_skip_ssync", True, bool,
+                  "Server (C): a cuStreamSynchronize right after a small D2H push's wait on the same "
+                  "stream, with nothing issued since, is answered without a second driver call.",
+                  layer="rpc")
 
 MAX_FRAME = 1 << 20
 DEFAULT_PORT = 13371
@@ -92,11 +118,20 @@ class BulkIn:
     def __init__(self, s: "ServerSession", tag: int, nbytes: int):
         self.s, self.tag, self.nbytes, self.done = s, tag, nbytes, False
 
+    def _long(self, ln: int) -> Exception:
+        """A chunk message longer than announced (it was consumed, truncated): the copy's error;
+        the payload counts as taken, so the caller does not drain it again."""
+        self.done = True
+        return fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk longer than the expected {ln} B")
+
     def _recv(self, ptr: int, n: int) -> None:
         ep, chunk, tmo = self.s.ep, self.s.chunk, self.s.bulk_timeout
         for off, ln in _chunks(n, chunk):
             target = t.Buffer(t.RawBuffer(ptr + off, ln), writable=True) if ln else t.Buffer(bytearray(1), True)
-            r = ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=tmo)
+            try:
+                r = ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=tmo)
+            except t.MessageTruncated:
+                raise self._long(ln) from None
             if r.nbytes != ln:
                 self.done = True
                 raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
@@ -105,7 +140,10 @@ class BulkIn:
     def recv_part(self, ptr: int, ln: int) -> None:
         """Receive the next chunk message (of ``ln`` bytes) into ``ptr`` (chunked consumers)."""
         target = t.Buffer(t.RawBuffer(ptr, ln), writable=True) if ln else t.Buffer(bytearray(1), True)
-        r = self.s.ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=self.s.bulk_timeout)
+        try:
+            r = self.s.ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=self.s.bulk_timeout)
+        except t.MessageTruncated:
+            raise self._long(ln) from None
         if r.nbytes != ln:
             self.done = True
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
@@ -116,7 +154,10 @@ class BulkIn:
         return self.s.ep.recv_nb(target, tag=self.tag, tag_mask=t.EXACT_TAG)
 
     def wait_part(self, req, ln: int) -> None:
-        r = req.wait(timeout=self.s.bulk_timeout)
+        try:
+            r = req.wait(timeout=self.s.bulk_timeout)
+        except t.MessageTruncated:
+            raise self._long(ln) from None
         if r.nbytes != ln:
             self.done = True
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
@@ -159,14 +200,23 @@ class BulkIn:
         return self.nbytes
 
 
+class _Sized:
+    """A blob that is only described (its size), for error texts of copies run in C."""
+    __slots__ = ("nbytes",)
+
+    def __init__(self, n: int):
+        self.nbytes = n
+
+
 class OutSink:
     """Where an out hostbuf goes: inline in the reply (route 0) or to a client tag."""
-    __slots__ = ("s", "route", "nbytes", "deferred", "data", "sent")
+    __slots__ = ("s", "route", "nbytes", "deferred", "data", "sent", "split")
 
     def __init__(self, s: "ServerSession", route: int, nbytes: int, deferred: bool):
         self.s, self.route, self.nbytes, self.deferred = s, route, nbytes, deferred
         self.data: Any = None
         self.sent = False
+        self.split: Optional[int] = None    # message size of this push when not the session's chunk
 
     def _send(self, ptr: int, n: int, keep: Any) -> None:
         ep, w = self.s.ep, self.s.server.worker
@@ -213,7 +263,8 @@ class OutSink:
         """A deferred push that failed still sends (empty) messages: the client posted receives."""
         if self.route and not self.sent:
             ep = self.s.ep
-            reqs = [ep.send_nb(b"", tag=self.route) for _ in _chunks(self.nbytes, self.s.chunk)]
+            split = self.s.chunk if self.split is None else self.split
+            reqs = [ep.send_nb(b"", tag=self.route) for _ in _chunks(self.nbytes, split)]
             self.s.server.worker.wait_all(reqs, timeout=self.s.bulk_timeout)
             self.sent = True
 
@@ -269,6 +320,7 @@ class ServerSession:
         self.latch: Optional[List[Any]] = None
         self.call_seq = 0
         self.pushes = 0
+        self.tail = bytearray()            # the current sync frame's reply tail (ROUTE_REPLY results)
         self.errmsg = ""
         self.chunk = server.executor.bulk_chunk if server.executor is not None else 0
         self.bulk_timeout = float(settings.get("rpc_bulk_timeout_s"))
@@ -287,11 +339,17 @@ class ServerSession:
         # can run entirely in C without entering Python; passes the rest to handle_frame
         self.serve_c = (_cf.Serve(self.scanner, P.TAG_REP)
                         if self.scanner is not None and hasattr(ep, "serve") else None)
+        self.trace_dir = str(settings.get("rpc_trace_dir") or "")
+        if self.serve_c is not None:
+            self.serve_c.v.skip_ssync = 1 if settings.get("rpc_server_skip_ssync") else 0
+            if self.trace_dir:
+                self.serve_c.trace_on(max(1, int(settings.get("rpc_trace_frames"))))
         self.frames = 0
         self.errors = 0
         self.closed_reason = ""
         self._gds_files: Any = None   # gpuwire.gds.service.FileService, at the first file call
         self.h2d_ctx: Any = None      # the async H2D copy whose tail is still pending (GPU executor)
+        self.bulk_c: Any = None       # the C server's bulk copies (_cfast.Bulk, rpc_c_bulk)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -405,6 +463,8 @@ class ServerSession:
         if flags & P.F_HELLO:
             self._send_error(seq, P.ST_MALFORMED, "hello on an established session")
             return True
+        # the reply tail of this frame (ROUTE_REPLY results); with resume, what C wrote first
+        self.tail = bytearray(self.serve_c.take_tail()) if resume is not None and self.serve_c else bytearray()
         if self.scanner is not None and self.frame_c is not None:
             if ncalls > len(self.recs_c):
                 if ncalls > blen // P.RECORD_SIZE:
@@ -477,7 +537,11 @@ class ServerSession:
                     if rend - p < 4:
                         raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): route {k} missing")
                     (r,) = P.U32.unpack_from(mv, p)
-                    if r and not P.TAG_BULK_OUT_FIRST <= r <= P.TAG_BULK_OUT_LAST:
+                    if r == P.ROUTE_REPLY:
+                        if not (e.call.deferred and sync):
+                            raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): route {k} to the reply "
+                                                             f"tail outside a sync frame's deferred call")
+                    elif r and not P.TAG_BULK_OUT_FIRST <= r <= P.TAG_BULK_OUT_LAST:
                         raise FrameError(P.ST_MALFORMED, f"call {i} ({e.call.name}): route tag {r:#x} "
                                                          f"outside the server->client bulk range")
                     if e.call.deferred and not r:
@@ -516,6 +580,8 @@ class ServerSession:
         """Records located by the C scanner; runs of hot calls go through the C loop.
         ``resume``: the C server already ran records [0, i) and record i failed."""
         recs = self.recs_c
+        if self.bulk_c is not None and self.bulk_c.nlate():
+            self._c_bulk_late()
         tab = _table()
         disp = self.disp
         hot = disp.hot_ids if disp is not None else ()
@@ -531,6 +597,9 @@ class ServerSession:
             if e.call.deferred:
                 # a failed push still sends (empty) messages: the client posted its receives
                 for r, nb in zip(routes, self._out_sizes(e, vals)):
+                    if r == P.ROUTE_REPLY:
+                        self.tail += P.U32.pack(0)      # (an empty result in the reply tail)
+                        continue
                     OutSink(self, r, nb, True).finish()
                     self.pushes = (self.pushes + 1) & 0xFFFFFFFF
             else:
@@ -625,15 +694,30 @@ class ServerSession:
         if getattr(es, "h2d_pend", None) or getattr(es, "h2d_failed", None) is not None:
             self._h2d_settle()
         sinks = []
+        tail = None
         if routes:
             sizes = self._out_sizes(e, vals)
-            sinks = [OutSink(self, r, n, call.deferred) for r, n in zip(routes, sizes)]
+            if P.ROUTE_REPLY in routes:
+                tail = self._tail_sinks(call, routes, sizes)
+                if tail is None:        # not a result the reply tail may carry: empty entries
+                    self.tail += P.U32.pack(0) * routes.count(P.ROUTE_REPLY)
+                    self._note_error(e, vals, blobs, P.CUDA_ERROR_INVALID_VALUE, pos, seq, cseq)
+                    return None
+            sinks = [OutSink(self, 0 if r == P.ROUTE_REPLY else r, n, call.deferred) for r, n in zip(routes, sizes)]
+            if call.name == "gwMirrorPull":     # one message per granule (docs/pinned.md)
+                g = vals[3]
+                if not g or (vals[2] + g - 1) // g <= (1 << 16):
+                    sinks[0].split = g
         res, outs = self._run(e, vals, blobs, sinks)
         for b in blobs:
             if isinstance(b, BulkIn) and not b.done:
                 b.drain()
         if call.deferred:
-            for sk in sinks:
+            for k, sk in enumerate(sinks):
+                if tail is not None and routes[k] == P.ROUTE_REPLY:
+                    d = sk.data if sk.sent and not res and sk.data is not None else b""
+                    self.tail += P.U32.pack(len(d)) + d       # reply tail: length, bytes
+                    continue
                 sk.finish()
                 self.pushes = (self.pushes + 1) & 0xFFFFFFFF
         if res and call.name not in STATUS_RESULT and not (
@@ -642,6 +726,23 @@ class ServerSession:
         if not call.deferred:
             return (e, res, outs, sinks)
         return None
+
+    def _tail_sinks(self, call, routes, sizes):
+        """A call routing results to the reply tail: only cuMemcpyDtoHAsync, each result at
+        most REPLY_INLINE_LIMIT bytes, the tail at most REPLY_TAIL_MAX; else None (and why in
+        errmsg)."""
+        if call.name != "cuMemcpyDtoHAsync":
+            self.errmsg = f"{call.name} cannot return results in the reply tail"
+            return None
+        n = len(self.tail)
+        for r, sz in zip(routes, sizes):
+            if r == P.ROUTE_REPLY:
+                n += 4 + sz
+                if sz > P.REPLY_INLINE_LIMIT or n > P.REPLY_TAIL_MAX:
+                    self.errmsg = (f"{sz} B do not fit the reply tail (at most {P.REPLY_INLINE_LIMIT} B "
+                                   f"per result, {P.REPLY_TAIL_MAX} B per reply)")
+                    return None
+        return True
 
     def _note_error(self, e, vals, blobs, res: int, pos: int, seq: int, cseq: int) -> None:
         call = e.call
@@ -697,6 +798,11 @@ class ServerSession:
         off = P.HEADER_SIZE
         P.REPLY_HEAD.pack_into(rep, off, 0, self.pushes)
         off += P.REPLY_HEAD.size
+        tail = getattr(self, "tail", None)
+        if tail:                # D2H results routed to this reply (ROUTE_REPLY), in frame order
+            rep[off:off + len(tail)] = tail
+            off += len(tail)
+            self.tail = bytearray()
         if e is not None:
             fixed = e.zero
             strings: Sequence[Any] = ("",) * e.nstrings
@@ -825,6 +931,7 @@ class ServerSession:
                     scratch = self.es.c_scratch() if hasattr(self.es, "c_scratch") else None
                     prog = self.ep.worker.c_progress_entry() if hasattr(self.ep.worker, "c_progress_entry") else None
                     self.serve_c.attach(spec, self.disp, fns, self.chunk, scratch, prog)
+                    self._attach_bulk(spec)
             except Exception:
                 log.exception("C dispatch disabled")
                 self.disp = None
@@ -837,6 +944,7 @@ class ServerSession:
                   "protocol": P.PROTOCOL_VERSION, "va_base": self.es.va_base, "va_size": self.es.va_size,
                   "va_granularity": self.mm.gran, "bulk_chunk": self.chunk,
                   "inline_max": int(settings.get("rpc_inline_max")), "max_frame": MAX_FRAME,
+                  "reply_tail": P.REPLY_INLINE_LIMIT,
                   "device": device, "context": self.ctx_id}
         extras.update({k: v for k, v in srv.executor.describe().items() if k not in extras})
         self._hello_reply(seq, e, 0, spec.fingerprint64, extras)
@@ -868,7 +976,64 @@ class ServerSession:
         self.ep.send(frame, tag=P.TAG_REP, timeout=5.0)
 
     # ------------------------------------------------------------------ cleanup
+    def _write_trace(self) -> None:
+        """rpc_trace_dir: this session's frame timestamps as JSON (the bench reads them)."""
+        import os
+        sc = self.serve_c
+        rows = sc.trace_rows()
+        doc = {"pid": os.getpid(), "session": self.id, "client": getattr(self, "client", None), "clock": "CLOCK_MONOTONIC ns",
+               "fields": list(sc.TRACE_FIELDS), "frames_total": int(sc.v.trace_n), "c_frames": int(sc.v.frames),
+               "passed": int(sc.v.passed), "ssync_skipped": int(sc.v.ssync_skipped), "frames": rows}
+        path = os.path.join(self.trace_dir, f"gpuwire-trace-{os.getpid()}-{self.id}.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)     # readers never see a partial file
+
+    def _attach_bulk(self, spec) -> None:
+        """rpc_c_bulk: async H2D/D2H copy frames run in C (gw_rpc_bulk_*); without it, or if the
+        executor or the transport cannot provide what it needs, they run as before."""
+        if not settings.get("rpc_c_bulk") or not hasattr(self.es, "c_bulk") or not hasattr(self.ep, "c_bulk_entry"):
+            return
+        try:
+            res = self.es.c_bulk(max(2, min(64, int(settings.get("rpc_c_bulk_slots")))))
+            if res:
+                self.bulk_c = _cf.Bulk(self.serve_c, spec, self.ep.c_bulk_entry(), res, self.chunk,
+                                       self.bulk_timeout, max(0, int(settings.get("rpc_c_bulk_dtoh_min"))),
+                                       int(settings.get("rpc_c_bulk_inflight")))
+        except Exception:
+            log.exception("C bulk copies disabled")
+            self.bulk_c = None
+
+    def _c_bulk_late(self) -> None:
+        """Failures of C bulk copies found after their record ran (a short payload, a driver
+        error while a staged copy was queued): each becomes the deferred error of its copy."""
+        late, dropped = self.bulk_c.take_late()
+        tab = _table()
+        for res, seq, pos, cid, back, fixed, text in late:
+            e = tab.get(cid)
+            if e is None:     # pragma: no cover - C only records the two copy calls
+                continue
+            vals = e.fixed.unpack_from(fixed, 0)
+            blobs = [_Sized(vals[1])] if e.nvar else []
+            msg, self.errmsg = self.errmsg, text
+            self._note_error(e, vals, blobs, res, pos, seq, self.call_seq - back)
+            self.errmsg = msg
+        if dropped and self.latch is not None:
+            self.latch[5] += dropped
+
     def cleanup(self) -> None:
+        if self.bulk_c is not None:     # pending payload receives cancelled, sends completed
+            try:
+                self.bulk_c.close()
+            except Exception:
+                log.exception("session %d: closing the C bulk copies", self.id)
+            self.bulk_c = None
+        if self.serve_c is not None and self.trace_dir and self.ready:
+            try:
+                self._write_trace()
+            except Exception:
+                log.exception("session %d: writing the frame trace to %s", self.id, self.trace_dir)
         if self.serve_c is not None:
             self.serve_c.detach()
         self.disp = None
@@ -1108,14 +1273,9 @@ class ServerSession:
         self._gds(lambda fs: fs.read(dst, decode_path(path), offset, nbytes, stream, seq))
 
     def gwFileReadV(self, requests, nbytes, count, stream):
-        from ..gds.service import unpack_reads
-
-        def run(fs):
+        def run(fs):   # the list is parsed, checked and planned by gds (each destination: devrange)
             data = requests.read() if hasattr(requests, "read") else requests
-            reads = unpack_reads(data, count)
-            for _p, _o, n, dst in reads:
-                self.devrange(dst, n, "gwFileReadV: destination")
-            fs.read_many(reads, stream, seq)
+            fs.read_packed(data, count, stream, seq, check_dst=self.devrange)
         seq = self.call_seq - 1
         self._gds(run)
 

@@ -851,6 +851,22 @@ class Endpoint(_Closing):
         return (int(ffi.cast("uintptr_t", ffi.addressof(lib, "gw_call"))), int(ffi.cast("uintptr_t", self._c)),
                 self._op_ns if timeout is None else _ns(timeout))
 
+    def c_bulk_entry(self) -> Dict[str, int]:
+        """For a C layer above that posts and completes messages of this endpoint itself
+        (the rpc server's bulk copies): addresses of ``gw_recv``, ``gw_send``, ``gw_wait``,
+        ``gw_req_test``, ``gw_req_info``, ``gw_req_release`` and ``gw_worker_progress`` (signatures in
+        cffi_src/gw_ucx.h), this endpoint's ``conn`` and its worker's ``worker`` pointer.
+        Valid while the Endpoint is open; use them only from the thread that drives the
+        worker, and release every request before the Endpoint closes."""
+        self._check()
+
+        def a(name: str) -> int:
+            return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+        return {"recv": a("gw_recv"), "send": a("gw_send"), "wait": a("gw_wait"), "test": a("gw_req_test"),
+                "info": a("gw_req_info"),
+                "release": a("gw_req_release"), "progress": a("gw_worker_progress"),
+                "conn": int(ffi.cast("uintptr_t", self._c)), "worker": int(ffi.cast("uintptr_t", self.worker._w))}
+
     def raise_call_status(self, st: int, timeout: Optional[float] = None) -> None:
         """Raise what :meth:`call` raises for the nonzero status ``st`` of a ``gw_call``."""
         self._call_failed(st, timeout)

@@ -45,6 +45,8 @@ def _consistent(spec) -> bool:
     if (lib.GW_RPC_TAG_IN_FIRST, lib.GW_RPC_TAG_IN_LAST, lib.GW_RPC_TAG_OUT_FIRST, lib.GW_RPC_TAG_OUT_LAST) != (
             P.TAG_BULK_IN_FIRST, P.TAG_BULK_IN_LAST, P.TAG_BULK_OUT_FIRST, P.TAG_BULK_OUT_LAST):
         return False
+    if (lib.GW_RPC_ROUTE_REPLY, lib.GW_RPC_REPLY_INLINE_LIMIT) != (P.ROUTE_REPLY, P.REPLY_INLINE_LIMIT):
+        return False
     for name, fmt in HOT + tuple(SERVE.values()):
         c = spec.calls.get(name)
         if c is None or c.wire_format.request != fmt:
@@ -136,7 +138,8 @@ class Serve:
         self.v = ffi.new("gw_rpc_srv_t *")
         v = self.v
         self._recs = ffi.new("gw_rpc_rec_t[]", nrecs)
-        self._rep = ffi.new("uint8_t[]", 256)
+        self._rep = ffi.new("uint8_t[]", 256 + P.REPLY_TAIL_MAX)
+        self._tail = ffi.new("uint8_t[]", P.REPLY_TAIL_MAX)     # the reply tail (ROUTE_REPLY)
         self._scratch = None
         self.scanner = scanner      # keeps the call table alive
         v.desc = scanner.desc
@@ -144,11 +147,13 @@ class Serve:
         v.nrecs = nrecs
         v.recs = self._recs
         v.rep = self._rep
+        v.tail, v.tail_cap = self._tail, P.REPLY_TAIL_MAX
         v.rep_tag = rep_tag
         v.enabled = 0
         self.handler = int(lib.gw_rpc_serve_handler_addr())
         self.arg = int(ffi.cast("uintptr_t", v))
         self.disp: Optional[Dispatch] = None
+        self._trace = None
 
     def attach(self, spec, disp: "Dispatch", fns: Dict[int, int], chunk: int, scratch=None,
                progress: "Optional[tuple[int, int]]" = None) -> None:
@@ -184,6 +189,40 @@ class Serve:
         self.v.enabled = 0
         self.v.s = ffi.NULL
         self.disp = None
+
+    def take_tail(self) -> bytes:
+        """The reply-tail bytes the C server wrote for the frame it passed (resume set)."""
+        n = int(self.v.tail_n)
+        self.v.tail_n = 0
+        return bytes(ffi.buffer(self._tail, n)) if n else b""
+
+    TRACE_FIELDS = ("seq", "ncalls", "flags", "npush", "t_in", "t_scan", "t_first", "t_issued", "t_waited",
+                    "t_out")
+
+    def trace_on(self, frames: int) -> None:
+        """Record per-frame timestamps (``gw_rpc_trace_t``, CLOCK_MONOTONIC ns) of the last
+        ``frames`` frames the handler sees (0: off)."""
+        v = self.v
+        v.trace = ffi.NULL
+        v.trace_cap = 0
+        v.trace_n = 0
+        self._trace = None
+        if frames > 0:
+            self._trace = ffi.new("gw_rpc_trace_t[]", int(frames))
+            v.trace, v.trace_cap = self._trace, int(frames)
+
+    def trace_rows(self) -> "list[tuple]":
+        """The recorded frames, oldest first: tuples in TRACE_FIELDS order (0 = not reached;
+        flags: 1 sync frame, 2 passed to Python)."""
+        v = self.v
+        cap, n = int(v.trace_cap), int(v.trace_n)
+        if not cap or self._trace is None:
+            return []
+        out = []
+        for i in range(max(0, n - cap), n):
+            r = self._trace[i % cap]
+            out.append(tuple(int(getattr(r, f)) for f in self.TRACE_FIELDS))
+        return out
 
     def resume(self) -> "Optional[tuple[int, int, str]]":
         v = self.v
@@ -233,3 +272,105 @@ def load(d) -> Optional[Launcher]:
     if 0 not in fns:
         return None
     return Launcher(fns[0])
+
+
+# ----------------------------------------------------------------------------- bulk copies in C
+
+BULK_STATS = ("h2d", "d2h", "frames", "early", "pending", "max_pending")
+
+
+def bulk_host_fns() -> Dict[str, int]:
+    """The host versions of the bulk engine's driver calls (the CPU executor)."""
+    return {k: int(ffi.cast("uintptr_t", lib.gw_rpc_bulk_host_fn(i)))
+            for i, k in enumerate(("htod", "dtoh", "evrec", "evquery"))}
+
+
+def bulk_driver_fns(d) -> Dict[str, int]:
+    """cuMemcpyHtoDAsync, cuMemcpyDtoHAsync, cuEventRecord, cuEventQuery from cuGetProcAddress
+    (an empty dict if one is missing)."""
+    out: Dict[str, int] = {}
+    for k, name in (("htod", "cuMemcpyHtoDAsync"), ("dtoh", "cuMemcpyDtoHAsync"), ("evrec", "cuEventRecord"),
+                    ("evquery", "cuEventQuery")):
+        try:
+            r = d.cuGetProcAddress(name.encode(), 12000, d.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
+        except Exception:
+            return {}
+        if int(r[0]) != 0 or not int(r[1]):
+            return {}
+        out[k] = int(r[1])
+    return out
+
+
+class Bulk:
+    """The C server's bulk copies (gw_rpc_bulk_t): wraps a :class:`Serve` handler so that
+    frames of async H2D copies (their payloads received into a ring of staging slots, settled
+    lazily) and of async D2H copies (copied into the slots and sent from C) run in C. Frames
+    it does not run go to the wrapped handler unchanged. ``entry``: the transport's
+    ``Endpoint.c_bulk_entry()``; ``res``: the executor's ``c_bulk()`` (slots, events, driver
+    entry points)."""
+
+    def __init__(self, serve: Serve, spec, entry: Dict[str, int], res: Dict[str, Any], chunk: int,
+                 timeout_s: float, dtoh_min: int = 0, inflight: int = 8 << 20):
+        c = ffi.new("gw_rpc_bulk_cfg_t *")
+        c.srv = serve.v
+        for k in ("recv", "send", "wait", "test", "info", "release", "progress", "worker", "conn"):
+            setattr(c, k, ffi.cast("void *", entry[k]))
+        c.timeout_ns = int(max(timeout_s, 0.001) * 1e9)
+        fns = res["fns"]
+        for k in ("htod", "dtoh", "evrec", "evquery"):
+            setattr(c, k, ffi.cast("void *", fns[k]))
+        c.id_htod = spec.calls["cuMemcpyHtoDAsync"].id
+        c.id_dtoh = spec.calls["cuMemcpyDtoHAsync"].id
+        slots, evs = list(res["slots"]), list(res["events"])
+        if not 2 <= len(slots) <= lib.GW_RPC_BULK_MAXSLOTS or len(evs) != len(slots):
+            raise ValueError(f"bulk copies: {len(slots)} staging slots (2..{lib.GW_RPC_BULK_MAXSLOTS})")
+        c.nslots = len(slots)
+        c.slot_size = int(res["slot_size"])
+        c.chunk = int(chunk or 0)
+        c.dtoh_min = int(dtoh_min) if dtoh_min > 0 else (1 << 63)   # 0: D2H frames are never taken
+        c.inflight = max(1, int(inflight))
+        for i, (p, e) in enumerate(zip(slots, evs)):
+            c.slot[i] = ffi.cast("uint8_t *", int(p))
+            c.ev[i] = ffi.cast("void *", int(e))
+        b = lib.gw_rpc_bulk_new(c)
+        if b == ffi.NULL:
+            raise ValueError("bulk copies: gw_rpc_bulk_new refused the configuration")
+        self.b = b
+        self.cfg = c
+        self.res = res                 # keeps the slots alive (host memory of the CPU executor)
+        self.serve = serve
+        self.nslots = len(slots)
+        self._late = ffi.new("gw_rpc_late_t[]", lib.GW_RPC_BULK_MAXLATE)
+        self._dropped = ffi.new("uint32_t *")
+        serve.handler = int(lib.gw_rpc_bulk_handler_addr())
+        serve.arg = int(ffi.cast("uintptr_t", b))
+
+    def nlate(self) -> int:
+        return int(lib.gw_rpc_bulk_nlate(self.b)) if self.b is not None else 0
+
+    def take_late(self) -> "tuple[list, int]":
+        """The late failures (res, frame seq, batch position, call id, back, fixed bytes, text),
+        oldest first, and how many more were only counted."""
+        if self.b is None:
+            return [], 0
+        n = lib.gw_rpc_bulk_late(self.b, self._late, lib.GW_RPC_BULK_MAXLATE, self._dropped)
+        out = []
+        for i in range(n):
+            x = self._late[i]
+            out.append((int(x.res), int(x.seq), int(x.pos), int(x.id), int(x.back), bytes(ffi.buffer(x.fixed, 24)),
+                        ffi.string(x.msg).decode("utf-8", "replace")))
+        return out, int(self._dropped[0])
+
+    def stats(self) -> Dict[str, int]:
+        if self.b is None:
+            return {k: 0 for k in BULK_STATS}
+        return {k: int(lib.gw_rpc_bulk_stat(self.b, i)) for i, k in enumerate(BULK_STATS)}
+
+    def close(self) -> None:
+        """The session ends (its thread): pending receives are cancelled, sends waited for;
+        the wrapped handler is the serve loop's handler again."""
+        b, self.b = self.b, None
+        if b is not None:
+            self.serve.handler = int(lib.gw_rpc_serve_handler_addr())
+            self.serve.arg = int(ffi.cast("uintptr_t", self.serve.v))
+            lib.gw_rpc_bulk_free(b)

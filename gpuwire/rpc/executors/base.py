@@ -204,6 +204,19 @@ class ExecutorSession:
     def close(self) -> None:
         pass
 
+    # -- pinned mirrors: send back only what changed (docs/pinned.md, "Server-side detection")
+    def gwMirrorPull(self, sink, src, ref, n, granule, stream):
+        parts = mirror_parts(n, granule, getattr(self, "chunk", 0) or 0)
+        try:
+            self.mirror_pull(sink, src, ref, parts, stream)
+        except BaseException:
+            if not sink.sent:       # the client posted one receive per granule: answer each
+                sink.finish()
+            raise
+
+    def mirror_pull(self, sink: Any, src: int, ref: int, parts: List[Tuple[int, int]], stream: Any) -> None:
+        raise fail(P.CUDA_ERROR_NOT_SUPPORTED, "gwMirrorPull: not supported by this executor")
+
     # -- CUDA-named glue onto the primitives
     def cuMemcpyHtoD(self, dst, src, n):
         self.copy_htod(dst, src, n, None)
@@ -243,6 +256,24 @@ class ExecutorSession:
 
     def cuModuleLoadFatBinary(self, hid, image):
         return self.cuModuleLoadData(hid, image)
+
+
+MIRROR_MAX_PARTS = 1 << 16
+
+
+def mirror_parts(n: int, granule: int, chunk: int) -> List[Tuple[int, int]]:
+    """gwMirrorPull's messages: (offset, length) per granule (one for all when granule is 0);
+    a granule must fit the executor's bulk message size ``chunk`` (0: any)."""
+    g = granule or n
+    if n and (g <= 0 or (n + g - 1) // g > MIRROR_MAX_PARTS):
+        raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwMirrorPull: granule {granule} splits {n} B into more than "
+                                               f"{MIRROR_MAX_PARTS} messages")
+    if chunk and g > chunk:
+        raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwMirrorPull: granule of {g} B is larger than the server's bulk "
+                                               f"message size ({chunk} B)")
+    if n == 0:
+        return [(0, 0)]
+    return [(o, min(g, n - o)) for o in range(0, n, g)]
 
 
 def check_align(ptr: int, elem: int, what: str) -> None:

@@ -38,6 +38,9 @@ from .base import CudaCallError, Executor, ExecutorSession, MemoryMap, check_ali
 settings.register("rpc_cpu_mem_gib", 4.0, float,
                   "CPU executor: the 'device memory' size reported by cuMemGetInfo and enforced "
                   "across all sessions (GiB).", layer="rpc")
+settings.register("rpc_cpu_chunk", 0, int,
+                  "CPU executor: bulk payloads travel as messages of this many bytes (0: one message per "
+                  "payload), like the GPU executor's rpc_gpu_chunk; for tests of chunked copies.", layer="rpc")
 
 PARAM_TYPES: Dict[str, Tuple[int, str]] = {
     "ptr": (8, "Q"), "u64": (8, "Q"), "i64": (8, "q"), "f64": (8, "d"),
@@ -289,6 +292,7 @@ class CPUExecutor(Executor):
 
     def __init__(self, mem_bytes: Optional[int] = None):
         self.total = int(mem_bytes if mem_bytes is not None else settings.get("rpc_cpu_mem_gib") * (1 << 30))
+        self.bulk_chunk = max(0, int(settings.get("rpc_cpu_chunk")))
         self.used = 0
         self.lock = threading.Lock()
 
@@ -325,6 +329,18 @@ class CPUSession(ExecutorSession):
             return {}
         # memsets, device copies; and for the C server: small D2H pushes, stream/context sync
         return _cfast.host_fns([1, 2, 3, 4, 7, 8, 9])
+
+    def c_bulk(self, nslots: int) -> Dict[str, Any]:
+        """The C server's bulk copies (gw_rpc_bulk_t) on host memory: ``nslots`` staging slots
+        (one bulk chunk each; 4 MiB when payloads are one message) and the host versions of
+        the driver calls (memcpy; events complete at once)."""
+        from . import _cfast
+        if not _cfast.available():
+            return {}
+        size = self.ex.bulk_chunk or (4 << 20)
+        self._c_slots = [np.zeros(size, np.uint8) for _ in range(nslots)]
+        return {"slots": [int(a.ctypes.data) for a in self._c_slots], "slot_size": size,
+                "events": [1] * nslots, "fns": _cfast.bulk_host_fns()}
 
     def view(self, ptr: int, n: int) -> np.ndarray:
         o = ptr - self.va_base
@@ -368,6 +384,24 @@ class CPUSession(ExecutorSession):
     def copy_dtod(self, dst: int, src: int, n: int, stream: Any) -> None:
         if n:
             self.view(dst, n)[:] = self.view(src, n)
+
+    def mirror_pull(self, sink: Any, src: int, ref: int, parts, stream: Any) -> None:
+        """gwMirrorPull: granules of src that differ from ref go back (and into ref); the
+        others as empty messages (docs/pinned.md)."""
+        reqs = []
+        try:
+            for off, ln in parts:
+                a, b = self.view(src + off, ln), self.view(ref + off, ln)
+                if ln and not np.array_equal(a, b):
+                    b[:] = a
+                    reqs.append(sink.send_part_nb(src + off, ln))
+                else:
+                    reqs.append(sink.send_part_nb(0, 0))
+        finally:
+            for _ in range(len(parts) - len(reqs)):     # a failure mid-way: the rest go empty
+                reqs.append(sink.send_part_nb(0, 0))
+            sink.sent = True
+            sink.s.server.worker.wait_all(reqs, timeout=sink.s.bulk_timeout)
 
     def memset(self, dst: int, value: int, elem: int, count: int, stream: Any) -> None:
         check_align(dst, elem, "cuMemset")

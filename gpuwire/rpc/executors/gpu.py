@@ -230,6 +230,21 @@ class GPUSession(ExecutorSession):
             self.c_push = self._pinned(2 * (self.chunk + 64))
         return self.c_push
 
+    def c_bulk(self, nslots: int) -> Dict[str, Any]:
+        """The C server's bulk copies (gw_rpc_bulk_t): ``nslots`` pinned staging slots of one
+        bulk chunk each, an event per slot and the driver entry points it calls. Empty when
+        the C helper or an entry point is missing."""
+        from . import _cfast
+        if not _cfast.available():
+            return {}
+        fns = _cfast.bulk_driver_fns(self.d)
+        if not fns:
+            return {}
+        slots = [self._pinned(self.chunk)[0] for _ in range(nslots)]
+        evs = [ck(self.d.cuEventCreate(2), "cuEventCreate") for _ in range(nslots)]  # DISABLE_TIMING
+        self.ev_c = evs
+        return {"slots": slots, "slot_size": self.chunk, "events": [int(e) for e in evs], "fns": fns}
+
     # ------------------------------------------------------------------ helpers
     def _pinned(self, n: int) -> Tuple[int, int]:
         p = int(ck(self.d.cuMemHostAlloc(n, 0), "cuMemHostAlloc"))
@@ -396,6 +411,105 @@ class GPUSession(ExecutorSession):
             # the send completes in the background (the slot is reused only after it)
             self.ring_req[k] = sink.send_part_nb(p, ln)
         sink.sent = True
+
+    # ------------------------------------------------------------------ pinned mirrors
+    def _mirror_diff(self, nparts: int) -> Any:
+        """The diff kernel (gpuwire/rpc/kernels/gw_mirror_diff.ptx), its flag buffers and event."""
+        st = getattr(self, "_mdiff", None)
+        if st is None or st["cap"] < nparts:
+            d = self.d
+            if st is None:
+                from ..kernels import MIRROR_DIFF_PTX
+                mod = ck(d.cuModuleLoadData(MIRROR_DIFF_PTX.read_bytes()), "cuModuleLoadData(gw_mirror_diff)")
+                fn = ck(d.cuModuleGetFunction(mod, b"gw_mirror_diff"), "cuModuleGetFunction(gw_mirror_diff)")
+                vals = np.zeros(5, np.uint64)
+                ptrs = np.array([vals.ctypes.data + 8 * i for i in range(5)], np.uint64)
+                st = {"fn": fn, "vals": vals, "ptrs": ptrs, "cap": 0, "dflags": 0,
+                      "ev": ck(d.cuEventCreate(2), "cuEventCreate")}
+            else:
+                d.cuMemFree(st["dflags"])
+            cap = max(1024, nparts)
+            st["dflags"] = int(ck(d.cuMemAlloc(4 * cap), "cuMemAlloc(mirror flags)"))
+            st["hflags"] = self._pinned(4 * cap)[0]
+            st["cap"] = cap
+            self._mdiff = st
+        return st
+
+    def _wait_event(self, ev: Any, sink: Any) -> None:
+        d = self.d
+        while True:
+            c = _code(d.cuEventQuery(ev)[0])
+            if c == 0:
+                return
+            if c != P.CUDA_ERROR_NOT_READY:
+                raise CudaCallError(c, f"cuEventQuery: {P.result_name(c)}")
+            sink.progress()
+
+    def mirror_pull(self, sink: Any, src: int, ref: int, parts, stream: Any) -> None:
+        """gwMirrorPull on the GPU: the diff kernel flags the granules of src that differ from
+        ref (on the stream, after the work before it), then changed granules go back through
+        the staging ring (consecutive ones in one D2H copy) and into ref; unchanged ones as
+        empty messages. Returns once the copies ran (ref is current before the next call)."""
+        d = self.d
+        s = self._s(stream)
+        k = len(parts)
+        n = parts[-1][0] + parts[-1][1]
+        sent = 0
+        pend: Dict[int, List[Any]] = {}
+        empty: List[Any] = []
+        try:
+            if not n:
+                empty.append(sink.send_part_nb(0, 0))
+                sent = 1
+                return
+            st = self._mirror_diff(k)
+            g = parts[0][1] if k > 1 else (n + 15) // 16 * 16
+            dflags, hflags = st["dflags"], st["hflags"]
+            ck(d.cuMemsetD32Async(dflags, 0, k, s), "cuMemsetD32Async(mirror flags)")
+            st["vals"][:] = (src, ref, n, g, dflags)
+            nb = max(1, min(2048, (n // 16 + 255) // 256))
+            ck(d.cuLaunchKernel(st["fn"], nb, 1, 1, 256, 1, 1, 0, s, int(st["ptrs"].ctypes.data), 0),
+               "cuLaunchKernel(gw_mirror_diff)")
+            ck(d.cuMemcpyDtoHAsync(hflags, dflags, 4 * k, s), "cuMemcpyDtoHAsync(mirror flags)")
+            ck(d.cuEventRecord(st["ev"], s), "cuEventRecord")
+            self._wait_event(st["ev"], sink)
+            flags = np.frombuffer((ctypes.c_uint32 * k).from_address(hflags), np.uint32)
+            i = 0
+            while i < k:
+                if not flags[i]:
+                    empty.append(sink.send_part_nb(0, 0))
+                    sent += 1
+                    i += 1
+                    continue
+                j, tot = i, 0        # a run of changed granules that fits one staging slot
+                while j < k and flags[j] and tot + parts[j][1] <= self.chunk:
+                    tot += parts[j][1]
+                    j += 1
+                slot = self._slot()
+                for r in pend.pop(slot, ()):
+                    r.wait(timeout=self.ex_timeout)
+                p = self.stage[slot][0]
+                off0 = parts[i][0]
+                ck(d.cuMemcpyDtoHAsync(p, src + off0, tot, s), "cuMemcpyDtoHAsync")
+                ck(d.cuMemcpyDtoDAsync(ref + off0, src + off0, tot, s), "cuMemcpyDtoDAsync(mirror ref)")
+                ck(d.cuEventRecord(self.ev[slot], s), "cuEventRecord")
+                self._wait_event(self.ev[slot], sink)
+                reqs = pend[slot] = []
+                for m in range(i, j):
+                    off, ln = parts[m]
+                    reqs.append(sink.send_part_nb(p + off - off0, ln))
+                    sent += 1
+                i = j
+        finally:
+            for _ in range(k - sent):          # a failure mid-way: the rest go empty
+                empty.append(sink.send_part_nb(0, 0))
+            sink.sent = True
+            for reqs in list(pend.values()) + [empty]:   # the slots are free again once sent
+                for r in reqs:
+                    try:
+                        r.wait(timeout=self.ex_timeout)
+                    except Exception:
+                        pass
 
     def copy_dtod(self, dst: int, src: int, n: int, stream: Any) -> None:
         if not n:
@@ -577,9 +691,10 @@ class GPUSession(ExecutorSession):
                 except Exception:
                     pass
         self.ring_req = []
-        for e in getattr(self, "ev", []):
+        for e in getattr(self, "ev", []) + getattr(self, "ev_c", []):
             d.cuEventDestroy(e)
         self.ev = []
+        self.ev_c = []
         for p in self._staging:
             d.cuMemFreeHost(p)
         self._staging = []

@@ -7,3 +7,4 @@ HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "gw_test_kernels.cu"
 PTX = HERE / "gw_test_kernels.ptx"
 FATBIN = HERE / "gw_test_kernels.fatbin"
+MIRROR_DIFF_PTX = HERE / "gw_mirror_diff.ptx"     # gwMirrorPull's diff kernel (docs/pinned.md)
