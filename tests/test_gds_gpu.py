@@ -82,11 +82,15 @@ def test_kvikio_reports_mode_and_applies_settings():
         pytest.skip(f"kvikio unavailable: {why}")
     from gpuwire.gds import KvikioReader
 
-    with settings.override(gds_threads=3, gds_task_size=1 << 20):
-        r = KvikioReader()
-    assert r.mode in ("kvikio-gds", "kvikio-compat") and r.mode_detail
-    assert r.kvikio_settings == {"num_threads": 3, "task_size": 1 << 20}
-    r.close()
+    for direct in ("off", "auto"):
+        with settings.override(gds_threads=3, gds_task_size=1 << 20, gds_direct=direct):
+            r = KvikioReader()
+        assert r.mode in ("kvikio-gds", "kvikio-compat") and r.mode_detail
+        # Direct I/O applies in compat mode only (cuFile GDS does its own DMA)
+        from gpuwire.gds import backends as _b
+        want = direct if r.mode == "kvikio-compat" and _b._kvikio_direct_known(r._kvikio) else "off"
+        assert r.kvikio_settings == {"num_threads": 3, "task_size": 1 << 20, "direct": want}
+        r.close()
 
 
 def test_select_reader_auto_uses_the_gpu():
