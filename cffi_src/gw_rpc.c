@@ -1494,7 +1494,7 @@ static int b_classify(gw_rpc_bulk_t *b, const uint8_t *fr, size_t len, uint64_t 
     if (r->id != id0 || n == 0 || b_msg(b, n) > b->c.slot_size) return 0;
     if (!amap_ok(&v->s->allocs, p, n) || tr_stream(v->s, rd64(f + 16), &st, err, sizeof(err))) return 0;
     if (id0 == b->c.id_htod) {
-      if (r->nvar != 1 || r->var_off[0] != 0xFFFFFFFFu || r->var_bulk[0] != n) return 0;
+      if (r->nvar != 1 || r->var_off[0] != 0xFFFFFFFFu || r->var_bulk[0] != n || n > b->c.htod_max) return 0;
     } else {
       if (r->nroute != 1 || !r->route[0]) return 0;
       if (n >= b->c.dtoh_min) big = 1;

@@ -377,6 +377,7 @@ typedef struct {
                        * message is always posted): the ring's depth for large messages */
   uint64_t dtoh_min;  /* a D2H-only frame runs here when one of its copies has this many bytes
                        * (0: never; such frames stay with gw_rpc_serve_handler / Python) */
+  uint64_t htod_max;  /* an H2D copy larger than this is left to Python (the frame too) */
   uint8_t *slot[GW_RPC_BULK_MAXSLOTS];
   void *ev[GW_RPC_BULK_MAXSLOTS];
 } gw_rpc_bulk_cfg_t;

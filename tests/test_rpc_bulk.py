@@ -157,6 +157,30 @@ def test_c_bulk_pending_payloads_are_settled_before_a_python_frame(inproc):
         s.close()
 
 
+def test_c_bulk_leaves_copies_above_h2d_max_to_python():
+    """rpc_c_bulk_h2d_max: an async H2D copy above it (and its frame) takes the Python path;
+    the smaller ones still run in C; the bytes and the stream order are the same."""
+    with _settings.override(rpc_cpu_chunk=CHUNK, rpc_c_bulk_slots=3, rpc_c_bulk_h2d_max=2 * CHUNK,
+                            rpc_flush_us=0):
+        srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1)
+        th = threading.Thread(target=srv.serve_forever, daemon=True)
+        th.start()
+        try:
+            s = _connect(f"127.0.0.1:{srv.port}")
+            try:
+                sess = _the_session(srv)
+                assert sess.bulk_c is not None
+                sizes = [CHUNK * 3 + 5, 70000, 2 * CHUNK, 1 << 20, 100003]
+                first_bad, got, want = _copy_script(s, sizes)
+                assert first_bad == -1 and got == want
+                assert sess.bulk_c.stats()["h2d"] == sum(1 for n in sizes if n <= 2 * CHUNK)   # 3 of 5
+            finally:
+                s.close()
+        finally:
+            srv.shutdown()
+            th.join(timeout=20)
+
+
 def test_c_bulk_inflight_bytes_cap_the_posted_receives():
     """rpc_c_bulk_inflight: with room for one 64 KiB message only one payload receive stays
     posted (large chunks keep fewer receives in flight); the bytes still arrive in order."""

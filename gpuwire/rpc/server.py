@@ -62,6 +62,11 @@ settings.register("rpc_c_bulk_dtoh_min", 0, int,
 settings.register("rpc_c_bulk_inflight", 8 << 20, int,
                   "Server (C): H2D payload bytes the C bulk copies keep posted at most (at least one message): "
                   "8 slots of 1 MiB messages, or 2 of 4 MiB chunks, by default.", layer="rpc")
+settings.register("rpc_c_bulk_h2d_max", 16 << 20, int,
+                  "Server (C): an async H2D copy larger than this (and its frame) is left to the Python "
+                  "path (0: no limit). 16 MiB by default: in one H200 A/B over tcp the C path read 0.69 vs "
+                  "0.54 of perftest at 1 MiB, level at 16 MiB, and 0.82 vs 0.99 at 64 MiB "
+                  "(docs/benchmarks.md).", layer="rpc")
 settings.register("rpc_c_bulk_slots", 8, int,
                   "Server (C): staging slots (of one bulk chunk each) of the C bulk copies; up to this many "
                   "H2D payload messages are in flight at once.", layer="rpc")
@@ -1000,7 +1005,8 @@ class ServerSession:
             if res:
                 self.bulk_c = _cf.Bulk(self.serve_c, spec, self.ep.c_bulk_entry(), res, self.chunk,
                                        self.bulk_timeout, max(0, int(settings.get("rpc_c_bulk_dtoh_min"))),
-                                       int(settings.get("rpc_c_bulk_inflight")))
+                                       int(settings.get("rpc_c_bulk_inflight")),
+                                       max(0, int(settings.get("rpc_c_bulk_h2d_max"))))
         except Exception:
             log.exception("C bulk copies disabled")
             self.bulk_c = None

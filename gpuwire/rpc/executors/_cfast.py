@@ -310,7 +310,7 @@ class Bulk:
     entry points)."""
 
     def __init__(self, serve: Serve, spec, entry: Dict[str, int], res: Dict[str, Any], chunk: int,
-                 timeout_s: float, dtoh_min: int = 0, inflight: int = 8 << 20):
+                 timeout_s: float, dtoh_min: int = 0, inflight: int = 8 << 20, htod_max: int = 0):
         c = ffi.new("gw_rpc_bulk_cfg_t *")
         c.srv = serve.v
         for k in ("recv", "send", "wait", "test", "info", "release", "progress", "worker", "conn"):
@@ -329,6 +329,7 @@ class Bulk:
         c.chunk = int(chunk or 0)
         c.dtoh_min = int(dtoh_min) if dtoh_min > 0 else (1 << 63)   # 0: D2H frames are never taken
         c.inflight = max(1, int(inflight))
+        c.htod_max = int(htod_max) if htod_max > 0 else (1 << 63)     # 0: no limit
         for i, (p, e) in enumerate(zip(slots, evs)):
             c.slot[i] = ffi.cast("uint8_t *", int(p))
             c.ev[i] = ffi.cast("void *", int(e))
