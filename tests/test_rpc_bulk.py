@@ -10,6 +10,7 @@ The CPU executor runs the same C code with host memcpy for the driver copies; wi
 rpc_cpu_chunk set its payloads travel in chunks like the GPU executor's."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -29,17 +30,37 @@ pytestmark = pytest.mark.skipif(not cf.available(), reason="gpuwire._rpc is not 
 CHUNK = 64 << 10
 
 
+@contextlib.contextmanager
+def _server(**over):
+    """A CPU-executor server in this process, payloads in 64 KiB chunks, with these settings."""
+    with _settings.override(rpc_cpu_chunk=CHUNK, rpc_flush_us=0, **over):
+        srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1)
+        th = threading.Thread(target=srv.serve_forever, daemon=True)
+        th.start()
+        try:
+            yield srv
+        finally:
+            srv.shutdown()
+            th.join(timeout=20)
+
+
+@contextlib.contextmanager
+def _server_session(**over):
+    """(server, client session, its server-side session) on a _server(**over)."""
+    with _server(**over) as srv:
+        s = _connect(f"127.0.0.1:{srv.port}")
+        try:
+            yield srv, s, _the_session(srv)
+        finally:
+            s.close()
+
+
 @pytest.fixture
 def inproc():
     """A CPU-executor server in this process (payloads in 64 KiB chunks, a ring of 3 slots,
     D2H frames from 64 KiB through the ring)."""
-    with _settings.override(rpc_cpu_chunk=CHUNK, rpc_c_bulk_slots=3, rpc_c_bulk_dtoh_min=64 << 10, rpc_flush_us=0):
-        srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1)
-        th = threading.Thread(target=srv.serve_forever, daemon=True)
-        th.start()
+    with _server(rpc_c_bulk_slots=3, rpc_c_bulk_dtoh_min=64 << 10) as srv:
         yield srv
-        srv.shutdown()
-        th.join(timeout=20)
 
 
 def _connect(addr):
@@ -160,59 +181,33 @@ def test_c_bulk_pending_payloads_are_settled_before_a_python_frame(inproc):
 def test_c_bulk_leaves_copies_above_h2d_max_to_python():
     """rpc_c_bulk_h2d_max: an async H2D copy above it (and its frame) takes the Python path;
     the smaller ones still run in C; the bytes and the stream order are the same."""
-    with _settings.override(rpc_cpu_chunk=CHUNK, rpc_c_bulk_slots=3, rpc_c_bulk_h2d_max=2 * CHUNK,
-                            rpc_flush_us=0):
-        srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1)
-        th = threading.Thread(target=srv.serve_forever, daemon=True)
-        th.start()
-        try:
-            s = _connect(f"127.0.0.1:{srv.port}")
-            try:
-                sess = _the_session(srv)
-                assert sess.bulk_c is not None
-                sizes = [CHUNK * 3 + 5, 70000, 2 * CHUNK, 1 << 20, 100003]
-                first_bad, got, want = _copy_script(s, sizes)
-                assert first_bad == -1 and got == want
-                assert sess.bulk_c.stats()["h2d"] == sum(1 for n in sizes if n <= 2 * CHUNK)   # 3 of 5
-            finally:
-                s.close()
-        finally:
-            srv.shutdown()
-            th.join(timeout=20)
+    with _server_session(rpc_c_bulk_slots=3, rpc_c_bulk_h2d_max=2 * CHUNK) as (srv, s, sess):
+        assert sess.bulk_c is not None
+        sizes = [CHUNK * 3 + 5, 70000, 2 * CHUNK, 1 << 20, 100003]
+        first_bad, got, want = _copy_script(s, sizes)
+        assert first_bad == -1 and got == want
+        assert sess.bulk_c.stats()["h2d"] == sum(1 for n in sizes if n <= 2 * CHUNK)   # 3 of 5
 
 
 def test_c_bulk_inflight_bytes_cap_the_posted_receives():
     """rpc_c_bulk_inflight: with room for one 64 KiB message only one payload receive stays
     posted (large chunks keep fewer receives in flight); the bytes still arrive in order."""
-    with _settings.override(rpc_cpu_chunk=CHUNK, rpc_c_bulk_slots=4, rpc_c_bulk_inflight=CHUNK + 100,
-                            rpc_flush_us=0):
-        srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1)
-        th = threading.Thread(target=srv.serve_forever, daemon=True)
-        th.start()
-        try:
-            s = _connect(f"127.0.0.1:{srv.port}")
-            try:
-                sess = _the_session(srv)
-                n = 3 * CHUNK + 9
-                host = s.pinned(n)
-                host[:] = np.random.default_rng(3).integers(0, 256, n, dtype=np.uint8)
-                d = s.alloc(n)
-                s.gwSync()
-                s.cuMemcpyHtoDAsync(d, host, n, 0)
-                out = np.zeros(n, np.uint8)
-                s.cuMemcpyDtoH(out, d, n)
-                assert (out == host).all()
-                first_bad, got, want = _copy_script(s, [n, 5 * CHUNK + 1, 70000])
-                assert first_bad == -1 and got == want
-                st = sess.bulk_c.stats()
-                assert st["h2d"] == 4
-                # one 64 KiB message (+ a short last one of a copy) at a time, not the 4 slots
-                assert st["max_pending"] == 2, st
-            finally:
-                s.close()
-        finally:
-            srv.shutdown()
-            th.join(timeout=20)
+    with _server_session(rpc_c_bulk_slots=4, rpc_c_bulk_inflight=CHUNK + 100) as (srv, s, sess):
+        n = 3 * CHUNK + 9
+        host = s.pinned(n)
+        host[:] = np.random.default_rng(3).integers(0, 256, n, dtype=np.uint8)
+        d = s.alloc(n)
+        s.gwSync()
+        s.cuMemcpyHtoDAsync(d, host, n, 0)
+        out = np.zeros(n, np.uint8)
+        s.cuMemcpyDtoH(out, d, n)
+        assert (out == host).all()
+        first_bad, got, want = _copy_script(s, [n, 5 * CHUNK + 1, 70000])
+        assert first_bad == -1 and got == want
+        st = sess.bulk_c.stats()
+        assert st["h2d"] == 4
+        # one 64 KiB message (+ a short last one of a copy) at a time, not the 4 slots
+        assert st["max_pending"] == 2, st
 
 
 def _error_script(s, chunk):
