@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -152,16 +153,27 @@ int gw_fr_read_gpu(const gw_fr_piece_t *p, size_t n, uint64_t staging, uint64_t 
     return kind;
 }
 
+static int fr_checked(int fd, char *link, size_t cap, int64_t *linklen, uint64_t *size);
+
 int gw_fr_open(const char *path, char *link, size_t cap, int64_t *linklen, uint64_t *size) {
     int fd;
-    do fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    do fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);   /* a FIFO must not block */
     while (fd < 0 && errno == EINTR);
     if (fd < 0) return -errno;
+    return fr_checked(fd, link, cap, linklen, size);
+}
+
+/* fd (just opened): a regular file, its size and what /proc/self/fd names; fd or -errno (closed) */
+static int fr_checked(int fd, char *link, size_t cap, int64_t *linklen, uint64_t *size) {
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         int e = errno;
         close(fd);
         return -e;
+    }
+    if (!S_ISREG(sb.st_mode)) {        /* regular files only: the caller resolves again and names it */
+        close(fd);
+        return S_ISDIR(sb.st_mode) ? -EISDIR : -EINVAL;
     }
     *size = (uint64_t)sb.st_size;
     *linklen = -1;
@@ -438,6 +450,111 @@ static int ft_inside(gw_ft_t *ft, const char *p, size_t n) {
     return 0;
 }
 
+/* the root `real` lies in (the longest one), or -1 */
+static int ft_root_of(gw_ft_t *ft, const char *p, size_t n) {
+    int best = -1;
+    for (uint32_t i = 0; i < ft->nroots; i++) {
+        size_t m = ft->rootlen[i];
+        int in = (m == 1 && ft->root[i][0] == '/') ? p[0] == '/'
+                 : n >= m && memcmp(p, ft->root[i], m) == 0 && (n == m || p[m] == '/');
+        if (in && (best < 0 || m > ft->rootlen[best])) best = (int)i;
+    }
+    return best;
+}
+
+struct ft_open_how { uint64_t flags, mode, resolve; };   /* struct open_how (linux/openat2.h) */
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#define FT_RESOLVE_NO_MAGICLINKS 0x02
+#define FT_RESOLVE_NO_SYMLINKS 0x04
+#define FT_RESOLVE_BENEATH 0x08
+static int ft_openat2_missing;   /* ENOSYS (old kernel, seccomp): walk component by component */
+
+void gw_ft_use_openat2(int on) { __atomic_store_n(&ft_openat2_missing, !on, __ATOMIC_RELAXED); }
+
+/* open the real path `real` (a realpath under a root: no symlink, no `..`) without following
+ * anything: from the root's directory (opened by its path, O_NOFOLLOW, at each call: a root
+ * replaced by a new directory is followed, as by a path open), every component a plain
+ * directory or the file itself. A symlink met anywhere (a directory swapped for one since
+ * the path was resolved) fails with ELOOP/ENOTDIR before anything it leads to is opened,
+ * outside the root or not; so does a `.`/`..` component (EXDEV). fd, or -errno. */
+static int open_beneath(const char *root, size_t rootlen, const char *real, int flags) {
+    int fd = -1;
+    if (strncmp(real, root, rootlen) != 0 || (rootlen > 1 && real[rootlen] && real[rootlen] != '/'))
+        return -EXDEV;
+    const char *rel = real + rootlen;
+    while (*rel == '/') rel++;
+    if (!*rel) return -EISDIR;                       /* the root itself */
+    int dfd;
+    do dfd = open(root, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    while (dfd < 0 && errno == EINTR);
+    if (dfd < 0) return -errno;
+    if (!__atomic_load_n(&ft_openat2_missing, __ATOMIC_RELAXED)) {
+        struct ft_open_how how = {(uint64_t)(flags | O_NOFOLLOW | O_CLOEXEC), 0,
+                                  FT_RESOLVE_BENEATH | FT_RESOLVE_NO_SYMLINKS | FT_RESOLVE_NO_MAGICLINKS};
+        do fd = (int)syscall(SYS_openat2, dfd, rel, &how, sizeof how);
+        while (fd < 0 && errno == EINTR);
+        if (fd >= 0 || (errno != ENOSYS && errno != EPERM)) {   /* EPERM: a seccomp filter maybe */
+            int e = errno;
+            close(dfd);
+            return fd >= 0 ? fd : -e;
+        }
+        if (errno == ENOSYS) __atomic_store_n(&ft_openat2_missing, 1, __ATOMIC_RELAXED);
+    }
+    /* the walk: O_PATH|O_NOFOLLOW|O_DIRECTORY per directory, the last one O_NOFOLLOW */
+    int cur = dfd, e = 0;
+    const char *c = rel;
+    char name[256];
+    for (;;) {
+        const char *sl = strchr(c, '/');
+        size_t len = sl ? (size_t)(sl - c) : strlen(c);
+        if (len >= sizeof name) { e = ENAMETOOLONG; break; }
+        memcpy(name, c, len);
+        name[len] = 0;
+        if (len == 0 || (len == 1 && name[0] == '.') || (len == 2 && name[0] == '.' && name[1] == '.')) {
+            if (len == 0 && sl) { c = sl + 1; continue; }   /* "a//b" */
+            e = EXDEV;
+            break;
+        }
+        if (!sl || !sl[1]) {                         /* the file */
+            do fd = openat(cur, name, flags | O_NOFOLLOW | O_CLOEXEC);
+            while (fd < 0 && errno == EINTR);
+            e = fd < 0 ? errno : 0;
+            break;
+        }
+        int nfd;
+        do nfd = openat(cur, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        while (nfd < 0 && errno == EINTR);
+        if (nfd < 0) { e = errno; break; }
+        if (cur != dfd) close(cur);
+        cur = nfd;
+        c = sl + 1;
+    }
+    if (cur != dfd) close(cur);
+    close(dfd);
+    return e ? -e : fd;
+}
+
+static int ft_open_beneath(gw_ft_t *ft, const char *real, int flags) {
+    int r = ft_root_of(ft, real, strlen(real));
+    if (r < 0) return -EXDEV;
+    return open_beneath(ft->root[r], ft->rootlen[r], real, flags);
+}
+
+int gw_fr_open_beneath(const char *root, const char *path, char *link, size_t cap, int64_t *linklen,
+                       uint64_t *size) {
+    size_t m = strlen(root);
+    while (m > 1 && root[m - 1] == '/') m--;
+    char r[4096];
+    if (m >= sizeof r) return -ENAMETOOLONG;
+    memcpy(r, root, m);
+    r[m] = 0;
+    int fd = open_beneath(r, m, path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) return fd;
+    return fr_checked(fd, link, cap, linklen, size);
+}
+
 /* open entry i (under the lock). GW_FT_OK, GW_FT_NEED (real path gone: resolve again) or a failure */
 static int ft_open(gw_ft_t *ft, int32_t i, int *err) {
     ft_ent_t *e = &ft->ent[i];
@@ -449,11 +566,10 @@ static int ft_open(gw_ft_t *ft, int32_t i, int *err) {
         return GW_FT_NEED;
     }
     e->fresh = 0;
-    do fd = open(e->real, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    while (fd < 0 && errno == EINTR);
+    fd = ft_open_beneath(ft, e->real, O_RDONLY | O_NONBLOCK);
     if (fd < 0) {
-        *err = errno;
-        if (*err == ENOENT || *err == ELOOP || *err == ENOTDIR) {
+        *err = -fd;
+        if (*err == ENOENT || *err == ELOOP || *err == ENOTDIR || *err == EXDEV) {
             free(e->real);
             e->real = NULL;
             return GW_FT_NEED;
@@ -538,8 +654,11 @@ static int ft_direct_fd(gw_ft_t *ft, int32_t i) {
     e->dfd = -2;
     if (!e->real) return -2;
     int fd;
-    do fd = open(e->real, O_RDONLY | O_DIRECT | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    char proc[40];   /* the checked descriptor's file itself (no path walk); else beneath the root */
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", e->fd);
+    do fd = open(proc, O_RDONLY | O_DIRECT | O_CLOEXEC | O_NONBLOCK);
     while (fd < 0 && errno == EINTR);
+    if (fd < 0 && errno != EINVAL) fd = ft_open_beneath(ft, e->real, O_RDONLY | O_DIRECT | O_NONBLOCK);
     if (fd < 0) return -2;
     struct stat a, b;
     if (fstat(fd, &a) != 0 || fstat(e->fd, &b) != 0 || a.st_dev != b.st_dev || a.st_ino != b.st_ino) {
@@ -655,27 +774,41 @@ gw_ft_plan_t *gw_ft_plan(gw_ft_t *ft, const void *req, size_t len, uint64_t coun
         if (e < 0 || !ft->ent[e].real) p->need[p->nneed++] = i;
     }
     if (p->nneed) { p->kind = GW_FT_NEED; pthread_mutex_unlock(&ft->mu); return p; }
-    /* -- open and hold each */
+    /* -- open each closed one (nothing held yet): every path to resolve again is collected,
+     * so one more plan does (not one per path); the first other failure ends it */
     for (uint32_t i = 0; i < np; i++) {
         ft_ent_t *e = &ft->ent[id[i]];
-        if (e->fd < 0) {
-            int err = 0, k = ft_open(ft, id[i], &err);
-            if (k != GW_FT_OK) {
-                p->nheld = i;
-                ft_release_locked(ft, p);
-                if (k == GW_FT_NEED) { p->need[0] = i; p->nneed = 1; }
-                p->kind = k;
-                p->err = err;
-                p->bad_path = i;
-                pthread_mutex_unlock(&ft->mu);
-                return p;
-            }
-        }
+        if (e->fd >= 0) continue;
+        if (!e->real) { p->need[p->nneed++] = i; continue; }   /* a path repeated in the list */
+        int err = 0, k = ft_open(ft, id[i], &err);
+        if (k == GW_FT_OK) { ft_idle_push(ft, id[i]); continue; }   /* (held below) */
+        if (k == GW_FT_NEED) { p->need[p->nneed++] = i; continue; }
+        p->kind = k;
+        p->err = err;
+        p->bad_path = i;
+        break;
+    }
+    if (p->kind != GW_FT_OK || p->nneed) {
+        if (p->kind == GW_FT_OK) p->kind = GW_FT_NEED;
+        else p->nneed = 0;
+        ft_evict(ft);
+        pthread_mutex_unlock(&ft->mu);
+        return p;
+    }
+    /* -- hold each (under the lock: the descriptors, the sizes and the settings are copied
+     * into the plan; the table may grow (realloc) once the lock is let go) */
+    int *pfd = malloc((size_t)(np ? np : 1) * sizeof *pfd);
+    if (!pfd) { p->kind = GW_FT_NOMEM; pthread_mutex_unlock(&ft->mu); return p; }
+    for (uint32_t i = 0; i < np; i++) {
+        ft_ent_t *e = &ft->ent[id[i]];
         ft_idle_unlink(ft, id[i]);
         e->refs++;
         p->nheld = i + 1;
         p->size[i] = e->size;
+        pfd[i] = e->fd;
     }
+    const int dmode = ft->direct, host = ft->host;
+    uint64_t dentries = 0, dbytes = 0;
     pthread_mutex_unlock(&ft->mu);
 
     /* -- ranges and destinations (the files are held: their descriptors stay) */
@@ -686,10 +819,9 @@ gw_ft_plan_t *gw_ft_plan(gw_ft_t *ft, const void *req, size_t len, uint64_t coun
         const unsigned char *q = ents + k * ENTRY_BYTES;
         uint64_t dst = rd64(q), fo = rd64(q + 8), n = rd64(q + 16);
         uint32_t pi = rd32(q + 24);
-        ft_ent_t *e = &ft->ent[id[pi]];
         if (n > UINT64_MAX - fo || fo + n > p->size[pi]) {
             struct stat sb;   /* the file may have grown since it was opened */
-            if (fstat(e->fd, &sb) == 0) p->size[pi] = (uint64_t)sb.st_size;
+            if (fstat(pfd[pi], &sb) == 0) p->size[pi] = (uint64_t)sb.st_size;
             if (n > UINT64_MAX - fo || fo + n > p->size[pi]) {
                 p->kind = GW_FT_EOF;
                 p->bad_path = pi; p->bad_entry = (int64_t)k; p->bad_offset = fo; p->bad_nbytes = n;
@@ -740,15 +872,15 @@ gw_ft_plan_t *gw_ft_plan(gw_ft_t *ft, const void *req, size_t len, uint64_t coun
         const unsigned char *q = ents + k * ENTRY_BYTES;
         uint64_t dst = rd64(q), fo = rd64(q + 8), n = rd64(q + 16);
         uint32_t pi = rd32(q + 24);
-        int fd = ft->ent[id[pi]].fd, dfd = -1;
-        if (ft->direct && n >= (1u << 20)) {
+        int fd = pfd[pi], dfd = -1;
+        if (dmode && n >= (1u << 20)) {
             uint64_t res = 0, tot = 0;
-            int cold = ft->direct == 2 || (gw_fr_resident(fd, fo, n, &res, &tot) == 0 && res * 2 < tot);
+            int cold = dmode == 2 || (gw_fr_resident(fd, fo, n, &res, &tot) == 0 && res * 2 < tot);
             if (cold) {
                 pthread_mutex_lock(&ft->mu);
                 dfd = ft_direct_fd(ft, id[pi]);
-                if (dfd >= 0) ft->direct_entries++;
                 pthread_mutex_unlock(&ft->mu);
+                if (dfd >= 0) dentries++;
             }
         }
         uint64_t pos = 0;
@@ -766,8 +898,8 @@ gw_ft_plan_t *gw_ft_plan(gw_ft_t *ft, const void *req, size_t len, uint64_t coun
                     continue;
                 }
             }
-            if (ft_push(p, &pcap, dst + pos, fo + pos, take, fd, pi, dfd, ft->host)) { p->kind = GW_FT_NOMEM; goto fail; }
-            if (p->pieces[p->npieces - 1].flags & GW_FR_DIRECT) ft->direct_bytes += take;
+            if (ft_push(p, &pcap, dst + pos, fo + pos, take, fd, pi, dfd, host)) { p->kind = GW_FT_NOMEM; goto fail; }
+            if (p->pieces[p->npieces - 1].flags & GW_FR_DIRECT) dbytes += take;
             pos += take;
             used += take;
             if (!p->serial && used >= chunk) {
@@ -777,8 +909,14 @@ gw_ft_plan_t *gw_ft_plan(gw_ft_t *ft, const void *req, size_t len, uint64_t coun
         }
     }
     if (p->npieces > p->task_start[p->ntasks] && ft_task(p, &tcap)) { p->kind = GW_FT_NOMEM; goto fail; }
+    free(pfd);
+    pthread_mutex_lock(&ft->mu);
+    ft->direct_entries += dentries;
+    ft->direct_bytes += dbytes;
+    pthread_mutex_unlock(&ft->mu);
     return p;
 fail:
+    free(pfd);
     gw_ft_release(ft, p);
     return p;
 }

@@ -53,6 +53,13 @@ const char *gw_fr_cuda_error(void);
  * where /proc is missing) and the size (fstat). Returns fd >= 0 or -errno; the caller
  * checks link against the data roots. */
 int gw_fr_open(const char *path, char *link, size_t cap, int64_t *linklen, uint64_t *size);
+/* the same for `path`, a real path under the real path `root`, opened without following
+ * anything (from root, O_NOFOLLOW at every component; openat2 RESOLVE_BENEATH |
+ * RESOLVE_NO_SYMLINKS where the kernel has it): a symlink on the way fails (-ELOOP /
+ * -ENOTDIR) before what it leads to is opened; -EXDEV where path is not under root.
+ * Regular files only (O_NONBLOCK; -EISDIR, -EINVAL otherwise). */
+int gw_fr_open_beneath(const char *root, const char *path, char *link, size_t cap, int64_t *linklen,
+                       uint64_t *size);
 
 /* page-cache residency of fd[offset, offset+len) (mmap + mincore, nothing is read):
  * *resident of *total pages looked at -- every page of a range of at most
@@ -81,10 +88,13 @@ int gw_fr_read_gpu(const gw_fr_piece_t *p, size_t n, uint64_t staging, uint64_t 
  * Validation: a client path enters the table only through gw_ft_learn, with the real
  * path Python resolved for it (gpuwire.gds.roots.DataRoots: realpath inside a root).
  * Every open -- the first one and every reopen after eviction -- opens that real path
- * with O_NOFOLLOW and checks what /proc/self/fd names as opened against the roots
- * (prefix at a separator), so a file or directory swapped for a symlink leading out
- * is refused. Where the real path no longer opens (ENOENT, ELOOP, ENOTDIR) it is
- * forgotten and the plan asks Python to resolve the path again (GW_FT_NEED). */
+ * beneath its root following nothing (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, or
+ * a walk with O_NOFOLLOW per component where the kernel lacks openat2), so a file or
+ * directory swapped for a symlink fails before anything it leads to is opened, and
+ * checks what /proc/self/fd names as opened against the roots (prefix at a separator).
+ * Where the real path no longer opens so (ENOENT, ELOOP, ENOTDIR, EXDEV) it is forgotten
+ * and the plan asks Python to resolve the path again (GW_FT_NEED: every such path of the
+ * list at once; nothing is held then). */
 typedef struct gw_ft gw_ft_t;
 
 #define GW_FT_OK 0
@@ -155,5 +165,8 @@ void gw_ft_stats(gw_ft_t *ft, uint64_t *out6);
 void gw_ft_set_max_open(gw_ft_t *ft, uint32_t max_open);
 /* paths the table remembers (default 2^20); when full, the ones no plan holds are dropped */
 void gw_ft_set_max_paths(gw_ft_t *ft, uint32_t n);
+/* opens use openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) where the kernel has it (1, the
+ * default; it turns itself off at ENOSYS), else (0) a walk with O_NOFOLLOW per component */
+void gw_ft_use_openat2(int on);
 
 #endif

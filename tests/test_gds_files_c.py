@@ -525,3 +525,231 @@ def test_a_full_path_table_drops_idle_paths_only(session, files):
             fs.read_many(reads[:20], None)
     finally:
         fs.close()
+
+
+# ----------------------------------------------------------------------------- review of the file table (issue 5)
+
+def test_many_evicted_indirect_paths_reopen_in_one_call(session, tmp_path):
+    """Files under a later data root (indirect paths: every reopen is resolved again)
+    evicted from the table: one call naming many of them reads them all (the plan asks
+    for every path to resolve at once, not one per attempt)."""
+    r0, r1 = tmp_path / "a", tmp_path / "b"
+    r0.mkdir()
+    r1.mkdir()
+    data = {}
+    for i in range(12):
+        data[f"f{i:02d}.bin"] = bytes([i]) * (100 + i)
+        (r1 / f"f{i:02d}.bin").write_bytes(data[f"f{i:02d}.bin"])
+    fs = FileService([str(r0), str(r1)], session)
+    assert fs._ft is not None
+    fs.set_max_open(1)
+    try:
+        reads, pos = [], session.va_base
+        for nm, b in sorted(data.items()):
+            reads.append((nm, 0, len(b), pos))
+            pos += len(b)
+        for _ in range(3):              # the second and third passes reopen evicted files
+            session.view(session.va_base, pos - session.va_base)[:] = 0
+            fs.read_many(reads, None)
+            for nm, _o, n, dst in reads:
+                assert bytes(session.view(dst, n)) == data[nm]
+    finally:
+        fs.close()
+
+
+@pytest.mark.parametrize("how", ["openat2", "walk", "python"])
+def test_a_swapped_directory_is_refused_before_anything_outside_is_looked_at(session, tmp_path, how):
+    """A directory of a validated path is swapped for a symlink leading out of the root;
+    outside, the name is a directory (or a FIFO). The reopen must not report what lies
+    outside (IsADirectoryError, 'not a regular file'): the path is refused as outside.
+    C table with openat2 and with its component walk; the Python planner."""
+    from gpuwire import settings
+    from gpuwire.gds.roots import OutsideDataRootsError
+
+    root, out = tmp_path / "r", tmp_path / "out"
+    (root / "d").mkdir(parents=True)
+    (out / "f.bin").mkdir(parents=True)          # outside: a directory named like the file
+    os.mkfifo(out / "g.bin")
+    (root / "d" / "f.bin").write_bytes(b"inside")
+    (root / "d" / "g.bin").write_bytes(b"inside")
+    (root / "z.bin").write_bytes(b"zzzzzz")
+    with settings.override(gds_c_plan=how != "python"):
+        fs = _service(root, session)
+    fs.set_max_open(1)
+    lib.gw_ft_use_openat2(how != "walk")
+    d = session.va_base
+    try:
+        fs.read_many([("d/f.bin", 0, 6, d), ("d/g.bin", 0, 6, d + 8)], None)
+        fs.read_many([("z.bin", 0, 6, d + 16)], None)          # evicts both
+        for p in ("f.bin", "g.bin"):
+            (root / "d" / p).unlink()
+        (root / "d").rmdir()
+        os.symlink(out, root / "d")
+        for p in ("d/f.bin", "d/g.bin"):
+            with pytest.raises(OutsideDataRootsError, match=p):
+                fs.read_many([(p, 0, 6, d)], None)
+        assert fs.file_stats()["open"] <= 1
+    finally:
+        lib.gw_ft_use_openat2(1)
+        fs.close()
+
+
+def _no_hang(fn, timeout=10.0):
+    """fn() in a thread; the exception it raised (None), or fails when it blocks."""
+    import threading
+
+    box = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except BaseException as e:   # noqa: BLE001
+            box.append(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout)
+    return th, box
+
+
+@pytest.mark.parametrize("c_plan", [True, False])
+def test_a_fifo_under_the_root_is_refused_not_waited_on(session, tmp_path, c_plan):
+    """A FIFO inside a data root: the read and the stat fail naming it (no open that waits
+    for a writer forever), with the C and with the Python planner."""
+    from gpuwire import settings
+
+    os.mkfifo(tmp_path / "pipe.bin")
+    with settings.override(gds_c_plan=c_plan):
+        fs = _service(tmp_path, session)
+    try:
+        for fn in (lambda: fs.stat("pipe.bin"), lambda: fs.read_many([("pipe.bin", 0, 4, session.va_base)], None)):
+            th, box = _no_hang(fn)
+            if th.is_alive():   # unblock the stuck open before failing
+                fd = os.open(tmp_path / "pipe.bin", os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
+                th.join(5)
+                pytest.fail("opening a FIFO under the data root blocked")
+            assert isinstance(box[0], OSError) and "pipe.bin" in str(box[0]) and "regular file" in str(box[0])
+    finally:
+        fs.close()
+
+
+def test_a_data_root_replaced_by_a_new_directory_is_followed(session, tmp_path):
+    """The root directory itself replaced (a dataset updated by renaming a new directory
+    into place): reopens open the new root's files, as a path open would."""
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "x.bin").write_bytes(b"old!")
+    (root / "z.bin").write_bytes(b"zzzz")
+    fs = _service(root, session)
+    fs.set_max_open(1)
+    d = session.va_base
+    try:
+        fs.read_many([("x.bin", 0, 4, d)], None)
+        fs.read_many([("z.bin", 0, 4, d + 8)], None)        # evicts x.bin
+        os.rename(root, tmp_path / "r.old")
+        root.mkdir()
+        (root / "x.bin").write_bytes(b"new!")
+        fs.read_many([("x.bin", 0, 4, d)], None)
+        assert bytes(session.view(d, 4)) == b"new!"
+    finally:
+        fs.close()
+
+
+def test_a_path_repeated_in_the_path_table_is_planned(session, tmp_path):
+    """A hand-made request list naming one path twice in its path table (pack_reads never
+    does): planned and read, also when the path must be resolved again at its reopen."""
+    import struct
+
+    r0, r1 = tmp_path / "a", tmp_path / "b"
+    r0.mkdir()
+    r1.mkdir()
+    (r1 / "x.bin").write_bytes(b"0123456789")
+    (r0 / "z.bin").write_bytes(b"zz")
+    fs = FileService([str(r0), str(r1)], session)
+    fs.set_max_open(1)
+    d = session.va_base
+    blob = struct.pack("<I", 2) + (struct.pack("<I", 5) + b"x.bin") * 2
+    blob += struct.pack("<QQQI", d, 0, 4, 0) + struct.pack("<QQQI", d + 4, 4, 6, 1)
+    try:
+        for k in range(4):
+            session.view(d, 10)[:] = 0
+            fs.read_packed(blob, 2, None)
+            assert bytes(session.view(d, 10)) == b"0123456789"
+            fs.read_many([("z.bin", 0, 2, d + 16)], None)     # evicts x.bin
+            if k == 1:   # now under the first root (direct), then its real path stops opening
+                os.rename(r1 / "x.bin", r0 / "x.bin")
+            elif k == 2:
+                os.rename(r0 / "x.bin", r1 / "x.bin")
+    finally:
+        fs.close()
+
+
+@pytest.mark.parametrize("openat2", [1, 0])
+def test_open_beneath_follows_nothing(tmp_path, openat2):
+    """gw_fr_open_beneath (reopens of the Python planner): a directory swapped for a symlink
+    fails (ELOOP / ENOTDIR) whatever lies where it leads; `..`, paths outside the root and
+    non-regular files are refused; a regular file opens, with its size and /proc link."""
+    import errno
+
+    root, out = tmp_path / "r", tmp_path / "out"
+    (root / "d").mkdir(parents=True)
+    (out / "f.bin").mkdir(parents=True)
+    (root / "d" / "f.bin").write_bytes(b"12345")
+    os.mkfifo(root / "fifo")
+    link, n, size = ffi.new("char[]", 4096), ffi.new("int64_t *"), ffi.new("uint64_t *")
+    r = os.fsencode(root)
+    lib.gw_ft_use_openat2(openat2)
+    try:
+        def op(p):
+            return lib.gw_fr_open_beneath(r, os.fsencode(p), link, 4096, n, size)
+
+        fd = op(root / "d" / "f.bin")
+        assert fd >= 0 and size[0] == 5 and ffi.unpack(link, n[0]) == os.fsencode(root / "d" / "f.bin")
+        os.close(fd)
+        assert op(root / "fifo") == -errno.EINVAL
+        assert op(root / "d") == -errno.EISDIR
+        assert op(str(root / "d" / ".." / ".." / "out" / "f.bin")) == -errno.EXDEV   # `..` leading out
+        fd = op(str(root / "d" / ".." / "d" / "f.bin"))    # staying inside: openat2 allows it
+        assert fd == -errno.EXDEV if not openat2 else fd >= 0
+        if fd >= 0:
+            os.close(fd)
+        assert op(out / "f.bin") == -errno.EXDEV
+        assert op(str(root) + "2/d/f.bin") == -errno.EXDEV        # a sibling with the root's name as prefix
+        os.rename(root / "d", root / "d.old")
+        os.symlink(out, root / "d")
+        assert op(root / "d" / "f.bin") in (-errno.ELOOP, -errno.ENOTDIR)
+    finally:
+        lib.gw_ft_use_openat2(1)
+
+
+def test_close_with_a_stuck_worker_keeps_its_descriptors(session, tmp_path):
+    """Session end while a read worker is stuck (python planner): its files are not closed
+    under it (a closed descriptor's number is reused by the next open: the stuck read
+    would land another file's bytes)."""
+    import threading
+
+    from gpuwire import settings
+
+    (tmp_path / "a.bin").write_bytes(b"a" * 100)
+    with settings.override(gds_c_plan=False):
+        fs = _service(tmp_path, session)
+    gate, entered = threading.Event(), threading.Event()
+    seen = []
+
+    def stuck(w, t):
+        seen.extend(fd for fd, *_ in t.unpack())
+        entered.set()
+        gate.wait(30)
+
+    fs._task_host = stuck
+    th = threading.Thread(target=lambda: fs.read_many([("a.bin", 0, 100, session.va_base)], None), daemon=True)
+    th.start()
+    assert entered.wait(10)
+    fs.close(timeout=0.2)
+    try:
+        os.fstat(seen[0])          # still the worker's file
+    finally:
+        gate.set()
+        th.join(10)

@@ -135,3 +135,40 @@ def test_reader_with_roots_refuses_outside(tree):
         r.read_into("../outside/secret", 0, 1, buf)
     assert np.asarray(buf)[0] == ord("x")
     r.close()
+
+
+def test_open_beneath_follows_nothing(tree):
+    """The open of a resolved path walks it from the root with O_NOFOLLOW: a directory
+    swapped for a symlink since the resolve (here leading out) fails without being
+    followed; open_fd names the path as outside and accepts regular files only."""
+    roots = DataRoots([tree / "a"])
+    real = roots.resolve("sub/y.bin")
+    fd = roots.open_beneath(real)
+    try:
+        assert os.read(fd, 1) == b"y"
+    finally:
+        os.close(fd)
+    (tree / "outside" / "y.bin").write_bytes(b"S")
+    os.rename(tree / "a" / "sub", tree / "a" / "old")
+    os.symlink(tree / "outside", tree / "a" / "sub")
+    with pytest.raises(OSError):
+        roots.open_beneath(real)
+    with pytest.raises(OutsideDataRootsError):
+        roots.open_beneath(str(tree / "outside" / "y.bin"))
+    with pytest.raises(OutsideDataRootsError):
+        roots.open_fd("sub/y.bin")
+    os.mkfifo(tree / "a" / "fifo")
+    with pytest.raises(OSError, match="fifo.*not a regular file"):
+        roots.open_fd("fifo")
+
+
+def test_open_fd_errors_name_the_clients_path(tree, monkeypatch):
+    """A file gone between the resolve and the open: FileNotFoundError naming the path as
+    the client gave it (not only its last component)."""
+    roots = DataRoots([tree / "a"])
+    real = roots.resolve("sub/y.bin")
+    monkeypatch.setattr(roots, "resolve", lambda p, must_exist=True: real)
+    os.unlink(real)
+    with pytest.raises(FileNotFoundError) as e:
+        roots.open_fd("sub/y.bin")
+    assert e.value.filename == "sub/y.bin"

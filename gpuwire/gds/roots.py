@@ -16,6 +16,7 @@ looked at, so a client cannot probe the rest of the file system.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Iterable, List, Optional
 
 __all__ = ["DataRoots", "OutsideDataRootsError"]
@@ -105,17 +106,57 @@ class DataRoots:
     def open_fd(self, path, flags: int = os.O_RDONLY) -> int:
         """Resolve ``path`` and open it; the opened file is checked again (no symlink races).
 
-        The real path is opened with ``O_NOFOLLOW``, and where ``/proc/self/fd`` exists
-        the descriptor's path is re-resolved and must still be inside a root.
+        The real path is opened beneath its root without following anything
+        (:meth:`open_beneath`): a directory swapped for a symlink after the resolve is
+        refused before what it leads to is opened. Only regular files are accepted
+        (``O_NONBLOCK``: a FIFO cannot block the open), and where ``/proc/self/fd`` exists
+        the descriptor's path must still be inside a root.
         """
         real = self.resolve(path)
-        fd = os.open(real, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         try:
+            fd = self.open_beneath(real, flags | getattr(os, "O_NONBLOCK", 0))
+        except (NotADirectoryError, OutsideDataRootsError) as e:
+            raise OutsideDataRootsError(os.fspath(path), self.roots, "changed while opening") from e
+        except OSError as e:
+            if e.errno == getattr(os, "ELOOP", -1):
+                raise OutsideDataRootsError(os.fspath(path), self.roots, "changed while opening") from e
+            if e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from None   # named by the client's path
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{os.fspath(path)!r} is not a regular file")
             self.check_fd(fd, path)
         except BaseException:
             os.close(fd)
             raise
         return fd
+
+    def open_beneath(self, real: str, flags: int = os.O_RDONLY) -> int:
+        """Open ``real`` (a real path inside a root, as :meth:`resolve` gives) component by
+        component from the root's directory, each with ``O_NOFOLLOW``: a symlink met on the
+        way raises (``ELOOP`` / ``NotADirectoryError``) without being followed, and ``.`` /
+        ``..`` components are refused."""
+        root = max((r for r in self.roots if _within(real, r)), key=len, default=None)
+        if root is None:
+            raise OutsideDataRootsError(real, self.roots)
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        parts = [c for c in real[len(root):].split(os.sep) if c]
+        if not parts:
+            raise IsADirectoryError(f"{real!r} is a data root, not a file")
+        if any(c in (".", "..") for c in parts):
+            raise OutsideDataRootsError(real, self.roots, "'.' or '..' in a resolved path")
+        dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow | cloexec)
+        try:
+            for c in parts[:-1]:
+                nfd = os.open(c, getattr(os, "O_PATH", os.O_RDONLY) | getattr(os, "O_DIRECTORY", 0) | nofollow
+                              | cloexec, dir_fd=dfd)
+                os.close(dfd)
+                dfd = nfd
+            return os.open(parts[-1], flags | nofollow | cloexec, dir_fd=dfd)
+        finally:
+            os.close(dfd)
 
     def check_fd(self, fd: int, path) -> None:
         """Refuse an open descriptor whose file lies outside the roots (``/proc/self/fd``'s

@@ -633,10 +633,11 @@ class FileService:
     # -- files
     def _open_checked(self, path: str) -> Tuple[int, Optional[int]]:
         """A descriptor of ``path`` inside the roots, and its size where known. The first
-        open resolves the path (DataRoots.open_fd: realpath, O_NOFOLLOW); reopens of an
+        open resolves the path (DataRoots.open_fd: realpath, opened beneath its root); reopens of an
         evicted file open the remembered real path and check the opened descriptor's /proc
         link instead, which is as strict (what was opened must lie inside a root) and far
-        cheaper: with gpuwire._files, open + readlink + fstat are one C call (GIL released)
+        cheaper: with gpuwire._files, open + readlink + fstat are one C call (GIL released;
+        the real path opened beneath its root, following nothing: gw_fr_open_beneath)
         and only the prefix check against the roots runs here."""
         real = self._real.get(path)
         if real is not None:
@@ -647,7 +648,11 @@ class FileService:
                 except AttributeError:
                     link, plen, psz = tl.bufs = (_ffi.new("char[]", 4096), _ffi.new("int64_t *"),
                                                  _ffi.new("uint64_t *"))
-                fd = _lib.gw_fr_open(real, link, 4096, plen, psz)
+                # beneath its root, following nothing: a directory swapped for a symlink
+                # since is refused before what it leads to is opened (then resolved again)
+                root = max((r for r in self._root_exact if real == r or real.startswith(r.rstrip(b"/") + b"/")),
+                           key=len, default=b"")
+                fd = _lib.gw_fr_open_beneath(root, real, link, 4096, plen, psz) if root else -1
                 if fd >= 0:
                     n = plen[0]
                     if n >= 0:   # what was opened must lie in a root (DataRoots.contains, on bytes)
@@ -1371,7 +1376,8 @@ class FileService:
                     pass
             self._all_events, self._free_events = [], []
             self._free_flags()
-        self._files.close_all()
-        if self._ft is not None and not alive:   # (a stuck worker may still read its descriptors)
+        if not alive:   # (a stuck worker may still read its descriptors: a closed number is reused)
+            self._files.close_all()
+        if self._ft is not None and not alive:
             _lib.gw_ft_free(self._ft)
             self._ft = None
