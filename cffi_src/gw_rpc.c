@@ -641,6 +641,21 @@ static inline int64_t tr_now(void) {
 
 int64_t gw_rpc_now_ns(void) { return tr_now(); }
 
+/* the trace row of the frame a handler call got (NULL: tracing is off); t_in 0: now */
+static gw_rpc_trace_t *tr_start(gw_rpc_srv_t *v, const uint8_t *fr, size_t len, int64_t t_in) {
+  if (!v->trace || !v->trace_cap) return NULL;
+  gw_rpc_trace_t *tr = &v->trace[v->trace_n % v->trace_cap];
+  memset(tr, 0, sizeof(*tr));
+  tr->t_in = t_in ? t_in : tr_now();
+  v->trace_n++;
+  if (len >= GW_HDR) {
+    tr->seq = rd32(fr + 4);
+    tr->ncalls = rd32(fr + 8);
+    tr->flags = (fr[3] & GW_F_SYNC) ? GW_RPC_TR_SYNC : 0;
+  }
+  return tr;
+}
+
 static int srv_pass(gw_rpc_srv_t *v, gw_rpc_trace_t *tr) {
   v->passed++;
   if (tr) {
@@ -656,18 +671,7 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
   *nout = 0;
   v->resume = 0;
   v->tail_n = 0;
-  gw_rpc_trace_t *tr = NULL;
-  if (v->trace && v->trace_cap) {
-    tr = &v->trace[v->trace_n % v->trace_cap];
-    memset(tr, 0, sizeof(*tr));
-    tr->t_in = tr_now();
-    v->trace_n++;
-    if (len >= GW_HDR) {
-      tr->seq = rd32(fr + 4);
-      tr->ncalls = rd32(fr + 8);
-      tr->flags = (fr[3] & GW_F_SYNC) ? GW_RPC_TR_SYNC : 0;
-    }
-  }
+  gw_rpc_trace_t *tr = tr_start(v, fr, len, 0);
   if (!v->enabled || !v->s || len < GW_HDR) return srv_pass(v, tr);
   uint16_t magic = rd16(fr);
   uint8_t ver = fr[2], flags = fr[3];
@@ -1030,8 +1034,14 @@ uint64_t gw_rpc_host_count(int which) {
 typedef int (*gw_rpc_call_fn)(void *conn, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag,
                               void *rbuf, size_t rcap, int64_t timeout_ns, size_t *rlen);
 
+/* a configuration the stub cannot use: nothing is sent (its -22 is also a transport status,
+ * UCS_ERR_UNSUPPORTED, so callers test this, not the return value, to know the seq is unused) */
+static int fsync_bad(const gw_rpc_fsync_t *f) {
+  return !f->call || !f->conn || (f->len != 24 && f->len != 32) || f->rep_cap < 29;
+}
+
 static int fsync_core(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg) {
-  if (!f->call || !f->conn || (f->len != 24 && f->len != 32) || f->rep_cap < 29) return -22;
+  if (fsync_bad(f)) return -22;
   memcpy(f->frame + 4, &seq, 4);
   if (f->len == 32) memcpy(f->frame + 24, &arg, 8);
   f->rlen = 0;
@@ -1053,8 +1063,9 @@ static int fsync_core(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint6
 }
 
 int gw_rpc_fsync(gw_rpc_fsync_t *f, uint32_t seq, uint32_t push_done, uint64_t arg) {
+  int bad = fsync_bad(f);
   int st = fsync_core(f, seq, push_done, arg);
-  if (f->seqp && st != -22) __atomic_store_n(f->seqp, seq + 1, __ATOMIC_RELEASE); /* the seq is used, sent or not */
+  if (f->seqp && !bad) __atomic_store_n(f->seqp, seq + 1, __ATOMIC_RELEASE); /* the seq is used, sent or not */
   return st;
 }
 
@@ -1068,7 +1079,20 @@ struct gw_rpc_wire {
   uint64_t nsync_seen;
   int busy;
   int dead;
+  uint64_t owner;     /* the Python-side holder's thread (pthread_self), 0: none. Written under
+                       * the lock; unlock and release are no-ops for any other thread, so
+                       * Python may release in a finally/except that a KeyboardInterrupt
+                       * (raised as a C call returns) reaches with or without the lock */
 };
+
+static inline uint64_t wire_self(void) { return (uint64_t)pthread_self(); }
+static inline void wire_own(gw_rpc_wire_t *w) { __atomic_store_n(&w->owner, wire_self(), __ATOMIC_RELAXED); }
+/* 1 (and the owner cleared) when this thread holds the lock for Python */
+static inline int wire_disown(gw_rpc_wire_t *w) {
+  if (__atomic_load_n(&w->owner, __ATOMIC_RELAXED) != wire_self()) return 0;
+  __atomic_store_n(&w->owner, 0, __ATOMIC_RELAXED);
+  return 1;
+}
 
 gw_rpc_wire_t *gw_rpc_wire_new(void) {
   gw_rpc_wire_t *w = calloc(1, sizeof *w);
@@ -1096,10 +1120,16 @@ void gw_rpc_wire_use_seq_cell(gw_rpc_wire_t *w, uint32_t *cell) {
   pthread_mutex_unlock(&w->mu);
 }
 
-void gw_rpc_wire_lock(gw_rpc_wire_t *w) { pthread_mutex_lock(&w->mu); }
-void gw_rpc_wire_unlock(gw_rpc_wire_t *w) { pthread_mutex_unlock(&w->mu); }
+void gw_rpc_wire_lock(gw_rpc_wire_t *w) {
+  pthread_mutex_lock(&w->mu);
+  wire_own(w);
+}
+void gw_rpc_wire_unlock(gw_rpc_wire_t *w) {
+  if (wire_disown(w)) pthread_mutex_unlock(&w->mu);
+}
 
 void gw_rpc_wire_release(gw_rpc_wire_t *w, int busy) {
+  if (!wire_disown(w)) return;
   w->busy = busy;
   pthread_mutex_unlock(&w->mu);
 }
@@ -1130,6 +1160,16 @@ int gw_rpc_flush(gw_rpc_flusher_t *fl, gw_rpc_wire_t *w, uint32_t cur, uint32_t 
       len < GW_HDR || !fl->frame[cur])
     return -22;
   pthread_mutex_lock(&w->mu);
+  if (fl->req[cur]) { /* (never, if the caller only builds in a freed buffer): not while in flight */
+    void *r0 = fl->req[cur];
+    fl->req[cur] = NULL;
+    int st0 = ((gw_rpc_wait_fn)fl->wait)(fl->worker, r0, fl->timeout_ns);
+    ((gw_rpc_release_fn)fl->release)(fl->worker, r0);
+    if (st0) {
+      pthread_mutex_unlock(&w->mu);
+      return st0 < 0 ? st0 : -st0;
+    }
+  }
   uint8_t *p = fl->frame[cur];
   uint32_t seq = *w->seqp, body = len - GW_HDR;
   uint16_t mg = GW_MAGIC;
@@ -1190,14 +1230,19 @@ int gw_rpc_fsync_w(gw_rpc_fsync_t *f, uint64_t arg) {
     pthread_mutex_unlock(&w->mu);
     return 2;
   }
+  wire_own(w); /* (held on for Python unless the answer is plain) */
   uint32_t seq = *w->seqp;
+  int bad = fsync_bad(f);
   int st = fsync_core(f, seq, w->push_done, arg);
-  if (st != -22) {
+  if (!bad) {
     __atomic_store_n(w->seqp, seq + 1, __ATOMIC_RELEASE); /* the seq is used, sent or not */
     w->call_seq++;
     w->nsync++;
   }
-  if (st == 0) pthread_mutex_unlock(&w->mu);
+  if (st == 0) {
+    wire_disown(w);
+    pthread_mutex_unlock(&w->mu);
+  }
   return st; /* 1 or negative: the caller reads the reply, then gw_rpc_wire_unlock */
 }
 
@@ -1436,14 +1481,14 @@ static bcopy_t *b_copy(gw_rpc_bulk_t *b, const uint8_t *fr, const gw_rpc_rec_t *
   return cp;
 }
 
-static int b_pass(gw_rpc_bulk_t *b) {
+static int b_pass(gw_rpc_bulk_t *b, const uint8_t *fr, size_t len, int64_t t_in) {
   gw_rpc_srv_t *v = b->c.srv;
   for (int i = 0; i < b->nlate; i++)
     if (b->ran_pass <= (uint64_t)i) b->late[i].back = v->ran - b->late[i].back;
   b->ran_pass = (uint64_t)b->nlate;
   v->resume = 0;
-  v->passed++;
-  return 0; /* GW_SERVE_PASS */
+  v->tail_n = 0;
+  return srv_pass(v, tr_start(v, fr, len, t_in)); /* GW_SERVE_PASS (counted, traced) */
 }
 
 /* 1: an H2D frame this handler runs, 2: a D2H frame, 0: not one (then it goes on as before).
@@ -1612,14 +1657,15 @@ int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int
   gw_rpc_srv_t *v = b->c.srv;
   const uint8_t *fr = (const uint8_t *)msg;
   *nout = 0;
+  int64_t t_in = v->trace ? tr_now() : 0; /* (frames it does not hand on are traced here) */
   if (b->nlate) { /* Python takes the late failures first */
     b_settle_all(b);
-    return b_pass(b);
+    return b_pass(b, fr, len, t_in);
   }
   b_poll(b); /* payloads that came in while the serve loop waited: their copies start now */
   if (b->nlate) {
     b_settle_all(b);
-    return b_pass(b);
+    return b_pass(b, fr, len, t_in);
   }
   uint64_t need = 0;
   uint32_t first = 0;
@@ -1640,24 +1686,27 @@ int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int
   }
   if (b->nlate) {
     b_settle_all(b);
-    return b_pass(b);
+    return b_pass(b, fr, len, t_in);
   }
   if (!kind) return gw_rpc_serve_handler(v, msg, len, out, maxout, nout);
   uint32_t seq = rd32(fr + 4), ncalls = rd32(fr + 8);
   v->resume = 0;
+  v->tail_n = 0;
+  gw_rpc_trace_t *tr = tr_start(v, fr, len, t_in);
+  if (tr) tr->t_scan = tr_now();
   /* the hot calls before the copies, as gw_rpc_serve_handler runs them; a failure stops the
    * frame there and Python takes it from that record (its copies then run in Python) */
   for (uint32_t i = 0; i < first; i++) {
     const gw_rpc_rec_t *r = &v->recs[i];
     v->err[0] = 0;
     int rc = exec_one(v->s, fr, r, srv_kind(v, r), v->err, sizeof(v->err));
+    if (tr && !tr->t_first) tr->t_first = tr_now();
     if (rc) {
       v->resume = 1;
       v->resume_at = i;
       v->resume_res = rc;
       v->ran += i;
-      v->passed++;
-      return 0; /* GW_SERVE_PASS */
+      return srv_pass(v, tr); /* GW_SERVE_PASS */
     }
   }
   if (kind == 1)
@@ -1667,6 +1716,13 @@ int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int
   v->ran += ncalls;
   v->frames++;
   b->stat[GW_RPC_BS_FRAMES]++;
+  if (tr) {
+    int64_t t = tr_now();
+    if (!tr->t_first) tr->t_first = t;
+    tr->t_issued = t;
+    tr->npush = kind == 2 ? ncalls - first : 0;
+    tr->t_out = t;
+  }
   return 1; /* GW_SERVE_NEXT (these frames are never sync frames: no reply) */
 }
 

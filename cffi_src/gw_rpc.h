@@ -274,6 +274,9 @@ uint32_t *gw_rpc_wire_seqp(gw_rpc_wire_t *w);        /* the seq of the next fram
 void gw_rpc_wire_use_seq_cell(gw_rpc_wire_t *w, uint32_t *cell); /* keep the seq there (the value moves) */
 uint32_t *gw_rpc_wire_push_donep(gw_rpc_wire_t *w);  /* pushes the client has waited for */
 uint64_t *gw_rpc_wire_call_seqp(gw_rpc_wire_t *w);   /* calls sent so far */
+/* lock, unlock, release: for Python (the holder's thread is recorded; unlock and release do
+ * nothing in a thread that does not hold it, so they may sit in a finally / except clause
+ * that an exception raised around the lock call reaches either way) */
 void gw_rpc_wire_lock(gw_rpc_wire_t *w);
 void gw_rpc_wire_unlock(gw_rpc_wire_t *w);
 void gw_rpc_wire_release(gw_rpc_wire_t *w, int busy); /* set busy, then unlock */

@@ -382,3 +382,53 @@ def test_c_bulk_copies_on_the_gpu():
             s.close()
     finally:
         srv.stop()
+
+
+def test_c_bulk_refuses_a_spec_whose_copy_layout_it_does_not_read():
+    """The bulk engine reads both async copies' fixed parts as '<QQQ': with a spec that says
+    otherwise it is not attached (ValueError: the session keeps the Python path)."""
+    import types
+    from gpuwire.rpc.spec import default_spec
+    with _server_session(rpc_c_bulk_slots=2) as (srv, s, sess):
+        real = sess.bulk_c.serve, sess.bulk_c.res
+        for name in ("cuMemcpyHtoDAsync", "cuMemcpyDtoHAsync"):
+            calls = dict(default_spec().calls)
+            c = calls[name]
+            calls[name] = types.SimpleNamespace(id=c.id, deferred=True, wire_format=types.SimpleNamespace(
+                request="<QQ", reply=c.wire_format.reply))
+            spec = types.SimpleNamespace(calls=calls)
+            h0 = real[0].handler
+            with pytest.raises(ValueError):
+                b = cf.Bulk(real[0], spec, sess.ep.c_bulk_entry(), real[1], CHUNK, 1.0)
+                b.close()
+            assert real[0].handler == h0
+        s.gwSync()
+
+
+def test_c_bulk_frames_are_in_the_frame_trace(tmp_path):
+    """rpc_trace_dir: the frames the bulk handler runs itself (H2D and D2H copy frames) and the
+    ones it passes to Python are in the per-frame trace like every other frame."""
+    with _server_session(rpc_c_bulk_slots=3, rpc_c_bulk_dtoh_min=CHUNK, rpc_trace_dir=str(tmp_path)) as (srv, s, sess):
+        n = 3 * CHUNK + 5
+        host = s.pinned(2 * n)
+        host[:] = 9
+        d = s.alloc(2 * n)
+        st = s.stream()
+        s.gwSync()
+        seq0 = s._seq
+        s.cuMemcpyHtoDAsync(d, host[:n], n, st)
+        s.cuMemcpyHtoDAsync(d + n, host[n:], n, st)
+        out = np.zeros(n, np.uint8)
+        s.cuMemcpyDtoHAsync(out, d + n, n, st)
+        s.flush()
+        s.cuStreamSynchronize(st)
+        seq1 = s._seq
+        assert (out == 9).all()
+        stats = sess.bulk_c.stats()
+        assert stats["h2d"] == 2 and stats["d2h"] == 1, stats
+        rows = sess.serve_c.trace_rows()
+        seqs = {r[0] for r in rows}
+        assert set(range(seq0, seq1)) <= seqs, (seq0, seq1, sorted(seqs)[-8:])
+        for r in rows:
+            if seq0 <= r[0] < seq1:
+                assert r[4] and r[9] >= r[4], r           # t_in, t_out

@@ -914,3 +914,313 @@ def test_training_step_frames_and_loss_readback(inproc):
         assert losses[2] < losses[0]              # the SGD updates ran between the readbacks
     finally:
         s.close()
+
+
+# ----------------------------------------------------------------------------- review fixes
+def _failing_wait(fl, fail_at):
+    """Replace the flusher's gw_wait by one that makes the real wait and then reports the
+    send it waited for as failed (a connection reset), the ``fail_at``-th time."""
+    real = ffi.cast("int(*)(void *, void *, int64_t)", fl.wait)
+    n = [0]
+
+    def wait(worker, req, tmo):
+        rc = real(worker, req, tmo)
+        n[0] += 1
+        return -25 if n[0] == fail_at else rc       # UCS_ERR_CONNECTION_RESET
+    cb = ffi.callback("int(void *, void *, int64_t)", wait)
+    fl.wait = ffi.cast("void *", cb)
+    return cb, n
+
+
+def test_c_batch_flush_failure_after_the_send_loses_no_call_silently(inproc):
+    """gw_rpc_flush sent the frame, then waiting for the next frame buffer's previous send
+    failed (that earlier frame may not have arrived): the error is raised, and afterwards the
+    session neither writes into a frame buffer still in flight nor sends a frame whose header
+    disagrees with its body: a later call either runs (and its bytes arrive) or raises."""
+    with _settings.override(rpc_flush_us=0, rpc_batch_calls=1, rpc_batch_first=1):
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        if getattr(s, "_fl", None) is None:
+            pytest.skip("no C batch flush in this build")
+        d = s.alloc(1 << 16)
+        st = s.stream()
+        s.gwSync()
+        keep = _failing_wait(s._fl, 1)
+        raised = []
+        for i in range(2 * len(s._frames)):          # one call per frame: the ring wraps
+            try:
+                s.cuMemsetD32Async(d + 4 * i, i + 1, 1, st)
+            except Exception as e:                  # noqa: BLE001 - checked below
+                raised.append(e)
+                break
+        assert raised, "the failed wait for a frame buffer was not reported"
+        out = np.zeros(4, np.uint32)
+        try:
+            s.cuMemsetD32Async(d + 4096, 1234, 4, st)
+            s.cuMemcpyDtoH(out, d + 4096, 16)
+        except P.SessionClosed:
+            return                                   # refused clearly: nothing lost silently
+        assert (out == 1234).all() and s.protocol_errors == [], (out, s.protocol_errors)
+        del keep
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("c_flush", [False, True])
+def test_python_batch_flush_failure_after_the_send_loses_no_call_silently(inproc, c_flush):
+    """The same when the next frame buffer's earlier send was made from Python (a sync frame
+    with bulk data) and waiting for it raises: on the Python flush path (rpc_c_flush off) and
+    after a C flush that sent the frame."""
+    from gpuwire import transport as t
+
+    class _FailedSend:
+        def wait(self, timeout=None):
+            raise t.ConnectionLost("server", "injected: an earlier frame's send failed")
+
+    with _settings.override(rpc_flush_us=0, rpc_batch_calls=1, rpc_batch_first=1, rpc_c_flush=c_flush):
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        if c_flush and getattr(s, "_fl", None) is None:
+            pytest.skip("no C batch flush in this build")
+        assert (getattr(s, "_fl", None) is not None) == c_flush
+        d = s.alloc(1 << 16)
+        st = s.stream()
+        s.gwSync()
+        s._frames[(s._fi + 1) % len(s._frames)].req = _FailedSend()
+        with pytest.raises(Exception):
+            s.cuMemsetD32Async(d, 5, 1, st)           # flushed at once (a batch of one)
+        _later_calls_fail_closed_or_run(s, lambda: s.cuMemsetD32Async(d + 4096, 1234, 4, st), d + 4096)
+    finally:
+        s.close()
+
+
+def _later_calls_fail_closed_or_run(s, set_1234, at):
+    """After a failed send: the next calls either raise SessionClosed or really run (a
+    memset of 1234 read back), never vanish silently."""
+    out = np.zeros(4, np.uint32)
+    try:
+        set_1234()
+        s.cuMemcpyDtoH(out, at, 16)
+    except P.SessionClosed:
+        return
+    assert (out == 1234).all() and s.protocol_errors == [], (out, s.protocol_errors)
+
+
+def test_fast_sync_stub_counts_the_seq_of_every_attempted_call():
+    """gw_rpc_fsync_w: a transport status that happens to equal the stub's own 'bad
+    configuration' code (-22 is UCS_ERR_UNSUPPORTED) still used the frame seq and the call
+    count (the frame may have gone out); only a bad configuration leaves them. Either way the
+    wire lock stays held for Python to read the status and release it."""
+    w = ffi.gc(lib.gw_rpc_wire_new(), lib.gw_rpc_wire_free)
+    seqp, csp = lib.gw_rpc_wire_seqp(w), lib.gw_rpc_wire_call_seqp(w)
+    seqp[0] = 41
+    rep = ffi.new("uint8_t[]", 64)
+    calls = [0]
+
+    def call(conn, tag, sbuf, slen, rtag, rbuf, rcap, tmo, rlen):
+        calls[0] += 1
+        return -22
+    cb = ffi.callback("int(void *, uint32_t, const void *, size_t, uint32_t, void *, size_t, int64_t, size_t *)",
+                      call)
+    f = ffi.new("gw_rpc_fsync_t *")
+    f.call = ffi.cast("void *", cb)
+    f.conn = ffi.cast("void *", 1)
+    f.rep, f.rep_cap, f.len, f.wire = rep, 64, 24, w
+    assert lib.gw_rpc_fsync_w(f, 0) == -22 and calls[0] == 1
+    lib.gw_rpc_wire_unlock(w)
+    assert (seqp[0], csp[0]) == (42, 1)
+    f.len = 7                                   # a bad configuration: nothing sent, nothing used
+    assert lib.gw_rpc_fsync_w(f, 0) == -22 and calls[0] == 1
+    lib.gw_rpc_wire_unlock(w)
+    assert (seqp[0], csp[0]) == (42, 1)
+
+
+@pytest.mark.parametrize("c_flush", [False, True])
+def test_sync_frame_with_bulk_data_failure_after_the_send_loses_no_call_silently(inproc, c_flush):
+    """A sync frame with bulk data went out from Python, then waiting for the next frame
+    buffer's earlier send raised: the error is raised, and later calls neither write into the
+    buffer in flight nor read that frame's reply as theirs."""
+    from gpuwire import transport as t
+
+    class _StuckSend:
+        def wait(self, timeout=None):
+            raise t.OperationTimeout("injected: an earlier frame's send did not complete")
+
+    with _settings.override(rpc_flush_us=0, rpc_c_flush=c_flush):
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        d = s.alloc(1 << 20)
+        s.gwSync()
+        s._frames[(s._fi + 1) % len(s._frames)].req = _StuckSend()
+        with pytest.raises(Exception):
+            # a sync call whose argument travels as a bulk payload (above rpc_inline_max)
+            s.gwFileStat("/" + "x" * (200 << 10))
+        _later_calls_fail_closed_or_run(s, lambda: s.cuMemsetD32(d + 4096, 1234, 4), d + 4096)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("stub", ["fast", "generated"])
+def test_a_sync_call_that_timed_out_does_not_shift_later_replies(inproc, stub):
+    """A sync call whose reply did not come within its timeout raises OperationTimeout; its
+    reply arrives later. The next sync calls must not take that reply for theirs (before:
+    every later call raised 'reply for frame N, expected N+1'): it is dropped (noted in
+    protocol_errors) and the session goes on in step."""
+    from gpuwire import transport as t
+    with _settings.override(rpc_flush_us=0, rpc_c_sync=(stub == "fast")):
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        d = s.alloc(4096)
+        s.gwSync()
+        timed_out = False
+        for _ in range(20):                          # a 1 ns timeout: the reply is never that fast
+            if stub == "fast":
+                f = s._fs_gwSync
+                tmo, f.timeout_ns = f.timeout_ns, 1
+            else:
+                tmo, s._timeout = s._timeout, 1e-9
+                s._frame.calls.clear()               # (prepared calls carry their timeout)
+            try:
+                s.gwSync()
+            except t.OperationTimeout:
+                timed_out = True
+            finally:
+                if stub == "fast":
+                    f.timeout_ns = tmo
+                else:
+                    s._timeout = tmo
+                    s._frame.calls.clear()
+            if timed_out:
+                break
+        assert timed_out
+        import time
+        time.sleep(0.2)                              # the late reply is in
+        out = np.zeros(4, np.uint32)
+        for v in (5, 6, 7):
+            s.cuMemsetD32(d, v, 4)
+            s.cuMemcpyDtoH(out, d, 16)
+            assert (out == v).all()
+            s.gwSync()
+        # (0 when the 1 ns timeout ended the call before its frame went out: no late reply)
+        assert len(s.protocol_errors) <= 1 and all("timed out" in x for x in s.protocol_errors), \
+            s.protocol_errors
+    finally:
+        s.close()
+
+
+def test_a_dropped_late_reply_does_not_cut_the_next_reply_tail(inproc):
+    """After a late reply was dropped, the sync call reads its own reply with that reply's
+    length: small D2H results carried in the reply tail arrive (before: the dropped reply's
+    length was used and the tail was refused as truncated)."""
+    from gpuwire import transport as t
+    with _settings.override(rpc_flush_us=0, rpc_c_sync=False):
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        if not s._tail_max:
+            pytest.skip("the server offers no reply tail")
+        d = s.alloc(4096)
+        st = s.stream()
+        s.cuMemsetD32Async(d, 77, 1024, st)
+        s.gwSync()
+        timed_out = False
+        for _ in range(20):
+            tmo, s._timeout = s._timeout, 1e-9
+            s._frame.calls.clear()
+            try:
+                s.gwSync()
+            except t.OperationTimeout:
+                timed_out = True
+            finally:
+                s._timeout = tmo
+                s._frame.calls.clear()
+            if timed_out:
+                break
+        assert timed_out
+        import time
+        time.sleep(0.2)
+        out = np.zeros(64, np.uint32)
+        s.cuMemcpyDtoHAsync(out, d, out.nbytes, st)     # small: into the sync reply's tail
+        s.cuStreamSynchronize(st)
+        assert (out == 77).all()
+        assert len(s.protocol_errors) <= 1, s.protocol_errors
+    finally:
+        s.close()
+
+
+def _syncs_in_a_thread(s, timeout=10.0):
+    """gwSync from another thread; True if it returned (or raised) within ``timeout``."""
+    done = []
+
+    def run():
+        try:
+            s.gwSync()
+        except BaseException:            # noqa: BLE001 - only termination matters here
+            pass
+        done.append(1)
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout)
+    return bool(done)
+
+
+def _close_soon(s, timeout=10.0):
+    """close() from a daemon thread (a session whose wire lock leaked would wait forever)."""
+    th = threading.Thread(target=s.close, daemon=True)
+    th.start()
+    th.join(timeout)
+    assert not th.is_alive(), "close() hung on the wire lock"
+
+
+def test_an_interrupt_as_the_fast_stub_returns_does_not_leave_the_wire_locked(inproc, monkeypatch):
+    """KeyboardInterrupt (Ctrl-C) is raised as a C call returns. When gw_rpc_fsync_w returned
+    with the wire lock held (a reply for Python to read), the lock must still be released:
+    before, every later call on the session (and close()) waited for it forever."""
+    real = C._fsync
+
+    def interrupted(*a):
+        r = real(*a)
+        if r == 1:
+            raise KeyboardInterrupt
+        return r
+    s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        d = s.alloc(4096)
+        st = s.stream()
+        s.gwSync()
+        s.cuMemsetD32Async(d + 8192, 2, 16, st)      # outside every allocation: a deferred error
+        s.flush()
+        monkeypatch.setattr(C, "_fsync", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            s.gwSync()                               # the reply carries the report: returns 1
+        monkeypatch.setattr(C, "_fsync", real)
+        assert _syncs_in_a_thread(s), "the wire lock was left held"
+    finally:
+        _close_soon(s)
+
+
+def test_an_interrupt_as_the_wire_lock_is_taken_does_not_leave_it_locked(inproc, monkeypatch):
+    """The same for the Python paths that take the wire lock (a sync round trip here)."""
+    class _Lib:
+        def __init__(self, lib_):
+            self._l = lib_
+
+        def __getattr__(self, k):
+            return getattr(self._l, k)
+
+        def gw_rpc_wire_lock(self, w):
+            self._l.gw_rpc_wire_lock(w)
+            raise KeyboardInterrupt
+
+    with _settings.override(rpc_flush_us=0):
+        s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        d = s.alloc(4096)
+        s.gwSync()
+        s.cuMemsetD32Async(d, 1, 16, 0)              # batched: the generated stub's round trip
+        monkeypatch.setattr(C, "_rpc_lib", _Lib(C._rpc_lib))
+        with pytest.raises(KeyboardInterrupt):
+            s.gwSync()
+        monkeypatch.setattr(C, "_rpc_lib", C._rpc_lib._l)
+        assert _syncs_in_a_thread(s), "the wire lock was left held"
+    finally:
+        _close_soon(s)

@@ -390,7 +390,7 @@ class _FastSync:
     @closed.setter
     def closed(self, v):
         self._closed = v
-        if v:
+        if v and self._wire is not None:
             _rpc_lib.gw_rpc_wire_kill(self._wire)     # no more fast calls (no lock: may be held here)
 
     def _fs_setup(self) -> None:
@@ -459,9 +459,11 @@ class _FastSync:
     def _wire_release(self) -> None:
         _rpc_lib.gw_rpc_wire_release(self._wire, 1 if (self._ncalls or self._inflight or self._bulk) else 0)
 
+    # (the lock is taken inside the try: an exception raised as the lock call returns, e.g.
+    # KeyboardInterrupt, still releases it; releasing is a no-op for a thread not holding it)
     def _roundtrip(self, end: int, name: str):
-        _rpc_lib.gw_rpc_wire_lock(self._wire)
         try:
+            _rpc_lib.gw_rpc_wire_lock(self._wire)
             return super()._roundtrip(end, name)
         finally:
             self._wire_release()
@@ -471,8 +473,8 @@ class _FastSync:
             return
         fl = self._fl
         if fl is None or self._bulk:
-            _rpc_lib.gw_rpc_wire_lock(self._wire)
             try:
+                _rpc_lib.gw_rpc_wire_lock(self._wire)
                 super()._flush_locked()
             finally:
                 self._wire_release()
@@ -483,16 +485,22 @@ class _FastSync:
             self._post_pending()          # the frame's push receives first (as the Python path)
         st = _cflush(fl, self._wire, self._fi, self._pos, self._ncalls, 1 if self._inflight else 0, self._fl_sent)
         if st < 0:
-            if self._fl_sent[0]:          # the frame went out; waiting for the next buffer failed
-                self._ncalls = 0
-            self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+            try:
+                self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+            except t.TransportError as e:
+                if self._fl_sent[0]:      # the frame went out; an earlier frame's send failed
+                    raise self._broken_after_send(e) from e
+                raise
         self._ncalls = 0
         self._flush_at = min(self._flush_at * 2, self._max_calls)
-        self._fi = st
         fr = self._frames[st]
         if fr.req is not None:            # a send made from Python (a sync frame with bulk data)
-            fr.req.wait(timeout=None if self._timeout < 0 else self._timeout)
+            try:
+                fr.req.wait(timeout=None if self._timeout < 0 else self._timeout)
+            except t.TransportError as e:     # (this frame went out: the batch state must not
+                raise self._broken_after_send(e) from e   # point into a buffer in flight)
             fr.req = None
+        self._fi = st
         self._frame = fr
         self._cbuf = fr.cptr
         self._buf = fr.buf
@@ -515,8 +523,10 @@ class _FastSync:
 
     def _bye_locked(self) -> None:
         w = self._wire
-        _rpc_lib.gw_rpc_wire_lock(w)
+        if w is None:                     # (_fs_setup failed: no wire state)
+            return super()._bye_locked()
         try:
+            _rpc_lib.gw_rpc_wire_lock(w)
             _rpc_lib.gw_rpc_wire_kill(w)
             super()._bye_locked()
         finally:
@@ -525,11 +535,13 @@ class _FastSync:
     def _teardown(self) -> None:
         w = self._wire
         if w is not None:
-            _rpc_lib.gw_rpc_wire_lock(w)        # no fast call is inside the endpoint now,
-            _rpc_lib.gw_rpc_wire_kill(w)        # and none starts
-            if self._fl is not None:            # every send from C released before the
-                _rpc_lib.gw_rpc_flusher_drain(self._fl, 0)   # endpoint closes
-            _rpc_lib.gw_rpc_wire_unlock(w)
+            try:
+                _rpc_lib.gw_rpc_wire_lock(w)        # no fast call is inside the endpoint now,
+                _rpc_lib.gw_rpc_wire_kill(w)        # and none starts
+                if self._fl is not None:            # every send from C released before the
+                    _rpc_lib.gw_rpc_flusher_drain(self._fl, 0)   # endpoint closes
+            finally:
+                _rpc_lib.gw_rpc_wire_unlock(w)
         super()._teardown()
 
     def _arm_timer(self) -> None:
@@ -551,11 +563,15 @@ class _FastSync:
             rep = self._fs_repmv
             try:
                 if st < 0:
-                    self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+                    try:
+                        self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+                    except t.OperationTimeout:
+                        self._gave_up(seq)
+                        raise
                 n = f.rlen
                 magic, _ver, flags, rseq, _nc, _blen, _st, pushes = _REPLY_HEAD_ALL(rep, 0)
                 if flags or rseq != seq or magic != P.MAGIC or n < _REPLY_MIN:
-                    pushes = self._reply_slow(n, seq, name, self._fs_repmv, self._fs_repb)
+                    pushes, n = self._reply_slow(n, seq, name, self._fs_repmv, self._fs_repb)
             except t.ConnectionLost as e:
                 self.closed = True
                 raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
@@ -568,19 +584,29 @@ class _FastSync:
         if res or rpt is not None:
             self._fail(res, rpt, name)
 
+    # (st 1 or negative: the C call returned with the wire lock held for _fs_more; an
+    # exception raised as it returns, before _fs_more runs, releases it in the except)
     def gwSync(self):
-        st = _fsync(self._fs_gwSync, 0)
-        if st:
-            if st == 2:
-                return super().gwSync()
-            self._fs_more(st, self._fs_gwSync, "gwSync")
+        try:
+            st = _fsync(self._fs_gwSync, 0)
+            if st:
+                if st == 2:
+                    return super().gwSync()
+                self._fs_more(st, self._fs_gwSync, "gwSync")
+        except BaseException:
+            _rpc_lib.gw_rpc_wire_unlock(self._wire)
+            raise
 
     def cuCtxSynchronize(self):
-        st = _fsync(self._fs_cuCtxSynchronize, 0)
-        if st:
-            if st == 2:
-                return super().cuCtxSynchronize()
-            self._fs_more(st, self._fs_cuCtxSynchronize, "cuCtxSynchronize")
+        try:
+            st = _fsync(self._fs_cuCtxSynchronize, 0)
+            if st:
+                if st == 2:
+                    return super().cuCtxSynchronize()
+                self._fs_more(st, self._fs_cuCtxSynchronize, "cuCtxSynchronize")
+        except BaseException:
+            _rpc_lib.gw_rpc_wire_unlock(self._wire)
+            raise
 
     def cuStreamSynchronize(self, hStream=0):
         h = hStream
@@ -591,11 +617,15 @@ class _FastSync:
                 return super().cuStreamSynchronize(hStream)     # its error for a bad argument
         if not 0 <= h <= 0xFFFFFFFFFFFFFFFF:
             return super().cuStreamSynchronize(hStream)
-        st = _fsync(self._fs_cuStreamSynchronize, h)
-        if st:
-            if st == 2:
-                return super().cuStreamSynchronize(hStream)
-            self._fs_more(st, self._fs_cuStreamSynchronize, "cuStreamSynchronize")
+        try:
+            st = _fsync(self._fs_cuStreamSynchronize, h)
+            if st:
+                if st == 2:
+                    return super().cuStreamSynchronize(hStream)
+                self._fs_more(st, self._fs_cuStreamSynchronize, "cuStreamSynchronize")
+        except BaseException:
+            _rpc_lib.gw_rpc_wire_unlock(self._wire)
+            raise
 
 
 class Session(Stubs):
@@ -603,6 +633,7 @@ class Session(Stubs):
 
     def __init__(self, address: str, token: Optional[str] = None, timeout: Optional[float] = None,
                  tls: Optional[str] = None, device: Optional[int] = None, name: str = ""):
+        self._down = False    # _teardown ran (close() is then a no-op)
         self.closed = True
         self._pin = None      # pinned-region mirroring (gpuwire.rpc.pinned), made on first use
         self._lock = threading.Lock()
@@ -646,6 +677,9 @@ class Session(Stubs):
         self._pinned: Dict[int, Any] = {}
         self.deferred_error: Optional[DeferredCudaError] = None
         self.protocol_errors: List[str] = []
+        # seqs of sync frames whose caller gave up waiting (OperationTimeout): their replies
+        # may still come and are then dropped, not taken for a later call's (ordered, bounded)
+        self._late_seqs: Dict[int, None] = {}
         self._rep = bytearray(_REPLY_CAP)
         self._repb = t.Buffer(self._rep, writable=True)
         self._repmv = memoryview(self._rep)
@@ -758,8 +792,9 @@ class Session(Stubs):
 
     def close(self) -> None:
         """Run what is batched, end the session on the server (it frees everything the
-        session made) and close the connection. Idempotent."""
-        if self.closed:
+        session made) and close the connection. Idempotent. A session that closed itself
+        (a lost connection, a failed send) still says bye if it can and frees its transport."""
+        if self._down:
             return
         err = None
         try:
@@ -788,6 +823,7 @@ class Session(Stubs):
             pass
 
     def _teardown(self) -> None:
+        self._down = True
         if getattr(self, "_pin", None) is not None:
             self._pin.close()   # munlock pinned regions, drop their registrations
         for obj in ("_ep", "_w"):
@@ -843,6 +879,28 @@ class Session(Stubs):
         if self.closed:
             raise SessionClosed(f"session to {self.address} is closed")
 
+    def _gave_up(self, seq: int) -> None:
+        """The sync call of frame ``seq`` stopped waiting for its reply (a timeout)."""
+        ls = self._late_seqs
+        ls[seq] = None
+        if len(ls) > 256:
+            del ls[next(iter(ls))]
+
+    def _broken_after_send(self, e: Exception) -> SessionClosed:
+        """A frame went out, but waiting for an earlier frame's send failed: that frame may
+        not have arrived, and its buffer may still be in flight. The batch state would no
+        longer match the server's, so the session closes here (close() still says bye and
+        frees the connection): the frame state is reset and every later call raises
+        SessionClosed from _make_room before it writes into a frame buffer."""
+        self._ncalls = 0
+        self._pend = []
+        self._bulk = []                   # (payloads of a frame that may not have arrived)
+        self._pos = P.HEADER_SIZE
+        self._cap = 0
+        self.closed = True
+        return SessionClosed(f"batch to gpuwire server {self.address}: an earlier frame's send failed ({e}); "
+                             "the session is closed, the calls since the last sync point may not have run")
+
     def _make_room(self, need: int) -> int:
         self._check_open()
         if need + P.HEADER_SIZE > self._cap:
@@ -874,7 +932,10 @@ class Session(Stubs):
         # batch ramp: small batches right after a sync point get the (idle) server going,
         # later ones grow while it is busy
         self._flush_at = min(self._flush_at * 2, self._max_calls)
-        self._next_frame()
+        try:
+            self._next_frame()
+        except t.TransportError as e:     # an earlier frame's send failed
+            raise self._broken_after_send(e) from e
         if self._bulk:
             self._send_bulk()
 
@@ -955,7 +1016,10 @@ class Session(Stubs):
             if self._bulk:
                 tmo = None if self._timeout < 0 else self._timeout
                 fr.req = self._ep.send_nb(fr.view(end), tag=P.TAG_REQ)
-                self._next_frame()
+                try:
+                    self._next_frame()
+                except t.TransportError as e:     # an earlier frame's send failed or is stuck
+                    raise self._broken_after_send(e) from e
                 rr = self._ep.recv_nb(self._repb, tag=P.TAG_REP, tag_mask=t.EXACT_TAG)
                 self._send_bulk()
                 n = rr.wait(timeout=tmo).nbytes
@@ -968,10 +1032,13 @@ class Session(Stubs):
             rep = self._repmv
             magic, _ver, flags, rseq, _nc, _blen, _st, pushes = _REPLY_HEAD_ALL(rep, 0)
             if flags or rseq != seq or magic != P.MAGIC or n < _REPLY_MIN:
-                pushes = self._reply_slow(n, seq, name)
+                pushes, n = self._reply_slow(n, seq, name)   # (n: the length of our reply)
         except t.ConnectionLost as e:
             self.closed = True
             raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
+        except t.OperationTimeout:
+            self._gave_up(seq)
+            raise
         if pushes != self._push_done:
             self._wait_pushes(pushes)
         if self._inflight:
@@ -1021,10 +1088,11 @@ class Session(Stubs):
             off += 4 + m
         return off
 
-    def _reply_slow(self, n: int, seq: int, name: str, rep=None, repb=None) -> int:
+    def _reply_slow(self, n: int, seq: int, name: str, rep=None, repb=None) -> "tuple[int, int]":
         """The reply is not the plain answer to frame ``seq``: stray error replies (recorded,
         then the next reply is read), our own error reply (raised), or garbage. The reply
-        is in ``rep`` (a view of ``repb``; default the session's reply buffer)."""
+        is in ``rep`` (a view of ``repb``; default the session's reply buffer). Returns the
+        reply's push count and its length (the reply read last: ours)."""
         tmo = None if self._timeout < 0 else self._timeout
         if rep is None:
             rep, repb = self._repmv, self._repb
@@ -1032,6 +1100,12 @@ class Session(Stubs):
             magic, ver, flags, rseq, _nc, blen = P.HEADER.unpack_from(rep, 0)
             if magic != P.MAGIC or n < P.HEADER_SIZE + P.REPLY_HEAD.size:
                 raise ProtocolError(f"{name}: malformed reply from {self.address}")
+            if rseq != seq and rseq in self._late_seqs:
+                # the reply of a sync call that timed out: that call raised already
+                del self._late_seqs[rseq]
+                self.protocol_errors.append(f"frame {rseq}: reply arrived after its call timed out (dropped)")
+                n = self._ep.recv(repb, tag=P.TAG_REP, tag_mask=t.EXACT_TAG, timeout=tmo).nbytes
+                continue
             if flags & P.F_ERROR:
                 st, msg = P.parse_error(rep, n)
                 if rseq != seq:
@@ -1043,7 +1117,7 @@ class Session(Stubs):
                 raise ProtocolError(f"{name}: reply for frame {rseq}, expected {seq}")
             break
         _st, pushes = P.REPLY_HEAD.unpack_from(rep, P.HEADER_SIZE)
-        return pushes
+        return pushes, n
 
     def _wait_pushes(self, upto: int) -> None:
         tmo = None if self._timeout < 0 else self._timeout

@@ -311,6 +311,11 @@ class Bulk:
 
     def __init__(self, serve: Serve, spec, entry: Dict[str, int], res: Dict[str, Any], chunk: int,
                  timeout_s: float, dtoh_min: int = 0, inflight: int = 8 << 20, htod_max: int = 0):
+        # the C code reads both copies' fixed parts as '<QQQ' (pointer, ByteCount, stream)
+        for name in ("cuMemcpyHtoDAsync", "cuMemcpyDtoHAsync"):
+            cl = spec.calls.get(name)
+            if cl is None or cl.wire_format.request != "<QQQ" or not cl.deferred:
+                raise ValueError(f"bulk copies: {name} is not the deferred '<QQQ' call the C code reads")
         c = ffi.new("gw_rpc_bulk_cfg_t *")
         c.srv = serve.v
         for k in ("recv", "send", "wait", "test", "info", "release", "progress", "worker", "conn"):
