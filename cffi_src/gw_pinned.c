@@ -257,6 +257,27 @@ static void part_bounds(size_t k, size_t parts, size_t n, size_t *s, size_t *e) 
     if (*e > n) *e = n;
 }
 
+/* The span a finished JOB_SPAN found: [lo, hi) over the parts that differ; 0 (and
+ * *lo = *hi = n) when none does. Called with mt_call held. */
+static int mt_span_result(size_t n, size_t *lo, size_t *hi) {
+    size_t a = n, b = 0;
+    for (size_t k = 0; k < mt.parts; k++) {
+        size_t s, e;
+        part_bounds(k, mt.parts, n, &s, &e);
+        if (mt.lo[k] < e) {             /* this part differs */
+            if (mt.lo[k] < a) a = mt.lo[k];
+            if (mt.hi[k] > b) b = mt.hi[k];
+        }
+    }
+    if (a >= b) {
+        *lo = *hi = n;
+        return 0;
+    }
+    *lo = a;
+    *hi = b;
+    return 1;
+}
+
 static void run_part(size_t k) {
     size_t s, e;
     part_bounds(k, mt.parts, mt.n, &s, &e);
@@ -393,23 +414,9 @@ int gw_pin_span_finish(size_t n, size_t *lo, size_t *hi) {
     while (mt.pending) pthread_cond_wait(&mt.done, &mt.mu);
     mt.shift = 0;
     pthread_mutex_unlock(&mt.mu);
-    size_t a = n, b = 0;
-    for (size_t k = 0; k < mt.parts; k++) {
-        size_t s, e;
-        part_bounds(k, mt.parts, n, &s, &e);
-        if (mt.lo[k] < e) {
-            if (mt.lo[k] < a) a = mt.lo[k];
-            if (mt.hi[k] > b) b = mt.hi[k];
-        }
-    }
+    int r = mt_span_result(n, lo, hi);
     pthread_mutex_unlock(&mt_call);
-    if (a >= b) {
-        *lo = *hi = n;
-        return 0;
-    }
-    *lo = a;
-    *hi = b;
-    return 1;
+    return r;
 }
 
 void gw_pin_spin(uint64_t spin_ns) {
@@ -432,23 +439,9 @@ void gw_pin_arm(uint64_t ns) {
 int gw_pin_span_mt(const uint8_t *shadow, const uint8_t *live, size_t n, size_t *lo, size_t *hi) {
     pthread_mutex_lock(&mt_call);
     mt_run(JOB_SPAN, NULL, shadow, live, n);
-    size_t a = n, b = 0;
-    for (size_t k = 0; k < mt.parts; k++) {
-        size_t s, e;
-        part_bounds(k, mt.parts, n, &s, &e);
-        if (mt.lo[k] < e) {             /* this part differs */
-            if (mt.lo[k] < a) a = mt.lo[k];
-            if (mt.hi[k] > b) b = mt.hi[k];
-        }
-    }
+    int r = mt_span_result(n, lo, hi);
     pthread_mutex_unlock(&mt_call);
-    if (a >= b) {
-        *lo = *hi = n;
-        return 0;
-    }
-    *lo = a;
-    *hi = b;
-    return 1;
+    return r;
 }
 
 void gw_pin_copy_mt(uint8_t *dst, const uint8_t *src, size_t n) {

@@ -226,16 +226,22 @@ _MIRROR_CASES = ((None, False, True, True), ("always", False, True, True), ("com
                  ("protect", False, True, True), ("explicit", True, True, True), ("always", False, False, False))
 
 
-def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
+def _mirror_cases(args):
+    """(size, float32 count, iterations, input values) per --sizes entry of the mirror runs
+    (fewer iterations for big sizes: about 2 GiB moved per case at most)."""
     import numpy as np
+    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
+        n = size // 4
+        iters = max(5, min(args.iters, (2 << 30) // max(size, 1) // 4))
+        yield size, n, iters, (np.arange(n) % 1000).astype(np.float32)
+
+
+def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
     from gpuwire import settings
     from gpuwire.rpc import pinned
     rows = []
     default_mode = str(settings.get("pinned_track"))
-    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
-        n = size // 4
-        iters = max(5, min(args.iters, (2 << 30) // max(size, 1) // 4))
-        src = (np.arange(n) % 1000).astype(np.float32)
+    for size, n, iters, src in _mirror_cases(args):
         s = connect()
         try:
             mod = s.load_module(ptx)
@@ -377,14 +383,10 @@ def bench_detect(connect, args, ptx) -> List[Dict[str, Any]]:
     """The plain program with a kernel loaded from a cubin (nothing to scan: `in` counts as
     written and is pulled at every sync): server-side detection off vs on (the default), vs
     the explicit-copy program, in the same run."""
-    import numpy as np
     from gpuwire import settings
     from gpuwire.rpc import pinned
     rows = []
-    for size in [parse_size(x) for x in args.sizes.split(",") if x]:
-        n = size // 4
-        iters = max(5, min(args.iters, (2 << 30) // max(size, 1) // 4))
-        src = (np.arange(n) % 1000).astype(np.float32)
+    for size, n, iters, src in _mirror_cases(args):
         s = connect()
         try:
             f = s.load_module(_no_scan_image(s)).function("pin_scale")
@@ -432,7 +434,6 @@ def bench_pool(args) -> List[Dict[str, Any]]:
     """The client-side passes of 'compare' on this machine: the shadow copy after a pull and the
     diff of an unchanged region before a push, on the calling thread alone, on the pool with
     workers asleep (a job after an idle gap), and on the pool armed (gw_pin_arm) or spinning."""
-    import numpy as np
     from gpuwire.rpc import pinned
     from gpuwire import settings
     ffi, lib = pinned._c()

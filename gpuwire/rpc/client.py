@@ -413,6 +413,7 @@ class _FastSync:
         self._fs_repmv = memoryview(self._fs_rep)      # reading _repb when the wire is free
         fn, conn, tmo = self._ep.c_call_entry(None if self._timeout < 0 else self._timeout)
         self._fs_call_tmo = tmo
+        self._fs_tc = ffi.NULL          # the C flush timer, once there is one (_fs_use_timer)
         keep = []
         for which, nargs in (("gwSync", 0), ("cuCtxSynchronize", 0), ("cuStreamSynchronize", 1)):
             call = default_spec().calls[which]
@@ -449,11 +450,12 @@ class _FastSync:
             self._fl_sent = ffi.new("int *")
             self._fs_keep += (fl, self._frames)
 
-    def _fs_use_timer_cell(self, cell) -> None:
-        """Keep the frame seq in the C flush timer's cell (it compares it with the seq it
-        was armed with)."""
+    def _fs_use_timer(self, tc, cell) -> None:
+        """Keep the frame seq in the C flush timer ``tc``'s cell (it compares it with the seq
+        it was armed with); a batch that starts arms ``tc`` (gw_rpc_wire_open)."""
         _rpc_lib.gw_rpc_wire_use_seq_cell(self._wire, cell)
         self._wseq = cell
+        self._fs_tc = tc
 
     # ---- the Python paths that use the request/reply path hold the wire lock
     def _wire_release(self) -> None:
@@ -547,7 +549,7 @@ class _FastSync:
     def _arm_timer(self) -> None:
         # a batch starts: the wire is busy until it is sent; fast syncs since the last
         # batch restart the batch ramp (as every sync call does)
-        if _rpc_lib.gw_rpc_wire_open(self._wire, self._tc if self._tc is not None else _rpc_mod.ffi.NULL):
+        if _rpc_lib.gw_rpc_wire_open(self._wire, self._fs_tc):
             self._flush_at = self._ramp0
         if self._tc is None and self._timer is not None:
             self._armed = self._seq
@@ -721,7 +723,7 @@ class Session(Stubs):
                 self._tc, self._tseq = tc, _rpc_lib.gw_rpc_timer_seqp(tc)
                 self._tseq[0] = self._seq
                 if getattr(self, "_fs_keep", None):
-                    self._fs_use_timer_cell(self._tseq)   # the fast sync stub keeps it current from C
+                    self._fs_use_timer(tc, self._tseq)   # the fast sync stub keeps it current from C
                     self._fs_keep += (tc,)      # (the cell lives in the timer)
                 self._timer = threading.Thread(target=_timer_loop_c, args=(weakref.ref(self), tc),
                                                name="gpuwire-rpc-flush", daemon=True)

@@ -139,11 +139,9 @@ def _spin_us() -> int:
     return max(0, int(settings.get("pinned_spin_us")))
 
 
-def _shadow(n: int) -> np.ndarray:
-    """A compare-mode shadow: big ones are mmaps advised for transparent huge pages (fewer TLB
-    misses in the diff and the copies)."""
-    if n < _HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return np.empty(n, np.uint8)
+def _huge_map(n: int) -> Tuple[mmap.mmap, np.ndarray, int]:
+    """n bytes of anonymous memory, 2 MiB-aligned and advised for transparent huge pages
+    where the OS allows (fewer TLB misses): (the mmap, its n-byte view, the span advised)."""
     span = (n + _HUGE - 1) // _HUGE * _HUGE
     mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = int(np.frombuffer(mm, np.uint8, 1).ctypes.data)
@@ -152,7 +150,15 @@ def _shadow(n: int) -> np.ndarray:
         mm.madvise(mmap.MADV_HUGEPAGE, off, span)
     except OSError:
         pass
-    return np.frombuffer(mm, np.uint8, n, offset=off)
+    return mm, np.frombuffer(mm, np.uint8, n, offset=off), span
+
+
+def _shadow(n: int) -> np.ndarray:
+    """A compare-mode shadow: big ones are huge-page mmaps (fewer TLB misses in the diff and
+    the copies)."""
+    if n < _HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(n, np.uint8)
+    return _huge_map(n)[1]
 
 
 def pull_granule(n: int, chunk: int) -> int:
@@ -434,17 +440,8 @@ class PinnedManager:
             raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc", f"cuMemHostAlloc: flags {flags!r}")
         span = (bytesize + _PAGE - 1) // _PAGE * _PAGE
         if bytesize >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
-            # 2 MiB-aligned and backed by transparent huge pages where the OS allows: fewer TLB
-            # misses, and write-protecting the region (tracking 'protect') touches few entries
-            span = (bytesize + _HUGE - 1) // _HUGE * _HUGE
-            mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            base = int(np.frombuffer(mm, np.uint8, 1).ctypes.data)
-            off = (-base) % _HUGE
-            try:
-                mm.madvise(mmap.MADV_HUGEPAGE, off, span)
-            except OSError:
-                pass
-            arr = np.frombuffer(mm, np.uint8, bytesize, offset=off)
+            # huge pages also make write-protecting the region (tracking 'protect') touch few entries
+            mm, arr, span = _huge_map(bytesize)
         else:
             mm = mmap.mmap(-1, span)
             arr = np.frombuffer(mm, np.uint8, bytesize)

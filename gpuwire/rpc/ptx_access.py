@@ -140,29 +140,14 @@ def _analyse_entry(params_text: str, body: str) -> Tuple[int, FrozenSet[int]]:
                 continue
             if base in ("st", "red") or (mem and base not in _READS and base != "atom"):
                 # store-like, no destination register: address operand + stored values
-                for o in ops:
-                    t = set().union(*[taint.get(r, set()) for r in _regs(o)]) if _regs(o) else set()
-                    if o.startswith("["):
-                        if not any(s in op for s in _NOMEM_SPACES):
-                            if t:
-                                if final: written |= t
-                            elif not _symbol_address(o):
-                                if final: written |= allp          # an address from no parameter: anywhere
-                    else:
-                        if final: written |= t                     # a pointer stored to memory escapes
+                if final:
+                    for o in ops:
+                        written |= _stored_through(o, op, taint, allp)
                 continue
             if base == "atom":
-                dst, srcs = (ops[0], ops[1:]) if ops else ("", [])
-                for o in srcs:
-                    t = set().union(*[taint.get(r, set()) for r in _regs(o)]) if _regs(o) else set()
-                    if o.startswith("["):
-                        if not any(s in op for s in _NOMEM_SPACES):
-                            if t:
-                                if final: written |= t
-                            elif not _symbol_address(o):
-                                if final: written |= allp
-                    else:
-                        if final: written |= t
+                if final:                                 # (its destination: a loaded value)
+                    for o in ops[1:]:
+                        written |= _stored_through(o, op, taint, allp)
                 continue
             if not ops:
                 continue
@@ -180,6 +165,22 @@ def _analyse_entry(params_text: str, body: str) -> Tuple[int, FrozenSet[int]]:
                         taint.setdefault(d, set()).update(src)
                         changed = True
     return len(names), frozenset(written)
+
+
+def _stored_through(o: str, op: str, taint, allp):
+    """The parameters a store-like instruction ``op`` may write through its operand ``o``:
+    an address from parameters writes those (one from no parameter: any of them, unless it
+    names a symbol or a space that is not global memory); a stored value that derives from
+    a parameter escapes to memory, so that parameter counts as written."""
+    regs = _regs(o)
+    t = set().union(*[taint.get(r, set()) for r in regs]) if regs else set()
+    if not o.startswith("["):
+        return t                                  # a pointer stored to memory escapes
+    if any(s in op for s in _NOMEM_SPACES):
+        return set()
+    if t:
+        return t
+    return set() if _symbol_address(o) else allp   # an address from no parameter: anywhere
 
 
 def _operands(rest: str) -> List[str]:

@@ -400,14 +400,7 @@ class GPUSession(ExecutorSession):
                 ck(d.cuEventRecord(self.ev[k], s), "cuEventRecord")
                 # wait for the copy while driving the transport: the previous chunks' sends
                 # only move while somebody progresses the worker
-                ev = self.ev[k]
-                while True:
-                    c = _code(d.cuEventQuery(ev)[0])
-                    if c == 0:
-                        break
-                    if c != P.CUDA_ERROR_NOT_READY:
-                        raise CudaCallError(c, f"cuEventQuery: {P.result_name(c)}")
-                    sink.progress()
+                self._wait_event(self.ev[k], sink)
             # the send completes in the background (the slot is reused only after it)
             self.ring_req[k] = sink.send_part_nb(p, ln)
         sink.sent = True
