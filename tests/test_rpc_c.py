@@ -1060,6 +1060,51 @@ def test_sync_frame_with_bulk_data_failure_after_the_send_loses_no_call_silently
         s.close()
 
 
+def _one_sync_times_out(s, stub):
+    """Make one gwSync on ``s`` time out: a 1 ns timeout while the server is kept busy by a
+    64 MiB memset sent just before (a CPU-executor memset takes milliseconds, so the sync's
+    reply cannot arrive within the first deadline check; a 1 ns timeout alone was not
+    enough: the wait checks the clock only every 16 progress calls, and a fast loopback
+    reply sometimes came first). Returns whether the sync raised OperationTimeout."""
+    from gpuwire import transport as t
+    big = s.alloc(64 << 20)
+    st = s.stream()
+    calls_before = []
+    if stub == "fast":
+        real = C._fsync
+
+        def counted(*a):
+            calls_before.append(1)
+            return real(*a)
+        C._fsync = counted
+    try:
+        for _ in range(5):
+            s.cuMemsetD32Async(big, 3, (64 << 20) // 4, st)
+            s.flush()
+            if stub == "fast":
+                f = s._fs_gwSync
+                tmo, f.timeout_ns = f.timeout_ns, 1
+            else:
+                tmo, s._timeout = s._timeout, 1e-9
+                s._frame.calls.clear()               # (prepared calls carry their timeout)
+            try:
+                s.gwSync()
+            except t.OperationTimeout:
+                if stub == "fast":
+                    assert calls_before, "the fast stub was not used"
+                return True
+            finally:
+                if stub == "fast":
+                    f.timeout_ns = tmo
+                else:
+                    s._timeout = tmo
+                    s._frame.calls.clear()
+        return False
+    finally:
+        if stub == "fast":
+            C._fsync = real
+
+
 @pytest.mark.parametrize("stub", ["fast", "generated"])
 def test_a_sync_call_that_timed_out_does_not_shift_later_replies(inproc, stub):
     """A sync call whose reply did not come within its timeout raises OperationTimeout; its
@@ -1072,27 +1117,7 @@ def test_a_sync_call_that_timed_out_does_not_shift_later_replies(inproc, stub):
     try:
         d = s.alloc(4096)
         s.gwSync()
-        timed_out = False
-        for _ in range(20):                          # a 1 ns timeout: the reply is never that fast
-            if stub == "fast":
-                f = s._fs_gwSync
-                tmo, f.timeout_ns = f.timeout_ns, 1
-            else:
-                tmo, s._timeout = s._timeout, 1e-9
-                s._frame.calls.clear()               # (prepared calls carry their timeout)
-            try:
-                s.gwSync()
-            except t.OperationTimeout:
-                timed_out = True
-            finally:
-                if stub == "fast":
-                    f.timeout_ns = tmo
-                else:
-                    s._timeout = tmo
-                    s._frame.calls.clear()
-            if timed_out:
-                break
-        assert timed_out
+        assert _one_sync_times_out(s, stub)
         import time
         time.sleep(0.2)                              # the late reply is in
         out = np.zeros(4, np.uint32)
@@ -1122,20 +1147,7 @@ def test_a_dropped_late_reply_does_not_cut_the_next_reply_tail(inproc):
         st = s.stream()
         s.cuMemsetD32Async(d, 77, 1024, st)
         s.gwSync()
-        timed_out = False
-        for _ in range(20):
-            tmo, s._timeout = s._timeout, 1e-9
-            s._frame.calls.clear()
-            try:
-                s.gwSync()
-            except t.OperationTimeout:
-                timed_out = True
-            finally:
-                s._timeout = tmo
-                s._frame.calls.clear()
-            if timed_out:
-                break
-        assert timed_out
+        assert _one_sync_times_out(s, "generated")
         import time
         time.sleep(0.2)
         out = np.zeros(64, np.uint32)
