@@ -9,6 +9,11 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <linux/userfaultfd.h>
 
 typedef struct {
     uint64_t start, end, mirror;
@@ -589,3 +594,194 @@ int gw_wp_dirty(int slot) {
 }
 
 uint64_t gw_wp_faults(void) { return atomic_load(&wp_nfaults); }
+
+/* ---------------------------------------------------------------- written tracking */
+/* (the ABI of Linux >= 6.7, defined here when the build machine's headers are older) */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef PAGEMAP_SCAN
+struct page_region {
+    uint64_t start, end, categories;
+};
+struct pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#define PM_SCAN_WP_MATCHING (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+#define PAGE_IS_WRITTEN (1 << 1)
+#endif
+
+static int uf_fd = -1, uf_pm = -1;
+/* set in a forked child: the userfaultfd still names the parent's address space, so every
+ * later call refuses (ENODEV) instead of protecting the parent's pages */
+static volatile int uf_forked;
+static void uf_atfork_child(void) { uf_forked = 1; }
+static int uf_state = -1;                 /* -1: not probed; else gw_uf_init's result */
+static pthread_mutex_t uf_mu = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic uint64_t uf_nscans;
+
+static long uf_scan_raw(uint64_t start, uint64_t end, int rewp, struct page_region *v, long nv,
+                        uint64_t *walk_end) {
+    struct pm_scan_arg a;
+    memset(&a, 0, sizeof a);
+    a.size = sizeof a;
+    a.flags = PM_SCAN_CHECK_WPASYNC | (rewp ? PM_SCAN_WP_MATCHING : 0);
+    a.start = start;
+    a.end = end;
+    a.vec = (uint64_t)(uintptr_t)v;
+    a.vec_len = (uint64_t)nv;
+    a.category_mask = PAGE_IS_WRITTEN;
+    a.return_mask = PAGE_IS_WRITTEN;
+    long n = ioctl(uf_pm, PAGEMAP_SCAN, &a);
+    atomic_fetch_add(&uf_nscans, 1);
+    if (n < 0) return -errno;
+    *walk_end = a.walk_end;
+    return n;
+}
+
+static int uf_probe(void) {
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0 && (errno == EPERM || errno == EACCES))
+        /* unprivileged (vm.unprivileged_userfaultfd = 0): user-mode faults only. Asynchronous
+         * write-protect faults never reach the userfaultfd, so kernel writes still work. */
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+    if (fd < 0) return errno ? errno : ENOSYS;
+    struct uffdio_api api;
+    memset(&api, 0, sizeof api);
+    api.api = UFFD_API;
+    api.features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
+    if (ioctl(fd, UFFDIO_API, &api) ||
+        (api.features & (UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)) !=
+            (UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)) {
+        close(fd);
+        return EOPNOTSUPP;
+    }
+    int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (pm < 0) {
+        int e = errno;
+        close(fd);
+        return e == ENOENT ? EOPNOTSUPP : e;
+    }
+    uf_fd = fd;
+    uf_pm = pm;
+    /* end to end on two scratch pages: protect, write one, the scan must name that one only;
+     * a write through a system call (kernel mode) must work and be recorded too */
+    long pg = sysconf(_SC_PAGESIZE);
+    uint8_t *p = mmap(NULL, 2 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int rc = 0;
+    if (p == MAP_FAILED) {
+        rc = ENOMEM;
+    } else {
+        uint64_t s = (uint64_t)(uintptr_t)p, out[4];
+        memset(p, 1, 2 * pg);
+        int pfd[2] = {-1, -1};
+        if (gw_uf_register(s, 2 * pg) || gw_uf_protect(s, 2 * pg, 1)) {
+            rc = EOPNOTSUPP;
+        } else if (gw_uf_scan(s, 2 * pg, 1, out, 2) != 0) {
+            rc = EOPNOTSUPP;            /* nothing was written yet */
+        } else {
+            p[pg + 5] = 2;
+            if (gw_uf_scan(s, 2 * pg, 1, out, 2) != 1 || out[0] != s + pg || out[1] != s + 2 * pg)
+                rc = EOPNOTSUPP;
+            else if (pipe(pfd) == 0) {
+                uint8_t b = 3;
+                if (write(pfd[1], &b, 1) != 1 || read(pfd[0], p, 1) != 1 || p[0] != 3 ||
+                    gw_uf_scan(s, 2 * pg, 1, out, 2) != 1 || out[0] != s || out[1] != s + pg)
+                    rc = EOPNOTSUPP;
+            } else {
+                rc = errno;
+            }
+        }
+        if (pfd[0] >= 0) close(pfd[0]);
+        if (pfd[1] >= 0) close(pfd[1]);
+        gw_uf_unregister(s, 2 * pg);
+        munmap(p, 2 * pg);
+    }
+    if (rc) {
+        close(uf_fd);
+        close(uf_pm);
+        uf_fd = uf_pm = -1;
+    }
+    return rc;
+}
+
+int gw_uf_init(void) {
+    pthread_mutex_lock(&uf_mu);
+    if (uf_forked) {
+        pthread_mutex_unlock(&uf_mu);
+        return ENODEV;
+    }
+    if (uf_state < 0) {
+        uf_state = 0;                   /* (the probe's own calls need the descriptors) */
+        uf_state = uf_probe();
+        if (uf_state == 0) pthread_atfork(NULL, NULL, uf_atfork_child);
+    }
+    int r = uf_state;
+    pthread_mutex_unlock(&uf_mu);
+    return r;
+}
+
+int gw_uf_register(uint64_t start, uint64_t len) {
+    if (uf_fd < 0 || uf_forked) return ENODEV;
+    struct uffdio_register r;
+    memset(&r, 0, sizeof r);
+    r.range.start = start;
+    r.range.len = len;
+    r.mode = UFFDIO_REGISTER_MODE_WP;
+    return ioctl(uf_fd, UFFDIO_REGISTER, &r) ? errno : 0;
+}
+
+int gw_uf_protect(uint64_t start, uint64_t len, int on) {
+    if (uf_fd < 0 || uf_forked) return ENODEV;
+    struct uffdio_writeprotect w;
+    memset(&w, 0, sizeof w);
+    w.range.start = start;
+    w.range.len = len;
+    w.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+    return ioctl(uf_fd, UFFDIO_WRITEPROTECT, &w) ? errno : 0;
+}
+
+int gw_uf_unregister(uint64_t start, uint64_t len) {
+    if (uf_fd < 0 || uf_forked) return ENODEV;
+    gw_uf_protect(start, len, 0);
+    struct uffdio_range r;
+    r.start = start;
+    r.len = len;
+    return ioctl(uf_fd, UFFDIO_UNREGISTER, &r) ? errno : 0;
+}
+
+long gw_uf_scan(uint64_t start, uint64_t len, int rewp, uint64_t *out, long max) {
+    if (uf_pm < 0 || uf_forked) return -ENODEV;
+    if (max < 1) return -EINVAL;
+    struct page_region v[32];
+    uint64_t at = start, end = start + len;
+    long k = 0;
+    while (at < end) {
+        uint64_t we = end;
+        long n = uf_scan_raw(at, end, rewp, v, 32, &we);
+        if (n < 0) return n;
+        for (long i = 0; i < n; i++) {
+            if (k > 0 && (k == max || v[i].start == out[2 * k - 1])) {
+                out[2 * k - 1] = v[i].end;          /* merged into the last one */
+            } else {
+                out[2 * k] = v[i].start;
+                out[2 * k + 1] = v[i].end;
+                k++;
+            }
+        }
+        if (n < 32 || we <= at) break;              /* walked to the end */
+        at = we;
+    }
+    return k;
+}
+
+uint64_t gw_uf_scans(void) { return atomic_load(&uf_nscans); }

@@ -87,6 +87,29 @@ int gw_wp_unprotect(int slot);
 int gw_wp_dirty(int slot);
 /* number of write faults the handler resolved (all slots, since load) */
 uint64_t gw_wp_faults(void);
+/* "written" tracking (the default where the kernel has it, Linux >= 6.7): the kernel itself
+ * records which pages were written. One userfaultfd per process in asynchronous write-protect
+ * mode (UFFD_FEATURE_WP_ASYNC: a write to a protected page is resolved by the kernel at once,
+ * no handler thread, no signal, and system calls writing into the page work), and
+ * PAGEMAP_SCAN on /proc/self/pagemap to read (and re-protect) the written pages.
+ * gw_uf_init: 0 when usable (probed end to end on a scratch page), else a positive errno
+ * (ENOSYS: no userfaultfd; EPERM: not allowed; EOPNOTSUPP: no async write-protect or no
+ * PAGEMAP_SCAN); the result is kept (later calls return it). Ranges must be page-aligned. */
+int gw_uf_init(void);
+/* register [start, start + len) for write-protect tracking: 0 or errno (EINVAL: memory the
+ * kernel cannot track this way, e.g. a file mapping; EBUSY: another userfaultfd has it) */
+int gw_uf_register(uint64_t start, uint64_t len);
+/* unprotect and unregister: 0 or errno */
+int gw_uf_unregister(uint64_t start, uint64_t len);
+/* write-protect (on = 1: later writes are recorded) or unprotect (on = 0: the pages count as
+ * written): 0 or errno */
+int gw_uf_protect(uint64_t start, uint64_t len, int on);
+/* The written pages of [start, start + len) as at most max ranges (start, end pairs into
+ * out[2 * max]; ranges beyond max are merged into the last one), with rewp: write-protected
+ * again in the same walk. Returns the number of ranges (0: nothing written) or -errno. */
+long gw_uf_scan(uint64_t start, uint64_t len, int rewp, uint64_t *out, long max);
+/* the pagemap scan calls made (all ranges, since load) */
+uint64_t gw_uf_scans(void);
 /* mlock / munlock: 0 or errno */
 int gw_pin_lock(void *p, size_t n);
 int gw_pin_unlock(void *p, size_t n);

@@ -7,8 +7,13 @@ import json
 import subprocess
 import sys
 
+from gpuwire.rpc import pinned
 
-def test_bench_pinned_cpu_smoke(tmp_path):
+WRITTEN = pinned.written_support()[0]      # (the bench's server runs on this kernel too)
+
+
+def test_bench_pinned_cpu_smoke(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPUWIRE_PINNED_TRACK", raising=False)            # the default: auto
     out = tmp_path / "pinned.json"
     p = subprocess.run([sys.executable, "-m", "gpuwire.cli", "bench", "pinned", "--executor", "cpu",
                         "--tests", "lookup,mirror,unchanged,detect,pool,placement", "--sizes", "4K,128K", "--iters", "2",
@@ -21,14 +26,18 @@ def test_bench_pinned_cpu_smoke(tmp_path):
         by.setdefault(r["test"], []).append(r)
     assert by["lookup"][0]["regions"] == 300 and by["lookup"][0]["c_lookup_ns"] > 0
     assert {(r["mode"], r["in_readonly"], r["ptx_readonly"]) for r in by["mirror"]} == {
-        ("default (compare)", False, True), ("always", False, True), ("compare", False, True),
-        ("protect", False, True), ("explicit", True, True), ("always", False, False)}
+        ("default (auto)", False, True), ("always", False, True), ("compare", False, True),
+        ("protect", False, True), ("explicit", True, True), ("always", False, False)} | (
+        {("written", False, True)} if WRITTEN else set())
     assert all(r["results_ok"] for r in by["mirror"])
     big = {(r["mode"], r["pull_detect"]): r for r in by["mirror"] if r["size_bytes"] == 128 << 10}
     by["mirror"] = [r for r in by["mirror"] if r["size_bytes"] == 4096]
     # the default moves what the explicit program moves: the input in, the output back
-    assert big[("default (compare)", True)]["push_bytes_per_iter"] == 128 << 10
-    assert big[("default (compare)", True)]["pull_bytes_per_iter"] == 128 << 10
+    assert big[("default (auto)", True)]["push_bytes_per_iter"] == 128 << 10
+    assert big[("default (auto)", True)]["pull_bytes_per_iter"] == 128 << 10
+    if WRITTEN:
+        assert big[("written", True)]["push_bytes_per_iter"] == 128 << 10
+        assert big[("written", True)]["pull_bytes_per_iter"] == 128 << 10
     # detect: a kernel without PTX pulls its input too; server-side detection sends none of it
     det = {(r["size_bytes"], r["pull_detect"]): r for r in by["detect"]}
     assert all(r["results_ok"] for r in by["detect"])
@@ -45,12 +54,13 @@ def test_bench_pinned_cpu_smoke(tmp_path):
     assert mir[("always", True)]["pull_bytes_per_iter"] == 4096          # the PTX scan: `in` stays
     assert mir[("always", False)]["pull_bytes_per_iter"] == 2 * 4096     # scan off: `in` comes back
     assert mir[("explicit", True)]["pull_bytes_per_iter"] == 4096
-    for mode in ("compare", "protect"):                                  # out is pushed once per rep
+    for mode in ("compare", "protect") + (("written",) if WRITTEN else ()):   # out: pushed once per rep
         assert 4096 <= mir[(mode, True)]["push_bytes_per_iter"] < 2 * 4096
         assert mir[(mode, True)]["pull_bytes_per_iter"] == 4096
         assert mir[(mode, True)]["plain"]
     unch = {r["mode"]: r for r in by["unchanged"]}
     assert unch["explicit"]["push_bytes"] == 0 and unch["compare"]["push_bytes"] == 0
     assert unch["protect"]["push_bytes"] == 0
+    assert not WRITTEN or unch["written"]["push_bytes"] == 0
     assert unch["always"]["push_bytes"] > 0
     assert "skipped" in by["placement"][0] or "device_mirror_once_us" in by["placement"][0]

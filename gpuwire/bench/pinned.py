@@ -17,7 +17,7 @@ Tests (``--tests``, comma-separated):
                 ``--reps`` interleaved repetitions). Cases: the *plain* program (no
                 annotation, no mark_dirty; the PTX scan finds `in` read-only) in the
                 default configuration (``--modes default``), tracking modes always /
-                compare (server-side detection off) / protect; explicit with mark_dirty and
+                compare (server-side detection off and on) / written / protect; explicit with mark_dirty and
                 `in` annotated read-only by hand; always with the PTX scan off (what the
                 earlier default did). Same run, same server; ratio = mirrored / explicit
                 (median of iterations; means are in the rows too).
@@ -223,7 +223,8 @@ class _Mirrored:
 # server-side pull detection on). "plain" rows: no annotation, no mark_dirty: what a program gets
 # without telling gpuwire anything. The first row is the default configuration.
 _MIRROR_CASES = ((None, False, True, True), ("always", False, True, True), ("compare", False, True, False),
-                 ("protect", False, True, True), ("explicit", True, True, True), ("always", False, False, False))
+                 ("compare", False, True, True), ("written", False, True, True), ("protect", False, True, True),
+                 ("explicit", True, True, True), ("always", False, False, False))
 
 
 def _mirror_cases(args):
@@ -234,6 +235,12 @@ def _mirror_cases(args):
         n = size // 4
         iters = max(5, min(args.iters, (2 << 30) // max(size, 1) // 4))
         yield size, n, iters, (np.arange(n) % 1000).astype(np.float32)
+
+
+def _written_note() -> str:
+    from gpuwire.rpc import pinned
+    ok, why = pinned.written_support()
+    return "available" if ok else why
 
 
 def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
@@ -254,6 +261,8 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
                 if args.modes and name not in args.modes.split(",") and (mode or default_mode) not in \
                         args.modes.split(","):
                     continue
+                if mode == "written" and not pinned.written_support()[0]:
+                    continue        # (this kernel cannot: the config rows say why)
                 # the plain program: no annotation, `in` found read-only by the PTX scan (ptx_ro);
                 # readonly=(0,) is the hand annotation; ptx_ro False: the PTX scan off
                 f.param_layout()
@@ -323,9 +332,11 @@ def bench_unchanged(connect, args, ptx) -> List[Dict[str, Any]]:
                 st.synchronize()      # included: pushes in flight finish here
                 return (time.perf_counter() - t0) / reps * 1e6
             default_mode = str(settings.get("pinned_track"))
-            for mode in ("explicit", "compare", "protect", "always"):
+            for mode in ("explicit", "compare", "written", "protect", "always"):
                 if args.modes and mode not in args.modes.split(",") and not (
                         mode == default_mode and "default" in args.modes.split(",")):
+                    continue
+                if mode == "written" and not pinned.written_support()[0]:
                     continue
                 # compare diffs and 'always' pushes the whole region per launch: fewer launches for big ones
                 L = args.launches if mode == "explicit" or size <= (64 << 10) else \
@@ -572,6 +583,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_echo({"bench": "pinned", "tls": tls, "executor": args.executor, "tests": tests,
                        "sizes": args.sizes, "server": args.server or "loopback (own process)",
                        "pinned_track_default": settings.get("pinned_track"),
+                       "written_tracking": _written_note(),
                        "pinned_threads": settings.get("pinned_threads"),
                        "pinned_ptx_readonly": settings.get("pinned_ptx_readonly")})
     print_config(cfg)
@@ -630,7 +642,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launches", type=int, default=2000, help="unchanged: launches per timed run")
     p.add_argument("--reps", type=int, default=3, help="mirror: interleaved repetitions of both programs")
     p.add_argument("--modes", default="", help="mirror/unchanged: only these tracking modes (comma-separated; "
-                   "default all: always, compare, protect, explicit)")
+                   "default all: always, compare, written, protect, explicit)")
     p.add_argument("--flush-us", type=float, default=200.0, help="rpc_flush_us of the bench sessions")
     add_output_arguments(p)
 

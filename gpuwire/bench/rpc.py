@@ -296,6 +296,11 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
     try:
         sizes = size_range(args.sizes)
         big = max(sizes)
+        # ucx_perftest placed like the client and server (with --pin): its server on the loopback
+        # server's first CPU, its client on the client's (else both would inherit this process's
+        # affinity, the client's CPUs only, and the baseline would share one core)
+        pin = getattr(args, "pin_plan", None)
+        pcpu = {"server_cpu": min(pin[1]), "client_cpu": min(pin[0])} if pin else {}
         host = s.pinned(big)
         host[:] = 1
         dev = s.alloc(big)
@@ -326,7 +331,7 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
                 if not args.no_baseline:
                     try:
                         res = perftest.run_local("tag_bw", size, n, tls.replace("tcp,sm,self", "sm,self"),
-                                                 warmup=2, window=args.window)
+                                                 warmup=2, window=args.window, **pcpu)
                         samples.setdefault("perftest_MBps", []).append(
                             res["bw_overall_MiBps"] * perftest.MIB_TO_MB)
                     except Exception as e:
@@ -336,7 +341,7 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
                         # copy path keeps receives posted (the GPU server: 2)
                         try:
                             res = perftest.run_local("tag_bw", size, n, tls.replace("tcp,sm,self", "sm,self"),
-                                                     warmup=2, window=w)
+                                                     warmup=2, window=w, **pcpu)
                             samples.setdefault(f"perftest_w{w}_MBps", []).append(
                                 res["bw_overall_MiBps"] * perftest.MIB_TO_MB)
                         except Exception as e:

@@ -37,6 +37,7 @@ sessions without pinned memory run the generated stubs untouched.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -51,8 +52,12 @@ from .. import transport as t
 from . import protocol as P
 from .protocol import CudaError
 
-settings.register("pinned_track", "compare", str,
-                  "Client: how a pinned region's changes are found before a launch pushes it: 'always' "
+settings.register("pinned_track", "auto", str,
+                  "Client: how a pinned region's changes are found before a launch pushes it: 'auto' "
+                  "(default: 'written' for regions of 64 KiB or more where the kernel supports it, else "
+                  "'compare'), 'written' (the kernel records which pages were written: asynchronous "
+                  "userfaultfd write-protection read with PAGEMAP_SCAN, Linux >= 6.7; push the written pages), "
+                  "'always' "
                   "(push the whole region at every launch that uses it), 'compare' (diff against a shadow "
                   "copy, push the changed range), 'explicit' (push only after gpuwire wrote it or "
                   "Region.mark_dirty()), 'protect' (opt-in: write-protect the region after each push/pull "
@@ -90,7 +95,10 @@ settings.register("pinned_mlock", True, bool,
                   "Client: page-lock (mlock) pinned regions; when the OS refuses (RLIMIT_MEMLOCK) the "
                   "region stays pageable and Region.locked says so.", layer="rpc")
 
-TRACK_MODES = ("always", "compare", "explicit", "protect")
+TRACK_MODES = ("always", "compare", "explicit", "protect", "written")
+_UF_MIN = 64 << 10       # 'auto': regions this big use 'written' tracking (smaller: a diff costs ~nothing)
+_UF_RUNS = 8             # 'written': a push sends at most this many separate ranges (more: merged)
+_UF_GAP = 64 << 10       # ... and ranges closer than this go as one
 _HOT_MIN = 64 << 10      # compare mode: regions this big stop diffing while rewritten every launch
 _HOT_MAX = 64
 _HUGE = 2 << 20          # host_alloc of this size or more: 2 MiB-aligned, transparent huge pages
@@ -117,6 +125,26 @@ def _c():
 
 
 _spin = None
+_uf_state: Optional[Tuple[bool, str]] = None
+
+
+def written_support() -> Tuple[bool, str]:
+    """Whether 'written' tracking works in this process: (True, "") or (False, why). Probed
+    once, end to end (gw_uf_init: userfaultfd in asynchronous write-protect mode and
+    PAGEMAP_SCAN, on scratch pages)."""
+    global _uf_state
+    if _uf_state is None:
+        _ffi, lib = _c()
+        e = lib.gw_uf_init()
+        if e == 0:
+            _uf_state = (True, "")
+        else:
+            why = {errno.ENOSYS: "no userfaultfd system call (kernel config or a seccomp filter)",
+                   errno.EPERM: "userfaultfd not permitted (vm.unprivileged_userfaultfd, seccomp)",
+                   errno.EOPNOTSUPP: "the kernel has no asynchronous userfaultfd write-protect or no "
+                                     "PAGEMAP_SCAN (both need Linux 6.7 or later)"}.get(e, os.strerror(e))
+            _uf_state = (False, f"'written' tracking unavailable: {why} (errno {e})")
+    return _uf_state
 
 
 def _pool(lib) -> None:
@@ -222,6 +250,21 @@ def mirror_pull(s: Any, dstHost: Any, srcDevice: int, refDevice: int, ByteCount:
             s.__dict__.pop("_post_push", None)
 
 
+def _merge_runs(runs: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
+    """Sorted byte ranges with those closer than _UF_GAP joined, at most _UF_RUNS of them."""
+    runs = sorted(r for r in runs if r[1] > r[0])
+    out: List[Tuple[int, int]] = []
+    for lo, hi in runs:
+        if out and lo - out[-1][1] < _UF_GAP:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    if len(out) > _UF_RUNS:
+        out[_UF_RUNS - 1:] = [(out[_UF_RUNS - 1][0], out[-1][1])]
+    return out
+
+
 def _sid(h: Any) -> int:
     """Stream key: 0 for the legacy default stream (0 / CU_STREAM_LEGACY)."""
     if not h:
@@ -240,7 +283,8 @@ class Region:
     ``device_owned``: a launch that may write it has not been pulled back yet."""
     __slots__ = ("id", "start", "nbytes", "mirror", "array", "kind", "track", "gen", "pushed_gen", "pushed",
                  "shadow", "cshadow", "clive", "dirty", "mr", "keep", "locked", "lock_error", "freed", "wp", "span",
-                 "hot", "streak", "ref", "granule", "detect", "dstreak", "dskip", "pulling", "__weakref__")
+                 "hot", "streak", "ref", "granule", "detect", "dstreak", "dskip", "pulling", "uf", "wpend",
+                 "track_note", "__weakref__")
 
     def __init__(self, rid: int, start: int, nbytes: int, mirror: int, array: np.ndarray, kind: str, track: str):
         self.id, self.start, self.nbytes, self.mirror = rid, start, nbytes, mirror
@@ -267,6 +311,9 @@ class Region:
         self.dstreak = 0                    # detected pulls in a row that found every granule changed
         self.dskip = 0                      # pulls left that go whole, without the server's diff
         self.pulling: Any = None            # a detected pull in flight: its receive requests, per granule
+        self.uf: Optional[Tuple[int, int]] = None   # written mode: the registered page span (start, len)
+        self.wpend: List[Tuple[int, int]] = []      # written mode: writes found before a pull, still to push
+        self.track_note = ""                # why the region is not tracked as its setting asked
 
     @property
     def device_owned(self) -> bool:
@@ -373,6 +420,8 @@ class PinnedManager:
         self.hooked = False
         self.stats = {"launches": 0, "rewritten": 0, "pushes": 0, "push_bytes": 0, "skipped": 0, "pulls": 0,
                       "pull_bytes": 0, "copies_via_mirror": 0}
+        self.uf_edges: Dict[int, int] = {}      # written mode: first/last page of a region -> its id
+        self.ufout = ffi.new("uint64_t[]", 2 * _UF_RUNS)
 
     # ------------------------------------------------------------------ hooks on/off
     def _hook(self, s: Any) -> None:
@@ -396,9 +445,13 @@ class PinnedManager:
         R = Region(rid, start, n, mirror, array, kind, str(settings.get("pinned_track")))
         if R.track == "protect" and kind != "alloc":
             R.track = "compare"     # only host_alloc regions own whole pages (docs/pinned.md)
+            R.track_note = "'protect' needs a host_alloc region"
+        auto = R.track == "auto"
+        if auto:
+            R.track = "written" if n >= _UF_MIN else "compare"
         if R.track not in TRACK_MODES:
             self.orig["cuMemFree"](s, mirror)
-            raise ValueError(f"GPUWIRE_PINNED_TRACK={R.track!r}: expected one of {', '.join(TRACK_MODES)}")
+            raise ValueError(f"GPUWIRE_PINNED_TRACK={R.track!r}: expected 'auto' or one of {', '.join(TRACK_MODES)}")
         R.keep = keep
         st = self.lib.gw_pin_add(self.reg, start, n, mirror, rid)
         if st:
@@ -418,8 +471,14 @@ class PinnedManager:
         if R.track == "protect":
             try:
                 self._wp_on(R)
-            except RuntimeError:
+            except RuntimeError as e:
                 R.track = "compare"     # the write-protect table is full: diff this one instead
+                R.track_note = str(e)
+        if R.track == "written":
+            why = self._uf_on(R)
+            if why:
+                R.track = "compare"     # (unsupported kernel, memory it cannot track, a shared page)
+                R.track_note = why
         if R.track == "compare":
             R.shadow = _shadow(n)
         if settings.get("pinned_pull_detect") and n >= max(1, int(settings.get("pinned_detect_min"))):
@@ -443,7 +502,9 @@ class PinnedManager:
             # huge pages also make write-protecting the region (tracking 'protect') touch few entries
             mm, arr, span = _huge_map(bytesize)
         else:
-            mm = mmap.mmap(-1, span)
+            # private: write-protecting and unprotecting ('written' tracking) leaves private
+            # pages writable; shared anonymous (mmap's default) pages would fault once each after
+            mm = mmap.mmap(-1, span, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             arr = np.frombuffer(mm, np.uint8, bytesize)
         start = int(arr.ctypes.data)
         with self.lock:
@@ -488,6 +549,7 @@ class PinnedManager:
             R.freed = True
             R.dirty.clear()          # writes of kernels still in flight are dropped (the memory is going)
             self._wp_off(R)
+            self._uf_off(R)
         with s._lock:                # zero-copy sends may still read the region: let them finish
             s._wait_inflight()
         self.orig["cuMemFree"](s, R.mirror)   # ordered after every call issued before (server side)
@@ -506,6 +568,7 @@ class PinnedManager:
         with self.lock:
             for R in list(self.regions.values()):
                 self._wp_off(R)
+                self._uf_off(R)
                 self._drop_local(R)
                 self.lib.gw_pin_remove(self.reg, R.start)
                 R.freed = True
@@ -541,6 +604,67 @@ class PinnedManager:
         if R.wp >= 0:
             self.lib.gw_wp_remove(R.wp)
             R.wp = -1
+
+    # ------------------------------------------------------------------ written tracking
+    def _uf_on(self, R: Region) -> str:
+        """Register R's pages for 'written' tracking: "" or why not. Their first and last page
+        may hold other data: a page shared with another 'written' region is refused (protecting
+        it again after one region's push would hide the other's writes)."""
+        ok, why = written_support()
+        if not ok:
+            return why
+        ps = R.start // _PAGE * _PAGE
+        pe = -(-(R.start + R.nbytes) // _PAGE) * _PAGE
+        edges = (ps, pe - _PAGE)
+        for p in edges:
+            o = self.uf_edges.get(p)
+            if o is not None and o != R.id:
+                return f"'written' tracking: shares the page {p:#x} with the 'written' region {o}"
+        e = self.lib.gw_uf_register(ps, pe - ps)
+        if e:
+            return f"'written' tracking: the kernel refused to track {ps:#x}+{pe - ps} ({os.strerror(e)})"
+        for p in edges:
+            self.uf_edges[p] = R.id
+        R.uf = (ps, pe - ps)
+        R.wpend = []
+        R.pushed = False        # the next launch protects and pushes it whole
+        return ""
+
+    def _uf_off(self, R: Region) -> None:
+        if R.uf is None:
+            return
+        ps, pl = R.uf
+        self.lib.gw_uf_unregister(ps, pl)
+        for p in (ps, ps + pl - _PAGE):
+            if self.uf_edges.get(p) == R.id:
+                del self.uf_edges[p]
+        R.uf = None
+        R.wpend = []
+
+    def _uf_protect(self, R: Region, on: bool) -> None:
+        e = self.lib.gw_uf_protect(R.uf[0], R.uf[1], 1 if on else 0)
+        if e:
+            self.stats["written_errors"] = self.stats.get("written_errors", 0) + 1
+
+    def _uf_written(self, R: Region, rewp: bool, k: Optional[int] = None) -> Optional[List[Tuple[int, int]]]:
+        """The byte ranges of R (offsets) in pages written since they were protected, with the
+        writes found before a pull (R.wpend); with rewp the pages are protected again in the same
+        walk. None when the scan failed (the caller pushes everything). ``k``: the scan was made
+        already (its result in self.ufout)."""
+        out = self.ufout
+        if k is None:
+            k = self.lib.gw_uf_scan(R.uf[0], R.uf[1], 1 if rewp else 0, out, _UF_RUNS)
+        if k < 0:
+            self.stats["written_errors"] = self.stats.get("written_errors", 0) + 1
+            return None
+        self.stats["written_scans"] = self.stats.get("written_scans", 0) + 1
+        s0, n = R.start, R.nbytes
+        runs = [(max(0, out[2 * i] - s0), min(n, out[2 * i + 1] - s0)) for i in range(k)]
+        if R.wpend:
+            runs += R.wpend
+            if rewp:
+                R.wpend = []
+        return _merge_runs(runs)
 
     # ------------------------------------------------------------------ push / pull
     def _overlap(self, s: Any, R: Region) -> bool:
@@ -614,22 +738,63 @@ class PinnedManager:
                 if not self.lib.gw_wp_dirty(R.wp):
                     self.stats["skipped"] += 1   # no host store since the last push/pull
                     return
+            elif R.uf is not None:              # 'written': the kernel says which pages
+                if R.hot:
+                    # rewritten whole lately: left unprotected (no fault per page) and pushed whole;
+                    # at the end protected again, before this push reads it
+                    R.hot -= 1
+                    if not R.hot:
+                        self._uf_protect(R, True)
+                else:
+                    u = R.uf
+                    k = self.lib.gw_uf_scan(u[0], u[1], 1, self.ufout, _UF_RUNS)
+                    if k == 0 and not R.wpend:
+                        self.stats["skipped"] += 1      # no page written since the last push/pull
+                        R.streak = 0
+                        return
+                    runs = self._uf_written(R, True, k)
+                    if runs is None:
+                        self._uf_protect(R, True)
+                        runs = [(0, n)]
+                    if not runs:
+                        self.stats["skipped"] += 1
+                        R.streak = 0
+                        return
+                    if runs == [(0, n)] and n >= _HOT_MIN:
+                        R.streak += 1
+                        if R.streak >= 2:
+                            R.hot = min(_HOT_MAX, 1 << R.streak)
+                            self._uf_protect(R, False)
+                    else:
+                        R.streak = 0
+                    if len(runs) > 1:
+                        self._push_runs(s, R, runs, stream)
+                        return
+                    lo, hi = runs[0]
         elif R.shadow is not None:
             self._copy(R.shadow, R)
+        elif R.uf is not None:
+            self._uf_protect(R, True)       # first push: from here on the kernel records writes
+            R.wpend = []
         if R.wp >= 0:
             # protected before the copy reads it: a host store from here on is caught (and the
             # copy, as with CUDA, must not race with one)
             e = self.lib.gw_wp_protect(R.wp)
             if e:
                 self.stats["protect_errors"] = self.stats.get("protect_errors", 0) + 1
-        self.orig["cuMemcpyHtoDAsync"](s, R.mirror + lo, R.array if hi - lo == n else R.array[lo:hi], hi - lo,
-                                       stream)
-        if R.ref:       # the server's copy of the client bytes (server-side detection of pulls)
-            self.orig["cuMemcpyDtoDAsync"](s, R.ref + lo, R.mirror + lo, hi - lo, stream)
+        self._push_runs(s, R, ((lo, hi),), stream)
+
+    def _push_runs(self, s: Any, R: Region, runs: Sequence[Tuple[int, int]], stream: Any) -> None:
+        n = R.nbytes
+        for lo, hi in runs:
+            self.orig["cuMemcpyHtoDAsync"](s, R.mirror + lo, R.array if hi - lo == n else R.array[lo:hi],
+                                           hi - lo, stream)
+            if R.ref:       # the server's copy of the client bytes (server-side detection of pulls)
+                self.orig["cuMemcpyDtoDAsync"](s, R.ref + lo, R.mirror + lo, hi - lo, stream)
+            self.stats["push_bytes"] += hi - lo
         R.pushed = True
         R.pushed_gen = R.gen
         self.stats["pushes"] += 1
-        self.stats["push_bytes"] += hi - lo
 
     def _cptrs(self, R: Region) -> Tuple[Any, Any]:
         if R.cshadow is None:
@@ -716,6 +881,12 @@ class PinnedManager:
     def _pull(self, s: Any, R: Region, stream: int) -> None:
         if R.wp >= 0:
             self.lib.gw_wp_unprotect(R.wp)     # the receive writes the region (a syscall: no EFAULT)
+        if R.uf is not None and not R.hot:
+            # host writes not pushed yet (made while the region was device owned) are kept for the
+            # next push; then unprotected, so the receive does not fault on every page
+            runs = self._uf_written(R, False)
+            R.wpend = [(0, R.nbytes)] if runs is None else runs
+            self._uf_protect(R, False)
         self.stats["pulls"] += 1
         if R.detect and not R.ref:
             # first pull: whole, and the reference copy made from the mirror first (in stream
@@ -766,6 +937,10 @@ class PinnedManager:
                         self.lib.gw_pin_copy_mt(sh + lo, lv + lo, hi - lo)
             if R.wp >= 0:
                 self.lib.gw_wp_protect(R.wp)       # client == mirror again: catch the next store
+            if R.uf is not None and not R.hot:
+                self._uf_protect(R, True)          # client == mirror again (but R.wpend): record writes
+                if changed is None:
+                    R.wpend = []                   # pulled whole: nothing of the client's is left over
             R.pushed_gen = R.gen
             R.pushed = True
         if self.events:
@@ -1264,15 +1439,26 @@ def region(session: Any, buf: Any) -> Region:
 
 
 def set_tracking(session: Any, buf: Any, mode: str) -> Region:
-    """Change how a region's changes are found before a push (always / compare / explicit)."""
-    if mode not in TRACK_MODES:
-        raise ValueError(f"tracking mode {mode!r}: expected one of {', '.join(TRACK_MODES)}")
+    """Change how a region's changes are found before a push (auto / written / always / compare /
+    explicit / protect). 'written' raises RuntimeError naming why where it cannot work; 'auto'
+    picks it where it can (and 'compare' otherwise, with the reason in Region.track_note)."""
+    if mode not in TRACK_MODES and mode != "auto":
+        raise ValueError(f"tracking mode {mode!r}: expected 'auto' or one of {', '.join(TRACK_MODES)}")
     R = region(session, buf)
     if mode == "protect" and R.kind != "alloc":
         raise ValueError(f"tracking mode 'protect' needs a host_alloc region (whole pages of its own); "
                          f"{R!r} was registered: use 'compare' or 'explicit'")
     m = manager(session)
     with m.lock:
+        R.track_note = ""
+        if mode in ("auto", "written"):
+            why = "" if R.uf is not None else m._uf_on(R)
+            if why and mode == "written":
+                raise RuntimeError(f"tracking mode 'written' for {R!r}: {why}")
+            mode = "compare" if why else "written"
+            R.track_note = why
+        if mode != "written":
+            m._uf_off(R)
         if mode != "protect":
             m._wp_off(R)
         elif R.wp < 0:
