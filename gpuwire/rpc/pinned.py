@@ -101,7 +101,8 @@ _UF_RUNS = 8             # 'written': a push sends at most this many separate ra
 _UF_GAP = 64 << 10       # ... and ranges closer than this go as one
 _HOT_MIN = 64 << 10      # compare mode: regions this big stop diffing while rewritten every launch
 _HOT_MAX = 64
-_HUGE = 2 << 20          # host_alloc of this size or more: 2 MiB-aligned, transparent huge pages
+_HUGE = 2 << 20          # transparent huge page size (shadows of this size or more use them)
+_THP_MIN = 1 << 20       # host_alloc of this size or more: whole 2 MiB-aligned huge pages (rounded up)
 _MT_MIN = 1 << 20        # regions this big are diffed and copied by the C pool (gw_pinned.c MT_MIN)
 _DRAIN_MIN = 16 << 20    # compare regions this big: pulled granules copied to the shadow as they land
 _DRAINED = ()            # Region.pulling once _drain received and copied everything
@@ -439,10 +440,13 @@ class PinnedManager:
             self.ev.clear()
 
     # ------------------------------------------------------------------ regions
-    def _new_region(self, s: Any, start: int, n: int, array: np.ndarray, kind: str, keep: Any) -> Region:
+    def _new_region(self, s: Any, start: int, n: int, array: np.ndarray, kind: str, keep: Any,
+                    span: int = 0) -> Region:
         rid = self.next_id
         mirror = self.orig["cuMemAlloc"](s, n)
         R = Region(rid, start, n, mirror, array, kind, str(settings.get("pinned_track")))
+        if span:
+            R.span = span               # host_alloc: the whole pages it owns
         if R.track == "protect" and kind != "alloc":
             R.track = "compare"     # only host_alloc regions own whole pages (docs/pinned.md)
             R.track_note = "'protect' needs a host_alloc region"
@@ -461,7 +465,8 @@ class PinnedManager:
                             f"{start:#x}+{n} overlaps the pinned region {other!r}")
         self.next_id += 1
         if settings.get("pinned_mlock"):
-            e = self.lib.gw_pin_lock(self.ffi.cast("void *", start), n)
+            # (a host_alloc region: all its pages; locking part of a huge page would split it)
+            e = self.lib.gw_pin_lock(self.ffi.cast("void *", start), R.span if kind == "alloc" else n)
             R.locked = e == 0
             R.lock_error = "" if e == 0 else f"mlock: errno {e} (RLIMIT_MEMLOCK?): the region stays pageable"
         try:
@@ -498,8 +503,10 @@ class PinnedManager:
         if not isinstance(flags, int) or flags & ~0xF:
             raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc", f"cuMemHostAlloc: flags {flags!r}")
         span = (bytesize + _PAGE - 1) // _PAGE * _PAGE
-        if bytesize >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
-            # huge pages also make write-protecting the region (tracking 'protect') touch few entries
+        if bytesize >= _THP_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+            # huge pages also make write-protecting the region ('written', 'protect') touch few
+            # entries: 1 MiB of 4 KiB pages ~24 µs to protect on the CPU box, 4 MiB of huge pages
+            # ~2.5 µs (so from 1 MiB the region is rounded up to whole huge pages)
             mm, arr, span = _huge_map(bytesize)
         else:
             # private: write-protecting and unprotecting ('written' tracking) leaves private
@@ -508,8 +515,7 @@ class PinnedManager:
             arr = np.frombuffer(mm, np.uint8, bytesize)
         start = int(arr.ctypes.data)
         with self.lock:
-            R = self._new_region(s, start, bytesize, arr, "alloc", mm)
-            R.span = span
+            self._new_region(s, start, bytesize, arr, "alloc", mm, span)
         s._host[start] = arr
         return start
 
@@ -589,7 +595,7 @@ class PinnedManager:
                 pass
             R.mr = None
         if R.locked:
-            self.lib.gw_pin_unlock(self.ffi.cast("void *", R.start), R.nbytes)
+            self.lib.gw_pin_unlock(self.ffi.cast("void *", R.start), R.span if R.kind == "alloc" else R.nbytes)
             R.locked = False
 
     # ------------------------------------------------------------------ protect tracking
@@ -615,6 +621,8 @@ class PinnedManager:
             return why
         ps = R.start // _PAGE * _PAGE
         pe = -(-(R.start + R.nbytes) // _PAGE) * _PAGE
+        if R.kind == "alloc":
+            pe = max(pe, R.start + R.span)      # whole huge pages (protecting part of one splits it)
         edges = (ps, pe - _PAGE)
         for p in edges:
             o = self.uf_edges.get(p)
