@@ -5,7 +5,6 @@ output through their parameters. Every result is checked against numpy and by ch
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -13,16 +12,9 @@ import pytest
 from gpuwire import settings
 from gpuwire.rpc import CudaError, pinned
 from gpuwire.rpc.kernels import pinned as PK
-from test_rpc_support import EXECUTORS, start_server
+from pinned_support import addr, check, f32, mod, server  # noqa: F401 (fixtures: mod, server)
 
 F32 = np.float32
-
-
-@pytest.fixture(scope="module", params=EXECUTORS)
-def server(request):
-    srv = start_server(request.param, extra=["--cpu-kernels", "gpuwire.rpc.kernels.pinned"])
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture()
@@ -30,28 +22,6 @@ def s(server):
     sess = server.connect(name="test-pinned")
     yield sess
     sess.close()
-
-
-@pytest.fixture()
-def mod(s):
-    return s.load_module(PK.PTX)
-
-
-def check(actual, expected):
-    """Same values and same bytes (crc32 of both)."""
-    actual, expected = np.asarray(actual), np.asarray(expected, dtype=np.asarray(actual).dtype)
-    assert actual.shape == expected.shape
-    assert zlib.crc32(actual.tobytes()) == zlib.crc32(expected.tobytes()), \
-        f"checksum differs: first mismatch at {np.flatnonzero(actual != expected)[:5]}"
-    np.testing.assert_array_equal(actual, expected)
-
-
-def f32(s, n):
-    return s.host_alloc(n * 4).view(F32)
-
-
-def addr(a):
-    return int(a.ctypes.data)
 
 
 # ----------------------------------------------------------------------------- basics

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import zlib
 
 import numpy as np
 import pytest
@@ -18,19 +17,11 @@ import pytest
 from gpuwire import settings
 from gpuwire.rpc import DeferredCudaError, pinned
 from gpuwire.rpc.kernels import pinned as PK
-from test_rpc_support import EXECUTORS, start_server
+from pinned_support import addr, check, mod, server  # noqa: F401 (fixtures: mod, server)
 
 F32 = np.float32
 I32 = np.int32
 KIB = 1024
-
-
-@pytest.fixture(scope="module", params=EXECUTORS)
-def server(request):
-    srv = start_server(request.param, extra=["--cpu-kernels", "gpuwire.rpc.kernels.pinned"])
-    srv.kind = request.param
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture()
@@ -40,24 +31,6 @@ def s(server):
         sess = server.connect(name="test-pinned-detect")
         yield sess
         sess.close()
-
-
-@pytest.fixture()
-def mod(s):
-    return s.load_module(PK.PTX)
-
-
-def check(actual, expected):
-    actual = np.asarray(actual)
-    expected = np.asarray(expected, dtype=actual.dtype)
-    assert actual.shape == expected.shape
-    assert zlib.crc32(actual.tobytes()) == zlib.crc32(expected.tobytes()), \
-        f"checksum differs: first mismatch at {np.flatnonzero(actual != expected)[:5]}"
-    np.testing.assert_array_equal(actual, expected)
-
-
-def addr(a):
-    return int(a.ctypes.data)
 
 
 def delta(s, before, key):

@@ -7,15 +7,13 @@ marked gpu); every result is checked against numpy and by checksum."""
 from __future__ import annotations
 
 import os
-import zlib
 
 import numpy as np
 import pytest
 
 from gpuwire import settings
 from gpuwire.rpc import pinned
-from gpuwire.rpc.kernels import pinned as PK
-from test_rpc_support import EXECUTORS, start_server
+from pinned_support import addr, check, f32, mod, server  # noqa: F401 (fixtures: mod, server)
 
 F32 = np.float32
 KIB = 1024
@@ -25,13 +23,6 @@ OK, WHY = pinned.written_support()
 needs_written = pytest.mark.skipif(not OK, reason=WHY or "written tracking unavailable")
 
 
-@pytest.fixture(scope="module", params=EXECUTORS)
-def server(request):
-    srv = start_server(request.param, extra=["--cpu-kernels", "gpuwire.rpc.kernels.pinned"])
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture()
 def s(server):
     # the defaults, with 4 KiB detection granules so partial pulls are visible
@@ -39,28 +30,6 @@ def s(server):
         sess = server.connect(name="test-pinned-written")
         yield sess
         sess.close()
-
-
-@pytest.fixture()
-def mod(s):
-    return s.load_module(PK.PTX)
-
-
-def check(actual, expected):
-    actual = np.asarray(actual)
-    expected = np.asarray(expected, dtype=actual.dtype)
-    assert actual.shape == expected.shape
-    assert zlib.crc32(actual.tobytes()) == zlib.crc32(expected.tobytes()), \
-        f"checksum differs: first mismatch at {np.flatnonzero(actual != expected)[:5]}"
-    np.testing.assert_array_equal(actual, expected)
-
-
-def addr(a):
-    return int(a.ctypes.data)
-
-
-def f32(s, n):
-    return s.host_alloc(n * 4).view(F32)
 
 
 def pushed(s):
