@@ -248,3 +248,27 @@ def test_a_forked_child_does_not_touch_the_parents_tracking():
         os._exit(0 if ok else 3)
     assert os.waitpid(pid, 0)[1] == 0
     assert lib.gw_uf_init() == 0                              # the parent is unaffected
+
+
+@needs_written
+def test_shared_memory_is_not_tracked_by_written_pages(s, mod):
+    """Memory shared with other processes (another process's writes never touch this
+    process's page tables) is diffed instead ('compare'), saying why, and its changes arrive."""
+    import mmap
+    f = mod.function("pin_sum")
+    m = mmap.mmap(-1, 1 << 17)                                  # MAP_SHARED anonymous
+    a = np.frombuffer(m, F32)
+    a[:] = 1
+    s.cuMemHostRegister(a, a.nbytes, 0)
+    R = pinned.region(s, a)
+    assert R.track == "compare" and "shared" in R.track_note
+    t = f32(s, 1)
+    s.launch(f, 1, 256, (addr(a), addr(t), a.size))
+    s.synchronize()
+    check(t, np.array([a.size], F32))
+    a[100] = 3                                                  # (as another process's write would be)
+    s.launch(f, 1, 256, (addr(a), addr(t), a.size))
+    s.synchronize()
+    check(t, np.array([a.size + 2], F32))
+    s.cuMemHostUnregister(a)
+    del a

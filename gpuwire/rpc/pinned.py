@@ -251,6 +251,31 @@ def mirror_pull(s: Any, dstHost: Any, srcDevice: int, refDevice: int, ByteCount:
             s.__dict__.pop("_post_push", None)
 
 
+def _private_anon(start: int, end: int) -> str:
+    """"" when [start, end) is all private anonymous memory of this process (the only memory
+    whose writes all go through this process's page tables), else what it is."""
+    at = start
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if hi <= at:
+                    continue
+                if lo > at:
+                    break                       # a hole: unmapped memory
+                if parts[1][3] != "p" or parts[4] != "0":
+                    what = parts[5].strip() if len(parts) > 5 else ""
+                    return (f"shared or file-backed memory ({parts[1]} {what or 'anonymous shared'}): writes "
+                            f"through another mapping would not be seen")
+                at = hi
+                if at >= end:
+                    return ""
+    except OSError as e:
+        return f"/proc/self/maps: {e}"
+    return f"{at:#x} is not mapped"
+
+
 def _merge_runs(runs: List[Tuple[int, int]]) -> List[Tuple[int, int]]:
     """Sorted byte ranges with those closer than _UF_GAP joined, at most _UF_RUNS of them."""
     runs = sorted(r for r in runs if r[1] > r[0])
@@ -628,6 +653,9 @@ class PinnedManager:
             o = self.uf_edges.get(p)
             if o is not None and o != R.id:
                 return f"'written' tracking: shares the page {p:#x} with the 'written' region {o}"
+        what = "" if R.kind == "alloc" else _private_anon(ps, pe)      # (host_alloc memory is)
+        if what:
+            return f"'written' tracking: {what}"
         e = self.lib.gw_uf_register(ps, pe - ps)
         if e:
             return f"'written' tracking: the kernel refused to track {ps:#x}+{pe - ps} ({os.strerror(e)})"
