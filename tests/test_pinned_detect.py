@@ -178,6 +178,27 @@ def test_no_scan_kernel_inputs_are_detected_unchanged(s):
         assert delta(s, b, "pull_bytes") == (8 if i == 0 else 4) * n
 
 
+def test_after_an_unchanged_pull_the_next_asks_for_one_coarse_message(s, mod):
+    """A detected pull that found nothing changed makes the next one use coarse granules (one
+    message here instead of 64 empty ones); a change found that way comes back whole, and the
+    pull after it is fine-grained again."""
+    n = 1 << 18                                        # 1 MiB of int32: 64 granules of 16 KiB
+    d = s.host_alloc(4 * n).view(I32)
+    d[:] = np.arange(n, dtype=I32)
+    R = prime(s, mod, d)
+    inc = mod.function("pin_inc")
+    exp = np.arange(n, dtype=I32)
+    steps = [(0, 64, 0), (0, 1, 0), (3, 1, 4 * n), (3, 64, 32 * KIB)]   # (v, messages, bytes back)
+    for v, msgs, back in steps:
+        b = pinned.stats(s)
+        s.launch(inc, (5000 + 255) // 256, 256, (addr(d), v, 5000))     # v = 0 rewrites the same bytes
+        s.synchronize()
+        exp[:5000] += v
+        check(d, exp)
+        assert (delta(s, b, "pull_messages"), delta(s, b, "pull_bytes")) == (msgs, back), (v, msgs, back)
+    assert not R.quiet
+
+
 def test_small_regions_are_pulled_whole(s, mod):
     n = 1024                                      # 4 KiB < pinned_detect_min
     d = s.host_alloc(4 * n).view(I32)

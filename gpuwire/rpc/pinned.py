@@ -309,7 +309,7 @@ class Region:
     ``device_owned``: a launch that may write it has not been pulled back yet."""
     __slots__ = ("id", "start", "nbytes", "mirror", "array", "kind", "track", "gen", "pushed_gen", "pushed",
                  "shadow", "cshadow", "clive", "dirty", "mr", "keep", "locked", "lock_error", "freed", "wp", "span",
-                 "hot", "streak", "ref", "granule", "detect", "dstreak", "dskip", "pulling", "uf", "wpend",
+                 "hot", "streak", "ref", "granule", "detect", "dstreak", "dskip", "pulling", "pg", "quiet", "uf", "wpend",
                  "track_note", "__weakref__")
 
     def __init__(self, rid: int, start: int, nbytes: int, mirror: int, array: np.ndarray, kind: str, track: str):
@@ -337,6 +337,8 @@ class Region:
         self.dstreak = 0                    # detected pulls in a row that found every granule changed
         self.dskip = 0                      # pulls left that go whole, without the server's diff
         self.pulling: Any = None            # a detected pull in flight: its receive requests, per granule
+        self.pg = 0                         # the granule of that pull (0: one message)
+        self.quiet = False                  # the last detected pull found nothing changed
         self.uf: Optional[Tuple[int, int]] = None   # written mode: the registered page span (start, len)
         self.wpend: List[Tuple[int, int]] = []      # written mode: writes found before a pull, still to push
         self.track_note = ""                # why the region is not tracked as its setting asked
@@ -852,7 +854,7 @@ class PinnedManager:
         """Bytes received per granule of a detected pull -> the changed runs; stats; whether
         the next pulls skip the diff (a region rewritten whole every time)."""
         runs: List[Tuple[int, int]] = []
-        g = R.granule or R.nbytes
+        g = R.pg or R.nbytes
         got = 0
         for i, nb in enumerate(counts):
             if nb:
@@ -867,6 +869,11 @@ class PinnedManager:
         st["pull_bytes"] += got
         st["pull_detected"] = st.get("pull_detected", 0) + 1
         st["pull_bytes_saved"] = st.get("pull_bytes_saved", 0) + R.nbytes - got
+        # nothing changed: the next detected pull asks for coarse granules (fewer empty messages,
+        # e.g. one instead of 64 for an unwritten 1 MiB input of a kernel without PTX); a change
+        # found that way sends its whole coarse granule, and the pull after it is fine again
+        R.quiet = got == 0
+        st["pull_messages"] = st.get("pull_messages", 0) + len(counts)
         if got == R.nbytes and counts:
             R.dstreak += 1          # rewritten whole again: pull whole for a while, without the diff
             if R.dstreak >= 2 and not self._drains(R):
@@ -894,7 +901,7 @@ class PinnedManager:
         tmo = None if s._timeout < 0 else s._timeout
         for R in big:
             reqs = R.pulling
-            g = R.granule
+            g = R.pg or R.nbytes
             sh, lv = self._cptrs(R)
             counts: List[int] = []
             try:
@@ -940,7 +947,12 @@ class PinnedManager:
             # server-side detection: only the granules that differ from the server's copy of the
             # client bytes come back (the others arrive as empty messages); _finish sees which
             reqs: List[Any] = []
-            mirror_pull(s, R.array, R.mirror, R.ref, R.nbytes, R.granule, stream, _reqs=reqs)
+            g = R.granule
+            if R.quiet and g:
+                chunk = int(getattr(s, "_chunk", 0) or 0)
+                g = chunk if 0 < chunk < R.nbytes else 0
+            R.pg = g
+            mirror_pull(s, R.array, R.mirror, R.ref, R.nbytes, g, stream, _reqs=reqs)
             R.pulling = reqs
             return
         if R.ref:
