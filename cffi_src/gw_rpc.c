@@ -1246,6 +1246,59 @@ int gw_rpc_fsync_w(gw_rpc_fsync_t *f, uint64_t arg) {
   return st; /* 1 or negative: the caller reads the reply, then gw_rpc_wire_unlock */
 }
 
+int gw_rpc_bsync_w(gw_rpc_fsync_t *f, uint8_t *frame, uint32_t pos, uint32_t cap, uint32_t ncalls,
+                   uint64_t arg, uint32_t ntail, int busy_after) {
+  gw_rpc_wire_t *w = f->wire;
+  if (!w || !frame || fsync_bad(f)) return 3;
+  uint32_t rl = f->len - GW_HDR;
+  if (pos < GW_HDR || (uint64_t)pos + rl > cap || ncalls == 0xFFFFFFFFu) return 3;
+  pthread_mutex_lock(&w->mu);
+  if (__atomic_load_n(&w->dead, __ATOMIC_ACQUIRE)) {
+    pthread_mutex_unlock(&w->mu);
+    return 2;
+  }
+  wire_own(w); /* (held on for Python unless the answer is plain) */
+  uint32_t seq = *w->seqp, end = pos + rl, body = end - GW_HDR, nc = ncalls + 1;
+  memcpy(frame + pos, f->frame + GW_HDR, rl);
+  if (f->len == 32) memcpy(frame + pos + 8, &arg, 8);
+  uint16_t mg = GW_MAGIC;
+  memcpy(frame, &mg, 2);
+  frame[2] = GW_VERSION;
+  frame[3] = 1; /* F_SYNC */
+  memcpy(frame + 4, &seq, 4);
+  memcpy(frame + 8, &nc, 4);
+  memcpy(frame + 12, &body, 4);
+  f->rlen = 0;
+  int st = ((gw_rpc_call_fn)f->call)(f->conn, f->req_tag, frame, end, f->rep_tag, f->rep, f->rep_cap,
+                                     f->timeout_ns, &f->rlen);
+  __atomic_store_n(w->seqp, seq + 1, __ATOMIC_RELEASE); /* the seq is used, sent or not */
+  w->call_seq += nc;
+  if (st) return st < 0 ? st : -st;
+  /* the plain answer: header (magic, version, flags 0, seq) | status 0 | pushes | the tail's
+   * results | CUresult 0 | report byte 0 */
+  const uint8_t *r = f->rep;
+  size_t n = f->rlen, off = 24;
+  uint32_t rseq, status, pushes, res, m;
+  if (n < off) return 1;
+  memcpy(&rseq, r + 4, 4);
+  memcpy(&status, r + 16, 4);
+  memcpy(&pushes, r + 20, 4);
+  if (r[0] != 0x47 || r[1] != 0x57 || r[3] != 0 || rseq != seq || status || pushes != w->push_done) return 1;
+  for (uint32_t i = 0; i < ntail; i++) {
+    if (off + 4 > n) return 1;
+    memcpy(&m, r + off, 4);
+    if (m > n - off - 4) return 1;
+    off += 4 + (size_t)m;
+  }
+  if (off + 5 > n) return 1;
+  memcpy(&res, r + off, 4);
+  if (res || r[off + 4]) return 1;
+  w->busy = busy_after;
+  wire_disown(w);
+  pthread_mutex_unlock(&w->mu);
+  return 0;
+}
+
 /* ------------------------------------------------------------------ bulk copies (gw_rpc_bulk_*) */
 
 typedef int (*b_recv_fn)(void *, void *, uint32_t, uint32_t, void *, size_t, void **);

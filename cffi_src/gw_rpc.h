@@ -268,6 +268,19 @@ int gw_rpc_fsync_w(gw_rpc_fsync_t *f, uint64_t arg);
 /* 0: the plain answer (the lock is released). 2: busy or dead, nothing sent (released).
  * 1 or negative (a reply Python must read, or the transport's status; the seq was used):
  * the lock is still held, Python reads f->rep and then calls gw_rpc_wire_unlock. */
+/* ---- the sync call with calls batched (rpc_c_sync_batch): f's sync record (its frame after
+ * the header, len - 16 bytes; the u64 argument patched when len is 32) is appended at
+ * frame + pos, the header written (F_SYNC, the wire's seq, ncalls + 1 records), and the round
+ * trip made through f's call entry into f->rep, all under the wire lock (the caller holds the
+ * Python session lock: lock order kept). The seq is used and the call count grows by
+ * ncalls + 1 once the call was made. The plain answer is checked as gw_rpc_fsync_w does, after
+ * `ntail` reply-tail results (u32 length + bytes each, walked within the reply's length; the
+ * caller copies and checks them). Returns 0 for the plain answer (busy set to busy_after, the
+ * lock released), 1 (a reply Python must read) or a negative transport status (the lock is
+ * still held: Python reads f->rep, then gw_rpc_wire_unlock / _release), 2 when the session is
+ * dead and 3 when the record does not fit `cap` or f is unusable (nothing sent, released). */
+int gw_rpc_bsync_w(gw_rpc_fsync_t *f, uint8_t *frame, uint32_t pos, uint32_t cap, uint32_t ncalls,
+                   uint64_t arg, uint32_t ntail, int busy_after);
 gw_rpc_wire_t *gw_rpc_wire_new(void);
 void gw_rpc_wire_free(gw_rpc_wire_t *w);
 uint32_t *gw_rpc_wire_seqp(gw_rpc_wire_t *w);        /* the seq of the next frame */

@@ -220,7 +220,7 @@ def test_handle_table_survives_churn():
 import threading  # noqa: E402
 
 from gpuwire.rpc.protocol import DeferredCudaError  # noqa: E402
-from test_rpc_support import start_server  # noqa: E402
+from test_rpc_support import close_soon, start_server, syncs_in_a_thread  # noqa: E402
 
 
 @pytest.fixture
@@ -1111,7 +1111,6 @@ def test_a_sync_call_that_timed_out_does_not_shift_later_replies(inproc, stub):
     reply arrives later. The next sync calls must not take that reply for theirs (before:
     every later call raised 'reply for frame N, expected N+1'): it is dropped (noted in
     protocol_errors) and the session goes on in step."""
-    from gpuwire import transport as t
     with _settings.override(rpc_flush_us=0, rpc_c_sync=(stub == "fast")):
         s = _connect(f"127.0.0.1:{inproc.port}")
     try:
@@ -1137,7 +1136,6 @@ def test_a_dropped_late_reply_does_not_cut_the_next_reply_tail(inproc):
     """After a late reply was dropped, the sync call reads its own reply with that reply's
     length: small D2H results carried in the reply tail arrive (before: the dropped reply's
     length was used and the tail was refused as truncated)."""
-    from gpuwire import transport as t
     with _settings.override(rpc_flush_us=0, rpc_c_sync=False):
         s = _connect(f"127.0.0.1:{inproc.port}")
     try:
@@ -1159,28 +1157,8 @@ def test_a_dropped_late_reply_does_not_cut_the_next_reply_tail(inproc):
         s.close()
 
 
-def _syncs_in_a_thread(s, timeout=10.0):
-    """gwSync from another thread; True if it returned (or raised) within ``timeout``."""
-    done = []
-
-    def run():
-        try:
-            s.gwSync()
-        except BaseException:            # noqa: BLE001 - only termination matters here
-            pass
-        done.append(1)
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    th.join(timeout)
-    return bool(done)
 
 
-def _close_soon(s, timeout=10.0):
-    """close() from a daemon thread (a session whose wire lock leaked would wait forever)."""
-    th = threading.Thread(target=s.close, daemon=True)
-    th.start()
-    th.join(timeout)
-    assert not th.is_alive(), "close() hung on the wire lock"
 
 
 def test_an_interrupt_as_the_fast_stub_returns_does_not_leave_the_wire_locked(inproc, monkeypatch):
@@ -1205,9 +1183,9 @@ def test_an_interrupt_as_the_fast_stub_returns_does_not_leave_the_wire_locked(in
         with pytest.raises(KeyboardInterrupt):
             s.gwSync()                               # the reply carries the report: returns 1
         monkeypatch.setattr(C, "_fsync", real)
-        assert _syncs_in_a_thread(s), "the wire lock was left held"
+        assert syncs_in_a_thread(s), "the wire lock was left held"
     finally:
-        _close_soon(s)
+        close_soon(s)
 
 
 def test_an_interrupt_as_the_wire_lock_is_taken_does_not_leave_it_locked(inproc, monkeypatch):
@@ -1223,7 +1201,7 @@ def test_an_interrupt_as_the_wire_lock_is_taken_does_not_leave_it_locked(inproc,
             self._l.gw_rpc_wire_lock(w)
             raise KeyboardInterrupt
 
-    with _settings.override(rpc_flush_us=0):
+    with _settings.override(rpc_flush_us=0, rpc_c_sync_batch=False):
         s = _connect(f"127.0.0.1:{inproc.port}")
     try:
         d = s.alloc(4096)
@@ -1233,6 +1211,6 @@ def test_an_interrupt_as_the_wire_lock_is_taken_does_not_leave_it_locked(inproc,
         with pytest.raises(KeyboardInterrupt):
             s.gwSync()
         monkeypatch.setattr(C, "_rpc_lib", C._rpc_lib._l)
-        assert _syncs_in_a_thread(s), "the wire lock was left held"
+        assert syncs_in_a_thread(s), "the wire lock was left held"
     finally:
-        _close_soon(s)
+        close_soon(s)

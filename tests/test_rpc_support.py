@@ -105,3 +105,30 @@ def wait_until(pred, timeout=5.0, step=0.02):
             return v
         time.sleep(step)
     return pred()
+
+
+def syncs_in_a_thread(s, timeout=10.0):
+    """gwSync from another thread; True if it returned (or raised) within ``timeout`` (a
+    session whose wire lock leaked would wait forever)."""
+    import threading
+    done = []
+
+    def run():
+        try:
+            s.gwSync()
+        except BaseException:            # noqa: BLE001 - only termination matters here
+            pass
+        done.append(1)
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout)
+    return bool(done)
+
+
+def close_soon(s, timeout=10.0):
+    """close() from a daemon thread (a session whose wire lock leaked would wait forever)."""
+    import threading
+    th = threading.Thread(target=s.close, daemon=True)
+    th.start()
+    th.join(timeout)
+    assert not th.is_alive(), "close() hung on the wire lock"

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from .. import settings
 from .. import transport as t
@@ -38,6 +38,12 @@ from .protocol import CudaError, DeferredCudaError, ProtocolError, SessionClosed
 from .spec import SPEC_VERSION, default_spec, image_bytes
 
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
+
+settings.register("rpc_c_sync_batch", True, bool,
+                  "Client (with rpc_c_sync): gwSync, cuCtxSynchronize and cuStreamSynchronize with calls "
+                  "batched append their record, send the frame and check the reply in one C call "
+                  "(gw_rpc_bsync_w) instead of the generated stub's Python round trip (docs/protocol.md).",
+                  layer="rpc")
 
 
 # ----------------------------------------------------------------------------- handle objects
@@ -351,10 +357,12 @@ class _FastSync:
     that leaves nothing batched or in flight clears it. Anything else in the reply (a CUDA
     error, a deferred-error report, pushes to wait for, a stray error reply) is read by the
     same Python code as the generated stubs', from the fast stub's own reply buffer, with
-    the wire lock still held. With calls batched the generated stub runs. The generated
-    stubs are what ``super()`` names here."""
+    the wire lock still held. With calls batched the sync call ends the batch's frame in one
+    C call too (``gw_rpc_bsync_w``, :meth:`_bsync_call`, setting ``rpc_c_sync_batch``) or
+    else through the generated stub. The generated stubs are what ``super()`` names here."""
 
     _fs_gwSync = _fs_cuCtxSynchronize = _fs_cuStreamSynchronize = None
+    _bs_gwSync = _bs_cuCtxSynchronize = _bs_cuStreamSynchronize = None   # None: rpc_c_sync_batch off
     _wire = None
     _fl = None          # the C batch flush (gw_rpc_flusher_t), when the transport offers it
 
@@ -415,6 +423,8 @@ class _FastSync:
         self._fs_call_tmo = tmo
         self._fs_tc = ffi.NULL          # the C flush timer, once there is one (_fs_use_timer)
         keep = []
+        bsync = _bsync is not None and settings.get("rpc_c_sync_batch") and \
+            all(fr.cptr is not None for fr in self._frames)
         for which, nargs in (("gwSync", 0), ("cuCtxSynchronize", 0), ("cuStreamSynchronize", 1)):
             call = default_spec().calls[which]
             n = P.HEADER_SIZE + 8 + 8 * nargs
@@ -432,7 +442,16 @@ class _FastSync:
             ffi.memmove(f.frame, frame, n)
             setattr(self, "_fs_" + which, f)
             keep.append(f)
-        self._fs_keep = (keep, self._ep, self._fs_repb, w)   # the structs point into these
+            if bsync:
+                # the same sync call with calls batched (gw_rpc_bsync_w): the record is appended
+                # to the frame being built; the reply goes to the session's reply buffer (the
+                # caller holds the session lock, as the generated stub's readers of it do)
+                b = ffi.new("gw_rpc_fsync_t *", f[0])
+                b.rep = ffi.cast("uint8_t *", self._repb.ptr)
+                b.rep_cap = self._repb.nbytes
+                setattr(self, "_bs_" + which, b)
+                keep.append(b)
+        self._fs_keep = (keep, self._ep, self._fs_repb, self._repb, w)   # the structs point into these
         self._fl = None
         if _cflush is not None and settings.get("rpc_c_flush") and hasattr(self._ep, "c_bulk_entry") and \
                 len(self._frames) <= _rpc_lib.GW_RPC_FLUSH_FRAMES and all(fr.cptr is not None for fr in self._frames):
@@ -482,7 +501,9 @@ class _FastSync:
                 self._wire_release()
             return
         # one C call: header with the wire's seq, gw_send, next frame buffer free again
-        self._check_open()
+        # (the hot path of every batch: attribute reads kept to the needed ones)
+        if self._closed:
+            self._check_open()
         if self._pend:
             self._post_pending()          # the frame's push receives first (as the Python path)
         st = _cflush(fl, self._wire, self._fi, self._pos, self._ncalls, 1 if self._inflight else 0, self._fl_sent)
@@ -494,7 +515,8 @@ class _FastSync:
                     raise self._broken_after_send(e) from e
                 raise
         self._ncalls = 0
-        self._flush_at = min(self._flush_at * 2, self._max_calls)
+        fa = self._flush_at * 2
+        self._flush_at = fa if fa < self._max_calls else self._max_calls
         fr = self._frames[st]
         if fr.req is not None:            # a send made from Python (a sync frame with bulk data)
             try:
@@ -505,8 +527,8 @@ class _FastSync:
         self._fi = st
         self._frame = fr
         self._cbuf = fr.cptr
-        self._buf = fr.buf
-        self._cap = len(fr.buf)
+        buf = self._buf = fr.buf
+        self._cap = len(buf)
         self._pos = P.HEADER_SIZE
 
     def _next_frame(self) -> None:
@@ -549,7 +571,7 @@ class _FastSync:
     def _arm_timer(self) -> None:
         # a batch starts: the wire is busy until it is sent; fast syncs since the last
         # batch restart the batch ramp (as every sync call does)
-        if _rpc_lib.gw_rpc_wire_open(self._wire, self._fs_tc):
+        if _wire_open(self._wire, self._fs_tc):
             self._flush_at = self._ramp0
         if self._tc is None and self._timer is not None:
             self._armed = self._seq
@@ -586,9 +608,79 @@ class _FastSync:
         if res or rpt is not None:
             self._fail(res, rpt, name)
 
+    def _bsync_call(self, f: Any, arg: int, name: str) -> bool:
+        """The sync call ``name`` with calls batched, through one C call (gw_rpc_bsync_w:
+        record appended, header, round trip and the plain answer's check under the wire
+        lock). False, with nothing done, when this path does not apply (nothing batched any
+        more, bulk payloads or copies in flight, no room for the record): the generated stub
+        runs then. Anything but the plain answer is read as the generated stub reads it."""
+        with self._lock:
+            n0 = self._ncalls
+            if not n0 or self._bulk or self._inflight or self._pos + 24 > self._cap:
+                return False
+            if self._closed:
+                self._check_open()
+            tail = self._tail_routes(self._buf) if self._pend else None
+            try:
+                st = _bsync(f, self._cbuf, self._pos, self._cap, n0, arg, len(tail) if tail else 0, 0)
+                # the batch is gone (as in _roundtrip: also when the call fails)
+                self._ncalls = 0
+                self._pos = P.HEADER_SIZE
+                self._flush_at = self._ramp0
+                if st:
+                    if st >= 2:
+                        if st == 2:
+                            self._check_open()
+                            raise SessionClosed(f"session to {self.address} is closed")
+                        raise ProtocolError(f"{name}: the batched sync path cannot encode this call")
+                    self._bs_more(st, f, name, tail)
+                elif tail:
+                    rep = self._repmv
+                    off = _REPLY_MIN
+                    for dst, k in tail:
+                        (m,) = _U32_AT(rep, off)
+                        if m:
+                            if m != k:
+                                raise ProtocolError(f"{name}: reply from {self.address} has a D2H result "
+                                                    f"of {m} B, expected {k}")
+                            dst[:] = rep[off + 4:off + 4 + m]
+                        off += 4 + m
+            except BaseException:
+                _rpc_lib.gw_rpc_wire_unlock(self._wire)     # (a no-op unless still held here)
+                raise
+        return True
+
+    def _bs_more(self, st: int, f: Any, name: str, tail) -> None:
+        """gw_rpc_bsync_w returned with the wire lock held: a reply to read (1) or the
+        transport's status (< 0). As _roundtrip and the generated stub: release the lock,
+        raise what the reply says (the session lock is held)."""
+        try:
+            seq = (self._seq - 1) & 0xFFFFFFFF
+            rep = self._repmv
+            try:
+                if st < 0:
+                    self._ep.raise_call_status(st, None if self._timeout < 0 else self._timeout)
+                n = f.rlen
+                magic, _ver, flags, rseq, _nc, _blen, _st, pushes = _REPLY_HEAD_ALL(rep, 0)
+                if flags or rseq != seq or magic != P.MAGIC or n < _REPLY_MIN:
+                    pushes, n = self._reply_slow(n, seq, name)
+            except (t.ConnectionLost, t.OperationTimeout) as e:
+                self._reply_failed(e, seq, name)
+            if pushes != self._push_done:
+                self._wait_pushes(pushes)
+            off = self._take_tail(rep, n, tail, name) if tail else _REPLY_MIN
+            res, = _U32_AT(rep, off)
+            rpt = self._rep_report(rep, off + 4, name)
+        finally:
+            self._wire_release()
+        if res or rpt is not None:
+            self._fail(res, rpt, name)
+
     # (st 1 or negative: the C call returned with the wire lock held for _fs_more; an
     # exception raised as it returns, before _fs_more runs, releases it in the except)
     def gwSync(self):
+        if self._ncalls and self._bs_gwSync is not None and self._bsync_call(self._bs_gwSync, 0, "gwSync"):
+            return
         try:
             st = _fsync(self._fs_gwSync, 0)
             if st:
@@ -600,6 +692,9 @@ class _FastSync:
             raise
 
     def cuCtxSynchronize(self):
+        if self._ncalls and self._bs_cuCtxSynchronize is not None and \
+                self._bsync_call(self._bs_cuCtxSynchronize, 0, "cuCtxSynchronize"):
+            return
         try:
             st = _fsync(self._fs_cuCtxSynchronize, 0)
             if st:
@@ -619,6 +714,9 @@ class _FastSync:
                 return super().cuStreamSynchronize(hStream)     # its error for a bad argument
         if not 0 <= h <= 0xFFFFFFFFFFFFFFFF:
             return super().cuStreamSynchronize(hStream)
+        if self._ncalls and self._bs_cuStreamSynchronize is not None and \
+                self._bsync_call(self._bs_cuStreamSynchronize, h, "cuStreamSynchronize"):
+            return
         try:
             st = _fsync(self._fs_cuStreamSynchronize, h)
             if st:
@@ -1035,12 +1133,8 @@ class Session(Stubs):
             magic, _ver, flags, rseq, _nc, _blen, _st, pushes = _REPLY_HEAD_ALL(rep, 0)
             if flags or rseq != seq or magic != P.MAGIC or n < _REPLY_MIN:
                 pushes, n = self._reply_slow(n, seq, name)   # (n: the length of our reply)
-        except t.ConnectionLost as e:
-            self.closed = True
-            raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
-        except t.OperationTimeout:
-            self._gave_up(seq)
-            raise
+        except (t.ConnectionLost, t.OperationTimeout) as e:
+            self._reply_failed(e, seq, name)
         if pushes != self._push_done:
             self._wait_pushes(pushes)
         if self._inflight:
@@ -1048,6 +1142,15 @@ class Session(Stubs):
         if tail:
             return rep, self._take_tail(rep, n, tail, name)
         return rep, _REPLY_MIN
+
+    def _reply_failed(self, e: Exception, seq: int, name: str) -> "NoReturn":
+        """The wait for frame ``seq``'s reply failed: a lost connection closes the session
+        (SessionClosed); a timeout gives the frame up (its late reply is dropped) and is raised."""
+        if isinstance(e, t.ConnectionLost):
+            self.closed = True
+            raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
+        self._gave_up(seq)
+        raise e
 
     def _post_pending(self) -> None:
         """Post the receives of the pushes of the frame about to go out (in call order)."""
@@ -1503,9 +1606,11 @@ try:
     _rpc_lib = _rpc_mod.lib
     _timer_arm = _rpc_lib.gw_rpc_timer_arm
     _fsync = getattr(_rpc_lib, "gw_rpc_fsync_w", None)   # None: an older build, no fast sync stub
+    _bsync = getattr(_rpc_lib, "gw_rpc_bsync_w", None)   # None: no batched sync path in C
+    _wire_open = getattr(_rpc_lib, "gw_rpc_wire_open", None)
     _cflush = getattr(_rpc_lib, "gw_rpc_flush", None)
 except ImportError:  # pragma: no cover - depends on the build
-    _rpc_mod = _rpc_lib = _timer_arm = _fsync = _cflush = None
+    _rpc_mod = _rpc_lib = _timer_arm = _fsync = _bsync = _cflush = _wire_open = None
 
 
 def _c_timer(delay_s: float):
