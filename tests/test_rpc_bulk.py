@@ -241,7 +241,7 @@ def _error_script(s, chunk):
             q = real(p, data, nb, is_async)
             tag, dd, nn, nowait = s._bulk[-1]
             m = nn + delta
-            src = np.zeros(max(m, 0), np.uint8) if delta > 0 else dd[:m]
+            src = np.zeros(max(m, 0), np.uint8) if delta > 0 else memoryview(getattr(dd, "obj", dd))[:m]
             s._bulk[-1] = (tag, src, m, False)
             return q
         s._put_bulk = lying

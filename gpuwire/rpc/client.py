@@ -1341,16 +1341,13 @@ class Session(Stubs):
     def _put_bulk(self, p: int, data: Any, n: int, is_async: bool = False) -> int:
         tag = self._next_in_tag()
         P.BULK_SLOT.pack_into(self._buf, p, P.BULK_MARK, tag, n)
-        self._bulk.append((tag, data, n, is_async and self._is_pinned(data, n)))
+        # the payload's pointer derived once: for the pinned check and for its send(s)
+        b = t.Buffer(data)
+        self._bulk.append((tag, b, n, is_async and self._is_pinned(b.ptr, n)))
         return p + P.BULK_SLOT.size
 
-    def _is_pinned(self, data: Any, n: int) -> bool:
-        if not self._pinned and self._pin is None:
-            return False
-        try:
-            a = t.Buffer(data).ptr
-        except (TypeError, ValueError):
-            return False
+    def _is_pinned(self, a: int, n: int) -> bool:
+        """[a, a + n) lies in memory registered by this session (pinned(), a pinned region)."""
         if self._pin is not None and self._pin.covers(a, n):
             return True
         for base, (arr, _mr) in self._pinned.items():
@@ -1661,6 +1658,10 @@ def _chunks(n: int, chunk: int):
 
 
 def _sub(data: Any, off: int, n: int):
+    if type(data) is t.Buffer:          # (a bulk payload: its pointer derived once)
+        if off == 0 and n == data.nbytes:
+            return data
+        return t.Buffer(t.RawBuffer(data.ptr + off, n))
     if off == 0 and n == (len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes):
         return data
     return memoryview(data).cast("B")[off:off + n] if not isinstance(data, memoryview) or data.format != "B" \
