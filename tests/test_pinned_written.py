@@ -41,6 +41,10 @@ def test_auto_tracks_big_regions_by_written_pages(s):
     big, small = f32(s, 1 << 16), f32(s, 1024)                 # 256 KiB and 4 KiB
     assert pinned.region(s, big).track == "written"
     assert pinned.region(s, small).track == "compare"          # a diff of 4 KiB costs ~nothing
+    assert pinned.set_tracking(s, small, "auto").track == "compare"
+    assert pinned.set_tracking(s, small, "written").track == "written"    # asked for: allowed
+    assert pinned.set_tracking(s, big, "compare").uf is None
+    assert pinned.set_tracking(s, big, "auto").track == "written"
     s.free_host(big)
     s.free_host(small)
 

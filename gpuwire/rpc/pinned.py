@@ -1499,6 +1499,8 @@ def set_tracking(session: Any, buf: Any, mode: str) -> Region:
     m = manager(session)
     with m.lock:
         R.track_note = ""
+        if mode == "auto" and R.nbytes < _UF_MIN:
+            mode = "compare"                # (as for a new region: a diff of a few KiB costs ~nothing)
         if mode in ("auto", "written"):
             why = "" if R.uf is not None else m._uf_on(R)
             if why and mode == "written":
