@@ -36,6 +36,10 @@ for t in tcp sm; do
   GPUWIRE_RPC_BULK_PROGRESS=1 timeout 40 $B --tls $t --tests bw --sizes 1M,16M --bw-reps 3 2>&1 | grep -E "^test=" | sed "s/^/progress /" | cut -c1-500
   GPUWIRE_RPC_C_BULK_DTOH_MIN=65536 timeout 40 $B --tls $t --tests bw --sizes 1M,16M --bw-reps 3 2>&1 | grep -E "^test=" | sed "s/^/dtohC /" | cut -c1-500
 done
+el bw traced: per-frame server timestamps of 1 MiB async copies, kept for offline analysis
+mkdir -p $R/trace_tcp $R/trace_sm
+GPUWIRE_RPC_TRACE_DIR=$R/trace_tcp timeout 30 $B --tls tcp --tests bw --sizes 1M --bw-reps 1 --no-baseline 2>&1 | grep -E "^test=" | cut -c1-300
+GPUWIRE_RPC_TRACE_DIR=$R/trace_sm timeout 30 $B --tls sm --tests bw --sizes 1M --bw-reps 1 --no-baseline 2>&1 | grep -E "^test=" | cut -c1-300
 el done
 } > $R/rpc.log 2>&1
 cat $R/rpc.log | cut -c1-600
