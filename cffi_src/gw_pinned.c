@@ -1,4 +1,5 @@
 /* gpuwire pinned-region registry: see gw_pinned.h. */
+#define _GNU_SOURCE
 #include "gw_pinned.h"
 
 #include <errno.h>
@@ -14,6 +15,7 @@
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <linux/userfaultfd.h>
+#include <poll.h>
 
 typedef struct {
     uint64_t start, end, mirror;
@@ -482,6 +484,7 @@ typedef struct {
     _Atomic uint64_t end;
     _Atomic int prot;           /* 1 while write-protected */
     _Atomic int dirty;
+    _Atomic int uf;             /* protected through the userfaultfd (else mprotect) */
 } wp_slot_t;
 
 static wp_slot_t wp[WP_MAX];
@@ -489,6 +492,10 @@ static _Atomic int wp_hi;                /* slots in use are below this */
 static _Atomic uint64_t wp_nfaults;
 static struct sigaction wp_old;
 static _Atomic int wp_installed;
+/* the userfaultfd backend (see below): 1 when usable; protect/unprotect a range through it */
+static int wps_ready(void);
+static int wps_wp(uint64_t start, uint64_t len, int on);
+static int wps_register(uint64_t start, uint64_t len, int on);
 
 static void wp_chain(int sig, siginfo_t *si, void *ctx) {
     if (wp_old.sa_flags & SA_SIGINFO) {
@@ -539,21 +546,26 @@ static int wp_install(void) {
 }
 
 int gw_wp_add(uint64_t start, uint64_t len) {
-    int e = wp_install();
-    if (e) return e;
     if (!start || !len) return -EINVAL;
+    int uf = wps_ready() && wps_register(start, len, 1) == 0;
+    if (!uf) {
+        int e = wp_install();
+        if (e) return e;
+    }
     for (int i = 0; i < WP_MAX; i++) {
         uint64_t z = 0;
         if (atomic_load(&wp[i].start) == 0) {
             atomic_store(&wp[i].end, start + len);
             atomic_store(&wp[i].prot, 0);
             atomic_store(&wp[i].dirty, 1);
+            atomic_store(&wp[i].uf, uf);
             if (!atomic_compare_exchange_strong(&wp[i].start, &z, start)) continue;
             int hi = atomic_load(&wp_hi);
             while (hi <= i && !atomic_compare_exchange_weak(&wp_hi, &hi, i + 1)) {}
             return i;
         }
     }
+    if (uf) wps_register(start, len, 0);
     return -1;
 }
 
@@ -565,12 +577,17 @@ int gw_wp_unprotect(int slot) {
     if (!wp_ok(slot)) return EINVAL;
     uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
     atomic_store(&wp[slot].prot, 0);
+    if (atomic_load(&wp[slot].uf)) return wps_wp(s, e - s, 0);
     return mprotect((void *)(uintptr_t)s, e - s, PROT_READ | PROT_WRITE) ? errno : 0;
 }
 
 void gw_wp_remove(int slot) {
     if (!wp_ok(slot)) return;
     gw_wp_unprotect(slot);
+    if (atomic_load(&wp[slot].uf)) {
+        uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
+        wps_register(s, e - s, 0);          /* (wakes any fault still pending there) */
+    }
     atomic_store(&wp[slot].start, 0);
 }
 
@@ -579,8 +596,9 @@ int gw_wp_protect(int slot) {
     uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
     atomic_store(&wp[slot].dirty, 0);
     atomic_store(&wp[slot].prot, 1);
-    if (mprotect((void *)(uintptr_t)s, e - s, PROT_READ)) {
-        int err = errno;
+    int err = atomic_load(&wp[slot].uf) ? wps_wp(s, e - s, 1)
+                                        : (mprotect((void *)(uintptr_t)s, e - s, PROT_READ) ? errno : 0);
+    if (err) {
         atomic_store(&wp[slot].prot, 0);
         atomic_store(&wp[slot].dirty, 1);
         return err;
@@ -785,3 +803,194 @@ long gw_uf_scan(uint64_t start, uint64_t len, int rewp, uint64_t *out, long max)
 }
 
 uint64_t gw_uf_scans(void) { return atomic_load(&uf_nscans); }
+
+/* ---------------------------------------------------------------- protect through a userfaultfd */
+/* 'protect' without its EFAULT caveat: where this process may handle kernel-mode faults (root,
+ * CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd = 1), the regions are write-protected through
+ * a second userfaultfd in synchronous mode. A store into a protected page (also by a system
+ * call) waits for the handler thread below, which marks the region dirty and unprotects the
+ * whole region (waking the writer): one fault per region per protect cycle, as with the
+ * SIGSEGV handler, but read(2) into the region works. Else the mprotect backend is used. */
+static int wps_fd = -1;
+static int wps_state = -1;             /* -1: not probed; 0: usable; > 0: errno (mprotect) */
+static volatile int wps_forked;
+static _Atomic uint64_t wps_unknown;   /* faults outside every slot (unprotected page by page) */
+static pthread_mutex_t wps_mu = PTHREAD_MUTEX_INITIALIZER;
+static void wps_atfork_child(void) { wps_forked = 1; }
+
+static int wps_wp_fd(int fd, uint64_t start, uint64_t len, int on) {
+    struct uffdio_writeprotect w;
+    memset(&w, 0, sizeof w);
+    w.range.start = start;
+    w.range.len = len;
+    w.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &w) ? errno : 0;
+}
+
+static int wps_wp(uint64_t start, uint64_t len, int on) {
+    if (wps_fd < 0 || wps_forked) return ENODEV;
+    return wps_wp_fd(wps_fd, start, len, on);
+}
+
+static int wps_register(uint64_t start, uint64_t len, int on) {
+    if (wps_fd < 0 || wps_forked) return ENODEV;
+    if (!on) {
+        struct uffdio_range r = {.start = start, .len = len};
+        return ioctl(wps_fd, UFFDIO_UNREGISTER, &r) ? errno : 0;
+    }
+    struct uffdio_register r;
+    memset(&r, 0, sizeof r);
+    r.range.start = start;
+    r.range.len = len;
+    r.mode = UFFDIO_REGISTER_MODE_WP;
+    return ioctl(wps_fd, UFFDIO_REGISTER, &r) ? errno : 0;
+}
+
+static void *wps_loop(void *arg) {
+    int fd = (int)(intptr_t)arg;
+    long pg = sysconf(_SC_PAGESIZE);
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int r = poll(&p, 1, -1);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        if (p.revents & (POLLERR | POLLHUP | POLLNVAL)) break;
+        struct uffd_msg m;
+        ssize_t n = read(fd, &m, sizeof m);
+        if (n != (ssize_t)sizeof m) {
+            if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+            break;
+        }
+        if (m.event != UFFD_EVENT_PAGEFAULT) continue;
+        uint64_t a = m.arg.pagefault.address;
+        int hi = atomic_load(&wp_hi), done = 0;
+        atomic_fetch_add(&wp_nfaults, 1);  /* (counted and flagged before the writer wakes) */
+        for (int i = 0; i < hi && !done; i++) {
+            uint64_t s = atomic_load(&wp[i].start), e = atomic_load(&wp[i].end);
+            if (s && a >= s && a < e && atomic_load(&wp[i].uf)) {
+                atomic_store(&wp[i].dirty, 1);
+                atomic_store(&wp[i].prot, 0);
+                done = wps_wp_fd(fd, s, e - s, 0) == 0;   /* the whole region; wakes the writer */
+            }
+        }
+        if (!done) {                   /* (a region being removed, the probe): this page only */
+            uint64_t p0 = a & ~(uint64_t)(pg - 1);
+            atomic_fetch_add(&wps_unknown, 1);
+            if (wps_wp_fd(fd, p0, pg, 0)) {
+                struct uffdio_range wr = {.start = p0, .len = pg};
+                ioctl(fd, UFFDIO_WAKE, &wr);
+            }
+        }
+    }
+    return NULL;
+}
+
+typedef struct {
+    uint8_t *p;
+    int pipefd;                        /* >= 0: read one byte from it into p (a kernel write) */
+    int ok;
+} wps_probe_t;
+
+static void *wps_probe_write(void *arg) {
+    wps_probe_t *t = arg;
+    if (t->pipefd >= 0)
+        t->ok = read(t->pipefd, t->p + 1, 1) == 1;
+    else {
+        t->p[0] = 7;
+        t->ok = 1;
+    }
+    return NULL;
+}
+
+/* a write from another thread into a protected scratch page must be resolved by the handler
+ * within a second: 0 or an errno (the page is unregistered then, which wakes the writer) */
+static int wps_probe_one(uint8_t *p, long pg, int pipefd) {
+    if (wps_wp_fd(wps_fd, (uint64_t)(uintptr_t)p, pg, 1)) return EOPNOTSUPP;
+    uint64_t before = atomic_load(&wps_unknown);
+    wps_probe_t t = {.p = p, .pipefd = pipefd, .ok = 0};
+    pthread_t th;
+    if (pthread_create(&th, NULL, wps_probe_write, &t)) return EAGAIN;
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += 1;
+    if (pthread_timedjoin_np(th, NULL, &dl)) {
+        struct uffdio_range r = {.start = (uint64_t)(uintptr_t)p, .len = (uint64_t)pg};
+        ioctl(wps_fd, UFFDIO_UNREGISTER, &r);
+        pthread_join(th, NULL);
+        return ETIMEDOUT;
+    }
+    return (t.ok && atomic_load(&wps_unknown) > before) ? 0 : EOPNOTSUPP;
+}
+
+static int wps_probe(void) {
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);  /* kernel faults too */
+    if (fd < 0) return errno ? errno : ENOSYS;
+    struct uffdio_api api;
+    memset(&api, 0, sizeof api);
+    api.api = UFFD_API;
+    api.features = UFFD_FEATURE_WP_UNPOPULATED;    /* untouched pages are protected too */
+    if (ioctl(fd, UFFDIO_API, &api) || !(api.features & UFFD_FEATURE_WP_UNPOPULATED)) {
+        close(fd);
+        return EOPNOTSUPP;
+    }
+    pthread_t th;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&at, 64 << 10);
+    int e = pthread_create(&th, &at, wps_loop, (void *)(intptr_t)fd);
+    pthread_attr_destroy(&at);
+    if (e) {
+        close(fd);
+        return e;
+    }
+    wps_fd = fd;                        /* (the handler keeps running: it owns fd from now on) */
+    long pg = sysconf(_SC_PAGESIZE);
+    uint8_t *p = mmap(NULL, pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return ENOMEM;
+    memset(p, 1, pg);
+    int rc = wps_register((uint64_t)(uintptr_t)p, pg, 1) ? EOPNOTSUPP : 0;
+    int pfd[2] = {-1, -1};
+    if (!rc) rc = wps_probe_one(p, pg, -1);                  /* a store */
+    if (!rc && pipe(pfd)) rc = errno;
+    if (!rc) {
+        uint8_t b = 9;
+        rc = write(pfd[1], &b, 1) == 1 ? wps_probe_one(p, pg, pfd[0]) : EIO;   /* read(2) into it */
+        if (!rc && (p[0] != 7 || p[1] != 9)) rc = EOPNOTSUPP;
+    }
+    if (pfd[0] >= 0) close(pfd[0]);
+    if (pfd[1] >= 0) close(pfd[1]);
+    if (rc != ETIMEDOUT) wps_register((uint64_t)(uintptr_t)p, pg, 0);
+    munmap(p, pg);
+    if (rc) wps_fd = -1;                /* (the handler thread idles on its descriptor) */
+    return rc;
+}
+
+static int wps_want = 1;
+
+int gw_wp_use_uffd(int on) {
+    pthread_mutex_lock(&wps_mu);
+    if (wps_state < 0) wps_want = on;
+    int r = wps_state < 0 ? 0 : -1;
+    pthread_mutex_unlock(&wps_mu);
+    return r;
+}
+
+static int wps_ready(void) {
+    pthread_mutex_lock(&wps_mu);
+    if (wps_state < 0 && !wps_forked) {
+        if (!wps_want) {
+            wps_state = EPERM;
+        } else {
+            wps_state = wps_probe();
+            if (wps_state == 0) pthread_atfork(NULL, NULL, wps_atfork_child);
+        }
+    }
+    int ok = wps_state == 0 && !wps_forked;
+    pthread_mutex_unlock(&wps_mu);
+    return ok;
+}
+
+int gw_wp_backend(void) { return wps_ready() ? 1 : 0; }

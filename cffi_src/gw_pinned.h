@@ -87,6 +87,14 @@ int gw_wp_unprotect(int slot);
 int gw_wp_dirty(int slot);
 /* number of write faults the handler resolved (all slots, since load) */
 uint64_t gw_wp_faults(void);
+/* which mechanism protects: 1 a userfaultfd in synchronous mode with a handler thread (system
+ * calls may write into protected regions; needs the right to handle kernel-mode faults), 0
+ * mprotect + the SIGSEGV handler (a system call writing into a protected region gets EFAULT).
+ * Probed once, end to end (at the first gw_wp_add or gw_wp_backend). */
+int gw_wp_backend(void);
+/* before that probe: 0 forces the mprotect backend (setting pinned_protect_uffd); returns 0,
+ * or -1 when the backend was chosen already (the call changes nothing then) */
+int gw_wp_use_uffd(int on);
 /* "written" tracking (the default where the kernel has it, Linux >= 6.7): the kernel itself
  * records which pages were written. One userfaultfd per process in asynchronous write-protect
  * mode (UFFD_FEATURE_WP_ASYNC: a write to a protected page is resolved by the kernel at once,

@@ -561,26 +561,92 @@ def test_protect_sync_copy_into_a_region_and_free(ps):
     assert int(y.sum()) == 7 * n
 
 
-def test_protect_caveat_syscalls_into_a_protected_region_fail_with_efault(ps, tmp_path):
+def test_protect_system_calls_into_a_protected_region(ps, tmp_path):
+    """With the userfaultfd backend (gw_wp_backend() == 1) a read(2) into a protected region
+    works and marks it written (its bytes are pushed); with the mprotect backend it fails with
+    EFAULT (the documented caveat), never a crash."""
     import errno
     import os
-    x = ps.host_alloc(8192)
+    backend = pinned._c()[1].gw_wp_backend()
+    n = 2048
+    x = f32(ps, n)
+    x[:] = 1
     f = ps.load_module(PK.PTX).function("pin_sum")
     total = f32(ps, 1)
-    ps.launch(f, 1, 256, (addr(x), addr(total), 2048))   # pushes x, then x is write-protected
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))     # pushes x, then x is write-protected
     ps.synchronize()
+    check(total, np.array([n], F32))
     p = tmp_path / "data"
-    p.write_bytes(b"\1" * 4096)
+    p.write_bytes(np.full(1024, 3, F32).tobytes())
     fd = os.open(p, os.O_RDONLY)
     try:
-        with pytest.raises(OSError) as ei:
-            os.readv(fd, [memoryview(x)[:4096]])            # documented: EFAULT, not a crash
-        assert ei.value.errno == errno.EFAULT
+        if backend == 1:
+            assert os.readv(fd, [memoryview(x.view(np.uint8))[:4096]]) == 4096
+        else:
+            with pytest.raises(OSError) as ei:
+                os.readv(fd, [memoryview(x.view(np.uint8))[:4096]])
+            assert ei.value.errno == errno.EFAULT
     finally:
         os.close(fd)
-    pinned.set_tracking(ps, x, "compare")                   # unprotected again
-    with open(p, "rb") as fh:
-        assert fh.readinto(memoryview(x)[:4096]) == 4096
+    if backend != 1:
+        pinned.set_tracking(ps, x, "compare")               # unprotected again
+        with open(p, "rb") as fh:
+            assert fh.readinto(memoryview(x.view(np.uint8))[:4096]) == 4096
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))
+    ps.synchronize()
+    check(total, np.array([n + 2 * 1024], F32))             # the bytes read reached the mirror
+
+
+_PROTECT_SCRIPT = """
+import errno, mmap, os, sys
+import numpy as np
+import gpuwire.transport
+from gpuwire import _pinned
+lib, ffi = _pinned.lib, _pinned.ffi
+assert lib.gw_wp_use_uffd(int(sys.argv[1])) == 0
+mm = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+a = np.frombuffer(mm, np.uint8)
+a[:] = 1
+slot = lib.gw_wp_add(a.ctypes.data, a.nbytes)
+assert slot >= 0, slot
+assert lib.gw_wp_protect(slot) == 0 and not lib.gw_wp_dirty(slot)
+f0 = lib.gw_wp_faults()
+a[5000] = 2                                     # a store: caught once, the region writable again
+assert lib.gw_wp_dirty(slot) and lib.gw_wp_faults() == f0 + 1 and a[5000] == 2
+a[60000] = 3
+assert lib.gw_wp_faults() == f0 + 1             # (one fault per protect cycle)
+assert lib.gw_wp_protect(slot) == 0 and not lib.gw_wp_dirty(slot)
+r, w = os.pipe()
+os.write(w, b"xyz")
+try:
+    got = os.readv(r, [memoryview(a)[100:103]])
+    res = "read" if got == 3 and bytes(a[100:103]) == b"xyz" and lib.gw_wp_dirty(slot) else "bad"
+except OSError as e:
+    res = "efault" if e.errno == errno.EFAULT else "bad"
+lib.gw_wp_remove(slot)
+a[7] = 9                                        # removed: an ordinary store
+print(lib.gw_wp_backend(), res)
+"""
+
+
+@pytest.mark.parametrize("uffd", ["1", "0"])
+def test_protect_backends(uffd):
+    """Both write-protect backends in a process of their own: a store is caught once per
+    protect cycle and leaves the region writable; a read(2) into a protected region works with
+    the userfaultfd backend and fails with EFAULT with mprotect (gw_wp_use_uffd(0): the setting
+    pinned_protect_uffd off)."""
+    import os
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _PROTECT_SCRIPT, uffd], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    backend, res = p.stdout.split()
+    if uffd == "0":
+        assert (backend, res) == ("0", "efault")
+    elif backend == "1":
+        assert res == "read"
+    else:                                        # (no userfaultfd here: the mprotect backend)
+        assert res == "efault"
 
 
 def test_protect_needs_a_host_alloc_region(ps):

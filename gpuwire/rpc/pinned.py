@@ -61,9 +61,16 @@ settings.register("pinned_track", "auto", str,
                   "(push the whole region at every launch that uses it), 'compare' (diff against a shadow "
                   "copy, push the changed range), 'explicit' (push only after gpuwire wrote it or "
                   "Region.mark_dirty()), 'protect' (opt-in: write-protect the region after each push/pull "
-                  "and catch the first host write with a SIGSEGV handler; host_alloc regions only, others "
-                  "use 'compare'; a syscall writing into a protected region fails with EFAULT). "
+                  "and catch the first host write: through a userfaultfd where allowed, else with a SIGSEGV "
+                  "handler, where a syscall writing into a protected region fails with EFAULT; host_alloc "
+                  "regions only, others use 'compare'). "
                   "See docs/pinned.md.", layer="rpc")
+settings.register("pinned_protect_uffd", True, bool,
+                  "Client, 'protect' tracking: write-protect through a userfaultfd with a handler thread "
+                  "where the process may handle kernel-mode faults (a system call may then write into a "
+                  "protected region); off, or where not allowed: mprotect and a SIGSEGV handler (such a "
+                  "system call fails with EFAULT). Read once, at the first protected region of the process.",
+                  layer="rpc")
 settings.register("pinned_ptx_readonly", True, bool,
                   "Client: scan the PTX of modules loaded through the session for kernel parameters that are "
                   "never written through (gpuwire/rpc/ptx_access.py) and treat them as read-only: regions "
@@ -627,6 +634,7 @@ class PinnedManager:
 
     # ------------------------------------------------------------------ protect tracking
     def _wp_on(self, R: Region) -> None:
+        self.lib.gw_wp_use_uffd(1 if settings.get("pinned_protect_uffd") else 0)
         slot = self.lib.gw_wp_add(R.start, R.span)
         if slot < 0:
             raise RuntimeError(f"pinned tracking 'protect': no write-protect slot for {R!r} ({slot}): too many "
