@@ -748,33 +748,44 @@ int gw_uf_init(void) {
     return r;
 }
 
-int gw_uf_register(uint64_t start, uint64_t len) {
-    if (uf_fd < 0 || uf_forked) return ENODEV;
+/* the three userfaultfd range operations, for both userfaultfds (this one and 'protect''s) */
+static int uffd_register_fd(int fd, uint64_t start, uint64_t len) {
     struct uffdio_register r;
     memset(&r, 0, sizeof r);
     r.range.start = start;
     r.range.len = len;
     r.mode = UFFDIO_REGISTER_MODE_WP;
-    return ioctl(uf_fd, UFFDIO_REGISTER, &r) ? errno : 0;
+    return ioctl(fd, UFFDIO_REGISTER, &r) ? errno : 0;
 }
 
-int gw_uf_protect(uint64_t start, uint64_t len, int on) {
-    if (uf_fd < 0 || uf_forked) return ENODEV;
+static int uffd_wp_fd(int fd, uint64_t start, uint64_t len, int on) {
     struct uffdio_writeprotect w;
     memset(&w, 0, sizeof w);
     w.range.start = start;
     w.range.len = len;
     w.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
-    return ioctl(uf_fd, UFFDIO_WRITEPROTECT, &w) ? errno : 0;
+    return ioctl(fd, UFFDIO_WRITEPROTECT, &w) ? errno : 0;
+}
+
+static int uffd_unregister_fd(int fd, uint64_t start, uint64_t len) {
+    struct uffdio_range r = {.start = start, .len = len};
+    return ioctl(fd, UFFDIO_UNREGISTER, &r) ? errno : 0;
+}
+
+int gw_uf_register(uint64_t start, uint64_t len) {
+    if (uf_fd < 0 || uf_forked) return ENODEV;
+    return uffd_register_fd(uf_fd, start, len);
+}
+
+int gw_uf_protect(uint64_t start, uint64_t len, int on) {
+    if (uf_fd < 0 || uf_forked) return ENODEV;
+    return uffd_wp_fd(uf_fd, start, len, on);
 }
 
 int gw_uf_unregister(uint64_t start, uint64_t len) {
     if (uf_fd < 0 || uf_forked) return ENODEV;
     gw_uf_protect(start, len, 0);
-    struct uffdio_range r;
-    r.start = start;
-    r.len = len;
-    return ioctl(uf_fd, UFFDIO_UNREGISTER, &r) ? errno : 0;
+    return uffd_unregister_fd(uf_fd, start, len);
 }
 
 long gw_uf_scan(uint64_t start, uint64_t len, int rewp, uint64_t *out, long max) {
@@ -818,32 +829,14 @@ static _Atomic uint64_t wps_unknown;   /* faults outside every slot (unprotected
 static pthread_mutex_t wps_mu = PTHREAD_MUTEX_INITIALIZER;
 static void wps_atfork_child(void) { wps_forked = 1; }
 
-static int wps_wp_fd(int fd, uint64_t start, uint64_t len, int on) {
-    struct uffdio_writeprotect w;
-    memset(&w, 0, sizeof w);
-    w.range.start = start;
-    w.range.len = len;
-    w.mode = on ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
-    return ioctl(fd, UFFDIO_WRITEPROTECT, &w) ? errno : 0;
-}
-
 static int wps_wp(uint64_t start, uint64_t len, int on) {
     if (wps_fd < 0 || wps_forked) return ENODEV;
-    return wps_wp_fd(wps_fd, start, len, on);
+    return uffd_wp_fd(wps_fd, start, len, on);
 }
 
 static int wps_register(uint64_t start, uint64_t len, int on) {
     if (wps_fd < 0 || wps_forked) return ENODEV;
-    if (!on) {
-        struct uffdio_range r = {.start = start, .len = len};
-        return ioctl(wps_fd, UFFDIO_UNREGISTER, &r) ? errno : 0;
-    }
-    struct uffdio_register r;
-    memset(&r, 0, sizeof r);
-    r.range.start = start;
-    r.range.len = len;
-    r.mode = UFFDIO_REGISTER_MODE_WP;
-    return ioctl(wps_fd, UFFDIO_REGISTER, &r) ? errno : 0;
+    return on ? uffd_register_fd(wps_fd, start, len) : uffd_unregister_fd(wps_fd, start, len);
 }
 
 static void *wps_loop(void *arg) {
@@ -872,13 +865,13 @@ static void *wps_loop(void *arg) {
             if (s && a >= s && a < e && atomic_load(&wp[i].uf)) {
                 atomic_store(&wp[i].dirty, 1);
                 atomic_store(&wp[i].prot, 0);
-                done = wps_wp_fd(fd, s, e - s, 0) == 0;   /* the whole region; wakes the writer */
+                done = uffd_wp_fd(fd, s, e - s, 0) == 0;   /* the whole region; wakes the writer */
             }
         }
         if (!done) {                   /* (a region being removed, the probe): this page only */
             uint64_t p0 = a & ~(uint64_t)(pg - 1);
             atomic_fetch_add(&wps_unknown, 1);
-            if (wps_wp_fd(fd, p0, pg, 0)) {
+            if (uffd_wp_fd(fd, p0, pg, 0)) {
                 struct uffdio_range wr = {.start = p0, .len = pg};
                 ioctl(fd, UFFDIO_WAKE, &wr);
             }
@@ -907,7 +900,7 @@ static void *wps_probe_write(void *arg) {
 /* a write from another thread into a protected scratch page must be resolved by the handler
  * within a second: 0 or an errno (the page is unregistered then, which wakes the writer) */
 static int wps_probe_one(uint8_t *p, long pg, int pipefd) {
-    if (wps_wp_fd(wps_fd, (uint64_t)(uintptr_t)p, pg, 1)) return EOPNOTSUPP;
+    if (uffd_wp_fd(wps_fd, (uint64_t)(uintptr_t)p, pg, 1)) return EOPNOTSUPP;
     uint64_t before = atomic_load(&wps_unknown);
     wps_probe_t t = {.p = p, .pipefd = pipefd, .ok = 0};
     pthread_t th;
@@ -916,8 +909,7 @@ static int wps_probe_one(uint8_t *p, long pg, int pipefd) {
     clock_gettime(CLOCK_REALTIME, &dl);
     dl.tv_sec += 1;
     if (pthread_timedjoin_np(th, NULL, &dl)) {
-        struct uffdio_range r = {.start = (uint64_t)(uintptr_t)p, .len = (uint64_t)pg};
-        ioctl(wps_fd, UFFDIO_UNREGISTER, &r);
+        uffd_unregister_fd(wps_fd, (uint64_t)(uintptr_t)p, (uint64_t)pg);
         pthread_join(th, NULL);
         return ETIMEDOUT;
     }
