@@ -13,7 +13,7 @@ el gpu tests
 timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -rf --tb=short > $R/gpu_tests.log 2>&1; echo "rc=$?" >> $R/gpu_tests.log
 tail -n 25 $R/gpu_tests.log | grep -v "^SKIPPED"
 el pinned: written vs compare
-timeout 100 python3 -m gpuwire.cli bench pinned --executor gpu --tests mirror,unchanged,detect --modes default,written,compare,explicit --reps 3 --launches 1000 > $R/pinned.log 2>&1
+timeout 100 python3 -m gpuwire.cli bench pinned --executor gpu --tests mirror,unchanged,detect --modes default,written,compare,protect,explicit --reps 3 --launches 1000 > $R/pinned.log 2>&1
 grep -E "^test=|written_tracking" $R/pinned.log | cut -c1-330
 el done
 fi
