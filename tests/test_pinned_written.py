@@ -276,3 +276,16 @@ def test_shared_memory_is_not_tracked_by_written_pages(s, mod):
     check(t, np.array([a.size + 2], F32))
     s.cuMemHostUnregister(a)
     del a
+
+
+def test_written_ranges_are_merged_and_capped():
+    """What a push sends of the written pages: sorted, ranges closer than 64 KiB joined, at most
+    8 ranges (the rest merged into the last), empty ranges dropped."""
+    K = 1 << 10
+    m = pinned._merge_runs
+    assert m([]) == [] and m([(5, 5)]) == []
+    assert m([(200 * K, 204 * K), (0, 4 * K)]) == [(0, 4 * K), (200 * K, 204 * K)]
+    assert m([(0, 4 * K), (60 * K, 64 * K), (8 * K, 12 * K)]) == [(0, 64 * K)]
+    far = [(i * 256 * K, i * 256 * K + 4 * K) for i in range(12)]
+    out = m(far)
+    assert len(out) == 8 and out[:7] == far[:7] and out[7] == (far[7][0], far[-1][1])
