@@ -332,6 +332,8 @@ def bench_unchanged(connect, args, ptx) -> List[Dict[str, Any]]:
                 st.synchronize()      # included: pushes in flight finish here
                 return (time.perf_counter() - t0) / reps * 1e6
             default_mode = str(settings.get("pinned_track"))
+            if default_mode == "auto":      # what 'auto' picks for a region of this size
+                default_mode = "written" if size >= pinned._UF_MIN and pinned.written_support()[0] else "compare"
             for mode in ("explicit", "compare", "written", "protect", "always"):
                 if args.modes and mode not in args.modes.split(",") and not (
                         mode == default_mode and "default" in args.modes.split(",")):
