@@ -1608,19 +1608,28 @@ static int b_classify(gw_rpc_bulk_t *b, const uint8_t *fr, size_t len, uint64_t 
   return id0 == b->c.id_htod ? 1 : 2;
 }
 
-static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_t from, uint32_t ncalls) {
+/* record i of an async copy frame: its device pointer, size and stream (checked by b_classify),
+ * its copy entry and the message size its chunks travel in */
+static bcopy_t *b_rec(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_t i, uint64_t *ptr, uint64_t *n,
+                      void **st, uint64_t *m) {
   gw_rpc_srv_t *v = b->c.srv;
+  const gw_rpc_rec_t *r = &v->recs[i];
+  const uint8_t *f = fr + r->fixed;
+  char err[8];
+  *ptr = rd64(f);
+  *n = rd64(f + 8);
+  *st = NULL;
+  tr_stream(v->s, rd64(f + 16), st, err, sizeof(err));
+  *m = b_msg(b, *n);
+  return b_copy(b, fr, r, seq, i);
+}
+
+static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_t from, uint32_t ncalls) {
   for (uint32_t i = from; i < ncalls; i++) {
-    const gw_rpc_rec_t *r = &v->recs[i];
-    const uint8_t *f = fr + r->fixed;
-    uint64_t dst = rd64(f), n = rd64(f + 8);
-    void *st = NULL;
-    char err[8];
-    tr_stream(v->s, rd64(f + 16), &st, err, sizeof(err)); /* (checked by b_classify) */
-    uint32_t tag = r->var_len[0];
-    bcopy_t *cp = b_copy(b, fr, r, seq, i);
-    uint32_t ci = (uint32_t)(cp - b->copies);
-    uint64_t m = b_msg(b, n);
+    uint64_t dst, n, m;
+    void *st;
+    bcopy_t *cp = b_rec(b, fr, seq, i, &dst, &n, &st, &m);
+    uint32_t ci = (uint32_t)(cp - b->copies), tag = b->c.srv->recs[i].var_len[0];
     for (uint64_t off = 0; off < n; off += m) {
       uint64_t ln = n - off < m ? n - off : m;
       int k;
@@ -1651,17 +1660,12 @@ static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
 }
 
 static void b_run_d2h(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_t from, uint32_t ncalls) {
-  gw_rpc_srv_t *v = b->c.srv;
   for (uint32_t i = from; i < ncalls; i++) {
-    const gw_rpc_rec_t *r = &v->recs[i];
-    const uint8_t *f = fr + r->fixed;
-    uint64_t src = rd64(f), n = rd64(f + 8);
-    void *st = NULL;
-    char err[8];
-    tr_stream(v->s, rd64(f + 16), &st, err, sizeof(err));
-    bcopy_t *cp = b_copy(b, fr, r, seq, i);
+    uint64_t src, n, m;
+    void *st;
+    bcopy_t *cp = b_rec(b, fr, seq, i, &src, &n, &st, &m);
     uint32_t ci = (uint32_t)(cp - b->copies);
-    uint64_t m = b_msg(b, n);
+    const gw_rpc_rec_t *r = &b->c.srv->recs[i];
     for (uint64_t off = 0; off < n; off += m) {
       uint64_t ln = n - off < m ? n - off : m;
       int k;
@@ -1699,7 +1703,7 @@ static void b_run_d2h(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
         b_dq_pop(b);
       }
     }
-    v->pushes++;
+    b->c.srv->pushes++;
     b->stat[GW_RPC_BS_D2H]++;
   }
   while (b->dq_n) b_dq_pop(b); /* every send is issued before the handler returns */

@@ -23,7 +23,7 @@ from gpuwire.rpc import server as S
 from gpuwire.rpc.executors import _cfast as cf
 from gpuwire.rpc.executors import cpu as _cpu  # noqa: F401 - registers rpc_cpu_chunk
 from gpuwire.rpc.protocol import DeferredCudaError
-from test_rpc_support import start_server, wait_until
+from test_rpc_support import live_session, start_server, wait_until
 
 pytestmark = pytest.mark.skipif(not cf.available(), reason="gpuwire._rpc is not built")
 
@@ -50,7 +50,7 @@ def _server_session(**over):
     with _server(**over) as srv:
         s = _connect(f"127.0.0.1:{srv.port}")
         try:
-            yield srv, s, _the_session(srv)
+            yield srv, s, live_session(srv)
         finally:
             s.close()
 
@@ -68,13 +68,6 @@ def _connect(addr):
     return gpuwire.connect(addr, name="test-bulk")
 
 
-def _the_session(srv):
-    for _ in range(200):
-        live = [x for x in list(srv.sessions.values()) if x.ready]
-        if live:
-            return live[0]
-        time.sleep(0.02)
-    raise AssertionError("no session on the server")
 
 
 # all above rpc_inline_max (64 KiB): smaller copies travel inside the frame (Python's path)
@@ -137,7 +130,7 @@ def test_c_bulk_copies_keep_bytes_and_stream_order(inproc, progress):
 
 def _copies_keep_bytes_and_stream_order(inproc, s):
     try:
-        sess = _the_session(inproc)
+        sess = live_session(inproc)
         assert sess.bulk_c is not None and sess.chunk == CHUNK
         first_bad, got, want = _copy_script(s)
         assert first_bad == -1 and got == want
@@ -159,7 +152,7 @@ def test_c_bulk_pending_payloads_are_settled_before_a_python_frame(inproc):
     sync D2H copy (Python's path)."""
     s = _connect(f"127.0.0.1:{inproc.port}")
     try:
-        sess = _the_session(inproc)
+        sess = live_session(inproc)
         n = 2 * CHUNK + 3
         host = s.pinned(n)
         host[:] = np.arange(n, dtype=np.uint64).astype(np.uint8)

@@ -220,7 +220,7 @@ def test_handle_table_survives_churn():
 import threading  # noqa: E402
 
 from gpuwire.rpc.protocol import DeferredCudaError  # noqa: E402
-from test_rpc_support import close_soon, start_server, syncs_in_a_thread  # noqa: E402
+from test_rpc_support import close_soon, live_session, start_server, syncs_in_a_thread  # noqa: E402
 
 
 @pytest.fixture
@@ -240,20 +240,12 @@ def _connect(addr):
     return gpuwire.connect(addr, name="test-c-server")
 
 
-def _the_session(srv):
-    for _ in range(100):
-        live = [x for x in list(srv.sessions.values()) if x.ready]
-        if live:
-            return live[0]
-        import time
-        time.sleep(0.02)
-    raise AssertionError("no session on the server")
 
 
 def test_c_server_answers_hot_frames_without_python(inproc):
     s = _connect(f"127.0.0.1:{inproc.port}")
     try:
-        sess = _the_session(inproc)
+        sess = live_session(inproc)
         assert sess.serve_c is not None
         d = s.alloc(4096)
         st = s.stream()
@@ -344,7 +336,7 @@ def test_c_server_errors_match_the_python_server():
 def test_c_server_resumes_in_python_after_a_failure(inproc):
     s = _connect(f"127.0.0.1:{inproc.port}")
     try:
-        sess = _the_session(inproc)
+        sess = live_session(inproc)
         got = _error_script(s)
         assert got[0][1] == "cuMemsetD32Async" and got[1] is True
         assert sess.c_frames > 0            # frames before/after the failures were C's
@@ -357,7 +349,7 @@ def test_c_server_resumes_in_python_after_a_failure(inproc):
 def test_c_server_malformed_frames_get_error_replies(inproc):
     s = _connect(f"127.0.0.1:{inproc.port}")
     try:
-        sess = _the_session(inproc)
+        sess = live_session(inproc)
         s.gwSync()
         c0 = sess.c_frames
         gw = SPEC.calls["gwSync"].id
@@ -782,7 +774,7 @@ def test_c_server_deferred_pushes_keep_their_bytes(inproc):
     with _settings.override(rpc_flush_us=0):
         s = _connect(f"127.0.0.1:{inproc.port}")
     try:
-        sess = _the_session(inproc)
+        sess = live_session(inproc)
         n_max = 3 << 20
         d = s.alloc(n_max)
         st = s.stream()
@@ -851,7 +843,7 @@ def test_fast_sync_stub_keeps_the_flush_timers_seq(inproc, fsync_count):
     with _settings.override(rpc_flush_us=20_000):    # 20 ms
         s = _connect(f"127.0.0.1:{inproc.port}")
     try:
-        sess = _the_session(inproc)
+        sess = live_session(inproc)
         d = s.alloc(4096)
         st = s.stream()
         s.gwSync()
@@ -882,7 +874,7 @@ def test_training_step_frames_and_loss_readback(inproc):
     with _settings.override(rpc_flush_us=0, rpc_batch_first=2, rpc_batch_calls=64):
         s = _connect(f"127.0.0.1:{inproc.port}")
     try:
-        sess = _the_session(inproc)
+        sess = live_session(inproc)
         ptx = R.find_ptx(None).read_bytes()
         mod = s.load_module(ptx)
         fns = {k: mod.function(k) for k in R.MLP_KERNELS}

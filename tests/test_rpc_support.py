@@ -132,3 +132,14 @@ def close_soon(s, timeout=10.0):
     th.start()
     th.join(timeout)
     assert not th.is_alive(), "close() hung on the wire lock"
+
+
+def live_session(srv, tries: int = 200):
+    """The first ready session of an in-process Server (waits up to tries x 20 ms)."""
+    import time
+    for _ in range(tries):
+        live = [x for x in list(srv.sessions.values()) if x.ready]
+        if live:
+            return live[0]
+        time.sleep(0.02)
+    raise AssertionError("no session on the server")

@@ -16,6 +16,7 @@ from gpuwire import settings as _settings
 _rpc = pytest.importorskip("gpuwire._rpc", reason="gpuwire._rpc is not built (pip install -e .)")
 lib = _rpc.lib
 from gpuwire.rpc import server as S  # noqa: E402
+from test_rpc_support import live_session  # noqa: E402
 
 SSYNC = 8      # GW_RPC_STREAM_SYNC: the host driver's stream-sync counter
 F_SYNC, F_PASS = 1, 2
@@ -33,13 +34,6 @@ def _stop(srv, th):
     th.join(timeout=20)
 
 
-def _session(srv):
-    for _ in range(200):
-        live = [x for x in list(srv.sessions.values()) if x.ready]
-        if live:
-            return live[0]
-        time.sleep(0.02)
-    raise AssertionError("no session on the server")
 
 
 def _connect(srv, first: int = 8):
@@ -70,7 +64,7 @@ def test_trace_records_each_frame_in_order_with_monotonic_points(traced):
     with _settings.override(rpc_reply_inline_max=0):     # the loss goes back as a push message
         s = _connect(srv)
     try:
-        sess = _session(srv)
+        sess = live_session(srv)
         buf = s.alloc(64)
         st = s.stream()
         out = np.zeros(4, np.uint32)
@@ -96,7 +90,7 @@ def test_trace_marks_frames_passed_to_python_and_keeps_the_last_frames(traced):
     srv, _dir = traced
     s = _connect(srv)
     try:
-        sess = _session(srv)
+        sess = live_session(srv)
         buf = s.alloc(64)
         st = s.stream()
         out = np.zeros(4, np.uint32)
@@ -118,7 +112,7 @@ def test_trace_marks_frames_passed_to_python_and_keeps_the_last_frames(traced):
 def test_trace_file_written_when_the_session_ends(traced):
     srv, tdir = traced
     s = _connect(srv)
-    sess = _session(srv)
+    sess = live_session(srv)
     buf = s.alloc(64)
     st = s.stream()
     out = np.zeros(4, np.uint32)
@@ -145,7 +139,7 @@ def test_no_trace_without_the_setting():
     try:
         s = _connect(srv)
         try:
-            sess = _session(srv)
+            sess = live_session(srv)
             s.gwSync()
             assert sess.serve_c.trace_rows() == [] and int(sess.serve_c.v.trace_n) == 0
         finally:
@@ -168,7 +162,7 @@ def _skip_case(skip):
     try:
         s = _connect(srv)
         try:
-            sess = _session(srv)
+            sess = live_session(srv)
             buf = s.alloc(64)
             st = s.stream()
             out = np.zeros(4, np.uint32)
@@ -194,7 +188,7 @@ def _still_waits_case():
     try:
         s = _connect(srv)
         try:
-            sess = _session(srv)
+            sess = live_session(srv)
             buf = s.alloc(64)
             st, st2 = s.stream(), s.stream()
             out = np.zeros(4, np.uint32)
@@ -225,7 +219,7 @@ def test_bench_boundary_split_joins_client_and_server_timestamps(traced):
     srv, tdir = traced
     import os
     s = _connect(srv, first=2)            # first batch: memset + D2H, then the sync alone
-    sess = _session(srv)
+    sess = live_session(srv)
     before = set(os.listdir(tdir))
     lossbuf = s.alloc(4)
     st = s.stream()

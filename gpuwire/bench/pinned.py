@@ -237,6 +237,19 @@ def _mirror_cases(args):
         yield size, n, iters, (np.arange(n) % 1000).astype(np.float32)
 
 
+def _interleaved(ex, mi, f, iters, src, st, reps):
+    """The explicit-copy and the mirrored program in turn, reps times (drift hits both alike):
+    (explicit times, mirrored times, both results right)."""
+    te, tm, ok = [], [], True
+    for _rep in range(reps):
+        a, ok1 = ex.loop(f, iters, src, st)
+        b, ok2 = mi.loop(f, iters, src, st)
+        te += a
+        tm += b
+        ok = ok and ok1 and ok2
+    return te, tm, ok
+
+
 def _written_note() -> str:
     from gpuwire.rpc import pinned
     ok, why = pinned.written_support()
@@ -272,15 +285,7 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
                     try:
                         mi.loop(f, max(3, min(iters, 8)), src, st)      # warm-up: first pushes, streaks
                         before = pinned.stats(s)
-                        # interleave the two programs so drift hits both alike
-                        te, tm, oke, okm = [], [], True, True
-                        for _rep in range(args.reps):
-                            a, ok1 = ex.loop(f, iters, src, st)
-                            b, ok2 = mi.loop(f, iters, src, st)
-                            te += a
-                            tm += b
-                            oke &= ok1
-                            okm &= ok2
+                        te, tm, ok = _interleaved(ex, mi, f, iters, src, st, args.reps)
                         after = pinned.stats(s)
                     finally:
                         mi.free()
@@ -296,7 +301,7 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
                              "mirrored_mean_us": round(statistics.mean(tm) * 1e6, 1),
                              "push_bytes_per_iter": (after["push_bytes"] - before["push_bytes"]) // k,
                              "pull_bytes_per_iter": (after["pull_bytes"] - before["pull_bytes"]) // k,
-                             "results_ok": oke and okm, "target": TARGETS["mirror_ratio"],
+                             "results_ok": ok, "target": TARGETS["mirror_ratio"],
                              "met": mm / me <= TARGETS["mirror_ratio"]})
             ex.free()
             st.destroy()
@@ -412,13 +417,7 @@ def bench_detect(connect, args, ptx) -> List[Dict[str, Any]]:
                     try:
                         mi.loop(f, max(3, min(iters, 8)), src, st)
                         before = pinned.stats(s)
-                        te, tm, ok = [], [], True
-                        for _rep in range(args.reps):
-                            a, ok1 = ex.loop(f, iters, src, st)
-                            b, ok2 = mi.loop(f, iters, src, st)
-                            te += a
-                            tm += b
-                            ok &= ok1 and ok2
+                        te, tm, ok = _interleaved(ex, mi, f, iters, src, st, args.reps)
                         after = pinned.stats(s)
                     finally:
                         mi.free()
@@ -499,15 +498,8 @@ def bench_placement(args, ptx) -> List[Dict[str, Any]]:
     import numpy as np
     from cuda.bindings import driver as d
 
-    def ck(r):
-        if int(r[0]):
-            raise RuntimeError(f"CUDA error {r[0]}")
-        return r[1] if len(r) == 2 else (r[1:] if len(r) > 2 else None)
-    ck(d.cuInit(0))
-    dev = ck(d.cuDeviceGet(0))
-    ctx = ck(d.cuDevicePrimaryCtxRetain(dev))
-    ck(d.cuCtxSetCurrent(ctx))
-    mod = ck(d.cuModuleLoadData(ptx))
+    from .rpc import _ck as ck, primary_module
+    dev, mod = primary_module(d, ptx)
     f = ck(d.cuModuleGetFunction(mod, b"pin_scale"))
     st = ck(d.cuStreamCreate(1))
     e0, e1 = ck(d.cuEventCreate(0)), ck(d.cuEventCreate(0))

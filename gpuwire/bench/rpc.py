@@ -404,6 +404,15 @@ def _ck(r):
     return r[1] if len(r) == 2 else r[1:]
 
 
+def primary_module(d, ptx: bytes):
+    """Device 0's primary context made current and ``ptx`` loaded into it (the local, no
+    gpuwire, baselines): (the device, to release the context with, and the module)."""
+    _ck(d.cuInit(0))
+    dev = _ck(d.cuDeviceGet(0))
+    _ck(d.cuCtxSetCurrent(_ck(d.cuDevicePrimaryCtxRetain(dev))))
+    return dev, _ck(d.cuModuleLoadData(ptx))
+
+
 def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
     import numpy as np
     from cuda.bindings import driver as d
@@ -750,11 +759,7 @@ def bench_dispatch(args, ptx: bytes) -> List[Dict[str, Any]]:
     rows = []
     n = args.dispatch_n
 
-    _ck(d.cuInit(0))
-    dev = _ck(d.cuDeviceGet(0))
-    ctx = _ck(d.cuDevicePrimaryCtxRetain(dev))
-    _ck(d.cuCtxSetCurrent(ctx))
-    mod = _ck(d.cuModuleLoadData(ptx))
+    dev, mod = primary_module(d, ptx)
     f = _ck(d.cuModuleGetFunction(mod, b"fill_f32"))
     buf = int(_ck(d.cuMemAlloc(1024)))
     st = _ck(d.cuStreamCreate(0))

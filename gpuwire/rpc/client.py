@@ -635,16 +635,7 @@ class _FastSync:
                         raise ProtocolError(f"{name}: the batched sync path cannot encode this call")
                     self._bs_more(st, f, name, tail)
                 elif tail:
-                    rep = self._repmv
-                    off = _REPLY_MIN
-                    for dst, k in tail:
-                        (m,) = _U32_AT(rep, off)
-                        if m:
-                            if m != k:
-                                raise ProtocolError(f"{name}: reply from {self.address} has a D2H result "
-                                                    f"of {m} B, expected {k}")
-                            dst[:] = rep[off + 4:off + 4 + m]
-                        off += 4 + m
+                    self._take_tail(self._repmv, f.rlen, tail, name)     # (C checked the lengths)
             except BaseException:
                 _rpc_lib.gw_rpc_wire_unlock(self._wire)     # (a no-op unless still held here)
                 raise
