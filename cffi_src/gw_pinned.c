@@ -479,12 +479,17 @@ int gw_pin_unlock(void *p, size_t n) {
 /* ---------------------------------------------------------------- protect tracking */
 #define WP_MAX 4096
 
+#define WP_WORDS 16                     /* granule bitmap words per slot (1024 granules) */
+
 typedef struct {
     _Atomic uint64_t start;     /* 0: free slot */
     _Atomic uint64_t end;
-    _Atomic int prot;           /* 1 while write-protected */
+    _Atomic int prot;           /* 1 while write-protected (whole, or all but the dirty granules) */
     _Atomic int dirty;
     _Atomic int uf;             /* protected through the userfaultfd (else mprotect) */
+    _Atomic uint64_t gran;      /* 0: a write unprotects the whole region; else granule bytes */
+    _Atomic int nfault;         /* faults since the last protect/take (granule mode) */
+    _Atomic uint64_t bits[WP_WORDS];  /* granules written (and unprotected) since then */
 } wp_slot_t;
 
 static wp_slot_t wp[WP_MAX];
@@ -513,6 +518,28 @@ static void wp_chain(int sig, siginfo_t *si, void *ctx) {
     signal(sig, SIG_DFL);
 }
 
+/* A write fault at a in slot i: what becomes writable. Granule mode: the first fault since
+ * the last protect/take marks its granule written and unprotects that granule only; a second
+ * one (a writer of more than one granule: most likely the whole region) unprotects the whole
+ * region. The marks are set before the range becomes writable, so no write goes unrecorded.
+ * Async-signal-safe (atomics only). Returns the range to make writable in *us, *ue. */
+static void wp_fault_range(int i, uint64_t a, uint64_t *us, uint64_t *ue) {
+    uint64_t s = atomic_load(&wp[i].start), e = atomic_load(&wp[i].end);
+    uint64_t g = atomic_load(&wp[i].gran);
+    if (g && atomic_fetch_add(&wp[i].nfault, 1) == 0) {
+        uint64_t k = (a - s) / g;
+        atomic_fetch_or(&wp[i].bits[k / 64], (uint64_t)1 << (k % 64));
+        atomic_store(&wp[i].dirty, 1);
+        *us = s + k * g;
+        *ue = *us + g < e ? *us + g : e;
+        return;
+    }
+    atomic_store(&wp[i].dirty, 1);
+    atomic_store(&wp[i].prot, 0);
+    *us = s;
+    *ue = e;
+}
+
 static void wp_handler(int sig, siginfo_t *si, void *ctx) {
     if (si && si->si_code == SEGV_ACCERR) {
         uint64_t a = (uint64_t)(uintptr_t)si->si_addr;
@@ -521,9 +548,9 @@ static void wp_handler(int sig, siginfo_t *si, void *ctx) {
             uint64_t s = atomic_load(&wp[i].start), e = atomic_load(&wp[i].end);
             if (s && a >= s && a < e) {
                 int saved = errno;
-                atomic_store(&wp[i].dirty, 1);
-                atomic_store(&wp[i].prot, 0);
-                mprotect((void *)(uintptr_t)s, e - s, PROT_READ | PROT_WRITE);
+                uint64_t us, ue;
+                wp_fault_range(i, a, &us, &ue);
+                mprotect((void *)(uintptr_t)us, ue - us, PROT_READ | PROT_WRITE);
                 atomic_fetch_add(&wp_nfaults, 1);
                 errno = saved;
                 return;      /* the store runs again, now allowed */
@@ -559,6 +586,9 @@ int gw_wp_add(uint64_t start, uint64_t len) {
             atomic_store(&wp[i].prot, 0);
             atomic_store(&wp[i].dirty, 1);
             atomic_store(&wp[i].uf, uf);
+            atomic_store(&wp[i].gran, 0);
+            atomic_store(&wp[i].nfault, 0);
+            for (int w = 0; w < WP_WORDS; w++) atomic_store(&wp[i].bits[w], 0);
             if (!atomic_compare_exchange_strong(&wp[i].start, &z, start)) continue;
             int hi = atomic_load(&wp_hi);
             while (hi <= i && !atomic_compare_exchange_weak(&wp_hi, &hi, i + 1)) {}
@@ -591,10 +621,70 @@ void gw_wp_remove(int slot) {
     atomic_store(&wp[slot].start, 0);
 }
 
+static int wp_range(int slot, uint64_t s, uint64_t e, int on) {
+    if (atomic_load(&wp[slot].uf)) return wps_wp(s, e - s, on);
+    return mprotect((void *)(uintptr_t)s, e - s, on ? PROT_READ : PROT_READ | PROT_WRITE) ? errno : 0;
+}
+
+int gw_wp_set_granule(int slot, uint64_t gran) {
+    if (!wp_ok(slot)) return EINVAL;
+    uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
+    long pg = sysconf(_SC_PAGESIZE);
+    if (gran && (gran % (uint64_t)pg || (e - s + gran - 1) / gran > 64 * WP_WORDS)) return ERANGE;
+    atomic_store(&wp[slot].gran, gran);
+    return 0;
+}
+
+int gw_wp_take(int slot, uint64_t *runs, int cap) {
+    if (!wp_ok(slot)) return -1;
+    if (!atomic_load(&wp[slot].prot)) return -1;       /* unprotected whole: push it whole */
+    if (!atomic_load(&wp[slot].dirty)) return 0;
+    uint64_t g = atomic_load(&wp[slot].gran);
+    if (!g) return -1;
+    uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
+    /* cleared before the marks are read: a fault from here on sets them again (next take) */
+    atomic_store(&wp[slot].dirty, 0);
+    atomic_store(&wp[slot].nfault, 0);
+    int n = 0, over = 0;
+    uint64_t lo = 0, hi = 0;
+    for (int w = 0; w < WP_WORDS; w++) {
+        uint64_t m = atomic_exchange(&wp[slot].bits[w], 0);
+        while (m) {
+            int b = __builtin_ctzll(m);
+            m &= m - 1;
+            uint64_t a0 = s + ((uint64_t)w * 64 + (uint64_t)b) * g, a1 = a0 + g < e ? a0 + g : e;
+            /* protected again before the caller copies it: a later store is caught */
+            if (wp_range(slot, a0, a1, 1)) over = 1;
+            if (n && a0 == hi) {
+                hi = a1;
+                continue;
+            }
+            if (n) {
+                if (n <= cap) { runs[2 * (n - 1)] = lo - s; runs[2 * (n - 1) + 1] = hi - s; }
+            }
+            lo = a0;
+            hi = a1;
+            n++;
+        }
+    }
+    if (n && n <= cap) {
+        runs[2 * (n - 1)] = lo - s;
+        runs[2 * (n - 1) + 1] = hi - s;
+    }
+    if (over || n > cap) {          /* (cannot re-protect, or too many runs): whole */
+        atomic_store(&wp[slot].dirty, 1);
+        atomic_store(&wp[slot].prot, 0);
+        return -1;
+    }
+    return n;
+}
+
 int gw_wp_protect(int slot) {
     if (!wp_ok(slot)) return EINVAL;
     uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
     atomic_store(&wp[slot].dirty, 0);
+    atomic_store(&wp[slot].nfault, 0);
+    for (int w = 0; w < WP_WORDS; w++) atomic_store(&wp[slot].bits[w], 0);
     atomic_store(&wp[slot].prot, 1);
     int err = atomic_load(&wp[slot].uf) ? wps_wp(s, e - s, 1)
                                         : (mprotect((void *)(uintptr_t)s, e - s, PROT_READ) ? errno : 0);
@@ -863,9 +953,9 @@ static void *wps_loop(void *arg) {
         for (int i = 0; i < hi && !done; i++) {
             uint64_t s = atomic_load(&wp[i].start), e = atomic_load(&wp[i].end);
             if (s && a >= s && a < e && atomic_load(&wp[i].uf)) {
-                atomic_store(&wp[i].dirty, 1);
-                atomic_store(&wp[i].prot, 0);
-                done = uffd_wp_fd(fd, s, e - s, 0) == 0;   /* the whole region; wakes the writer */
+                uint64_t us, ue;
+                wp_fault_range(i, a, &us, &ue);
+                done = uffd_wp_fd(fd, us, ue - us, 0) == 0;   /* (wakes the writer) */
             }
         }
         if (!done) {                   /* (a region being removed, the probe): this page only */

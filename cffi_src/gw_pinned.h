@@ -85,6 +85,16 @@ int gw_wp_protect(int slot);
 int gw_wp_unprotect(int slot);
 /* 1 when the range was written since gw_wp_protect (or is not protected), else 0 */
 int gw_wp_dirty(int slot);
+/* granule mode (gran bytes, a multiple of the page size, at most 1024 granules; 0: off): the
+ * first write fault after gw_wp_protect / gw_wp_take unprotects only its granule and marks it
+ * written; a second fault unprotects the whole region (as without granules). 0 or an errno. */
+int gw_wp_set_granule(int slot, uint64_t gran);
+/* granule mode: the written granules since the last protect/take, merged into runs of byte
+ * offsets (runs[2i], runs[2i+1]) from the slot's start, at most cap runs; they are
+ * write-protected again (and their marks cleared) before it returns, so the caller copies them
+ * after. Returns the number of runs (0: nothing written), or -1: push the whole region and
+ * gw_wp_protect it (unprotected whole, no granule mode, or more than cap runs). */
+int gw_wp_take(int slot, uint64_t *runs, int cap);
 /* number of write faults the handler resolved (all slots, since load) */
 uint64_t gw_wp_faults(void);
 /* which mechanism protects: 1 a userfaultfd in synchronous mode with a handler thread (system

@@ -649,6 +649,124 @@ def test_protect_backends(uffd):
         assert res == "efault"
 
 
+_GRANULE_SCRIPT = """
+import mmap, sys
+import numpy as np
+import gpuwire.transport
+from gpuwire import _pinned
+lib, ffi = _pinned.lib, _pinned.ffi
+assert lib.gw_wp_use_uffd(int(sys.argv[1])) == 0
+M, G = 16 << 20, 2 << 20
+mm = mmap.mmap(-1, M, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+a = np.frombuffer(mm, np.uint8)
+a[:] = 1
+slot = lib.gw_wp_add(a.ctypes.data, M)
+assert slot >= 0, slot
+assert lib.gw_wp_set_granule(slot, 12345) != 0          # not a page multiple
+assert lib.gw_wp_set_granule(slot, 4096) != 0           # 4096 granules: more than the bitmap holds
+assert lib.gw_wp_set_granule(slot, G) == 0
+runs = ffi.new("uint64_t[]", 16)
+assert lib.gw_wp_protect(slot) == 0 and not lib.gw_wp_dirty(slot) and lib.gw_wp_take(slot, runs, 8) == 0
+f0 = lib.gw_wp_faults()
+a[5 << 20] = 2                                          # granule 2
+a[(5 << 20) + 100] = 3                                  # same granule: writable already, no fault
+assert lib.gw_wp_faults() == f0 + 1 and lib.gw_wp_dirty(slot)
+assert lib.gw_wp_take(slot, runs, 8) == 1 and (runs[0], runs[1]) == (4 << 20, 6 << 20)
+assert not lib.gw_wp_dirty(slot) and lib.gw_wp_take(slot, runs, 8) == 0
+a[(5 << 20) + 8] = 4                                    # protected again by the take: caught
+assert lib.gw_wp_faults() == f0 + 2 and lib.gw_wp_take(slot, runs, 8) == 1
+a[0] = 5                                                # two granules in one cycle: the 2nd fault
+a[M - 1] = 6                                            # unprotects the whole region
+a[M // 2] = 7                                           # (no fault: writable)
+assert lib.gw_wp_faults() == f0 + 4 and lib.gw_wp_dirty(slot)
+assert lib.gw_wp_take(slot, runs, 8) == -1              # push it whole
+assert lib.gw_wp_protect(slot) == 0 and lib.gw_wp_take(slot, runs, 8) == 0
+a[3 << 20] = 8
+assert lib.gw_wp_faults() == f0 + 5 and lib.gw_wp_take(slot, runs, 8) == 1 and (runs[0], runs[1]) == (2 << 20, 4 << 20)
+assert int(a[5 << 20]) == 2 and int(a[(5 << 20) + 8]) == 4 and int(a[M - 1]) == 6 and int(a[3 << 20]) == 8
+lib.gw_wp_remove(slot)
+a[9] = 9
+print(lib.gw_wp_backend(), lib.gw_wp_faults() - f0)
+"""
+
+
+@pytest.mark.parametrize("uffd", ["1", "0"])
+def test_protect_granules(uffd):
+    """Granule mode of both backends, each in a process of its own: the first store of a protect
+    cycle unprotects and marks only its granule; gw_wp_take returns the written granules,
+    protected again (the next store there is caught); a second store elsewhere in one cycle
+    unprotects the whole region (take: -1, push whole); bad granules are refused."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _GRANULE_SCRIPT, uffd], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    backend, faults = p.stdout.split()
+    assert faults == "5"
+    if uffd == "0":
+        assert backend == "0"
+
+
+def test_protect_granules_push_the_written_granule(ps):
+    """A 16 MiB protect region (2 MiB granules): one host store pushes its granule only, two far
+    apart push the region whole, and the kernel always sees the host's bytes."""
+    f = ps.load_module(PK.PTX).function("pin_sum")
+    n = 4 << 20                                    # 16 MiB of float32
+    x, total = f32(ps, n), f32(ps, 1)
+    R = pinned.region(ps, x)
+    assert R.track == "protect" and R.wpgran == 2 << 20
+    x[:] = 1
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))
+    ps.synchronize()
+    check(total, np.array([n], F32))
+    st0 = pinned.stats(ps)
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))        # unchanged: nothing pushed
+    ps.synchronize()
+    st1 = pinned.stats(ps)
+    assert st1["push_bytes"] == st0["push_bytes"]
+    x[3_000_000] = 5                                        # byte 12e6: granule 5
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))
+    ps.synchronize()
+    st2 = pinned.stats(ps)
+    assert st2["push_bytes"] - st1["push_bytes"] == 2 << 20
+    assert st2.get("granule_pushes", 0) == st1.get("granule_pushes", 0) + 1
+    check(total, np.array([n + 4], F32))
+    x[0] = 2                                                # two granules in one cycle: whole
+    x[n - 1] = 3
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))
+    ps.synchronize()
+    st3 = pinned.stats(ps)
+    assert st3["push_bytes"] - st2["push_bytes"] == 4 * n
+    check(total, np.array([n + 4 + 1 + 2], F32))
+    x[1_000_000] = 0                                        # back to one granule a cycle
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))
+    ps.synchronize()
+    assert pinned.stats(ps)["push_bytes"] - st3["push_bytes"] == 2 << 20
+    check(total, np.array([n + 4 + 1 + 2 - 1], F32))
+
+
+def test_auto_picks_protect_for_large_host_alloc_regions(server):
+    """'auto': host_alloc regions of pinned_protect_min or more use 'protect' where its
+    userfaultfd backend works (else 'written', or 'compare' where the kernel cannot), smaller
+    ones 'written' / 'compare'; pinned_protect_min=0 turns it off; registered memory never."""
+    backend = pinned._c()[1].gw_wp_backend()
+    with settings.override(pinned_track="auto", pinned_protect_min=8 << 20):
+        s = server.connect(name="auto-protect")
+        try:
+            big, mid = f32(s, 2 << 20), f32(s, 1 << 20)        # 8 MiB, 4 MiB
+            want = "protect" if backend == 1 else ("written" if pinned.written_support()[0] else "compare")
+            assert pinned.region(s, big).track == want
+            assert pinned.region(s, mid).track in ("written", "compare") and pinned.region(s, mid).track != "protect"
+            a = np.zeros(2 << 20, np.float32)
+            s.cuMemHostRegister(a, a.nbytes, 0)
+            assert pinned.region(s, a).track != "protect"
+            with settings.override(pinned_protect_min=0):
+                assert pinned.set_tracking(s, big, "auto").track != "protect"
+            assert pinned.set_tracking(s, big, "auto").track == want
+            s.cuMemHostUnregister(a)
+        finally:
+            s.close()
+
+
 def test_protect_needs_a_host_alloc_region(ps):
     a = np.zeros(4096, np.uint8)
     ps.cuMemHostRegister(a, a.nbytes, 0)

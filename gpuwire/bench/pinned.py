@@ -338,7 +338,9 @@ def bench_unchanged(connect, args, ptx) -> List[Dict[str, Any]]:
                 return (time.perf_counter() - t0) / reps * 1e6
             default_mode = str(settings.get("pinned_track"))
             if default_mode == "auto":      # what 'auto' picks for a region of this size
-                default_mode = "written" if size >= pinned._UF_MIN and pinned.written_support()[0] else "compare"
+                default_mode = pinned.auto_track(size)
+                if default_mode == "written" and not pinned.written_support()[0]:
+                    default_mode = "compare"
             for mode in ("explicit", "compare", "written", "protect", "always"):
                 if args.modes and mode not in args.modes.split(",") and not (
                         mode == default_mode and "default" in args.modes.split(",")):
