@@ -16,6 +16,7 @@
 #include <sys/syscall.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <sys/eventfd.h>
 
 typedef struct {
     uint64_t start, end, mirror;
@@ -913,6 +914,9 @@ uint64_t gw_uf_scans(void) { return atomic_load(&uf_nscans); }
  * whole region (waking the writer): one fault per region per protect cycle, as with the
  * SIGSEGV handler, but read(2) into the region works. Else the mprotect backend is used. */
 static int wps_fd = -1;
+static int wps_kick = -1;              /* eventfd: wakes the handler so it starts spinning */
+static _Atomic uint64_t wps_spin_until; /* CLOCK_MONOTONIC ns: the handler polls without sleeping */
+static _Atomic int wps_sleeping;       /* the handler is (about to be) in poll(2) */
 static int wps_state = -1;             /* -1: not probed; 0: usable; > 0: errno (mprotect) */
 static volatile int wps_forked;
 static _Atomic uint64_t wps_unknown;   /* faults outside every slot (unprotected page by page) */
@@ -933,15 +937,36 @@ static void *wps_loop(void *arg) {
     int fd = (int)(intptr_t)arg;
     long pg = sysconf(_SC_PAGESIZE);
     for (;;) {
-        struct pollfd p = {.fd = fd, .events = POLLIN};
-        int r = poll(&p, 1, -1);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            break;
-        }
-        if (p.revents & (POLLERR | POLLHUP | POLLNVAL)) break;
         struct uffd_msg m;
-        ssize_t n = read(fd, &m, sizeof m);
+        ssize_t n;
+        if (now_ns() < atomic_load(&wps_spin_until)) {
+            /* spinning (gw_wp_spin): a fault is taken without the handler's wake-up */
+            n = read(fd, &m, sizeof m);
+            if (n < 0 && errno == EAGAIN) {
+                cpu_relax();
+                continue;
+            }
+        } else {
+            atomic_store(&wps_sleeping, 1);
+            if (now_ns() < atomic_load(&wps_spin_until)) {  /* (a spin asked for meanwhile) */
+                atomic_store(&wps_sleeping, 0);
+                continue;
+            }
+            struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = wps_kick, .events = POLLIN}};
+            int r = poll(p, wps_kick >= 0 ? 2 : 1, -1);
+            atomic_store(&wps_sleeping, 0);
+            if (r < 0) {
+                if (errno == EINTR) continue;
+                break;
+            }
+            if (p[0].revents & (POLLERR | POLLHUP | POLLNVAL)) break;
+            if (wps_kick >= 0 && (p[1].revents & POLLIN)) {
+                uint64_t v;
+                if (read(wps_kick, &v, sizeof v) < 0) { /* (drained) */ }
+            }
+            if (!(p[0].revents & POLLIN)) continue;
+            n = read(fd, &m, sizeof m);
+        }
         if (n != (ssize_t)sizeof m) {
             if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
             break;
@@ -1022,6 +1047,7 @@ static int wps_probe(void) {
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
     pthread_attr_setstacksize(&at, 64 << 10);
+    wps_kick = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);   /* (-1: no spinning, the rest works) */
     int e = pthread_create(&th, &at, wps_loop, (void *)(intptr_t)fd);
     pthread_attr_destroy(&at);
     if (e) {
@@ -1076,3 +1102,13 @@ static int wps_ready(void) {
 }
 
 int gw_wp_backend(void) { return wps_ready() ? 1 : 0; }
+
+void gw_wp_spin(uint64_t ns) {
+    if (wps_fd < 0 || wps_forked || wps_kick < 0 || !ns) return;
+    uint64_t until = now_ns() + ns, cur = atomic_load(&wps_spin_until);
+    while (cur < until && !atomic_compare_exchange_weak(&wps_spin_until, &cur, until)) {}
+    if (atomic_load(&wps_sleeping)) {
+        uint64_t one = 1;
+        if (write(wps_kick, &one, sizeof one) < 0) { /* (full: it is awake anyway) */ }
+    }
+}

@@ -105,6 +105,11 @@ int gw_wp_backend(void);
 /* before that probe: 0 forces the mprotect backend (setting pinned_protect_uffd); returns 0,
  * or -1 when the backend was chosen already (the call changes nothing then) */
 int gw_wp_use_uffd(int on);
+/* userfaultfd backend: its handler thread polls without sleeping for the next ns nanoseconds
+ * (woken now if it sleeps), so a store in that time costs the writer's wake-up only (the
+ * client calls it where pinned_spin_us applies, when a sync re-protected regions). No-op for
+ * the mprotect backend or ns == 0. */
+void gw_wp_spin(uint64_t ns);
 /* "written" tracking (the default where the kernel has it, Linux >= 6.7): the kernel itself
  * records which pages were written. One userfaultfd per process in asynchronous write-protect
  * mode (UFFD_FEATURE_WP_ASYNC: a write to a protected page is resolved by the kernel at once,

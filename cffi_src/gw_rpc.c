@@ -1353,8 +1353,47 @@ struct gw_rpc_bulk {
   uint32_t dropped;
   uint64_t ran_pass;                   /* late[].back is set (at a pass) */
   uint64_t pend_bytes;                 /* bytes of the SL_RECV slots */
-  uint64_t stat[6];
+  uint64_t stat[GW_RPC_BS_N];
+  /* phase times (GW_RPC_BS_PH0..), while the server traces: tron is set for one handler call */
+  int tron;
+  int ph;        /* the phase the time now goes to */
+  int evph;      /* b_ev_wait's phase (the frame's direction) */
+  int64_t ph_t;  /* when the time since went to ph */
+  int64_t h_t0;  /* the handler call's start */
 };
+
+/* entering / leaving a phase (nested: the outer one's exclusive time pauses) */
+typedef struct { int prev, p; int64_t t0; } bph_t;
+#define B_PHX(p) (GW_RPC_BS_PH0 + 3 * (p))
+static inline bph_t ph_in(gw_rpc_bulk_t *b, int p) {
+  bph_t r = {-1, p, 0};
+  if (!b->tron) return r;
+  int64_t t = tr_now();
+  b->stat[B_PHX(b->ph)] += (uint64_t)(t - b->ph_t);
+  b->stat[B_PHX(p) + 1]++;
+  r.prev = b->ph;
+  r.t0 = t;
+  b->ph = p;
+  b->ph_t = t;
+  return r;
+}
+static inline void ph_out(gw_rpc_bulk_t *b, bph_t r) {
+  if (r.prev < 0 || !b->tron) return;
+  int64_t t = tr_now();
+  b->stat[B_PHX(r.p)] += (uint64_t)(t - b->ph_t);
+  b->stat[B_PHX(r.p) + 2] += (uint64_t)(t - r.t0);
+  b->ph = r.prev;
+  b->ph_t = t;
+}
+/* the handler call's timing ends (before it returns, or hands the frame to gw_rpc_serve_handler) */
+static inline void ph_stop(gw_rpc_bulk_t *b) {
+  if (!b->tron) return;
+  int64_t t = tr_now();
+  b->stat[B_PHX(b->ph)] += (uint64_t)(t - b->ph_t);
+  b->stat[GW_RPC_BS_HANDLER_NS] += (uint64_t)(t - b->h_t0);
+  b->stat[B_PHX(GW_RPC_BPH_OTHER) + 2] += (uint64_t)(t - b->h_t0); /* (OTHER: the whole call) */
+  b->tron = 0;
+}
 
 static void b_fail(gw_rpc_bulk_t *b, bcopy_t *cp, int res, const char *fmt, ...) {
   if (cp->failed) return; /* one failure per copy (its later chunks are only drained) */
@@ -1389,10 +1428,12 @@ static int b_ev_wait(gw_rpc_bulk_t *b, int k) {
   bslot_t *s = &b->sl[k];
   if (!s->ev_used) return 0;
   int rc;
+  bph_t ph = ph_in(b, b->evph);
   while ((rc = ((b_evquery_fn)b->c.evquery)(b->c.ev[k])) == B_NOT_READY) {
     ((b_progress_fn)b->c.progress)(b->c.worker);
     b_poll(b);
   }
+  ph_out(b, ph);
   s->ev_used = 0;
   return rc;
 }
@@ -1401,7 +1442,9 @@ static int b_ev_wait(gw_rpc_bulk_t *b, int k) {
 static void b_settle(gw_rpc_bulk_t *b, int k) {
   bslot_t *s = &b->sl[k];
   bcopy_t *cp = &b->copies[s->copy];
+  bph_t ph = ph_in(b, GW_RPC_BPH_RECV_WAIT);
   int rc = ((b_wait_fn)b->c.wait)(b->c.worker, s->req, b->c.timeout_ns);
+  ph_out(b, ph);
   int st = 0;
   size_t got = 0;
   uint32_t a, t, h;
@@ -1426,12 +1469,16 @@ static void b_settle(gw_rpc_bulk_t *b, int k) {
            (unsigned long long)s->len);
     return;
   }
+  ph = ph_in(b, GW_RPC_BPH_HTOD);
   rc = ((b_htod_fn)b->c.htod)(s->dptr, b->c.slot[k], (size_t)s->len, s->stream);
+  ph_out(b, ph);
   if (rc) {
     b_fail(b, cp, rc, "cuMemcpyHtoDAsync (%llu B from staging)", (unsigned long long)s->len);
     return;
   }
+  ph = ph_in(b, GW_RPC_BPH_EVREC_H2D);
   rc = ((b_evrec_fn)b->c.evrec)(b->c.ev[k], s->stream);
+  ph_out(b, ph);
   if (rc) {
     /* (the context is broken: the driver's next call on it fails as well) */
     b_fail(b, cp, rc, "cuEventRecord (after the staging copy)");
@@ -1443,7 +1490,9 @@ static void b_settle(gw_rpc_bulk_t *b, int k) {
 static void b_send(gw_rpc_bulk_t *b, int k) {
   bslot_t *s = &b->sl[k];
   void *req = NULL;
+  bph_t ph = ph_in(b, GW_RPC_BPH_SEND_POST);
   int rc = ((b_send_fn)b->c.send)(b->c.conn, s->tag, NULL, 0, b->c.slot[k], s->empty ? 0 : (size_t)s->len, &req);
+  ph_out(b, ph);
   if (rc < 0 || !req) { /* the connection is gone: the serve loop sees it next */
     s->state = SL_FREE;
     return;
@@ -1479,7 +1528,9 @@ static int b_take(gw_rpc_bulk_t *b, int *kout) {
   if (s->state == SL_D2HQ)
     while (s->state == SL_D2HQ) b_dq_pop(b); /* it is the oldest queued chunk */
   if (s->state == SL_SEND) {
+    bph_t ph = ph_in(b, GW_RPC_BPH_SEND_WAIT);
     ((b_wait_fn)b->c.wait)(b->c.worker, s->req, b->c.timeout_ns);
+    ph_out(b, ph);
     ((b_release_fn)b->c.release)(b->c.worker, s->req);
     s->req = NULL;
     s->state = SL_FREE;
@@ -1625,6 +1676,7 @@ static bcopy_t *b_rec(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
 }
 
 static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_t from, uint32_t ncalls) {
+  b->evph = GW_RPC_BPH_EVWAIT_H2D;
   for (uint32_t i = from; i < ncalls; i++) {
     uint64_t dst, n, m;
     void *st;
@@ -1638,10 +1690,16 @@ static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
       bslot_t *s = &b->sl[k];
       void *req = NULL;
       /* at most `inflight` bytes posted: large messages keep fewer receives in flight */
-      while (b->pend_bytes && b->pend_bytes + ln > b->c.inflight && b_settle_oldest(b)) {
+      if (b->pend_bytes && b->pend_bytes + ln > b->c.inflight) {
+        bph_t ph = ph_in(b, GW_RPC_BPH_INFLIGHT);
+        while (b->pend_bytes && b->pend_bytes + ln > b->c.inflight && b_settle_oldest(b)) {
+        }
+        ph_out(b, ph);
       }
       /* posted even after a failure: the payload is on its way and must be taken */
+      bph_t ph = ph_in(b, GW_RPC_BPH_RECV_POST);
       rc = ((b_recv_fn)b->c.recv)(b->c.worker, b->c.conn, tag, B_TAG_MASK, b->c.slot[k], (size_t)ln, &req);
+      ph_out(b, ph);
       if (rc < 0 || !req) {
         b_fail(b, cp, GW_CU_INVALID_VALUE, "bulk payload: cannot post its receive (transport status %d)", rc);
         continue;
@@ -1660,6 +1718,7 @@ static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
 }
 
 static void b_run_d2h(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_t from, uint32_t ncalls) {
+  b->evph = GW_RPC_BPH_EVWAIT_D2H;
   for (uint32_t i = from; i < ncalls; i++) {
     uint64_t src, n, m;
     void *st;
@@ -1674,9 +1733,13 @@ static void b_run_d2h(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
       bslot_t *s = &b->sl[k];
       s->empty = cp->failed;
       if (!cp->failed) {
+        bph_t ph = ph_in(b, GW_RPC_BPH_DTOH);
         rc = ((b_dtoh_fn)b->c.dtoh)(b->c.slot[k], src + off, (size_t)ln, st);
+        ph_out(b, ph);
         if (!rc) {
+          ph = ph_in(b, GW_RPC_BPH_EVREC_D2H);
           rc = ((b_evrec_fn)b->c.evrec)(b->c.ev[k], st);
+          ph_out(b, ph);
           if (rc) {
             b_fail(b, cp, rc, "cuEventRecord (after the staging copy)");
             s->empty = 1;
@@ -1709,24 +1772,29 @@ static void b_run_d2h(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
   while (b->dq_n) b_dq_pop(b); /* every send is issued before the handler returns */
 }
 
-int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int maxout, int *nout) {
-  gw_rpc_bulk_t *b = (gw_rpc_bulk_t *)arg;
+static int b_handler(gw_rpc_bulk_t *b, void *msg, size_t len, gw_rpc_msg_t *out, int maxout, int *nout,
+                     int64_t t_in) {
   gw_rpc_srv_t *v = b->c.srv;
   const uint8_t *fr = (const uint8_t *)msg;
   *nout = 0;
-  int64_t t_in = v->trace ? tr_now() : 0; /* (frames it does not hand on are traced here) */
+  bph_t ph = ph_in(b, GW_RPC_BPH_PRESCAN);
   if (b->nlate) { /* Python takes the late failures first */
     b_settle_all(b);
+    ph_out(b, ph);
     return b_pass(b, fr, len, t_in);
   }
   b_poll(b); /* payloads that came in while the serve loop waited: their copies start now */
   if (b->nlate) {
     b_settle_all(b);
+    ph_out(b, ph);
     return b_pass(b, fr, len, t_in);
   }
+  ph_out(b, ph);
   uint64_t need = 0;
   uint32_t first = 0;
   int kind = b_classify(b, fr, len, &need, &first);
+  ph = ph_in(b, GW_RPC_BPH_PRESCAN);
+  if (b->tron) b->stat[B_PHX(GW_RPC_BPH_PRESCAN) + 1]--; /* (its second part: once per call) */
   if (kind == 1 && first == 0) {
     /* the slots this frame takes: their pending payloads are settled first (so a failure
      * there is found before anything of this frame ran) */
@@ -1743,9 +1811,14 @@ int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int
   }
   if (b->nlate) {
     b_settle_all(b);
+    ph_out(b, ph);
     return b_pass(b, fr, len, t_in);
   }
-  if (!kind) return gw_rpc_serve_handler(v, msg, len, out, maxout, nout);
+  ph_out(b, ph);
+  if (!kind) {
+    ph_stop(b); /* (the frame's own time is gw_rpc_serve_handler's) */
+    return gw_rpc_serve_handler(v, msg, len, out, maxout, nout);
+  }
   uint32_t seq = rd32(fr + 4), ncalls = rd32(fr + 8);
   v->resume = 0;
   v->tail_n = 0;
@@ -1781,6 +1854,20 @@ int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int
     tr->t_out = t;
   }
   return 1; /* GW_SERVE_NEXT (these frames are never sync frames: no reply) */
+}
+
+int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int maxout, int *nout) {
+  gw_rpc_bulk_t *b = (gw_rpc_bulk_t *)arg;
+  if (!b->c.srv->trace) return b_handler(b, msg, len, out, maxout, nout, 0);
+  int64_t t_in = tr_now(); /* (frames it does not hand on are traced here) */
+  b->tron = 1;
+  b->ph = GW_RPC_BPH_OTHER;
+  b->ph_t = b->h_t0 = t_in;
+  b->stat[GW_RPC_BS_HANDLER_N]++;
+  b->stat[B_PHX(GW_RPC_BPH_OTHER) + 1]++;
+  int rc = b_handler(b, msg, len, out, maxout, nout, t_in);
+  ph_stop(b);
+  return rc;
 }
 
 uintptr_t gw_rpc_bulk_handler_addr(void) { return (uintptr_t)gw_rpc_bulk_handler; }
@@ -1832,7 +1919,7 @@ int gw_rpc_bulk_late(gw_rpc_bulk_t *b, gw_rpc_late_t *out, int cap, uint32_t *dr
 int gw_rpc_bulk_nlate(gw_rpc_bulk_t *b) { return b->nlate; }
 
 uint64_t gw_rpc_bulk_stat(gw_rpc_bulk_t *b, int which) {
-  return (which >= 0 && which < 6) ? b->stat[which] : 0;
+  return (which >= 0 && which < GW_RPC_BS_N) ? b->stat[which] : 0;
 }
 
 static int bh_htod(uint64_t d, const void *s, size_t n, void *st) {

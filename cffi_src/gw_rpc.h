@@ -415,6 +415,31 @@ int gw_rpc_bulk_nlate(gw_rpc_bulk_t *b);
 #define GW_RPC_BS_EARLY 3     /* slots settled before the ring came round (a frame needed them) */
 #define GW_RPC_BS_PENDING 4   /* H2D payload chunks posted and not yet settled (now) */
 #define GW_RPC_BS_MAXPEND 5   /* the most there were at once */
+/* Phase times, only while the server traces (rpc_trace_dir: srv->trace set; else they stay 0
+ * and the handler pays one branch per phase). CLOCK_MONOTONIC ns, session totals. */
+#define GW_RPC_BS_HANDLER_NS 6 /* ns in the handler (not counting gw_rpc_serve_handler's frames) */
+#define GW_RPC_BS_HANDLER_N 7  /* handler calls (every frame the serve loop hands it) */
+/* Phase p's numbers are at GW_RPC_BS_PH0 + 3 * p + 0: ns in the phase itself (exclusive: time in
+ * a phase entered inside it counts only for the inner one, so the exclusive times of all phases
+ * add up to GW_RPC_BS_HANDLER_NS), + 1: times entered, + 2: ns from entry to exit (inclusive). */
+#define GW_RPC_BS_PH0 8
+#define GW_RPC_BPH_OTHER 0      /* the handler outside the phases below (classify, scan, hot calls, bookkeeping) */
+/* PRESCAN: before the frame's scan, the entry poll and the settling of pending payloads
+ * (the slots an H2D frame takes, or all of them) */
+#define GW_RPC_BPH_PRESCAN 1
+#define GW_RPC_BPH_RECV_POST 2  /* posting an H2D payload chunk's receive (the transport's recv call) */
+#define GW_RPC_BPH_RECV_WAIT 3  /* settling a chunk: waiting for its receive (drives the transport) */
+#define GW_RPC_BPH_HTOD 4       /* the cuMemcpyHtoDAsync call (slot -> device) */
+#define GW_RPC_BPH_DTOH 5       /* the cuMemcpyDtoHAsync call (device -> slot) */
+#define GW_RPC_BPH_EVREC_H2D 6  /* cuEventRecord after an H2D chunk's copy */
+#define GW_RPC_BPH_EVREC_D2H 7  /* cuEventRecord after a D2H chunk's copy */
+#define GW_RPC_BPH_EVWAIT_H2D 8 /* waiting for a slot's event (query, progress, poll loop) in an H2D frame */
+#define GW_RPC_BPH_EVWAIT_D2H 9 /* the same in a D2H frame (slot reuse, and a chunk's copy before its send) */
+#define GW_RPC_BPH_SEND_POST 10 /* posting a D2H chunk's send */
+#define GW_RPC_BPH_SEND_WAIT 11 /* waiting for a slot's earlier send before reusing it */
+#define GW_RPC_BPH_INFLIGHT 12  /* settling older chunks to stay under rpc_c_bulk_inflight posted bytes */
+#define GW_RPC_BPH_N 13
+#define GW_RPC_BS_N 47          /* GW_RPC_BS_PH0 + 3 * GW_RPC_BPH_N: which = 0 .. GW_RPC_BS_N - 1 */
 uint64_t gw_rpc_bulk_stat(gw_rpc_bulk_t *b, int which);
 /* host versions of the entry points (the CPU executor): 0 htod (memcpy), 1 dtoh (memcpy),
  * 2 event record (no-op), 3 event query (complete) */

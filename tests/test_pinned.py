@@ -623,6 +623,15 @@ try:
     res = "read" if got == 3 and bytes(a[100:103]) == b"xyz" and lib.gw_wp_dirty(slot) else "bad"
 except OSError as e:
     res = "efault" if e.errno == errno.EFAULT else "bad"
+import time
+for spin_ns, pause in ((50_000_000, 0.0), (1_000_000, 0.02), (0, 0.0)):
+    # the handler polling awake (gw_wp_spin), after its spin ran out (asleep in poll again), none
+    assert lib.gw_wp_protect(slot) == 0 and not lib.gw_wp_dirty(slot)
+    lib.gw_wp_spin(spin_ns)
+    time.sleep(pause)
+    f1 = lib.gw_wp_faults()
+    a[4242] = 5
+    assert lib.gw_wp_dirty(slot) and lib.gw_wp_faults() == f1 + 1 and a[4242] == 5
 lib.gw_wp_remove(slot)
 a[7] = 9                                        # removed: an ordinary store
 print(lib.gw_wp_backend(), res)
@@ -765,6 +774,65 @@ def test_auto_picks_protect_for_large_host_alloc_regions(server):
             s.cuMemHostUnregister(a)
         finally:
             s.close()
+
+
+def test_protect_region_written_every_launch_goes_hot(ps):
+    """A protect region the host rewrites before every launch: after two whole pushes in a row it
+    is left unprotected (no more faults) and pushed whole for a while, then protected again; the
+    kernel sees the host's bytes throughout, and unchanged launches after that push nothing."""
+    f = ps.load_module(PK.PTX).function("pin_sum")
+    n = 1 << 18                                              # 1 MiB
+    x, total = f32(ps, n), f32(ps, 1)
+    lib = pinned._c()[1]
+    R = pinned.region(ps, x)
+    faults = []
+    for i in range(8):
+        f0 = lib.gw_wp_faults()
+        x[:] = i + 1                                         # the whole region, every launch
+        faults.append(lib.gw_wp_faults() - f0)
+        ps.launch(f, 1, 256, (addr(x), addr(total), n))
+        ps.synchronize()
+        check(total, np.array([n * (i + 1)], F32))
+    assert faults[1] == 1 and faults[2] == 1                # protected: one fault per cycle
+    assert faults[3:7] == [0, 0, 0, 0]                      # hot for 4 launches: no faults
+    assert faults[7] == 1 and R.hot == 8                    # protected again, caught, hot for 8
+    for _ in range(R.hot):                                  # the host stops writing: pushed whole
+        ps.launch(f, 1, 256, (addr(x), addr(total), n))     # until the period ends, protected then
+        ps.synchronize()
+    assert not R.hot
+    b0 = pinned.stats(ps)["push_bytes"]
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))
+    ps.synchronize()
+    assert pinned.stats(ps)["push_bytes"] == b0              # unchanged: nothing pushed
+    f0 = lib.gw_wp_faults()
+    x[5] = 0                                                # caught again
+    assert lib.gw_wp_faults() == f0 + 1
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))
+    ps.synchronize()
+    check(total, np.array([n * 8 - 8], F32))
+
+
+def test_set_tracking_between_protect_and_written(ps):
+    """Switching a region between the two userfaultfd modes (a range is registered with one at a
+    time) keeps every host write: bytes stored before a switch reach the kernel after it."""
+    if not pinned.written_support()[0]:
+        pytest.skip("no 'written' tracking on this kernel")
+    f = ps.load_module(PK.PTX).function("pin_sum")
+    n = 4 << 20
+    x, total = f32(ps, n), f32(ps, 1)
+    x[:] = 1
+    ps.launch(f, 1, 256, (addr(x), addr(total), n))
+    ps.synchronize()
+    for mode, val in (("written", 2), ("protect", 3), ("written", 4), ("compare", 5), ("protect", 6)):
+        x[n // 2] = val                         # stored under the old mode, not pushed yet
+        assert pinned.set_tracking(ps, x, mode).track == mode
+        ps.launch(f, 1, 256, (addr(x), addr(total), n))
+        ps.synchronize()
+        check(total, np.array([n - 1 + val], F32))
+        x[7] = 1                                # a store under the new mode is seen too
+        ps.launch(f, 1, 256, (addr(x), addr(total), n))
+        ps.synchronize()
+        check(total, np.array([n - 1 + val], F32))
 
 
 def test_protect_needs_a_host_alloc_region(ps):

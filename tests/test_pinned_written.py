@@ -25,8 +25,10 @@ needs_written = pytest.mark.skipif(not OK, reason=WHY or "written tracking unava
 
 @pytest.fixture()
 def s(server):
-    # the defaults, with 4 KiB detection granules so partial pulls are visible
-    with settings.override(pinned_track="auto", pinned_pull_granule=4096, pinned_detect_min=64 * KIB):
+    # the defaults, with 4 KiB detection granules so partial pulls are visible, and 'auto' never
+    # picking 'protect' (pinned_protect_min=0: from 1 MiB it would where the userfaultfd allows)
+    with settings.override(pinned_track="auto", pinned_pull_granule=4096, pinned_detect_min=64 * KIB,
+                           pinned_protect_min=0):
         sess = server.connect(name="test-pinned-written")
         yield sess
         sess.close()

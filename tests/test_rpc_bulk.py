@@ -128,6 +128,28 @@ def test_c_bulk_copies_keep_bytes_and_stream_order(inproc, progress):
     assert (calls[0] > 0) == progress
 
 
+def test_bulk_progress_auto_follows_the_data_path(inproc):
+    """rpc_bulk_progress=auto (the default): on unless the connection's data lanes are all
+    shared memory; the setting's on/off spellings parse, anything else is refused by name."""
+    from gpuwire.rpc import client as C
+    assert C._shm_only("posix/memory,sysv/memory,cma/memory") and C._shm_only("cma/memory")
+    assert not C._shm_only("tcp/lo") and not C._shm_only("posix/memory,tcp/lo") and not C._shm_only("")
+    for raw, want in ((True, "on"), ("1", "on"), ("off", "off"), (False, "off"), ("AUTO", "auto")):
+        with _settings.override(rpc_bulk_progress=raw):
+            assert _settings.get("rpc_bulk_progress") == want
+    with pytest.raises(ValueError, match="GPUWIRE_RPC_BULK_PROGRESS"):
+        with _settings.override(rpc_bulk_progress="sometimes"):
+            pass
+    s = _connect(f"127.0.0.1:{inproc.port}")
+    try:
+        with _settings.override(rpc_bulk_progress="auto"):
+            assert s._bulk_progress() == (not C._shm_only(s._ep.transports))
+        with _settings.override(rpc_bulk_progress="off"):
+            assert s._bulk_progress() is False
+    finally:
+        s.close()
+
+
 def _copies_keep_bytes_and_stream_order(inproc, s):
     try:
         sess = live_session(inproc)

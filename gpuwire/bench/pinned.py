@@ -347,8 +347,9 @@ def bench_unchanged(connect, args, ptx) -> List[Dict[str, Any]]:
                     continue
                 if mode == "written" and not pinned.written_support()[0]:
                     continue
-                # compare diffs and 'always' pushes the whole region per launch: fewer launches for big ones
-                L = args.launches if mode == "explicit" or size <= (64 << 10) else \
+                # compare diffs and 'always' pushes the whole region per launch: fewer launches for big
+                # ones (the other modes cost the same at every size: all launches, steadier medians)
+                L = args.launches if mode in ("explicit", "written", "protect") or size <= (64 << 10) else \
                     max(20, min(args.launches, (256 << 20) // size))
                 pinned.set_tracking(s, hin, mode)
                 run(_addr(hin), min(200, L))

@@ -12,7 +12,11 @@ Tests (``--tests``, comma-separated; default all that apply):
                ``--sync-every``) forwarded async vs fully synchronously (every launch
                waits for the server), at each ``--rtt-us`` emulated round trip.
 * ``bw``       cuMemcpyHtoD / cuMemcpyDtoH from pinned (UCX-registered) client memory
-               vs ucx_perftest tag_bw at the same size and transports.
+               vs ucx_perftest tag_bw at the same size and transports; ``*_issue_us``: the
+               client's time per async copy to issue them. With ``--trace`` each size runs
+               in a session of its own and its row gets ``srv_*`` columns from the server's
+               trace: busy fraction and, from the C bulk handler, each phase's time per copy
+               (receive post / wait, the driver's copy call, event record / waits, sends).
 * ``mlp``      (GPU) a small MLP training loop as CUDA kernels from the same PTX: local
                through cuda.bindings vs remote through gpuwire. With ``--trace`` the
                loopback server records per-frame timestamps (GPUWIRE_RPC_TRACE_DIR) and
@@ -289,28 +293,42 @@ def bench_launch(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
 def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
     """Copies from/to pinned (UCX-registered) client memory: ``async`` = cuMemcpy*Async on a
     stream with one stream sync at the end (how a program streams data; the target row),
-    ``sync`` = cuMemcpyHtoD / cuMemcpyDtoH one at a time."""
+    ``sync`` = cuMemcpyHtoD / cuMemcpyDtoH one at a time. ``htod_issue_us`` /
+    ``dtoh_issue_us``: the client's wall time per async copy to issue them (before the sync).
+    With ``--trace`` (loopback server with GPUWIRE_RPC_TRACE_DIR) each size runs in a session
+    of its own, whose trace file (written when it ends) gives the ``srv_*`` columns
+    (:func:`_bw_trace_cols`)."""
     from . import perftest
     rows = []
-    s = connect()
-    try:
-        sizes = size_range(args.sizes)
-        big = max(sizes)
-        # ucx_perftest placed like the client and server (with --pin): its server on the loopback
-        # server's first CPU, its client on the client's (else both would inherit this process's
-        # affinity, the client's CPUs only, and the baseline would share one core)
-        pin = getattr(args, "pin_plan", None)
-        pcpu = {"server_cpu": min(pin[1]), "client_cpu": min(pin[0])} if pin else {}
+    sizes = size_range(args.sizes)
+    tdir = getattr(args, "trace_dir", None)
+    # ucx_perftest placed like the client and server (with --pin): its server on the loopback
+    # server's first CPU, its client on the client's (else both would inherit this process's
+    # affinity, the client's CPUs only, and the baseline would share one core)
+    pin = getattr(args, "pin_plan", None)
+    pcpu = {"server_cpu": min(pin[1]), "client_cpu": min(pin[0])} if pin else {}
+
+    def open_session(big):
+        s = connect()
         host = s.pinned(big)
         host[:] = 1
         dev = s.alloc(big)
         st = s.stream()
         s.gwSync()
-        import statistics
+        return s, host, dev, st
+
+    import statistics
+    s = None
+    try:
+        if not tdir:     # one session for every size
+            s, host, dev, st = open_session(max(sizes))
         for size in sizes:
+            if tdir:     # one session per size: its trace file holds this size's copies only
+                s, host, dev, st = open_session(size)
             n = max(4, min(args.bw_count, (2 << 30) // size))
             row = {"bench": "rpc", "test": "bw", "size_bytes": size, "count": n, "reps": args.bw_reps}
             samples: Dict[str, List[float]] = {}
+            windows: Dict[str, List[tuple]] = {"htod": [], "dtoh": []}   # async timed loops (monotonic ns, copies)
             for _rep in range(args.bw_reps):      # interleaved with the baseline: the medians
                 for mode in ("async", "sync"):
                     if mode == "async":
@@ -322,12 +340,18 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
                     for name, op in (("htod", h2d), ("dtoh", d2h)):
                         op()
                         st.synchronize()
+                        m0 = time.monotonic_ns()
                         t0 = time.perf_counter()
                         for _ in range(n):
                             op()
+                        t1 = time.perf_counter()
                         st.synchronize()
-                        samples.setdefault(f"{name}_{mode}_MBps", []).append(
-                            size * n / (time.perf_counter() - t0) / 1e6)
+                        t2 = time.perf_counter()
+                        m2 = time.monotonic_ns()
+                        samples.setdefault(f"{name}_{mode}_MBps", []).append(size * n / (t2 - t0) / 1e6)
+                        if mode == "async":   # the client's own bound: issuing a copy (us)
+                            samples.setdefault(f"{name}_issue_us", []).append((t1 - t0) / n * 1e6)
+                            windows[name].append((m0, m2, n))
                 if not args.no_baseline:
                     try:
                         res = perftest.run_local("tag_bw", size, n, tls.replace("tcp,sm,self", "sm,self"),
@@ -353,10 +377,79 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
                 row.update({"htod_ratio": row["htod_async_MBps"] / base, "dtoh_ratio": row["dtoh_async_MBps"] / base,
                             "htod_sync_ratio": row["htod_sync_MBps"] / base,
                             "dtoh_sync_ratio": row["dtoh_sync_MBps"] / base, "target": TARGETS["bw_ratio"]})
+            if tdir:
+                import os
+                before = set(os.listdir(tdir))
+                span = (windows["htod"][0][0], windows["dtoh"][-1][1])
+                s.close()
+                s = None
+                # the file of this session: the one whose span holds the timed loops (another
+                # session's, of an earlier test, may still be written meanwhile)
+                doc = _new_trace(tdir, before, accept=lambda d: d.get("t_start", 1 << 63) <= span[0]
+                                 and d.get("t_end", 0) >= span[1])
+                row.update(_bw_trace_cols(doc, windows) if doc else {"srv_trace_error": "no server trace file"})
             rows.append(row)
     finally:
-        s.close()
+        if s is not None:
+            s.close()
     return rows
+
+
+# the C bulk handler's phases (gpuwire.rpc.executors._cfast.BULK_PHASES) in the bw rows, per
+# copy of their direction; "other" (classify, scan, bookkeeping) per copy of either
+BW_H2D_PHASES = ("prescan", "recv_post", "recv_wait", "htod_call", "evrec_h2d", "evwait_h2d", "inflight")
+BW_D2H_PHASES = ("dtoh_call", "evrec_d2h", "evwait_d2h", "send_post", "send_wait")
+BW_INCL_PHASES = ("prescan", "evwait_h2d", "evwait_d2h", "inflight")    # containers: also entry to exit
+
+
+def _bw_trace_cols(doc: Dict[str, Any], windows: Dict[str, List[tuple]]) -> Dict[str, Any]:
+    """The ``srv_*`` columns of a bw row from its session's trace file (us per copy):
+
+    * ``srv_<dir>_busy_frac``: of the async timed loops of a direction (client clock, first
+      copy issued .. stream sync returned), the fraction the server spent handling the
+      loop's frames other than the sync frame (whose GPU wait is not server work);
+      ``srv_<dir>_frame_us``: that time per copy; ``srv_<dir>_frames``: frames per copy.
+      Time in the serve loop between frames (waiting for the next, progress it makes
+      there) is idle time here.
+    * from the C bulk handler's counters (``bulk`` in the file; absent if the session had
+      none, e.g. rpc_c_bulk off): ``srv_h2d_copies`` / ``srv_d2h_copies`` it ran (all reps and
+      warm-ups), ``srv_h2d_chunks`` per copy, ``srv_<phase>_us`` each phase's exclusive time
+      per copy of its direction (BW_H2D_PHASES, BW_D2H_PHASES; ``srv_other_us`` per copy of
+      either), and for the phases that contain others ``srv_<phase>_incl_us``."""
+    out: Dict[str, Any] = {}
+    fields = doc["fields"]
+    frames = [dict(zip(fields, r)) for r in doc.get("frames", ())]
+    if doc.get("frames_total", len(frames)) > len(frames):
+        out["srv_trace_truncated"] = True     # (rpc_trace_frames: the earliest frames are gone)
+    for name, wins in windows.items():
+        busy = wall = nf = copies = 0
+        for a, b, n in wins:
+            wall += b - a
+            copies += n
+            for f in frames:
+                if a <= f["t_in"] <= b and f["t_out"] and not f["flags"] & 1:
+                    busy += min(f["t_out"], b) - f["t_in"]
+                    nf += 1
+        if wall and copies:
+            out[f"srv_{name}_busy_frac"] = busy / wall
+            out[f"srv_{name}_frame_us"] = busy / copies / 1e3
+            out[f"srv_{name}_frames"] = nf / copies
+    bs = doc.get("bulk")
+    if not bs:
+        out["srv_bulk"] = "absent"
+        return out
+    h, d = int(bs.get("h2d", 0)), int(bs.get("d2h", 0))
+    out["srv_h2d_copies"], out["srv_d2h_copies"] = h, d
+    if h:
+        out["srv_h2d_chunks"] = bs.get("recv_post_n", 0) / h
+    for phases, cnt in ((BW_H2D_PHASES, h), (BW_D2H_PHASES, d), (("other",), h + d)):
+        if not cnt:
+            continue
+        for p in phases:
+            out[f"srv_{p}_us"] = bs.get(f"{p}_ns", 0) / cnt / 1e3
+            if p in BW_INCL_PHASES:
+                out[f"srv_{p}_incl_us"] = bs.get(f"{p}_incl_ns", 0) / cnt / 1e3
+    return out
 
 
 # -- MLP (GPU): the same kernels, local through cuda.bindings vs remote through gpuwire
@@ -675,9 +768,10 @@ def _trace_split(ctrace, doc, raw: bool = False) -> Dict[str, Any]:
 
 
 def _new_trace(tdir: str, before: set, want_seq: Optional[int] = None,
-               timeout: float = 10.0) -> Optional[Dict[str, Any]]:
+               timeout: float = 10.0, accept=None) -> Optional[Dict[str, Any]]:
     """The trace file a session wrote when it ended: the first one not in ``before`` (that
-    has a frame ``want_seq``, when given: another session's file may appear meanwhile)."""
+    has a frame ``want_seq``, when given, and that ``accept(doc)`` takes: another session's
+    file may appear meanwhile)."""
     import json
     import os
     end = time.monotonic() + timeout
@@ -687,7 +781,8 @@ def _new_trace(tdir: str, before: set, want_seq: Optional[int] = None,
             seen.add(f)
             with open(os.path.join(tdir, f)) as fh:
                 doc = json.load(fh)
-            if want_seq is None or any(r[0] == want_seq for r in doc.get("frames", ())):
+            if (want_seq is None or any(r[0] == want_seq for r in doc.get("frames", ()))) and (
+                    accept is None or accept(doc)):
                 return doc
         time.sleep(0.02)
     return None
@@ -971,8 +1066,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
     p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")
     p.add_argument("--trace", action="store_true",
-                   help="mlp: start the loopback server with per-frame timestamps (GPUWIRE_RPC_TRACE_DIR) "
-                        "and report where the GPU's idle time between steps goes (boundary_split_us)")
+                   help="mlp, bw: start the loopback server with per-frame timestamps (GPUWIRE_RPC_TRACE_DIR); "
+                        "mlp: report where the GPU's idle time between steps goes (boundary_split_us); "
+                        "bw: one session per size, with the server's busy fraction and the C bulk handler's "
+                        "phase times per copy (srv_* columns)")
     p.add_argument("--dispatch-n", type=int, default=20000, help="dispatch: launches timed per path")
     add_output_arguments(p)
 

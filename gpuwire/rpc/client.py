@@ -38,6 +38,14 @@ from .protocol import CudaError, DeferredCudaError, ProtocolError, SessionClosed
 from .spec import SPEC_VERSION, default_spec, image_bytes
 
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
+_SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
+
+
+def _shm_only(transports: str) -> bool:
+    """Whether an endpoint's data path ('posix/memory,cma/memory', 'tcp/lo', ...) is shared
+    memory only."""
+    names = {x.split("/", 1)[0].strip() for x in transports.split(",") if x.strip()}
+    return bool(names) and names <= _SHM_TLS
 
 settings.register("rpc_c_sync_batch", True, bool,
                   "Client (with rpc_c_sync): gwSync, cuCtxSynchronize and cuStreamSynchronize with calls "
@@ -871,6 +879,7 @@ class Session(Stubs):
         self._seq = 1
         self._call_seq = 1
         self._chunk = int(self.info.get("bulk_chunk", 0))
+        self._bp_auto: Optional[bool] = None     # rpc_bulk_progress=auto, once decided
         self._inline_max = min(self._inline_max, int(self.info.get("inline_max", self._inline_max)))
         mf = int(self.info.get("max_frame", cap))
         self._max_bytes = min(self._max_bytes, mf - self._inline_max - 4096)
@@ -1046,10 +1055,21 @@ class Session(Stubs):
             self._w.wait_all(reqs, timeout=None if self._timeout < 0 else self._timeout)
         if len(self._inflight) > 64:
             self._wait_inflight(32)
-        elif settings.get("rpc_bulk_progress"):
+        elif self._bulk_progress():
             # drive the transport once (non-blocking): while the caller issues its next copies the
             # payloads in flight keep moving (over tcp they only move when this side progresses)
             self._w.progress()
+
+    def _bulk_progress(self) -> bool:
+        """rpc_bulk_progress (read at each copy): auto = on unless every data lane of the
+        connection is shared memory (there the server moves the bytes itself)."""
+        m = settings.get("rpc_bulk_progress")
+        if m != "auto":
+            return m == "on"
+        v = getattr(self, "_bp_auto", None)
+        if v is None:
+            v = self._bp_auto = not _shm_only(str(getattr(self._ep, "transports", "") or ""))
+        return v
 
     def _wait_inflight(self, keep: int = 0) -> None:
         tmo = None if self._timeout < 0 else self._timeout
@@ -1368,7 +1388,7 @@ class Session(Stubs):
             self._pend.append((tag, buf, n, self._pos))
         else:
             self._pushes.append((tag, self._post_recvs(buf, n, tag), buf))
-            if n > self._inline_max and settings.get("rpc_bulk_progress"):
+            if n > self._inline_max and self._bulk_progress():
                 self._w.progress()      # earlier pushes keep moving while the caller issues copies
         return tag
 

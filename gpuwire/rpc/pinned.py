@@ -65,10 +65,12 @@ settings.register("pinned_track", "auto", str,
                   "handler, where a syscall writing into a protected region fails with EFAULT; host_alloc "
                   "regions only, others use 'compare'). "
                   "See docs/pinned.md.", layer="rpc")
-settings.register("pinned_protect_min", 16 << 20, int,
+settings.register("pinned_protect_min", 1 << 20, int,
                   "Client, 'auto' tracking: host_alloc regions of this many bytes or more use 'protect' "
-                  "(granules) where its userfaultfd backend works: an unchanged launch then costs a flag read, "
-                  "where 'written' scans the region's page table (~2 µs at 64 MiB on the H100 box). 0: never. "
+                  "where its userfaultfd backend works: an unchanged launch then costs a flag read, where "
+                  "'written' costs an ioctl (H100 hosts, extra µs per unchanged launch at 1 / 16 / 64 MiB: "
+                  "written 0.7-3.2 / 3.8-4.5 / 2.2-5.0, protect -0.04-0.76 / -1.7-0.9 / -0.3-2.1). A host store "
+                  "then pushes the region whole (below 8 MiB) or its 2 MiB granule. 0: never. "
                   "See docs/pinned.md.", layer="rpc")
 settings.register("pinned_protect_uffd", True, bool,
                   "Client, 'protect' tracking: write-protect through a userfaultfd with a handler thread "
@@ -466,6 +468,7 @@ class PinnedManager:
         self.uf_edges: Dict[int, int] = {}      # written mode: first/last page of a region -> its id
         self.ufout = ffi.new("uint64_t[]", 2 * _UF_RUNS)
         self.wpout = ffi.new("uint64_t[]", 2 * _UF_RUNS)
+        self.nwp = 0                            # protect mode: regions with a write-protect slot
 
     # ------------------------------------------------------------------ hooks on/off
     def _hook(self, s: Any) -> None:
@@ -652,6 +655,7 @@ class PinnedManager:
             raise RuntimeError(f"pinned tracking 'protect': no write-protect slot for {R!r} ({slot}): too many "
                                f"protected regions (4096) or sigaction failed; use another tracking mode")
         R.wp = slot          # dirty until the first push protects it
+        self.nwp += 1
         # large regions: a first write unprotects (and marks) only its granule, so a launch after a
         # sparse host write pushes that granule, not the region; a second write in the same cycle
         # unprotects the whole region (one more fault than whole-region tracking when the host
@@ -667,6 +671,7 @@ class PinnedManager:
         if R.wp >= 0:
             self.lib.gw_wp_remove(R.wp)
             R.wp = -1
+            self.nwp -= 1
 
     # ------------------------------------------------------------------ written tracking
     def _uf_on(self, R: Region) -> str:
@@ -803,24 +808,21 @@ class PinnedManager:
                     else:
                         R.streak = 0
             elif R.track == "protect":
-                if not self.lib.gw_wp_dirty(R.wp):
+                if R.hot:
+                    # written at every launch lately: left unprotected (no fault per cycle) and
+                    # pushed whole; protected again (below) before the push that ends the period
+                    R.hot -= 1
+                elif not self.lib.gw_wp_dirty(R.wp):
                     self.stats["skipped"] += 1   # no host store since the last push/pull
+                    R.streak = 0
                     return
-                if R.wpgran:
-                    # the granules written since: protected again by gw_wp_take, then copied
-                    k = self.lib.gw_wp_take(R.wp, self.wpout, _UF_RUNS)
-                    if k == 0:
-                        self.stats["skipped"] += 1
-                        return
-                    self.stats["granule_pushes"] = self.stats.get("granule_pushes", 0) + (k > 0)
-                    o = self.wpout
-                    runs = [(o[2 * i], min(n, o[2 * i + 1])) for i in range(k) if o[2 * i] < n]
-                    if k > 0 and not runs:
-                        self.stats["skipped"] += 1   # (only the page tail past the region's bytes)
-                        return
-                    if runs:
-                        self._push_runs(s, R, runs, stream)
-                        return
+                elif R.wpgran and self._wp_granules(s, R, stream):
+                    R.streak = 0
+                    return
+                elif n >= _HOT_MIN:
+                    R.streak += 1                # pushed whole after a store: twice in a row -> hot
+                    if R.streak >= 2:
+                        R.hot = min(_HOT_MAX, 1 << R.streak)
             elif R.uf is not None:              # 'written': the kernel says which pages
                 if R.hot:
                     # rewritten whole lately: left unprotected (no fault per page) and pushed whole;
@@ -859,13 +861,30 @@ class PinnedManager:
         elif R.uf is not None:
             self._uf_protect(R, True)       # first push: from here on the kernel records writes
             R.wpend = []
-        if R.wp >= 0:
+        if R.wp >= 0 and not R.hot:
             # protected before the copy reads it: a host store from here on is caught (and the
             # copy, as with CUDA, must not race with one)
             e = self.lib.gw_wp_protect(R.wp)
             if e:
                 self.stats["protect_errors"] = self.stats.get("protect_errors", 0) + 1
         self._push_runs(s, R, ((lo, hi),), stream)
+
+    def _wp_granules(self, s: Any, R: Region, stream: Any) -> bool:
+        """protect mode with granules: push the granules written since the last push/pull
+        (gw_wp_take protects them again before they are copied). False: push the region whole
+        (unprotected whole: a second granule was written)."""
+        n = R.nbytes
+        k = self.lib.gw_wp_take(R.wp, self.wpout, _UF_RUNS)
+        if k < 0:
+            return False
+        o = self.wpout
+        runs = [(o[2 * i], min(n, o[2 * i + 1])) for i in range(k) if o[2 * i] < n]
+        if runs:
+            self.stats["granule_pushes"] = self.stats.get("granule_pushes", 0) + 1
+            self._push_runs(s, R, runs, stream)
+        else:
+            self.stats["skipped"] += 1       # nothing written (or only the page tail past its bytes)
+        return True
 
     def _push_runs(self, s: Any, R: Region, runs: Sequence[Tuple[int, int]], stream: Any) -> None:
         n = R.nbytes
@@ -1028,7 +1047,7 @@ class PinnedManager:
                 else:               # only what came back: the rest is as the shadow has it
                     for lo, hi in changed:
                         self.lib.gw_pin_copy_mt(sh + lo, lv + lo, hi - lo)
-            if R.wp >= 0:
+            if R.wp >= 0 and not R.hot:
                 self.lib.gw_wp_protect(R.wp)       # client == mirror again: catch the next store
             if R.uf is not None and not R.hot:
                 self._uf_protect(R, True)          # client == mirror again (but R.wpend): record writes
@@ -1038,6 +1057,13 @@ class PinnedManager:
             R.pushed = True
         if self.events:
             self._free_events, self.events = getattr(self, "_free_events", []) + self.events, []
+        if self.nwp:
+            # the program's next stores into protected regions most likely come right after a
+            # sync: the userfaultfd handler polls awake for pinned_spin_us, so such a store costs
+            # the writer's wake-up only (nothing with the mprotect backend)
+            us = _spin_us()
+            if us:
+                self.lib.gw_wp_spin(us * 1000)
 
     def _arm(self, pulled: List[Region]) -> None:
         """A pulled region with a shadow of 1 MiB or more is copied when the sync returns: wake
@@ -1565,6 +1591,8 @@ def set_tracking(session: Any, buf: Any, mode: str) -> Region:
             mode = m._auto_mode(R.nbytes, R.kind)
             if mode == "written":
                 mode = "auto"               # (written where the kernel can, else compare)
+        if mode != "protect":
+            m._wp_off(R)        # (first: a range is registered with one userfaultfd at a time)
         if mode in ("auto", "written"):
             why = "" if R.uf is not None else m._uf_on(R)
             if why and mode == "written":
@@ -1573,9 +1601,7 @@ def set_tracking(session: Any, buf: Any, mode: str) -> Region:
             R.track_note = why
         if mode != "written":
             m._uf_off(R)
-        if mode != "protect":
-            m._wp_off(R)
-        elif R.wp < 0:
+        if mode == "protect" and R.wp < 0:
             m._wp_on(R)
             R.pushed = False
         R.hot = R.streak = 0

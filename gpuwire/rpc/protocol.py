@@ -39,10 +39,25 @@ settings.register("rpc_batch_first", 2, int,
 settings.register("rpc_flush_us", 200.0, float,
                   "Client: flush a started batch after this many microseconds (0: only on the other "
                   "triggers).", layer="rpc")
-settings.register("rpc_bulk_progress", False, bool,
+def _on_off_auto(raw) -> str:
+    t = str(raw).strip().lower()
+    if t in ("1", "true", "on", "yes"):
+        return "on"
+    if t in ("0", "false", "off", "no"):
+        return "off"
+    if t == "auto":
+        return "auto"
+    raise ValueError("expected auto, on (1/true) or off (0/false)")
+
+
+settings.register("rpc_bulk_progress", "auto", _on_off_auto,
                   "Client: after sending an async copy's payload, and after posting the receive of a bulk "
                   "async D2H push, drive the transport once (non-blocking), so bytes in flight keep moving "
-                  "while the caller issues its next calls (off: not measured on the GPU machine yet).",
+                  "while the caller issues its next calls: on, off, or auto (default: on unless the "
+                  "connection's data path is shared memory only). Over tcp the bytes move only while this "
+                  "side progresses (two H100 runs, 16 MiB async copies over tcp: H2D +11/+12 %, D2H +23/+6 %); "
+                  "over shared memory the server pulls them itself and the extra calls slowed 16 MiB copies "
+                  "(H2D -14/-28 %).",
                   layer="rpc")
 settings.register("rpc_inline_max", 64 << 10, int,
                   "Client: host buffers up to this size travel inside the frame; larger ones as separate "

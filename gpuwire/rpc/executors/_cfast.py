@@ -276,7 +276,14 @@ def load(d) -> Optional[Launcher]:
 
 # ----------------------------------------------------------------------------- bulk copies in C
 
-BULK_STATS = ("h2d", "d2h", "frames", "early", "pending", "max_pending")
+# gw_rpc_bulk_stat's counters in index order (GW_RPC_BS_*): the first six always; the rest
+# only while the server traces (rpc_trace_dir; else 0): handler time and calls, then per phase
+# (GW_RPC_BPH_*, BULK_PHASES order) <phase>_ns (exclusive: the exclusive times of all phases add
+# up to handler_ns), <phase>_n (times entered), <phase>_incl_ns (entry to exit, nested phases included)
+BULK_PHASES = ("other", "prescan", "recv_post", "recv_wait", "htod_call", "dtoh_call", "evrec_h2d", "evrec_d2h",
+               "evwait_h2d", "evwait_d2h", "send_post", "send_wait", "inflight")
+BULK_STATS = ("h2d", "d2h", "frames", "early", "pending", "max_pending", "handler_ns", "handler_calls") + tuple(
+    f"{p}{x}" for p in BULK_PHASES for x in ("_ns", "_n", "_incl_ns"))
 
 
 def bulk_host_fns() -> Dict[str, int]:
