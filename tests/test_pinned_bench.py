@@ -63,4 +63,9 @@ def test_bench_pinned_cpu_smoke(tmp_path, monkeypatch):
     assert unch["protect"]["push_bytes"] == 0
     assert not WRITTEN or unch["written"]["push_bytes"] == 0
     assert unch["always"]["push_bytes"] > 0
+    # the client-side measure of an unchanged launch: every row has it, finite; 'always' copies
+    # the region at every launch, so its hook costs more than 'explicit' (a counter compare)
+    import math
+    assert all(math.isfinite(r["hook_extra_us"]) and "met_hook" in r for r in unch.values())
+    assert unch["always"]["hook_extra_us"] > unch["explicit"]["hook_extra_us"]
     assert "skipped" in by["placement"][0] or "device_mirror_once_us" in by["placement"][0]
