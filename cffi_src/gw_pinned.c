@@ -573,6 +573,12 @@ static int wp_install(void) {
     return 0;
 }
 
+/* granule mode's marks: none written since now */
+static void wp_clear_marks(int slot) {
+    atomic_store(&wp[slot].nfault, 0);
+    for (int w = 0; w < WP_WORDS; w++) atomic_store(&wp[slot].bits[w], 0);
+}
+
 int gw_wp_add(uint64_t start, uint64_t len) {
     if (!start || !len) return -EINVAL;
     int uf = wps_ready() && wps_register(start, len, 1) == 0;
@@ -588,8 +594,7 @@ int gw_wp_add(uint64_t start, uint64_t len) {
             atomic_store(&wp[i].dirty, 1);
             atomic_store(&wp[i].uf, uf);
             atomic_store(&wp[i].gran, 0);
-            atomic_store(&wp[i].nfault, 0);
-            for (int w = 0; w < WP_WORDS; w++) atomic_store(&wp[i].bits[w], 0);
+            wp_clear_marks(i);
             if (!atomic_compare_exchange_strong(&wp[i].start, &z, start)) continue;
             int hi = atomic_load(&wp_hi);
             while (hi <= i && !atomic_compare_exchange_weak(&wp_hi, &hi, i + 1)) {}
@@ -604,12 +609,16 @@ static int wp_ok(int slot) {
     return slot >= 0 && slot < WP_MAX && atomic_load(&wp[slot].start) != 0;
 }
 
+/* write-protect (on) or unprotect [s, e) of a slot through its backend: 0 or an errno */
+static int wp_range(int slot, uint64_t s, uint64_t e, int on) {
+    if (atomic_load(&wp[slot].uf)) return wps_wp(s, e - s, on);
+    return mprotect((void *)(uintptr_t)s, e - s, on ? PROT_READ : PROT_READ | PROT_WRITE) ? errno : 0;
+}
+
 int gw_wp_unprotect(int slot) {
     if (!wp_ok(slot)) return EINVAL;
-    uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
     atomic_store(&wp[slot].prot, 0);
-    if (atomic_load(&wp[slot].uf)) return wps_wp(s, e - s, 0);
-    return mprotect((void *)(uintptr_t)s, e - s, PROT_READ | PROT_WRITE) ? errno : 0;
+    return wp_range(slot, atomic_load(&wp[slot].start), atomic_load(&wp[slot].end), 0);
 }
 
 void gw_wp_remove(int slot) {
@@ -620,11 +629,6 @@ void gw_wp_remove(int slot) {
         wps_register(s, e - s, 0);          /* (wakes any fault still pending there) */
     }
     atomic_store(&wp[slot].start, 0);
-}
-
-static int wp_range(int slot, uint64_t s, uint64_t e, int on) {
-    if (atomic_load(&wp[slot].uf)) return wps_wp(s, e - s, on);
-    return mprotect((void *)(uintptr_t)s, e - s, on ? PROT_READ : PROT_READ | PROT_WRITE) ? errno : 0;
 }
 
 int gw_wp_set_granule(int slot, uint64_t gran) {
@@ -684,11 +688,9 @@ int gw_wp_protect(int slot) {
     if (!wp_ok(slot)) return EINVAL;
     uint64_t s = atomic_load(&wp[slot].start), e = atomic_load(&wp[slot].end);
     atomic_store(&wp[slot].dirty, 0);
-    atomic_store(&wp[slot].nfault, 0);
-    for (int w = 0; w < WP_WORDS; w++) atomic_store(&wp[slot].bits[w], 0);
+    wp_clear_marks(slot);
     atomic_store(&wp[slot].prot, 1);
-    int err = atomic_load(&wp[slot].uf) ? wps_wp(s, e - s, 1)
-                                        : (mprotect((void *)(uintptr_t)s, e - s, PROT_READ) ? errno : 0);
+    int err = wp_range(slot, s, e, 1);
     if (err) {
         atomic_store(&wp[slot].prot, 0);
         atomic_store(&wp[slot].dirty, 1);

@@ -617,6 +617,17 @@ typedef int (*csync_fn)(void);
 #define GW_F_BYE 0x04
 #define GW_F_KNOWN 0x07
 #define GW_HDR 16
+
+/* a frame header (protocol.py HEADER '<HBBIII': magic, version, flags, seq, ncalls, body bytes) */
+static inline void wr_hdr(uint8_t *p, uint8_t flags, uint32_t seq, uint32_t ncalls, uint32_t body) {
+  uint16_t mg = GW_MAGIC;
+  memcpy(p, &mg, 2);
+  p[2] = GW_VERSION;
+  p[3] = flags;
+  memcpy(p + 4, &seq, 4);
+  memcpy(p + 8, &ncalls, 4);
+  memcpy(p + 12, &body, 4);
+}
 #define GW_TAG_REP 0x000002
 
 /* what kind of C call a record is: hot index, DTOH_ASYNC/STREAM_SYNC/CTX_SYNC, 100 for gwSync, -1 none */
@@ -803,14 +814,8 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
   v->flip ^= 1; /* the next call uses the other half: this call's pushes may still be in flight */
   if (sync) {
     uint8_t *p = v->rep;
-    uint16_t mg = GW_MAGIC;
-    uint32_t one = 1, tn = v->tail_n, body = 13 + tn, zero = 0;
-    memcpy(p, &mg, 2);
-    p[2] = GW_VERSION;
-    p[3] = 0;
-    memcpy(p + 4, &seq, 4);
-    memcpy(p + 8, &one, 4);
-    memcpy(p + 12, &body, 4);
+    uint32_t tn = v->tail_n, zero = 0;
+    wr_hdr(p, 0, seq, 1, 13 + tn);
     memcpy(p + 16, &zero, 4);      /* frame status */
     memcpy(p + 20, &v->pushes, 4); /* pushes so far */
     if (tn) memcpy(p + 24, v->tail, tn); /* the reply tail: D2H results routed here */
@@ -819,7 +824,7 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
     out[*nout].tag = v->rep_tag;
     out[*nout].flags = 0;
     out[*nout].buf = v->rep;
-    out[*nout].len = GW_HDR + body;
+    out[*nout].len = GW_HDR + 13 + tn;
     (*nout)++;
   }
   if (tr) {
@@ -1171,14 +1176,8 @@ int gw_rpc_flush(gw_rpc_flusher_t *fl, gw_rpc_wire_t *w, uint32_t cur, uint32_t 
     }
   }
   uint8_t *p = fl->frame[cur];
-  uint32_t seq = *w->seqp, body = len - GW_HDR;
-  uint16_t mg = GW_MAGIC;
-  memcpy(p, &mg, 2);
-  p[2] = GW_VERSION;
-  p[3] = 0;
-  memcpy(p + 4, &seq, 4);
-  memcpy(p + 8, &ncalls, 4);
-  memcpy(p + 12, &body, 4);
+  uint32_t seq = *w->seqp;
+  wr_hdr(p, 0, seq, ncalls, len - GW_HDR);
   void *req = NULL;
   int st = ((gw_rpc_send_fn)fl->send)(fl->conn, fl->req_tag, NULL, 0, p, len, &req);
   if (st < 0) {
@@ -1258,16 +1257,10 @@ int gw_rpc_bsync_w(gw_rpc_fsync_t *f, uint8_t *frame, uint32_t pos, uint32_t cap
     return 2;
   }
   wire_own(w); /* (held on for Python unless the answer is plain) */
-  uint32_t seq = *w->seqp, end = pos + rl, body = end - GW_HDR, nc = ncalls + 1;
+  uint32_t seq = *w->seqp, end = pos + rl, nc = ncalls + 1;
   memcpy(frame + pos, f->frame + GW_HDR, rl);
   if (f->len == 32) memcpy(frame + pos + 8, &arg, 8);
-  uint16_t mg = GW_MAGIC;
-  memcpy(frame, &mg, 2);
-  frame[2] = GW_VERSION;
-  frame[3] = 1; /* F_SYNC */
-  memcpy(frame + 4, &seq, 4);
-  memcpy(frame + 8, &nc, 4);
-  memcpy(frame + 12, &body, 4);
+  wr_hdr(frame, GW_F_SYNC, seq, nc, end - GW_HDR);
   f->rlen = 0;
   int st = ((gw_rpc_call_fn)f->call)(f->conn, f->req_tag, frame, end, f->rep_tag, f->rep, f->rep_cap,
                                      f->timeout_ns, &f->rlen);

@@ -250,6 +250,23 @@ def _interleaved(ex, mi, f, iters, src, st, reps):
     return te, tm, ok
 
 
+def _mirrored_run(s, ex, n, mode, f, iters, src, st, reps):
+    """A fresh mirrored program (tracking ``mode``; None: the default) warmed up (first pushes,
+    streaks), then timed against ``ex`` by :func:`_interleaved`: (explicit times, mirrored
+    times, both results right, the pinned counters' change per timed iteration)."""
+    from gpuwire.rpc import pinned
+    mi = _Mirrored(s, n, mode)
+    try:
+        mi.loop(f, max(3, min(iters, 8)), src, st)
+        before = pinned.stats(s)
+        te, tm, ok = _interleaved(ex, mi, f, iters, src, st, reps)
+        after = pinned.stats(s)
+    finally:
+        mi.free()
+    k = reps * iters
+    return te, tm, ok, {c: (after.get(c, 0) - before.get(c, 0)) // k for c in after}
+
+
 def _written_note() -> str:
     from gpuwire.rpc import pinned
     ok, why = pinned.written_support()
@@ -281,14 +298,7 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
                 f.param_layout()
                 pinned.annotate(f, readonly=(0,) if ro else ())
                 with settings.override(pinned_ptx_readonly=ptx_ro, pinned_pull_detect=detect):
-                    mi = _Mirrored(s, n, mode)
-                    try:
-                        mi.loop(f, max(3, min(iters, 8)), src, st)      # warm-up: first pushes, streaks
-                        before = pinned.stats(s)
-                        te, tm, ok = _interleaved(ex, mi, f, iters, src, st, args.reps)
-                        after = pinned.stats(s)
-                    finally:
-                        mi.free()
+                    te, tm, ok, per = _mirrored_run(s, ex, n, mode, f, iters, src, st, args.reps)
                 me, mm = statistics.median(te), statistics.median(tm)
                 k = args.reps * iters
                 rows.append({"bench": "pinned", "test": "mirror", "size_bytes": size, "size": human_size(size),
@@ -299,8 +309,7 @@ def bench_mirror(connect, args, ptx) -> List[Dict[str, Any]]:
                              "ratio": round(mm / me, 3),
                              "explicit_mean_us": round(statistics.mean(te) * 1e6, 1),
                              "mirrored_mean_us": round(statistics.mean(tm) * 1e6, 1),
-                             "push_bytes_per_iter": (after["push_bytes"] - before["push_bytes"]) // k,
-                             "pull_bytes_per_iter": (after["pull_bytes"] - before["pull_bytes"]) // k,
+                             "push_bytes_per_iter": per["push_bytes"], "pull_bytes_per_iter": per["pull_bytes"],
                              "results_ok": ok, "target": TARGETS["mirror_ratio"],
                              "met": mm / me <= TARGETS["mirror_ratio"]})
             ex.free()
@@ -437,7 +446,6 @@ def bench_detect(connect, args, ptx) -> List[Dict[str, Any]]:
     written and is pulled at every sync): server-side detection off vs on (the default), vs
     the explicit-copy program, in the same run."""
     from gpuwire import settings
-    from gpuwire.rpc import pinned
     rows = []
     for size, n, iters, src in _mirror_cases(args):
         s = connect()
@@ -448,24 +456,15 @@ def bench_detect(connect, args, ptx) -> List[Dict[str, Any]]:
             ex.loop(f, 3, src, st)
             for detect in (False, True):
                 with settings.override(pinned_pull_detect=detect):
-                    mi = _Mirrored(s, n, None)
-                    try:
-                        mi.loop(f, max(3, min(iters, 8)), src, st)
-                        before = pinned.stats(s)
-                        te, tm, ok = _interleaved(ex, mi, f, iters, src, st, args.reps)
-                        after = pinned.stats(s)
-                    finally:
-                        mi.free()
+                    te, tm, ok, per = _mirrored_run(s, ex, n, None, f, iters, src, st, args.reps)
                 me, mm = statistics.median(te), statistics.median(tm)
                 k = args.reps * iters
                 rows.append({"bench": "pinned", "test": "detect", "size_bytes": size, "size": human_size(size),
                              "image": "cubin" if s.info.get("executor") == "gpu" else "json (cpu executor)",
                              "pull_detect": detect, "iters": k, "explicit_us": round(me * 1e6, 1),
                              "mirrored_us": round(mm * 1e6, 1), "ratio": round(mm / me, 3),
-                             "push_bytes_per_iter": (after["push_bytes"] - before["push_bytes"]) // k,
-                             "pull_bytes_per_iter": (after["pull_bytes"] - before["pull_bytes"]) // k,
-                             "pull_bytes_saved_per_iter":
-                                 (after.get("pull_bytes_saved", 0) - before.get("pull_bytes_saved", 0)) // k,
+                             "push_bytes_per_iter": per["push_bytes"], "pull_bytes_per_iter": per["pull_bytes"],
+                             "pull_bytes_saved_per_iter": per.get("pull_bytes_saved", 0),
                              "results_ok": ok, "target": TARGETS["mirror_ratio"],
                              "met": mm / me <= TARGETS["mirror_ratio"]})
             ex.free()

@@ -498,7 +498,7 @@ class PinnedManager:
             R.track_note = "'protect' needs a host_alloc region"
         auto = R.track == "auto"
         if auto:
-            R.track = self._auto_mode(n, kind)
+            R.track = auto_track(n, kind)
         if R.track not in TRACK_MODES:
             self.orig["cuMemFree"](s, mirror)
             raise ValueError(f"GPUWIRE_PINNED_TRACK={R.track!r}: expected 'auto' or one of {', '.join(TRACK_MODES)}")
@@ -645,9 +645,6 @@ class PinnedManager:
             R.locked = False
 
     # ------------------------------------------------------------------ protect tracking
-    def _auto_mode(self, n: int, kind: str) -> str:
-        return auto_track(n, kind)
-
     def _wp_on(self, R: Region) -> None:
         self.lib.gw_wp_use_uffd(1 if settings.get("pinned_protect_uffd") else 0)
         slot = self.lib.gw_wp_add(R.start, R.span)
@@ -1588,7 +1585,7 @@ def set_tracking(session: Any, buf: Any, mode: str) -> Region:
     with m.lock:
         R.track_note = ""
         if mode == "auto":
-            mode = m._auto_mode(R.nbytes, R.kind)
+            mode = auto_track(R.nbytes, R.kind)
             if mode == "written":
                 mode = "auto"               # (written where the kernel can, else compare)
         if mode != "protect":
