@@ -23,6 +23,16 @@ def server(request):
     srv.stop()
 
 
+@pytest.fixture(autouse=False)
+def mirrored():
+    """Sessions opened under it mirror host_alloc memory (rpc_hostmap=off): the mirror tests are
+    about the mirrors, which a same-host session would not use (test_hostmap.py covers that)."""
+    from gpuwire import settings
+    import gpuwire.rpc.client  # noqa: F401 (registers the rpc settings)
+    with settings.override(rpc_hostmap="off"):
+        yield
+
+
 @pytest.fixture()
 def mod(s):
     return s.load_module(PK.PTX)

@@ -12,7 +12,10 @@ import pytest
 from gpuwire import settings
 from gpuwire.rpc import CudaError, pinned
 from gpuwire.rpc.kernels import pinned as PK
-from pinned_support import addr, check, f32, mod, server  # noqa: F401 (fixtures: mod, server)
+from pinned_support import addr, check, f32, mod, mirrored, server  # noqa: F401 (fixtures: mirrored, mod, server)
+
+# host_alloc memory is mirrored in these tests (a same-host session would map it: test_hostmap.py)
+pytestmark = pytest.mark.usefixtures("mirrored")
 
 F32 = np.float32
 

@@ -4,6 +4,7 @@ kernels. Runs against the CPU executor everywhere and against the GPU executor
 (marked gpu) where there is one."""
 from __future__ import annotations
 
+import os
 import struct
 import time
 
@@ -266,7 +267,39 @@ def _mirror_pull(s, srv):
         assert back[0] == 0 and back[4096] == 3
 
 
+def _hostmap(s, srv):
+    """gwHostMap / gwHostUnmap at the stub level (tests/test_hostmap.py covers mapped regions):
+    a sealed memfd handed over the session's unix socket becomes device memory of the session;
+    the same bytes are seen from both sides; an unknown mapping is refused."""
+    from gpuwire.rpc import hostmap
+    ok, why = hostmap.supported()
+    if not ok or "hostmap" not in s.info:
+        pytest.skip(f"no same-host mapping: {why or 'not offered'}")
+    offer = s.info["hostmap"]
+    ch = hostmap.Channel(offer["sock"], bytes.fromhex(offer["secret"]))
+    fd, m = hostmap.make_memfd(8192)
+    try:
+        key = ch.send(fd, 8192)
+        dptr = s.gwHostMap(8192, key)
+        m[:4] = b"abcd"
+        with s.alloc(8192) as d:
+            s.cuMemcpyDtoD(d, dptr, 8192)
+            assert bytes(s.copy_to_host(np.zeros(4, np.uint8), d, nbytes=4)) == b"abcd"
+            s.cuMemsetD8(dptr + 8, 0x5A, 4)
+            s.gwSync()
+            assert m[8:12] == b"ZZZZ"
+        s.gwHostUnmap(dptr)
+        s.gwHostUnmap(dptr)                        # a second time: not a mapping any more
+        with pytest.raises(DeferredCudaError) as ei:
+            s.gwSync()
+        assert ei.value.call == "gwHostUnmap" and "not a mapping of this session" in str(ei.value)
+    finally:
+        os.close(fd)
+        ch.close()
+
+
 SCENARIOS = {
+    "gwHostMap": _hostmap, "gwHostUnmap": _hostmap,
     "gwMirrorPull": _mirror_pull,
     "gwFileRead": _files, "gwFileReadV": _files, "gwFileStat": _files, "gwFileBackend": _files,
     "gwHello": _hello, "gwSync": _sync, "gwGetLastError": _last, "gwPeekAtLastError": _last,

@@ -24,7 +24,7 @@ for t in tcp sm; do
 done
 el mlp
 for t in tcp sm tcp sm; do timeout 30 $B --tls $t --tests mlp --mlp-shapes 1024,256,256,16 --mlp-steps 2000 --pin auto 2>&1 | grep -E "^test=" | cut -c1-330; done
-el mlp traced over tcp: where a slow host's extra time per step goes
+el mlp traced over tcp: where where the extra time per step goes on a slow host
 timeout 40 $B --tls tcp --tests mlp --mlp-shapes 1024,256,256,16 --mlp-steps 2000 --pin auto --trace 2>&1 | grep -E "^test=" | cut -c1-1500
 el rtt
 for t in sm tcp; do timeout 30 $B --tls $t --tests rtt --iters 30000 --pin auto 2>&1 | grep -E "^test=.*ratio" | cut -c1-300; done

@@ -69,8 +69,24 @@ def _taskset(cpu: Optional[int]) -> List[str]:
 
 def run_local(test: str, size: int, iters: int, tls: str, server_cpu: Optional[int] = None,
               client_cpu: Optional[int] = None, warmup: Optional[int] = None,
-              timeout: float = 120.0, window: int = 32) -> Dict[str, float]:
-    """Run a perftest server and client on this host (loopback) and parse the result."""
+              timeout: float = 120.0, window: int = 32, attempts: int = 3) -> Dict[str, float]:
+    """Run a perftest server and client on this host (loopback) and parse the result.
+
+    A failed attempt (the server exited, e.g. its port was taken between free_port and its bind,
+    or the client failed) is retried with a fresh server and port, up to `attempts` times in
+    all; the error names every attempt's failure."""
+    errors = []
+    for _ in range(max(1, attempts)):
+        try:
+            return _run_local_once(test, size, iters, tls, server_cpu, client_cpu, warmup,
+                                   timeout, window)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            errors.append(str(e))
+    raise RuntimeError(f"ucx_perftest failed {len(errors)} times; last: " + errors[-1]
+                       + ("" if len(errors) == 1 else f" (first: {errors[0][:300]})"))
+
+
+def _run_local_once(test, size, iters, tls, server_cpu, client_cpu, warmup, timeout, window):
     exe = perftest_path()
     if not exe:
         raise FileNotFoundError("ucx_perftest not found (libucx wheel missing?)")
@@ -81,6 +97,11 @@ def run_local(test: str, size: int, iters: int, tls: str, server_cpu: Optional[i
     try:
         return run_client(test, size, iters, "127.0.0.1", port, tls, client_cpu, warmup,
                           timeout, window, server=srv)
+    except RuntimeError as e:
+        if srv.poll() is not None and srv.stdout is not None:
+            raise RuntimeError(f"{e}\nperftest server (rc {srv.returncode}): "
+                               f"{srv.stdout.read()[-1000:]}") from None
+        raise
     finally:
         if srv.poll() is None:
             srv.kill()

@@ -299,6 +299,7 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
     of its own, whose trace file (written when it ends) gives the ``srv_*`` columns
     (:func:`_bw_trace_cols`)."""
     from . import perftest
+    from ..rpc import pinned as _pinned
     rows = []
     sizes = size_range(args.sizes)
     tdir = getattr(args, "trace_dir", None)
@@ -310,7 +311,13 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
 
     def open_session(big):
         s = connect()
-        host = s.pinned(big)
+        # --host-mem: cuMemHostAlloc memory (mapped by the server on the same host, a mirrored
+        # region otherwise) or a UCX-registered numpy buffer (payloads over the transport)
+        mode = args.host_mem
+        if mode == "auto":
+            mode = "alloc" if s.hostmap else "registered"
+        host = s.host_alloc(big) if mode == "alloc" else s.pinned(big)
+        s.bw_host_mem = (mode, mode == "alloc" and _pinned.region(s, host).track == "mapped")
         host[:] = 1
         dev = s.alloc(big)
         st = s.stream()
@@ -326,7 +333,8 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
             if tdir:     # one session per size: its trace file holds this size's copies only
                 s, host, dev, st = open_session(size)
             n = max(4, min(args.bw_count, (2 << 30) // size))
-            row = {"bench": "rpc", "test": "bw", "size_bytes": size, "count": n, "reps": args.bw_reps}
+            row = {"bench": "rpc", "test": "bw", "size_bytes": size, "count": n, "reps": args.bw_reps,
+                   "host_mem": s.bw_host_mem[0], "mapped": s.bw_host_mem[1]}
             samples: Dict[str, List[float]] = {}
             windows: Dict[str, List[tuple]] = {"htod": [], "dtoh": []}   # async timed loops (monotonic ns, copies)
             for _rep in range(args.bw_reps):      # interleaved with the baseline: the medians
@@ -359,7 +367,7 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
                         samples.setdefault("perftest_MBps", []).append(
                             res["bw_overall_MiBps"] * perftest.MIB_TO_MB)
                     except Exception as e:
-                        row["perftest_error"] = str(e)[:300]
+                        row["perftest_error"] = " | ".join(str(e).split("\n"))[:600]
                     for w in [int(x) for x in str(args.extra_windows or "").split(",") if x.strip()]:
                         # like for like: ucx_perftest with as many messages in flight as the
                         # copy path keeps receives posted (the GPU server: 2)
@@ -806,18 +814,26 @@ def _mlp_remote_parts(s, st, plan, loss, lossbuf):
 
 
 def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
+    """Per shape, ``--mlp-rounds`` alternating rounds of the local loop and the remote loop (a
+    session per round); ``ratio`` is the median of the rounds' ratios (``round_ratios``), the other
+    columns are the last round's (one round with --trace)."""
+    import os
+    import statistics
     rows = []
+    tdir = getattr(args, "trace_dir", None)
+    rounds = 1 if tdir else max(1, int(getattr(args, "mlp_rounds", 1)))
     for shape in args.mlp_shapes.split(";"):
         B, I, H, O = (int(x) for x in shape.split(","))
-        loc = mlp_local(ptx, B, I, H, O, args.mlp_steps, 3)
-        tdir = getattr(args, "trace_dir", None)
-        import os
-        before = set(os.listdir(tdir)) if tdir else set()
-        s = connect()
-        try:
-            rem = mlp_remote(s, ptx, B, I, H, O, args.mlp_steps, 3, trace=bool(tdir))
-        finally:
-            s.close()
+        ratios = []
+        for _r in range(rounds):
+            loc = mlp_local(ptx, B, I, H, O, args.mlp_steps, 3)
+            before = set(os.listdir(tdir)) if tdir else set()
+            s = connect()
+            try:
+                rem = mlp_remote(s, ptx, B, I, H, O, args.mlp_steps, 3, trace=bool(tdir))
+            finally:
+                s.close()
+            ratios.append(rem["ms_per_step"] / loc["ms_per_step"])
         split = None
         if tdir:
             ct = rem["client_trace"]
@@ -826,7 +842,7 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
         rows.append({"bench": "rpc", "test": "mlp", "shape": f"B{B} I{I} H{H} O{O}", "steps": args.mlp_steps,
                      "launches_per_step": len(_mlp_plan(B, I, H, O)) + 2,
                      "local_ms_per_step": loc["ms_per_step"], "remote_ms_per_step": rem["ms_per_step"],
-                     "ratio": rem["ms_per_step"] / loc["ms_per_step"],
+                     "ratio": statistics.median(ratios), "round_ratios": [round(r, 3) for r in ratios],
                      "local_gpu_ms_per_step": loc["gpu_ms_per_step"], "remote_gpu_ms_per_step": rem["gpu_ms_per_step"],
                      # an extra timestamped pass (medians, us): where a step's host time goes
                      "local_issue_us": loc["issue_us"], "local_sync_us": loc["sync_us"],
@@ -1059,12 +1075,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bw-count", type=int, default=64, help="bw: copies per size (capped by 2 GiB)")
     p.add_argument("--window", type=int, default=32, help="bw: ucx_perftest outstanding messages")
     p.add_argument("--bw-reps", type=int, default=3, help="bw: repetitions (interleaved with ucx_perftest; medians)")
+    p.add_argument("--host-mem", choices=("auto", "alloc", "registered"), default="auto",
+                   help="bw: the client memory copied from and to: alloc (cuMemHostAlloc through the session: "
+                        "mapped by the server when on its host, rpc_hostmap), registered (a UCX-registered "
+                        "numpy buffer: the bytes travel over the transport), auto (default: alloc when the "
+                        "session maps host memory, else registered)")
     p.add_argument("--no-baseline", action="store_true", help="bw: skip ucx_perftest")
     p.add_argument("--extra-windows", default="", help="bw: also run ucx_perftest with these windows "
                    "(comma-separated; e.g. 1,2 for like-for-like rows: the copy path keeps 1-2 receives posted)")
     p.add_argument("--mlp-shapes", default="4096,512,1024,64;2048,512,512,32;1024,256,256,16",
                    help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
     p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")
+    p.add_argument("--mlp-rounds", type=int, default=3,
+                   help="mlp: alternating rounds of the local and the remote loop per shape; the ratio is "
+                        "the median of the rounds' ratios (the local loop's own time moves by ~10 %% between "
+                        "runs on the GPU hosts)")
     p.add_argument("--trace", action="store_true",
                    help="mlp, bw: start the loopback server with per-frame timestamps (GPUWIRE_RPC_TRACE_DIR); "
                         "mlp: report where the GPU's idle time between steps goes (boundary_split_us); "

@@ -41,6 +41,12 @@ _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
 _SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
 
 
+def _has_shm(transports: str) -> bool:
+    """Whether an endpoint's data path includes a shared-memory transport (not counting self)."""
+    names = {x.split("/", 1)[0].strip() for x in transports.split(",") if x.strip()}
+    return bool(names & (_SHM_TLS - {"self"}))
+
+
 def _shm_only(transports: str) -> bool:
     """Whether an endpoint's data path ('posix/memory,cma/memory', 'tcp/lo', ...) is shared
     memory only."""
@@ -886,9 +892,52 @@ class Session(Stubs):
         self._va = _VASpace(int(self.info["va_base"]), int(self.info["va_size"]), int(self.info["va_granularity"]))
         self.executor = self.info.get("executor")
         self.session_id = self.info.get("session")
+        self.hostmap_note = ""
+        self._hm: Any = False             # same-host mapping: False off, else the Channel
+        self._hm = self._hostmap_decide() or False      # (rpc_hostmap is read at connect)
         if self.info.get("reply_tail"):
             self._tail_max = max(0, min(int(settings.get("rpc_reply_inline_max")), int(self.info["reply_tail"]),
                                         P.REPLY_INLINE_LIMIT))
+
+    # ------------------------------------------------------------------ same-host mapping
+    @property
+    def hostmap(self) -> bool:
+        """Whether host_alloc memory is mapped by the server (same host; docs/pinned.md);
+        ``hostmap_note`` says why not."""
+        return bool(self._hostmap_channel())
+
+    def _hostmap_channel(self) -> Any:
+        return getattr(self, "_hm", False)
+
+    def _hostmap_decide(self) -> Any:
+        from . import hostmap
+        mode = settings.get("rpc_hostmap")
+        offer = self.info.get("hostmap")
+        why = ""
+        if mode == "off":
+            why = "rpc_hostmap=off"
+        elif not offer:
+            why = "the server offers no same-host mapping"
+        elif offer.get("boot_id") != hostmap.boot_id() or not offer.get("boot_id"):
+            why = "the server runs on another host"
+        elif mode == "auto" and not _has_shm(str(getattr(self._ep, "transports", "") or "")):
+            why = ("the connection's data path is not shared memory (rpc_hostmap=auto; "
+                   "rpc_hostmap=on maps on the same host over any transport)")
+        else:
+            ok, why = hostmap.supported()
+            if ok:
+                try:
+                    return hostmap.Channel(str(offer["sock"]), bytes.fromhex(str(offer["secret"])))
+                except (OSError, KeyError, ValueError) as e:
+                    why = f"the session's unix socket cannot be reached (another network namespace?): {e}"
+        self.hostmap_note = why
+        return None
+
+    def _hostmap_drop(self, why: str) -> None:
+        ch, self._hm = getattr(self, "_hm", None), False
+        self.hostmap_note = why
+        if ch:
+            ch.close()
 
     def close(self) -> None:
         """Run what is batched, end the session on the server (it frees everything the
@@ -926,6 +975,9 @@ class Session(Stubs):
         self._down = True
         if getattr(self, "_pin", None) is not None:
             self._pin.close()   # munlock pinned regions, drop their registrations
+        if getattr(self, "_hm", None):
+            self._hm.close()
+            self._hm = False
         for obj in ("_ep", "_w"):
             o = getattr(self, obj, None)
             if o is not None:

@@ -433,7 +433,7 @@ _HOOKS = ("cuLaunchKernel", "cuMemcpyHtoD", "cuMemcpyHtoDAsync", "cuMemcpyDtoH",
           "cuStreamQuery", "cuEventQuery")
 _ENTRY = ("cuMemHostAlloc", "cuMemHostRegister", "cuMemFreeHost", "cuMemHostUnregister")
 _ORIG = _HOOKS + _ENTRY + ("cuMemAlloc", "cuMemFree", "cuMemcpyDtoD", "cuMemcpyDtoDAsync", "cuEventCreate",
-                           "gwSync")
+                           "gwSync", "gwHostUnmap")
 
 
 class PinnedManager:
@@ -464,7 +464,7 @@ class PinnedManager:
         self.orig = {n: getattr(cls, n) for n in _ORIG}
         self.hooked = False
         self.stats = {"launches": 0, "rewritten": 0, "pushes": 0, "push_bytes": 0, "skipped": 0, "pulls": 0,
-                      "pull_bytes": 0, "copies_via_mirror": 0}
+                      "pull_bytes": 0, "copies_via_mirror": 0, "mapped": 0, "copies_mapped": 0}
         self.uf_edges: Dict[int, int] = {}      # written mode: first/last page of a region -> its id
         self.ufout = ffi.new("uint64_t[]", 2 * _UF_RUNS)
         self.wpout = ffi.new("uint64_t[]", 2 * _UF_RUNS)
@@ -548,6 +548,11 @@ class PinnedManager:
                             f"cuMemHostAlloc: bytesize must be a positive int, got {bytesize!r}")
         if not isinstance(flags, int) or flags & ~0xF:
             raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc", f"cuMemHostAlloc: flags {flags!r}")
+        ch = s._hostmap_channel() if hasattr(s, "_hostmap_channel") else None
+        if ch:
+            start = self._map_alloc(s, ch, bytesize)
+            if start:
+                return start
         span = (bytesize + _PAGE - 1) // _PAGE * _PAGE
         if bytesize >= _THP_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
             # huge pages also make write-protecting the region ('written', 'protect') touch few
@@ -562,6 +567,56 @@ class PinnedManager:
         start = int(arr.ctypes.data)
         with self.lock:
             self._new_region(s, start, bytesize, arr, "alloc", mm, span)
+        s._host[start] = arr
+        return start
+
+    def _map_alloc(self, s: Any, ch: Any, bytesize: int) -> int:
+        """host_alloc on the server's host: a sealed memfd the session maps (gwHostMap), used by
+        the GPU in place (docs/pinned.md, "Same-host mapped regions"). 0 when it could not be
+        mapped (the region is then mirrored; Session.hostmap_note says why)."""
+        from . import hostmap
+        cap = int((s.info.get("hostmap") or {}).get("max_bytes", 0) or 0)
+        have = sum(R.nbytes for R in self.regions.values() if R.track == "mapped")
+        if cap and have + bytesize > cap:
+            s.hostmap_note = (f"{bytesize} B more would exceed the server's cap of {cap} B of mapped client "
+                              f"memory per session (rpc_hostmap_max_gib; {have} B mapped): mirrored")
+            return 0
+        try:
+            fd, mm = hostmap.make_memfd(bytesize)
+        except OSError as e:
+            s.hostmap_note = f"memfd: {e}"
+            return 0
+        try:
+            key = ch.send(fd, bytesize)
+        except OSError as e:
+            mm.close()
+            s._hostmap_drop(f"sending the memfd to the server: {e}")
+            return 0
+        finally:
+            os.close(fd)
+        try:
+            dptr = s.gwHostMap(bytesize, key)
+        except CudaError as e:
+            mm.close()
+            s.hostmap_note = f"{e} (the server's log says why): mirrored"
+            return 0
+        arr = np.frombuffer(mm, np.uint8, bytesize)
+        start = int(arr.ctypes.data)
+        with self.lock:
+            rid = self.next_id
+            R = Region(rid, start, bytesize, int(dptr), arr, "alloc", "mapped")
+            R.keep = mm
+            R.span = hostmap.span_of(bytesize)
+            if self.lib.gw_pin_add(self.reg, start, bytesize, R.mirror, rid):
+                self.orig["gwHostUnmap"](s, R.mirror)
+                raise CudaError(P.CURESULT["CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"], "cuMemHostAlloc",
+                                f"{start:#x}+{bytesize} overlaps a pinned region")
+            self.next_id += 1
+            self.regions[rid] = R
+            self.by_start[start] = R
+            self.version += 1
+            self.stats["mapped"] += 1
+            self._hook(s)
         s._host[start] = arr
         return start
 
@@ -599,6 +654,13 @@ class PinnedManager:
             self.by_start.pop(R.start, None)
             self.version += 1
             R.freed = True
+            if R.track == "mapped":
+                # the server unmaps after the work issued before (its pages live until then)
+                self.orig["gwHostUnmap"](s, R.mirror)
+                s._host.pop(R.start, None)
+                R.keep = None
+                self._unhook_if_idle(s)
+                return
             R.dirty.clear()          # writes of kernels still in flight are dropped (the memory is going)
             self._wp_off(R)
             self._uf_off(R)
@@ -1160,6 +1222,10 @@ class PinnedManager:
             newp, used, written = ent
             self.stats["launches"] += 1
             if not used:
+                if newp is not params:     # pointers into mapped regions only: rewritten, nothing to push
+                    self.stats["rewritten"] += 1
+                    return orig(s, f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ,
+                                sharedMemBytes, hStream, newp, None)
                 return orig(s, f, gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes,
                             hStream, kernelParams, extra)
             self.stats["rewritten"] += 1
@@ -1208,9 +1274,12 @@ class PinnedManager:
         if n == 0:
             return params, (), ()
         hits = self.hits
+        regions = self.regions
         if n == 1:
             h = hits[0]
             rid = h.id
+            if regions[rid].track == "mapped":     # the GPU uses the client's pages: rewrite only
+                return bytes(pb), (), ()
             return bytes(pb), (rid,), (() if fi.param[h.slot] in fi.readonly else (rid,))
         used: List[int] = []
         written: List[int] = []
@@ -1218,6 +1287,8 @@ class PinnedManager:
         for i in range(n):
             h = hits[i]
             rid = h.id
+            if regions[rid].track == "mapped":
+                continue
             if rid not in used:
                 used.append(rid)
             if rid not in written and param[h.slot] not in ro:
@@ -1241,10 +1312,19 @@ class PinnedManager:
             return None, 0
         return R, off
 
+    def _mapped_sync(self, s: Any, dst: int, src: int, n: int) -> None:
+        """A synchronous copy from or to a mapped region: one device copy on the NULL stream and
+        its synchronisation (the bytes are in place, or captured, when this returns)."""
+        self.stats["copies_mapped"] += 1
+        self.orig["cuMemcpyDtoDAsync"](s, dst, src, n, 0)
+        self.h_cuStreamSynchronize(0)
+
     def h_cuMemcpyHtoD(self, dstDevice, srcHost, ByteCount):
         s = self._sref()
         with self.lock:
             R, off = self._region_of(srcHost, ByteCount)
+            if R is not None and R.track == "mapped":
+                return self._mapped_sync(s, dstDevice, R.mirror + off, ByteCount)
             if R is not None and R.dirty:   # the mirror holds the kernel's writes: copy from it
                 self.stats["copies_via_mirror"] += 1
                 return self.orig["cuMemcpyDtoD"](s, dstDevice, R.mirror + off, ByteCount)
@@ -1254,8 +1334,8 @@ class PinnedManager:
         s = self._sref()
         with self.lock:
             R, off = self._region_of(srcHost, ByteCount)
-            if R is not None and R.dirty:
-                self.stats["copies_via_mirror"] += 1
+            if R is not None and (R.dirty or R.track == "mapped"):
+                self.stats["copies_mapped" if R.track == "mapped" else "copies_via_mirror"] += 1
                 return self.orig["cuMemcpyDtoDAsync"](s, dstDevice, R.mirror + off, ByteCount, hStream)
         return self.orig["cuMemcpyHtoDAsync"](s, dstDevice, srcHost, ByteCount, hStream)
 
@@ -1265,6 +1345,9 @@ class PinnedManager:
             R, off = self._region_of(dstHost, ByteCount)
             if R is None:
                 return self.orig["cuMemcpyDtoHAsync"](s, dstHost, srcDevice, ByteCount, hStream)
+            if R.track == "mapped":     # straight into the client's pages, in stream order
+                self.stats["copies_mapped"] += 1
+                return self.orig["cuMemcpyDtoDAsync"](s, R.mirror + off, srcDevice, ByteCount, hStream)
             # into the mirror, in stream order; the region is pulled at the sync that covers it
             self._push(s, R, hStream)
             self.stats["copies_via_mirror"] += 1
@@ -1279,6 +1362,8 @@ class PinnedManager:
         s = self._sref()
         with self.lock:
             R, off = self._region_of(dstHost, ByteCount)
+            if R is not None and R.track == "mapped":
+                return self._mapped_sync(s, R.mirror + off, srcDevice, ByteCount)
             if R is not None and R.dirty:
                 # a kernel's writes to R are still in the mirror: the copy goes into the mirror
                 # after them (legacy stream), and the whole region comes back, as one legacy sync
@@ -1578,6 +1663,9 @@ def set_tracking(session: Any, buf: Any, mode: str) -> Region:
     if mode not in TRACK_MODES and mode != "auto":
         raise ValueError(f"tracking mode {mode!r}: expected 'auto' or one of {', '.join(TRACK_MODES)}")
     R = region(session, buf)
+    if R.track == "mapped":
+        raise ValueError(f"{R!r} is mapped by the server (same host): the GPU uses its pages in place, "
+                         f"there is no mirror whose changes could be tracked")
     if mode == "protect" and R.kind != "alloc":
         raise ValueError(f"tracking mode 'protect' needs a host_alloc region (whole pages of its own); "
                          f"{R!r} was registered: use 'compare' or 'explicit'")

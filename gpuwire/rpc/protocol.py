@@ -59,6 +59,13 @@ settings.register("rpc_bulk_progress", "auto", _on_off_auto,
                   "over shared memory the server pulls them itself and the extra calls slowed 16 MiB copies "
                   "(H2D -14/-28 %).",
                   layer="rpc")
+settings.register("rpc_hostmap", "auto", _on_off_auto,
+                  "Client: same-host mapped regions (docs/pinned.md): host_alloc memory is a sealed memfd the "
+                  "server's session maps and registers with the GPU, so kernels and copies use the client's "
+                  "pages in place (copies are one DMA, no payload on the wire, no mirror). 'auto' (default): "
+                  "when the server offers it, runs on this host (same boot id) and the connection's data "
+                  "path is shared memory; 'on': on the same host whatever the transport (tcp included); "
+                  "'off': never (host_alloc memory is mirrored).", layer="rpc")
 settings.register("rpc_inline_max", 64 << 10, int,
                   "Client: host buffers up to this size travel inside the frame; larger ones as separate "
                   "zero-copy messages.", layer="rpc")

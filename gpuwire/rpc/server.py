@@ -16,6 +16,8 @@ import hmac
 import itertools
 import json
 import logging
+import mmap
+import os
 import secrets
 import signal
 import struct
@@ -49,6 +51,16 @@ settings.register("rpc_worker_pool", 2, int,
 settings.register("rpc_worker_claim_s", 30.0, float,
                   "Server, process isolation: seconds a session worker waits for its client to reconnect.",
                   layer="rpc")
+settings.register("rpc_hostmap_offer", True, bool,
+                  "Server: offer same-host mapped regions (gwHostMap): a client on the same host hands its "
+                  "host_alloc memory (a sealed memfd) over a unix socket and the session maps and registers "
+                  "it, so kernels and copies use the client's pages directly (docs/pinned.md).", layer="rpc")
+settings.register("rpc_hostmap_wait_s", 5.0, float,
+                  "Server: seconds gwHostMap waits for the client's memfd on the session's unix socket.",
+                  layer="rpc")
+settings.register("rpc_hostmap_max_gib", 64.0, float,
+                  "Server: client memory one session may have mapped with gwHostMap at once (GiB; the driver "
+                  "pins it).", layer="rpc")
 settings.register("rpc_bulk_timeout_s", 120.0, float,
                   "Server: seconds to wait for a bulk payload a frame announced.", layer="rpc")
 settings.register("rpc_c_bulk", True, bool,
@@ -357,6 +369,8 @@ class ServerSession:
         self.closed_reason = ""
         self._gds_files: Any = None   # gpuwire.gds.service.FileService, at the first file call
         self.h2d_ctx: Any = None      # the async H2D copy whose tail is still pending (GPU executor)
+        self.hostmap: Any = None      # same-host mapped regions: the session's descriptor socket
+        self.hostmaps: Dict[int, Tuple[int, Any, Any]] = {}   # device address -> (bytes, mmap, token)
         self.bulk_c: Any = None       # the C server's bulk copies (_cfast.Bulk, rpc_c_bulk)
 
     # ------------------------------------------------------------------ loop
@@ -955,6 +969,9 @@ class ServerSession:
                   "reply_tail": P.REPLY_INLINE_LIMIT,
                   "device": device, "context": self.ctx_id}
         extras.update({k: v for k, v in srv.executor.describe().items() if k not in extras})
+        hm = self._hostmap_offer()
+        if hm:
+            extras["hostmap"] = hm
         self._hello_reply(seq, e, 0, spec.fingerprint64, extras)
         log.info("session %d: %s (pid %s, %r) on device %d", self.id, self.peer, pid, info.get("name", ""), device)
         return True
@@ -1073,6 +1090,7 @@ class ServerSession:
                     except Exception:
                         pass
                 tab.clear()
+            self._hostmap_close(es)
             for addr, (size, obj) in list(self.hosts.items()):
                 try:
                     es.host_free(obj)
@@ -1254,6 +1272,98 @@ class ServerSession:
     def cuMemHostUnregister(self, p):
         size, obj = self.hosts.pop(p)
         self.es.host_free(obj)
+
+    # ------------------------------------------------------------------ same-host mapped regions
+    def _hostmap_offer(self) -> Optional[Dict[str, str]]:
+        """The hello's offer of gwHostMap: this session's descriptor socket, its secret, the
+        boot id (the client maps only on the same host)."""
+        if not settings.get("rpc_hostmap_offer") or not hasattr(self.es, "host_map"):
+            return None
+        from . import hostmap
+        ok, why = hostmap.supported()
+        if not ok:
+            log.info("session %d: no same-host mapping (%s)", self.id, why)
+            return None
+        try:
+            self.hostmap = hostmap.Listener()
+        except OSError as e:
+            log.info("session %d: no same-host mapping (unix socket: %s)", self.id, e)
+            return None
+        d = self.hostmap.describe()
+        d["max_bytes"] = int(float(settings.get("rpc_hostmap_max_gib")) * (1 << 30))
+        return d
+
+    def gwHostMap(self, bytesize, key):
+        from . import hostmap
+        if self.hostmap is None:
+            raise fail(P.CUDA_ERROR_NOT_SUPPORTED, "gwHostMap: this session offers no same-host mapping")
+        if bytesize <= 0:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, "gwHostMap: bytesize must be > 0")
+        cap = int(float(settings.get("rpc_hostmap_max_gib")) * (1 << 30))
+        have = sum(n for n, _m, _t in self.hostmaps.values())
+        if have + bytesize > cap:
+            raise fail(P.CUDA_ERROR_OUT_OF_MEMORY,
+                       f"gwHostMap: {bytesize} B more would exceed the session's {cap} B of mapped client "
+                       f"memory (rpc_hostmap_max_gib; {have} B mapped)")
+        try:
+            fd = self.hostmap.take(key, bytesize, float(settings.get("rpc_hostmap_wait_s")))
+        except hostmap.HostMapError as e:
+            log.warning("session %d: gwHostMap(key %d) refused: %s", self.id, key, e)
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwHostMap(key {key}): {e}") from None
+        try:
+            span = hostmap.check_fd(fd, bytesize)
+            m = mmap.mmap(fd, span, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except hostmap.HostMapError as e:
+            log.warning("session %d: gwHostMap(key %d) refused: %s", self.id, key, e)
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwHostMap(key {key}): {e}") from None
+        except OSError as e:
+            raise fail(P.CURESULT["CUDA_ERROR_OPERATING_SYSTEM"], f"gwHostMap(key {key}): mmap: {e}") from None
+        finally:
+            os.close(fd)
+        try:
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+            dptr, token = self.es.host_map(addr, span)
+        except BaseException:
+            m.close()
+            raise
+        try:
+            self.mm.add_external(dptr, bytesize)
+        except BaseException:
+            self.es.host_unmap(token)
+            m.close()
+            raise
+        if self.disp is not None:
+            self.disp.alloc(dptr, bytesize)
+        self.hostmaps[dptr] = (bytesize, m, token)
+        return dptr
+
+    def gwHostUnmap(self, dptr):
+        ent = self.hostmaps.pop(dptr, None)
+        if ent is None:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwHostUnmap: {dptr:#x} is not a mapping of this session")
+        self._unmap(dptr, ent, self.es)
+
+    def _unmap(self, dptr: int, ent: Tuple[int, Any, Any], es: Any) -> None:
+        _n, m, token = ent
+        self.mm.remove_external(dptr)
+        if self.disp is not None:
+            self.disp.free(dptr)
+        es.host_unmap(token)      # (waits for the work that may still use it)
+        try:
+            m.close()
+        except BufferError:       # a view is still alive somewhere: the mapping goes with it
+            pass
+
+    def _hostmap_close(self, es: Any) -> None:
+        for dptr, ent in list(self.hostmaps.items()):
+            try:
+                self._unmap(dptr, ent, es)
+            except Exception:
+                log.exception("session %d: unmapping %#x", self.id, dptr)
+        self.hostmaps.clear()
+        if self.hostmap is not None:
+            self.hostmap.close()
+            self.hostmap = None
 
     # ------------------------------------------------------------------ gds file reads (spec ids 60-69)
     # The work is gpuwire.gds.service.FileService's (paths checked against --data-root, kvikio /

@@ -70,6 +70,7 @@ class MemoryMap:
         self.segs: List[int] = []              # backing segment starts, sorted
         self.seginfo: Dict[int, List[Any]] = {}  # start -> [size, refcount, token]
         self.backed = 0
+        self.external: Dict[int, int] = {}     # same-host mappings (outside the VA range, no backing)
 
     # -- lookups
     def find(self, ptr: int, n: int) -> Optional[Tuple[int, int]]:
@@ -144,10 +145,29 @@ class MemoryMap:
         self.starts.insert(i, ptr)
         self.sizes[ptr] = n
 
+    def add_external(self, ptr: int, n: int) -> None:
+        """A range the session may name that is not VA-range memory (a same-host mapping of client
+        memory, gwHostMap): found by find() like an allocation, never backed or unbacked here."""
+        i = bisect.bisect_right(self.starts, ptr)
+        if (i > 0 and self.starts[i - 1] + self.sizes[self.starts[i - 1]] > ptr) or \
+                (i < len(self.starts) and self.starts[i] < ptr + n):
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwHostMap: {ptr:#x}+{n} overlaps an allocation of this session")
+        self.starts.insert(i, ptr)
+        self.sizes[ptr] = n
+        self.external[ptr] = n
+
+    def remove_external(self, ptr: int) -> None:
+        if self.external.pop(ptr, None) is not None:
+            del self.sizes[ptr]
+            self.starts.pop(bisect.bisect_left(self.starts, ptr))
+
     def free(self, ptr: int) -> None:
         n = self.sizes.get(ptr)
         if n is None:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"cuMemFree: {ptr:#x} is not an allocation of this session")
+        if ptr in self.external:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE,
+                       f"cuMemFree: {ptr:#x} is a same-host mapping of client memory (free it with cuMemFreeHost)")
         del self.sizes[ptr]
         self.starts.pop(bisect.bisect_left(self.starts, ptr))
         g = self.gran
@@ -172,6 +192,7 @@ class MemoryMap:
         self.segs.clear()
         self.starts.clear()
         self.sizes.clear()
+        self.external.clear()
         self.backed = 0
 
 
@@ -197,6 +218,11 @@ class ExecutorSession:
 
     def copy_dtod(self, dst: int, src: int, n: int, stream: Any) -> None:
         raise NotImplementedError
+
+    # -- same-host mapped client memory (gwHostMap; executors that can, define these)
+    # host_map(addr, n) -> (device address, token): make the server-process mapping [addr, addr+n)
+    # of client pages usable as device memory; host_unmap(token): undo it once the work issued
+    # before has completed.
 
     def memset(self, dst: int, value: int, elem: int, count: int, stream: Any) -> None:
         raise NotImplementedError

@@ -321,6 +321,7 @@ class CPUSession(ExecutorSession):
         self._all = np.frombuffer((ctypes.c_uint8 * va_size).from_address(self.va_base), np.uint8)
         self.sticky: Optional[int] = None
         self.hosts = 0
+        self._ext: Dict[int, np.ndarray] = {}
 
     def c_calls(self) -> Dict[int, int]:
         """Hot calls the server's C loop may run here: memsets and device copies (host memory)."""
@@ -344,7 +345,20 @@ class CPUSession(ExecutorSession):
 
     def view(self, ptr: int, n: int) -> np.ndarray:
         o = ptr - self.va_base
-        return self._all[o:o + n]
+        if 0 <= o <= self.va_size - n:
+            return self._all[o:o + n]
+        for a, arr in self._ext.items():     # same-host mappings of client memory (gwHostMap)
+            if a <= ptr and ptr + n <= a + arr.nbytes:
+                return arr[ptr - a:ptr - a + n]
+        raise fail(P.CUDA_ERROR_INVALID_VALUE, f"{ptr:#x}+{n} is not device memory of this session")
+
+    # same-host mapped client memory: the server's mapping is the 'device memory' itself
+    def host_map(self, addr: int, n: int) -> Tuple[int, int]:
+        self._ext[addr] = np.frombuffer((ctypes.c_uint8 * n).from_address(addr), np.uint8)
+        return addr, addr
+
+    def host_unmap(self, token: int) -> None:
+        self._ext.pop(token, None)
 
     # memory
     def back(self, start: int, size: int) -> Any:

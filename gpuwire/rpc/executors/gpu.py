@@ -529,6 +529,23 @@ class GPUSession(ExecutorSession):
     def host_free(self, obj: Any) -> None:
         ck(self.d.cuMemFreeHost(obj), "cuMemFreeHost")
 
+    # same-host mapped client memory (gwHostMap): the server's mapping of the client's memfd,
+    # page-locked and device-mapped; copies and kernels use it as pinned host memory
+    def host_map(self, addr: int, n: int) -> Tuple[int, int]:
+        d = self.d
+        ck(d.cuMemHostRegister(addr, n, 0x1 | 0x2), "cuMemHostRegister")   # PORTABLE | DEVICEMAP
+        try:
+            dptr = int(ck(d.cuMemHostGetDevicePointer(addr, 0), "cuMemHostGetDevicePointer"))
+        except BaseException:
+            d.cuMemHostUnregister(addr)
+            raise
+        return dptr, addr
+
+    def host_unmap(self, token: int) -> None:
+        d = self.d
+        ck(d.cuCtxSynchronize(), "cuCtxSynchronize")      # work issued before may still use it
+        ck(d.cuMemHostUnregister(token), "cuMemHostUnregister")
+
     # ------------------------------------------------------------------ device facts
     def cuDeviceGetName(self, ln, dev):
         name = ck(self.d.cuDeviceGetName(max(ln, 1), self.ex.dev_handles[dev]), "cuDeviceGetName")
