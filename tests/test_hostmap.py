@@ -365,3 +365,51 @@ def test_mappings_are_the_sessions_own(server, s):
     out = np.zeros(MIB, np.uint8)
     s.cuMemcpyDtoH(out, d, MIB)
     assert (out == 8).all()
+
+
+def test_host_alloc_from_several_threads(s):
+    import threading
+    got, errors = [], []
+
+    def one(i):
+        try:
+            a = s.host_alloc(64 << 10)
+            a[:] = i
+            got.append((i, a))
+        except Exception as e:       # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors and len(got) == 8
+    d = s.alloc(64 << 10)
+    for i, a in got:
+        assert pinned.region(s, a).track == "mapped"
+        s.cuMemcpyHtoD(d, a, 64 << 10)
+        out = np.zeros(64 << 10, np.uint8)
+        s.cuMemcpyDtoH(out, d, 64 << 10)
+        assert (out == i).all()
+
+
+def test_bw_bench_copies_mapped_memory_by_default_on_shared_memory(tmp_path):
+    """`bench rpc --tests bw` over shared memory copies host_alloc memory, mapped; with --host-mem
+    registered it takes the UCX path. The rows say which (the bytes of mapped copies are checked
+    by test_copies_from_and_to_mapped_memory)."""
+    import json
+    rows = {}
+    for mem in ("auto", "registered"):
+        out = tmp_path / f"bw-{mem}.json"
+        r = subprocess.run([sys.executable, "-m", "gpuwire.bench.rpc", "--executor", "cpu", "--tls", "sm",
+                            "--tests", "bw", "--sizes", "256K", "--bw-count", "4", "--bw-reps", "1",
+                            "--no-baseline", "--host-mem", mem, "--json", str(out)],
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "GPUWIRE_RPC_HOSTMAP": "auto"})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        rows[mem] = json.load(open(out))["rows"][0]
+    assert rows["auto"]["host_mem"] == "alloc" and rows["auto"]["mapped"] is True
+    assert rows["registered"]["host_mem"] == "registered" and rows["registered"]["mapped"] is False
+    for row in rows.values():
+        assert row["htod_async_MBps"] > 0 and row["dtoh_async_MBps"] > 0

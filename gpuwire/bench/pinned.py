@@ -622,7 +622,10 @@ def run(args: argparse.Namespace) -> int:
                                         ["--cpu-kernels", "gpuwire.rpc.kernels.pinned"])
 
     def connect():
-        return gpuwire.connect(address, token=token, tls=tls, name="bench-pinned")
+        # the mirrors are what this bench measures: a same-host session would map host_alloc
+        # memory instead (rpc_hostmap; `bench rpc --tests bw` measures that path)
+        with settings.override(rpc_hostmap="off"):
+            return gpuwire.connect(address, token=token, tls=tls, name="bench-pinned")
     rows: List[Dict[str, Any]] = []
     try:
         with settings.override(rpc_flush_us=args.flush_us):

@@ -197,11 +197,13 @@ class Channel:
             self.sock.close()
             raise
         self.next_key = 1
+        self.lock = threading.Lock()      # (host_alloc from several threads: one key each)
 
     def send(self, fd: int, nbytes: int) -> int:
-        key = self.next_key
-        self.next_key += 1
-        socket.send_fds(self.sock, [_MSG.pack(_MAGIC, self.secret, key, int(nbytes))], [fd])
+        with self.lock:
+            key = self.next_key
+            self.next_key += 1
+            socket.send_fds(self.sock, [_MSG.pack(_MAGIC, self.secret, key, int(nbytes))], [fd])
         return key
 
     def close(self) -> None:
