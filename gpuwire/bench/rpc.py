@@ -317,24 +317,23 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
         if mode == "auto":
             mode = "alloc" if s.hostmap else "registered"
         host = s.host_alloc(big) if mode == "alloc" else s.pinned(big)
-        s.bw_host_mem = (mode, mode == "alloc" and _pinned.region(s, host).track == "mapped")
+        mem = {"host_mem": mode, "mapped": mode == "alloc" and _pinned.region(s, host).track == "mapped"}
         host[:] = 1
         dev = s.alloc(big)
         st = s.stream()
         s.gwSync()
-        return s, host, dev, st
+        return s, host, dev, st, mem
 
     import statistics
     s = None
     try:
         if not tdir:     # one session for every size
-            s, host, dev, st = open_session(max(sizes))
+            s, host, dev, st, mem = open_session(max(sizes))
         for size in sizes:
             if tdir:     # one session per size: its trace file holds this size's copies only
-                s, host, dev, st = open_session(size)
+                s, host, dev, st, mem = open_session(size)
             n = max(4, min(args.bw_count, (2 << 30) // size))
-            row = {"bench": "rpc", "test": "bw", "size_bytes": size, "count": n, "reps": args.bw_reps,
-                   "host_mem": s.bw_host_mem[0], "mapped": s.bw_host_mem[1]}
+            row = {"bench": "rpc", "test": "bw", "size_bytes": size, "count": n, "reps": args.bw_reps, **mem}
             samples: Dict[str, List[float]] = {}
             windows: Dict[str, List[tuple]] = {"htod": [], "dtoh": []}   # async timed loops (monotonic ns, copies)
             for _rep in range(args.bw_reps):      # interleaved with the baseline: the medians

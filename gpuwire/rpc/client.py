@@ -41,16 +41,19 @@ _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
 _SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
 
 
+def _tl_names(transports: str) -> set:
+    """The transport names of an endpoint's data path ('posix/memory,cma/memory', 'tcp/lo', ...)."""
+    return {x.split("/", 1)[0].strip() for x in transports.split(",") if x.strip()}
+
+
 def _has_shm(transports: str) -> bool:
     """Whether an endpoint's data path includes a shared-memory transport (not counting self)."""
-    names = {x.split("/", 1)[0].strip() for x in transports.split(",") if x.strip()}
-    return bool(names & (_SHM_TLS - {"self"}))
+    return bool(_tl_names(transports) & (_SHM_TLS - {"self"}))
 
 
 def _shm_only(transports: str) -> bool:
-    """Whether an endpoint's data path ('posix/memory,cma/memory', 'tcp/lo', ...) is shared
-    memory only."""
-    names = {x.split("/", 1)[0].strip() for x in transports.split(",") if x.strip()}
+    """Whether an endpoint's data path is shared memory only."""
+    names = _tl_names(transports)
     return bool(names) and names <= _SHM_TLS
 
 settings.register("rpc_c_sync_batch", True, bool,
@@ -893,8 +896,8 @@ class Session(Stubs):
         self.executor = self.info.get("executor")
         self.session_id = self.info.get("session")
         self.hostmap_note = ""
-        self._hm: Any = False             # same-host mapping: False off, else the Channel
-        self._hm = self._hostmap_decide() or False      # (rpc_hostmap is read at connect)
+        # same-host mapping: the Channel, or False (rpc_hostmap is read at connect)
+        self._hm: Any = self._hostmap_decide() or False
         if self.info.get("reply_tail"):
             self._tail_max = max(0, min(int(settings.get("rpc_reply_inline_max")), int(self.info["reply_tail"]),
                                         P.REPLY_INLINE_LIMIT))
@@ -904,10 +907,7 @@ class Session(Stubs):
     def hostmap(self) -> bool:
         """Whether host_alloc memory is mapped by the server (same host; docs/pinned.md);
         ``hostmap_note`` says why not."""
-        return bool(self._hostmap_channel())
-
-    def _hostmap_channel(self) -> Any:
-        return getattr(self, "_hm", False)
+        return bool(self._hm)
 
     def _hostmap_decide(self) -> Any:
         from . import hostmap
@@ -976,8 +976,7 @@ class Session(Stubs):
         if getattr(self, "_pin", None) is not None:
             self._pin.close()   # munlock pinned regions, drop their registrations
         if getattr(self, "_hm", None):
-            self._hm.close()
-            self._hm = False
+            self._hostmap_drop("the session is closed")
         for obj in ("_ep", "_w"):
             o = getattr(self, obj, None)
             if o is not None:

@@ -50,6 +50,7 @@ import numpy as np
 from .. import settings
 from .. import transport as t
 from . import protocol as P
+from .hostmap import span_of
 from .protocol import CudaError
 
 settings.register("pinned_track", "auto", str,
@@ -536,10 +537,7 @@ class PinnedManager:
             # the reference copy is made at the first pull (a region never pulled needs none)
             R.granule = pull_granule(n, int(getattr(s, "_chunk", 0) or 0))
             R.detect = True
-        self.regions[rid] = R
-        self.by_start[start] = R
-        self.version += 1
-        self._hook(s)
+        self._enter(s, R)
         return R
 
     def host_alloc(self, s: Any, bytesize: Any, flags: int = 0) -> int:
@@ -548,12 +546,12 @@ class PinnedManager:
                             f"cuMemHostAlloc: bytesize must be a positive int, got {bytesize!r}")
         if not isinstance(flags, int) or flags & ~0xF:
             raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc", f"cuMemHostAlloc: flags {flags!r}")
-        ch = s._hostmap_channel() if hasattr(s, "_hostmap_channel") else None
+        ch = s._hm
         if ch:
             start = self._map_alloc(s, ch, bytesize)
             if start:
                 return start
-        span = (bytesize + _PAGE - 1) // _PAGE * _PAGE
+        span = span_of(bytesize)
         if bytesize >= _THP_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
             # huge pages also make write-protecting the region ('written', 'protect') touch few
             # entries: 1 MiB of 4 KiB pages ~24 µs to protect on the CPU box, 4 MiB of huge pages
@@ -575,7 +573,7 @@ class PinnedManager:
         the GPU in place (docs/pinned.md, "Same-host mapped regions"). 0 when it could not be
         mapped (the region is then mirrored; Session.hostmap_note says why)."""
         from . import hostmap
-        cap = int((s.info.get("hostmap") or {}).get("max_bytes", 0) or 0)
+        cap = int(s.info["hostmap"].get("max_bytes", 0) or 0)    # (a channel means an offer)
         have = sum(R.nbytes for R in self.regions.values() if R.track == "mapped")
         if cap and have + bytesize > cap:
             s.hostmap_note = (f"{bytesize} B more would exceed the server's cap of {cap} B of mapped client "
@@ -606,19 +604,23 @@ class PinnedManager:
             rid = self.next_id
             R = Region(rid, start, bytesize, int(dptr), arr, "alloc", "mapped")
             R.keep = mm
-            R.span = hostmap.span_of(bytesize)
+            R.span = span_of(bytesize)
             if self.lib.gw_pin_add(self.reg, start, bytesize, R.mirror, rid):
                 self.orig["gwHostUnmap"](s, R.mirror)
                 raise CudaError(P.CURESULT["CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"], "cuMemHostAlloc",
                                 f"{start:#x}+{bytesize} overlaps a pinned region")
             self.next_id += 1
-            self.regions[rid] = R
-            self.by_start[start] = R
-            self.version += 1
             self.stats["mapped"] += 1
-            self._hook(s)
+            self._enter(s, R)
         s._host[start] = arr
         return start
+
+    def _enter(self, s: Any, R: Region) -> None:
+        """A new region, already in the C registry, joins the session's regions (hooks on)."""
+        self.regions[R.id] = R
+        self.by_start[R.start] = R
+        self.version += 1
+        self._hook(s)
 
     def host_register(self, s: Any, p: Any, bytesize: Any, flags: int = 0) -> None:
         if not isinstance(bytesize, int) or isinstance(bytesize, bool) or bytesize <= 0:

@@ -370,7 +370,7 @@ class ServerSession:
         self._gds_files: Any = None   # gpuwire.gds.service.FileService, at the first file call
         self.h2d_ctx: Any = None      # the async H2D copy whose tail is still pending (GPU executor)
         self.hostmap: Any = None      # same-host mapped regions: the session's descriptor socket
-        self.hostmaps: Dict[int, Tuple[int, Any, Any]] = {}   # device address -> (bytes, mmap, token)
+        self.hostmaps: Dict[int, Tuple[Any, Any]] = {}   # device address -> (mmap, executor token)
         self.bulk_c: Any = None       # the C server's bulk copies (_cfast.Bulk, rpc_c_bulk)
 
     # ------------------------------------------------------------------ loop
@@ -1290,7 +1290,7 @@ class ServerSession:
             log.info("session %d: no same-host mapping (unix socket: %s)", self.id, e)
             return None
         d = self.hostmap.describe()
-        d["max_bytes"] = int(float(settings.get("rpc_hostmap_max_gib")) * (1 << 30))
+        d["max_bytes"] = _hostmap_cap()
         return d
 
     def gwHostMap(self, bytesize, key):
@@ -1299,27 +1299,24 @@ class ServerSession:
             raise fail(P.CUDA_ERROR_NOT_SUPPORTED, "gwHostMap: this session offers no same-host mapping")
         if bytesize <= 0:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, "gwHostMap: bytesize must be > 0")
-        cap = int(float(settings.get("rpc_hostmap_max_gib")) * (1 << 30))
-        have = sum(n for n, _m, _t in self.hostmaps.values())
+        cap = _hostmap_cap()
+        have = sum(self.mm.external.values())
         if have + bytesize > cap:
             raise fail(P.CUDA_ERROR_OUT_OF_MEMORY,
                        f"gwHostMap: {bytesize} B more would exceed the session's {cap} B of mapped client "
                        f"memory (rpc_hostmap_max_gib; {have} B mapped)")
         try:
             fd = self.hostmap.take(key, bytesize, float(settings.get("rpc_hostmap_wait_s")))
-        except hostmap.HostMapError as e:
-            log.warning("session %d: gwHostMap(key %d) refused: %s", self.id, key, e)
-            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwHostMap(key {key}): {e}") from None
-        try:
-            span = hostmap.check_fd(fd, bytesize)
-            m = mmap.mmap(fd, span, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                span = hostmap.check_fd(fd, bytesize)
+                m = mmap.mmap(fd, span, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
         except hostmap.HostMapError as e:
             log.warning("session %d: gwHostMap(key %d) refused: %s", self.id, key, e)
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwHostMap(key {key}): {e}") from None
         except OSError as e:
             raise fail(P.CURESULT["CUDA_ERROR_OPERATING_SYSTEM"], f"gwHostMap(key {key}): mmap: {e}") from None
-        finally:
-            os.close(fd)
         try:
             addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
             dptr, token = self.es.host_map(addr, span)
@@ -1334,7 +1331,7 @@ class ServerSession:
             raise
         if self.disp is not None:
             self.disp.alloc(dptr, bytesize)
-        self.hostmaps[dptr] = (bytesize, m, token)
+        self.hostmaps[dptr] = (m, token)
         return dptr
 
     def gwHostUnmap(self, dptr):
@@ -1343,8 +1340,8 @@ class ServerSession:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwHostUnmap: {dptr:#x} is not a mapping of this session")
         self._unmap(dptr, ent, self.es)
 
-    def _unmap(self, dptr: int, ent: Tuple[int, Any, Any], es: Any) -> None:
-        _n, m, token = ent
+    def _unmap(self, dptr: int, ent: Tuple[Any, Any], es: Any) -> None:
+        m, token = ent
         self.mm.remove_external(dptr)
         if self.disp is not None:
             self.disp.free(dptr)
@@ -1411,6 +1408,11 @@ class ServerSession:
 
 
 # ----------------------------------------------------------------------------- server
+
+def _hostmap_cap() -> int:
+    """Bytes of client memory one session may have mapped (rpc_hostmap_max_gib)."""
+    return int(float(settings.get("rpc_hostmap_max_gib")) * (1 << 30))
+
 
 def _read_token(token: Optional[str], token_file: Optional[str]) -> Optional[bytes]:
     if token_file:
