@@ -712,6 +712,7 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
     if (k == GW_RPC_DTOH_ASYNC) {
       uint64_t n = rd64(fr + r->fixed + 8);
       if (!v->fn[GW_RPC_STREAM_SYNC] || (v->chunk && n > v->chunk)) return srv_pass(v, tr);
+      if (v->lane_min && n >= v->lane_min && r->route[0] != GW_RPC_ROUTE_REPLY) return srv_pass(v, tr);
       need += (n + 7) & ~(uint64_t)7;
       if (need > cap) return srv_pass(v, tr);
       if (r->route[0] == GW_RPC_ROUTE_REPLY) { /* into the reply tail (Python checks the rest) */
@@ -1323,6 +1324,7 @@ typedef struct {
   void *stream;
   uint32_t tag;    /* SL_D2HQ: the client's route tag */
   uint32_t copy;   /* index into copies[] */
+  int lane;        /* the message's bulk lane, -1: the session's connection */
 } bslot_t;
 
 typedef struct { /* one copy record, for its late failure */
@@ -1353,7 +1355,30 @@ struct gw_rpc_bulk {
   int evph;      /* b_ev_wait's phase (the frame's direction) */
   int64_t ph_t;  /* when the time since went to ph */
   int64_t h_t0;  /* the handler call's start */
+  int nl;                               /* bulk lanes (0: none) */
+  uint64_t lane_min;
+  void *lconn[GW_RPC_MAXLANES], *lworker[GW_RPC_MAXLANES];
 };
+
+/* the lane of chunk j of a payload of n bytes tagged tag (-1: the session's connection) */
+static inline int b_lane(const gw_rpc_bulk_t *b, uint32_t tag, uint64_t j, uint64_t n) {
+  return (b->nl && n >= b->lane_min) ? (int)((tag + j) % (uint64_t)b->nl) : -1;
+}
+static inline void *b_wk(const gw_rpc_bulk_t *b, int lane) { return lane < 0 ? b->c.worker : b->lworker[lane]; }
+static inline void *b_cn(const gw_rpc_bulk_t *b, int lane) { return lane < 0 ? b->c.conn : b->lconn[lane]; }
+
+int gw_rpc_bulk_set_lanes(gw_rpc_bulk_t *b, int n, void **conns, void **workers, uint64_t lane_min) {
+  if (!b || n < 0 || n > GW_RPC_MAXLANES || (n && (!conns || !workers))) return -1;
+  for (int i = 0; i < n; i++)
+    if (!conns[i] || !workers[i]) return -1;
+  for (int i = 0; i < n; i++) {
+    b->lconn[i] = conns[i];
+    b->lworker[i] = workers[i];
+  }
+  b->nl = n;
+  b->lane_min = lane_min;
+  return 0;
+}
 
 /* entering / leaving a phase (nested: the outer one's exclusive time pauses) */
 typedef struct { int prev, p; int64_t t0; } bph_t;
@@ -1436,13 +1461,13 @@ static void b_settle(gw_rpc_bulk_t *b, int k) {
   bslot_t *s = &b->sl[k];
   bcopy_t *cp = &b->copies[s->copy];
   bph_t ph = ph_in(b, GW_RPC_BPH_RECV_WAIT);
-  int rc = ((b_wait_fn)b->c.wait)(b->c.worker, s->req, b->c.timeout_ns);
+  int rc = ((b_wait_fn)b->c.wait)(b_wk(b, s->lane), s->req, b->c.timeout_ns);
   ph_out(b, ph);
   int st = 0;
   size_t got = 0;
   uint32_t a, t, h;
   ((b_info_fn)b->c.info)(s->req, &st, &got, &a, &t, &h);
-  ((b_release_fn)b->c.release)(b->c.worker, s->req); /* cancels it if it is still posted */
+  ((b_release_fn)b->c.release)(b_wk(b, s->lane), s->req); /* cancels it if it is still posted */
   s->req = NULL;
   s->state = SL_FREE;
   b->stat[GW_RPC_BS_PENDING]--;
@@ -1484,7 +1509,8 @@ static void b_send(gw_rpc_bulk_t *b, int k) {
   bslot_t *s = &b->sl[k];
   void *req = NULL;
   bph_t ph = ph_in(b, GW_RPC_BPH_SEND_POST);
-  int rc = ((b_send_fn)b->c.send)(b->c.conn, s->tag, NULL, 0, b->c.slot[k], s->empty ? 0 : (size_t)s->len, &req);
+  int rc = ((b_send_fn)b->c.send)(b_cn(b, s->lane), s->tag, NULL, 0, b->c.slot[k], s->empty ? 0 : (size_t)s->len,
+                                  &req);
   ph_out(b, ph);
   if (rc < 0 || !req) { /* the connection is gone: the serve loop sees it next */
     s->state = SL_FREE;
@@ -1522,9 +1548,9 @@ static int b_take(gw_rpc_bulk_t *b, int *kout) {
     while (s->state == SL_D2HQ) b_dq_pop(b); /* it is the oldest queued chunk */
   if (s->state == SL_SEND) {
     bph_t ph = ph_in(b, GW_RPC_BPH_SEND_WAIT);
-    ((b_wait_fn)b->c.wait)(b->c.worker, s->req, b->c.timeout_ns);
+    ((b_wait_fn)b->c.wait)(b_wk(b, s->lane), s->req, b->c.timeout_ns);
     ph_out(b, ph);
-    ((b_release_fn)b->c.release)(b->c.worker, s->req);
+    ((b_release_fn)b->c.release)(b_wk(b, s->lane), s->req);
     s->req = NULL;
     s->state = SL_FREE;
   }
@@ -1675,7 +1701,8 @@ static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
     void *st;
     bcopy_t *cp = b_rec(b, fr, seq, i, &dst, &n, &st, &m);
     uint32_t ci = (uint32_t)(cp - b->copies), tag = b->c.srv->recs[i].var_len[0];
-    for (uint64_t off = 0; off < n; off += m) {
+    uint64_t j = 0;
+    for (uint64_t off = 0; off < n; off += m, j++) {
       uint64_t ln = n - off < m ? n - off : m;
       int k;
       int rc = b_take(b, &k);
@@ -1691,7 +1718,8 @@ static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
       }
       /* posted even after a failure: the payload is on its way and must be taken */
       bph_t ph = ph_in(b, GW_RPC_BPH_RECV_POST);
-      rc = ((b_recv_fn)b->c.recv)(b->c.worker, b->c.conn, tag, B_TAG_MASK, b->c.slot[k], (size_t)ln, &req);
+      int lane = b_lane(b, tag, j, n);
+      rc = ((b_recv_fn)b->c.recv)(b_wk(b, lane), b_cn(b, lane), tag, B_TAG_MASK, b->c.slot[k], (size_t)ln, &req);
       ph_out(b, ph);
       if (rc < 0 || !req) {
         b_fail(b, cp, GW_CU_INVALID_VALUE, "bulk payload: cannot post its receive (transport status %d)", rc);
@@ -1699,6 +1727,7 @@ static void b_run_h2d(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
       }
       s->state = SL_RECV;
       s->req = req;
+      s->lane = lane;
       s->dptr = dst + off;
       s->len = ln;
       s->stream = st;
@@ -1718,7 +1747,8 @@ static void b_run_d2h(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
     bcopy_t *cp = b_rec(b, fr, seq, i, &src, &n, &st, &m);
     uint32_t ci = (uint32_t)(cp - b->copies);
     const gw_rpc_rec_t *r = &b->c.srv->recs[i];
-    for (uint64_t off = 0; off < n; off += m) {
+    uint64_t j = 0;
+    for (uint64_t off = 0; off < n; off += m, j++) {
       uint64_t ln = n - off < m ? n - off : m;
       int k;
       int rc = b_take(b, &k);
@@ -1747,6 +1777,7 @@ static void b_run_d2h(gw_rpc_bulk_t *b, const uint8_t *fr, uint32_t seq, uint32_
       s->state = SL_D2HQ;
       s->len = ln;
       s->tag = r->route[0];
+      s->lane = b_lane(b, s->tag, j, n);
       s->copy = ci;
       b->dq[(b->dq_head + b->dq_n) % GW_RPC_BULK_MAXSLOTS] = k;
       b->dq_n++;
@@ -1876,6 +1907,7 @@ gw_rpc_bulk_t *gw_rpc_bulk_new(const gw_rpc_bulk_cfg_t *cfg) {
   gw_rpc_bulk_t *b = (gw_rpc_bulk_t *)calloc(1, sizeof(*b));
   if (!b) return NULL;
   b->c = *cfg;
+  for (uint32_t k = 0; k < GW_RPC_BULK_MAXSLOTS; k++) b->sl[k].lane = -1;
   return b;
 }
 
@@ -1884,8 +1916,8 @@ void gw_rpc_bulk_free(gw_rpc_bulk_t *b) {
   for (uint32_t k = 0; k < b->c.nslots; k++) {
     bslot_t *s = &b->sl[k];
     if (s->state == SL_RECV || s->state == SL_SEND) {
-      if (s->state == SL_SEND) ((b_wait_fn)b->c.wait)(b->c.worker, s->req, 2000000000LL);
-      ((b_release_fn)b->c.release)(b->c.worker, s->req); /* a posted receive is cancelled */
+      if (s->state == SL_SEND) ((b_wait_fn)b->c.wait)(b_wk(b, s->lane), s->req, 2000000000LL);
+      ((b_release_fn)b->c.release)(b_wk(b, s->lane), s->req); /* a posted receive is cancelled */
     }
     s->req = NULL;
     s->state = SL_FREE;

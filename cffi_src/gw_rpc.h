@@ -203,6 +203,9 @@ typedef struct {
   uint8_t *tail;
   uint32_t tail_cap;
   uint32_t tail_n;
+  /* bulk lanes (docs/protocol.md "Bulk lanes"): a D2H push of this many bytes or more goes
+   * to Python, which sends it on the lanes (0: no lanes) */
+  uint64_t lane_min;
 } gw_rpc_srv_t;
 /* = the transport's GW_MSG_DEFER */
 #define GW_RPC_MSG_DEFER 1
@@ -400,6 +403,12 @@ typedef struct {
 
 typedef struct gw_rpc_bulk gw_rpc_bulk_t;
 gw_rpc_bulk_t *gw_rpc_bulk_new(const gw_rpc_bulk_cfg_t *cfg); /* NULL: bad configuration */
+/* bulk lanes: payloads of lane_min bytes or more travel as messages on n extra connections
+ * (conns[i] of workers[i], same entry points as the cfg's): chunk j of the payload tagged T on
+ * lane (T + j) % n.  Set between handler calls (from the thread that runs them); n 0: none.
+ * -1: bad arguments. */
+#define GW_RPC_MAXLANES 8
+int gw_rpc_bulk_set_lanes(gw_rpc_bulk_t *b, int n, void **conns, void **workers, uint64_t lane_min);
 /* the session ends: settle/cancel what is pending, wait for the sends, free */
 void gw_rpc_bulk_free(gw_rpc_bulk_t *b);
 int gw_rpc_bulk_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, int maxout, int *nout);

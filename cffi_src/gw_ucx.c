@@ -19,6 +19,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,7 +51,10 @@ static inline int64_t now_ns(void) {
   return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-#define LOCK(w) pthread_mutex_lock(&(w)->lock)
+/* LOCK: while the worker's progress thread runs, a caller announces itself
+ * (lock_want) so the thread, which re-takes the lock in a tight loop, steps
+ * aside instead of starving it (a mutex hand-off is not fair). */
+#define LOCK(w) worker_lock(w)
 #define UNLOCK(w) pthread_mutex_unlock(&(w)->lock)
 
 /* A closed conn may outlive its worker (the caller frees the struct): nothing
@@ -101,6 +105,7 @@ struct gw_req {
   int ucx_busy;             /* UCX still owns the request memory */
   int released;             /* the user let go of it */
   int is_recv;
+  int pumped;               /* counted in the worker's pump_n until UCX is done with it */
   size_t length;
   uint64_t sender_tag;
   int64_t t_done;
@@ -202,7 +207,30 @@ struct gw_worker {
   int n_deferred, cap_deferred;
   int64_t held_due;         /* emulated RTT: earliest time a held receive shows */
   gw_hello_t self;          /* our identity */
+  /* progress thread ("pump"): drives the worker while sends/receives of at
+   * least pump_min bytes are in flight, so their bytes move while the owning
+   * thread runs other code (over tcp nothing moves without progress) */
+  pthread_t pump_th;
+  pthread_cond_t pump_cv;   /* waited on with `lock`: pump_n became > 0, or stop */
+  int pump_started;
+  volatile int pump_on;
+  volatile int pump_stop;
+  int pump_sleeping;
+  int pump_n;               /* pumped requests UCX still owns (lock held) */
+  size_t pump_min;
+  volatile int lock_want;   /* callers waiting for `lock` while the pump runs */
+  uint64_t pump_passes, pump_blocks, pump_reqs;
 };
+
+static inline void worker_lock(gw_worker_t *w) {
+  if (w->pump_on) {
+    __atomic_add_fetch(&w->lock_want, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&w->lock);
+    __atomic_sub_fetch(&w->lock_want, 1, __ATOMIC_SEQ_CST);
+  } else {
+    pthread_mutex_lock(&w->lock);
+  }
+}
 
 /* ------------------------------------------------------------- versions */
 
@@ -397,8 +425,20 @@ static void wake_waiters(gw_worker_t *w) {
 /* UCX is done with the request memory */
 static void req_ucx_done(gw_req_t *r) {
   r->ucx_busy = 0;
+  if (r->pumped) {
+    r->pumped = 0;
+    r->w->pump_n--;
+  }
   if (r->released) req_put(r->w, r);
   else if (r->w->waiters) wake_waiters(r->w);
+}
+
+/* a request UCX now owns (lock held): the pump drives it if it is big enough */
+static inline void pump_note(gw_worker_t *w, gw_req_t *r, size_t len) {
+  if (!w->pump_on || len < w->pump_min) return;
+  r->pumped = 1;
+  w->pump_reqs++;
+  if (w->pump_n++ == 0 && w->pump_sleeping) pthread_cond_signal(&w->pump_cv);
 }
 
 static void send_cb(void *request, ucs_status_t status, void *user_data) {
@@ -916,6 +956,8 @@ int gw_worker_create(gw_ctx_t *ctx, gw_worker_t **out) {
   w->gens = calloc(MAX_CONNS, sizeof(uint16_t));
   w->next_idx = 1;
   pthread_mutex_init(&w->lock, NULL);
+  pthread_cond_init(&w->pump_cv, NULL);
+  w->pump_min = 65536;
   fill_identity(&w->self);
   ucp_worker_params_t p;
   memset(&p, 0, sizeof(p));
@@ -984,6 +1026,8 @@ fail:
 
 void gw_worker_destroy(gw_worker_t *w) {
   if (!w) return;
+  gw_worker_pump_stop(w);
+  pthread_cond_destroy(&w->pump_cv);
   LOCK(w);
   for (uint32_t i = 1; i < MAX_CONNS; i++) {
     gw_conn_t *c = w->conns[i];
@@ -1121,9 +1165,16 @@ static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns
   unsigned it = 0;
   for (;;) {
     if (cond(arg)) return 0;
-    LOCK(w);
-    progress_locked(w);
-    UNLOCK(w);
+    if (w->pump_on && w->pump_n > 0) {
+      /* the progress thread is moving big transfers: leave the worker to it (a waiter taking
+       * the lock each pass would only slow it down); completions show in cond */
+      /* (yield: the progress thread may share this CPU, e.g. a process pinned to one core) */
+      sched_yield();
+    } else {
+      LOCK(w);
+      progress_locked(w);
+      UNLOCK(w);
+    }
     if (cond(arg)) return 0;
     if ((++it & 15) == 0 || w->spin_ns == 0) {
       int64_t t = now_ns();
@@ -1157,6 +1208,117 @@ static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns
 static int cond_never(void *arg) {
   (void)arg;
   return 0;
+}
+
+/* ---------------------------------------------------------- progress thread */
+
+static int cond_pump_idle(void *arg) {
+  gw_worker_t *w = (gw_worker_t *)arg;
+  return w->pump_n == 0 || w->pump_stop;
+}
+
+/* While pumped requests are in flight: progress passes, the lock given up
+ * between passes (and left to any caller waiting for it); after spin_ns
+ * without progress it blocks on the worker's events (1 ms slices) like a
+ * waiter.  With none in flight it sleeps on pump_cv. */
+static void *pump_main(void *arg) {
+  gw_worker_t *w = (gw_worker_t *)arg;
+  int64_t idle_since = 0, busy_at = 0;
+  pthread_mutex_lock(&w->lock);
+  while (!w->pump_stop) {
+    if (w->pump_n <= 0) {
+      if (busy_at && now_ns() - busy_at < w->spin_ns) {
+        /* just drained: the next transfer (the next copy of a loop) is likely soon; stay
+         * awake for spin_ns so its post needs no wake-up (a futex wake on its path) */
+        pthread_mutex_unlock(&w->lock);
+        sched_yield(); /* (spinning on a CPU another thread of this process may need) */
+        while (__atomic_load_n(&w->lock_want, __ATOMIC_ACQUIRE)) sched_yield();
+        pthread_mutex_lock(&w->lock);
+        continue;
+      }
+      busy_at = 0;
+      w->pump_sleeping = 1;
+      pthread_cond_wait(&w->pump_cv, &w->lock);
+      w->pump_sleeping = 0;
+      idle_since = 0;
+      continue;
+    }
+    int n = progress_locked(w);
+    w->pump_passes++;
+    busy_at = now_ns();
+    pthread_mutex_unlock(&w->lock);
+    if (n) {
+      idle_since = 0;
+    } else {
+      int64_t t = now_ns();
+      if (!idle_since) {
+        idle_since = t;
+      } else if (t - idle_since > w->spin_ns) {
+        w->pump_blocks++;
+        block_once(w, 1000000LL, cond_pump_idle, w);
+        idle_since = 0;
+      }
+    }
+    while (__atomic_load_n(&w->lock_want, __ATOMIC_ACQUIRE)) sched_yield();
+    if (!n) sched_yield(); /* nothing moved: a caller on this CPU may have work for it */
+    pthread_mutex_lock(&w->lock);
+  }
+  pthread_mutex_unlock(&w->lock);
+  return NULL;
+}
+
+int gw_worker_pump_start(gw_worker_t *w, size_t min_bytes) {
+  LOCK(w);
+  w->pump_min = min_bytes;
+  if (w->pump_started) {
+    UNLOCK(w);
+    return 0;
+  }
+  w->pump_stop = 0;
+  w->pump_on = 1;
+  int rc = pthread_create(&w->pump_th, NULL, pump_main, w);
+  if (rc) {
+    w->pump_on = 0;
+    UNLOCK(w);
+    return UCS_ERR_NO_RESOURCE;
+  }
+  w->pump_started = 1;
+  UNLOCK(w);
+  return 0;
+}
+
+void gw_worker_pump_stop(gw_worker_t *w) {
+  LOCK(w);
+  if (!w->pump_started) {
+    UNLOCK(w);
+    return;
+  }
+  w->pump_stop = 1;
+  pthread_cond_signal(&w->pump_cv);
+  for (gw_waiter_t *x = w->waiters; x; x = x->next) { /* the pump may block in poll */
+    static const uint64_t one = 1;
+    ssize_t rc = write(x->efd, &one, sizeof(one));
+    (void)rc;
+  }
+  pthread_t th = w->pump_th;
+  UNLOCK(w);
+  pthread_join(th, NULL);
+  LOCK(w);
+  w->pump_started = 0;
+  w->pump_on = 0;
+  w->pump_stop = 0;
+  UNLOCK(w);
+}
+
+void gw_worker_pump_stats(gw_worker_t *w, int *running, int *in_flight, uint64_t *passes,
+                          uint64_t *blocks, uint64_t *reqs) {
+  LOCK(w);
+  *running = w->pump_started;
+  *in_flight = w->pump_n;
+  *passes = w->pump_passes;
+  *blocks = w->pump_blocks;
+  *reqs = w->pump_reqs;
+  UNLOCK(w);
 }
 
 int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
@@ -1526,6 +1688,7 @@ static int send_locked(gw_conn_t *c, uint32_t tag, const void *hdr, size_t hlen,
   }
   r->ucx_busy = 1;
   req_link(c, r);
+  pump_note(c->w, r, len);
   return 1;
 }
 
@@ -1560,6 +1723,7 @@ static int recv_locked(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_
   }
   r->ucx_busy = 1;
   if (c) req_link(c, r);
+  pump_note(w, r, cap);
   return 1;
 }
 
@@ -2066,6 +2230,7 @@ static int rma(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t 
   } else {
     r->ucx_busy = 1;
     req_link(c, r);
+    pump_note(w, r, len);
     rc = 1;
   }
   UNLOCK(w);

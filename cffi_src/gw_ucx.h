@@ -55,6 +55,13 @@ int gw_worker_progress(gw_worker_t *w);
 /* spin then block on the event fd until something happens or timeout; 1 if work */
 int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns);
 int gw_worker_efd(gw_worker_t *w);
+/* progress thread: while sends/receives of >= min_bytes are in flight a thread of the
+ * worker's own drives it (their bytes move while the caller runs other code); it sleeps
+ * when none are.  start is idempotent (updates min_bytes); stop joins it (destroy stops it) */
+int gw_worker_pump_start(gw_worker_t *w, size_t min_bytes);
+void gw_worker_pump_stop(gw_worker_t *w);
+void gw_worker_pump_stats(gw_worker_t *w, int *running, int *in_flight, uint64_t *passes,
+                          uint64_t *blocks, uint64_t *reqs);
 /* conns the worker saw go down since the last call: their ids */
 int gw_worker_poll_lost(gw_worker_t *w, uint32_t *ids, int cap);
 

@@ -298,7 +298,38 @@ def _hostmap(s, srv):
         ch.close()
 
 
+def _bulk_lanes(s, srv):
+    """gwBulkLanes at the stub level (tests/test_lanes.py covers the lanes): a session whose
+    hello asked for none has no offer to take up; a session with lanes refuses a second call;
+    its copies come back whole through the lanes."""
+    with settings.override(rpc_bulk_lanes=0):
+        s0 = srv.connect(name="no lanes")
+    try:
+        with pytest.raises(CudaError) as ei:
+            s0.gwBulkLanes(2)
+        assert ei.value.result == CU["CUDA_ERROR_NOT_SUPPORTED"] and ei.value.call == "gwBulkLanes"
+    finally:
+        s0.close()
+    with settings.override(rpc_bulk_lanes=2):
+        s2 = srv.connect(name="lanes")
+    try:
+        assert len(s2._lane_eps) == 2
+        with pytest.raises(CudaError) as ei:
+            s2.gwBulkLanes(2)                      # (in use already)
+        assert ei.value.result == CU["CUDA_ERROR_INVALID_VALUE"]
+        n = 3 << 20
+        a = (np.arange(n) % 251).astype(np.uint8)
+        with s2.alloc(n) as d:
+            s2.cuMemcpyHtoD(d, a, n)
+            back = np.zeros(n, np.uint8)
+            s2.cuMemcpyDtoH(back, d, n)
+        assert np.array_equal(back, a)
+    finally:
+        s2.close()
+
+
 SCENARIOS = {
+    "gwBulkLanes": _bulk_lanes,
     "gwHostMap": _hostmap, "gwHostUnmap": _hostmap,
     "gwMirrorPull": _mirror_pull,
     "gwFileRead": _files, "gwFileReadV": _files, "gwFileStat": _files, "gwFileBackend": _files,

@@ -107,10 +107,11 @@ def _copy_script(s, sizes=SIZES):
     return int(bad[0]) if bad.size else -1, int(out.astype(np.uint64).sum()), int(want.astype(np.uint64).sum())
 
 
-@pytest.mark.parametrize("progress", [False, True])
+@pytest.mark.parametrize("progress", [False, True, "thread"])
 def test_c_bulk_copies_keep_bytes_and_stream_order(inproc, progress):
     """rpc_bulk_progress: the client drives its transport after each payload / push posting
-    (read at each copy); the bytes are the same either way."""
+    (read at each copy), or the worker's progress thread does ('thread'); the bytes are the
+    same every way."""
     s = _connect(f"127.0.0.1:{inproc.port}")
     w = s._w
     calls = [0]
@@ -123,9 +124,19 @@ def test_c_bulk_copies_keep_bytes_and_stream_order(inproc, progress):
         w.progress = counted
     except AttributeError:          # pragma: no cover - a Worker without instance attributes
         pytest.skip("cannot count Worker.progress calls")
+    seen = {}
+    close = s.close
+
+    def close_and_note():               # (the helper closes the session: read the thread first)
+        seen.update(w.progress_thread_stats())
+        close()
+    s.close = close_and_note
     with _settings.override(rpc_bulk_progress=progress):
         _copies_keep_bytes_and_stream_order(inproc, s)
-    assert (calls[0] > 0) == progress
+    st = seen
+    assert (calls[0] > 0) == (progress is True)
+    if progress == "thread":
+        assert st["running"] == 1 and st["requests"] > 0   # (it drove the payloads and pushes)
 
 
 def test_bulk_progress_auto_follows_the_data_path(inproc):
@@ -137,7 +148,9 @@ def test_bulk_progress_auto_follows_the_data_path(inproc):
     for raw, want in ((True, "on"), ("1", "on"), ("off", "off"), (False, "off"), ("AUTO", "auto")):
         with _settings.override(rpc_bulk_progress=raw):
             assert _settings.get("rpc_bulk_progress") == want
-    with pytest.raises(ValueError, match="GPUWIRE_RPC_BULK_PROGRESS"):
+    with _settings.override(rpc_bulk_progress="THREAD"):
+        assert _settings.get("rpc_bulk_progress") == "thread"
+    with pytest.raises(ValueError, match="GPUWIRE_RPC_BULK_PROGRESS.*expected auto, thread, on"):
         with _settings.override(rpc_bulk_progress="sometimes"):
             pass
     s = _connect(f"127.0.0.1:{inproc.port}")

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from .. import settings
 from .. import transport as t
+from . import lanes as _lanes
 from . import pinned as _pinned
 from . import protocol as P
 from .codegen import client_class, raw_class
@@ -39,6 +40,7 @@ from .spec import SPEC_VERSION, default_spec, image_bytes
 
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
 _SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
+PUMP_MIN_BYTES = 64 << 10   # rpc_bulk_progress=thread: transfers the progress thread drives
 
 
 def _tl_names(transports: str) -> set:
@@ -745,6 +747,9 @@ class Session(Stubs):
         self.closed = True
         self._pin = None      # pinned-region mirroring (gpuwire.rpc.pinned), made on first use
         self._lock = threading.Lock()
+        # bulk lanes (gpuwire.rpc.lanes): asked for in the hello, in use after gwBulkLanes
+        lanes_set = settings.get("rpc_bulk_lanes")     # (a bad value is refused here, by name)
+        self._lanes_want = 0
         tls = settings.get("rpc_tls") if tls is None else tls
         self._tctx = t.Context({"TLS": tls} if tls else None)
         try:
@@ -756,6 +761,10 @@ class Session(Stubs):
         except BaseException:
             self._tctx.close()
             raise
+        if lanes_set == "auto":   # lanes where one connection's thread bounds the bytes (not shared memory)
+            self._lanes_want = 0 if _shm_only(str(self._ep.transports or "")) else _lanes.AUTO_LANES
+        else:
+            self._lanes_want = int(lanes_set)
         self.address = address
         self.raw = RawAPI(self)
         self._seq = 0
@@ -792,6 +801,9 @@ class Session(Stubs):
         self._repb = t.Buffer(self._rep, writable=True)
         self._repmv = memoryview(self._rep)
         self._chunk = 0
+        self._lane_eps: List[t.Endpoint] = []
+        self._lane_ws: List[t.Worker] = []
+        self._lane_min = 0
         self._timer: Optional[threading.Thread] = None
         self._timer_ev = threading.Event()
         self._armed = -1
@@ -837,13 +849,38 @@ class Session(Stubs):
                 self._timer = threading.Thread(target=_timer_loop, args=(weakref.ref(self), self._timer_ev),
                                                name="gpuwire-rpc-flush", daemon=True)
             self._timer.start()
+        if self._lanes_want and "lanes" in self.info:
+            try:
+                self._lanes_setup(self._lanes_want, timeout)
+            except BaseException:
+                self.close()
+                raise
+
+    def _lanes_setup(self, n: int, timeout: Optional[float]) -> None:
+        """Connect the bulk lanes the server offered and switch both sides to them
+        (gpuwire.rpc.lanes); a lane that fails fails the connect, naming it."""
+        offer = self.info["lanes"]
+        n = min(n, len(offer.get("ports") or ()))
+        tmo = float(settings.get("rpc_lane_wait_s")) if timeout is None else float(timeout)
+        host = t.parse_hostport(self.address)[0]
+        try:
+            ws, eps, lane_min = _lanes.connect(self._tctx, host, offer, n, tmo)
+        except _lanes.LaneError as e:
+            raise ProtocolError(f"gpuwire server {self.address}: {e} (rpc_bulk_lanes=0 connects without lanes)") from None
+        self._lane_ws = ws
+        self.gwBulkLanes(n)
+        self._lane_min = lane_min
+        self._lane_eps = eps
 
     # ------------------------------------------------------------------ hello / bye
     def _hello(self, token: Optional[str], name: str, device: Optional[int]) -> Dict[str, Any]:
         spec = default_spec()
         tok = (settings.get("rpc_token") if token is None else token) or ""
         tokb = tok.encode() if isinstance(tok, str) else bytes(tok)
-        info = json.dumps({"name": name, "pid": os.getpid(), "device": device}).encode()
+        hello = {"name": name, "pid": os.getpid(), "device": device}
+        if self._lanes_want:
+            hello["lanes"] = self._lanes_want
+        info = json.dumps(hello).encode()
         cap = 1 << 20
         if not hasattr(self, "_frames"):
             self._frames = [_Frame(cap) for _ in range(4)]
@@ -888,7 +925,8 @@ class Session(Stubs):
         self._seq = 1
         self._call_seq = 1
         self._chunk = int(self.info.get("bulk_chunk", 0))
-        self._bp_auto: Optional[bool] = None     # rpc_bulk_progress=auto, once decided
+        self._bp_auto: Optional[str] = None      # rpc_bulk_progress=auto, once decided
+        self._pump = False                       # the worker's progress thread runs (rpc_bulk_progress=thread)
         self._inline_max = min(self._inline_max, int(self.info.get("inline_max", self._inline_max)))
         mf = int(self.info.get("max_frame", cap))
         self._max_bytes = min(self._max_bytes, mf - self._inline_max - 4096)
@@ -977,6 +1015,13 @@ class Session(Stubs):
             self._pin.close()   # munlock pinned regions, drop their registrations
         if getattr(self, "_hm", None):
             self._hostmap_drop("the session is closed")
+        self._lane_eps = []
+        for w in getattr(self, "_lane_ws", ()):
+            try:
+                w.close()       # its endpoint and progress thread
+            except Exception:
+                pass
+        self._lane_ws = []
         for obj in ("_ep", "_w"):
             o = getattr(self, obj, None)
             if o is not None:
@@ -1092,9 +1137,11 @@ class Session(Stubs):
 
     def _send_bulk(self) -> None:
         bulk, self._bulk = self._bulk, []
+        inline = self._bulk_progress()   # (before the sends: a progress thread must see them posted)
         reqs = []
         for tag, data, n, nowait in bulk:
-            rs = [self._ep.send_nb(_sub(data, off, ln), tag=tag) for off, ln in _chunks(n, self._chunk)]
+            rs = [self._lep(tag, k, n).send_nb(_sub(data, off, ln), tag=tag)
+                  for k, (off, ln) in enumerate(_chunks(n, self._chunk))]
             if nowait:
                 # async copy from registered (pinned) memory: like CUDA, the buffer must not change
                 # until a sync point covers the copy; the sends complete in the background
@@ -1103,30 +1150,40 @@ class Session(Stubs):
                 reqs.extend(rs)
         # otherwise the bytes are captured when the call returns (spec): wait for local completion
         if reqs:
-            self._w.wait_all(reqs, timeout=None if self._timeout < 0 else self._timeout)
+            self._wait_reqs(reqs)
         if len(self._inflight) > 64:
             self._wait_inflight(32)
-        elif self._bulk_progress():
+        elif inline:
             # drive the transport once (non-blocking): while the caller issues its next copies the
             # payloads in flight keep moving (over tcp they only move when this side progresses)
             self._w.progress()
 
     def _bulk_progress(self) -> bool:
-        """rpc_bulk_progress (read at each copy): auto = on unless every data lane of the
-        connection is shared memory (there the server moves the bytes itself)."""
+        """rpc_bulk_progress (read at each copy, before its payload or push is posted): True
+        when this thread should drive the transport once after posting ('on'); 'thread' starts
+        the session worker's progress thread (any other mode stops it); auto = on unless every
+        data lane of the connection is shared memory (there the server moves the bytes itself)."""
         m = settings.get("rpc_bulk_progress")
-        if m != "auto":
-            return m == "on"
-        v = getattr(self, "_bp_auto", None)
-        if v is None:
-            v = self._bp_auto = not _shm_only(str(getattr(self._ep, "transports", "") or ""))
-        return v
+        if m == "auto":
+            v = self._bp_auto
+            if v is None:
+                v = self._bp_auto = "off" if _shm_only(str(getattr(self._ep, "transports", "") or "")) else "on"
+            m = v
+        if (m == "thread") != self._pump:
+            self._set_pump(m == "thread")
+        return m == "on"
+
+    def _set_pump(self, on: bool) -> None:
+        if on:
+            self._w.start_progress_thread(PUMP_MIN_BYTES)
+        else:
+            self._w.stop_progress_thread()
+        self._pump = on
 
     def _wait_inflight(self, keep: int = 0) -> None:
-        tmo = None if self._timeout < 0 else self._timeout
         while len(self._inflight) > keep:
             rs, _data = self._inflight.pop(0)
-            self._w.wait_all(rs, timeout=tmo)
+            self._wait_reqs(rs)
 
     def _drain_sends(self) -> None:
         try:
@@ -1290,7 +1347,10 @@ class Session(Stubs):
         tmo = None if self._timeout < 0 else self._timeout
         while self._push_done != upto and self._pushes:
             tag, reqs, _buf = self._pushes.popleft()
-            self._w.wait_all(reqs, timeout=tmo)
+            if self._lane_eps:
+                self._wait_reqs(reqs)
+            else:
+                self._w.wait_all(reqs, timeout=tmo)
             self._push_done = (self._push_done + 1) & 0xFFFFFFFF
 
     # ------------------------------------------------------------------ stub helpers
@@ -1420,10 +1480,24 @@ class Session(Stubs):
     def _post_recvs(self, buf: Any, n: int, tag: int) -> List[Any]:
         reqs = []
         b = t.Buffer(buf, writable=True) if n else t.Buffer(bytearray(1), writable=True)
-        for off, ln in _chunks(n, self._chunk):
+        for k, (off, ln) in enumerate(_chunks(n, self._chunk)):
             target = t.Buffer(t.RawBuffer(b.ptr + off, ln), writable=True) if ln else b
-            reqs.append(self._ep.recv_nb(target, tag=tag, tag_mask=t.EXACT_TAG))
+            reqs.append(self._lep(tag, k, n).recv_nb(target, tag=tag, tag_mask=t.EXACT_TAG))
         return reqs
+
+    def _lep(self, tag: int, k: int, n: int) -> t.Endpoint:
+        """The endpoint of message ``k`` of a bulk payload of ``n`` bytes tagged ``tag``: a bulk
+        lane or the session's connection (gpuwire.rpc.lanes.lane_of; the server's pep)."""
+        eps = self._lane_eps
+        if eps and n >= self._lane_min:
+            return eps[(tag + k) % len(eps)]
+        return self._ep
+
+    def _wait_reqs(self, reqs: List[Any]) -> list:
+        """Wait for transport requests of the session's worker and its lanes' (results in order)."""
+        if not self._lane_eps:
+            return self._w.wait_all(reqs, timeout=None if self._timeout < 0 else self._timeout)
+        return _lanes.wait_requests(reqs, self._w, None if self._timeout < 0 else self._timeout)
 
     def _post_out(self, buf: Any, n: int) -> int:
         if n <= self._inline_max:
@@ -1438,8 +1512,9 @@ class Session(Stubs):
             # posted when the frame goes out (_post_pending), or carried in its sync reply
             self._pend.append((tag, buf, n, self._pos))
         else:
+            inline = n > self._inline_max and self._bulk_progress()
             self._pushes.append((tag, self._post_recvs(buf, n, tag), buf))
-            if n > self._inline_max and self._bulk_progress():
+            if inline:
                 self._w.progress()      # earlier pushes keep moving while the caller issues copies
         return tag
 
@@ -1457,7 +1532,7 @@ class Session(Stubs):
         if ln == P.BULK_MARK:
             _m, tag, nb = P.BULK_SLOT.unpack_from(rep, off)
             reqs = self._outs.pop(tag, [])
-            self._w.wait_all(reqs, timeout=None if self._timeout < 0 else self._timeout)
+            self._wait_reqs(reqs)
             return off + P.BULK_SLOT.size
         if route:
             for r in self._outs.pop(route, []):  # the call failed: nothing comes

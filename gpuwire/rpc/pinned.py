@@ -252,8 +252,8 @@ def mirror_pull(s: Any, dstHost: Any, srcDevice: int, refDevice: int, ByteCount:
         tag = s._next_out_tag()
         base = t.Buffer(buf, writable=True).ptr if n else 0
         dummy = t.Buffer(bytearray(1), writable=True)
-        reqs = [s._ep.recv_nb(t.Buffer(t.RawBuffer(base + off, ln), writable=True) if ln else dummy,
-                              tag=tag, tag_mask=t.EXACT_TAG) for off, ln in parts]
+        reqs = [s._lep(tag, k, n).recv_nb(t.Buffer(t.RawBuffer(base + off, ln), writable=True) if ln else dummy,
+                                          tag=tag, tag_mask=t.EXACT_TAG) for k, (off, ln) in enumerate(parts)]
         if _reqs is None:
             s._pushes.append((tag, reqs, buf))
         else:
@@ -970,7 +970,7 @@ class PinnedManager:
         reqs, R.pulling = R.pulling, None
         s = self._sref()
         try:
-            res = s._w.wait_all(reqs, timeout=None if s._timeout < 0 else s._timeout)
+            res = s._wait_reqs(reqs)
         except t.TransportError:        # the session is broken: its next call says so
             return [(0, R.nbytes)]
         return self._note_detected(R, [r.nbytes if r is not None else 0 for r in res])

@@ -50,14 +50,56 @@ def _on_off_auto(raw) -> str:
     raise ValueError("expected auto, on (1/true) or off (0/false)")
 
 
-settings.register("rpc_bulk_progress", "auto", _on_off_auto,
-                  "Client: after sending an async copy's payload, and after posting the receive of a bulk "
-                  "async D2H push, drive the transport once (non-blocking), so bytes in flight keep moving "
-                  "while the caller issues its next calls: on, off, or auto (default: on unless the "
-                  "connection's data path is shared memory only). Over tcp the bytes move only while this "
-                  "side progresses (two H100 runs, 16 MiB async copies over tcp: H2D +11/+12 %, D2H +23/+6 %); "
-                  "over shared memory the server pulls them itself and the extra calls slowed 16 MiB copies "
+def _bulk_progress_mode(raw) -> str:
+    t = str(raw).strip().lower()
+    if t == "thread":
+        return "thread"
+    try:
+        return _on_off_auto(t)
+    except ValueError:
+        raise ValueError("expected auto, thread, on (1/true) or off (0/false)") from None
+
+
+settings.register("rpc_bulk_progress", "auto", _bulk_progress_mode,
+                  "Client: how the bytes of bulk copies (async copy payloads, bulk async D2H pushes) keep "
+                  "moving while the caller issues its next calls. 'thread': the session's transport worker "
+                  "runs its progress thread (a C thread that drives it while such bytes are in flight; "
+                  "Worker.start_progress_thread); 'on': the calling thread drives the transport once "
+                  "(non-blocking) after each payload send and push posting; 'off': bytes move only inside "
+                  "the client's waits; 'auto' (default): on unless the connection's data path is shared "
+                  "memory only. Over tcp the bytes move only while this side progresses (two H100 runs, "
+                  "16 MiB async copies over tcp, on vs off: H2D +11/+12 %, D2H +23/+6 %); over shared "
+                  "memory the server pulls them itself and the extra calls slowed 16 MiB copies "
                   "(H2D -14/-28 %).",
+                  layer="rpc")
+def _lanes_setting(raw) -> Any:
+    t = str(raw).strip().lower()
+    if t == "auto":
+        return "auto"
+    try:
+        n = int(t)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 8:
+        raise ValueError("expected auto or a number of lanes 0..8")
+    return n
+
+
+settings.register("rpc_bulk_lanes", "auto", _lanes_setting,
+                  "Client: bulk lanes to ask the server for: payloads of the server's rpc_lane_min bytes or "
+                  "more travel on that many extra connections, each driven by a progress thread of its own "
+                  "on both sides, so several threads copy bytes through the kernel at once "
+                  "(gpuwire.rpc.lanes, docs/protocol.md 'Bulk lanes'). 0..8, or 'auto' (default): 4 unless "
+                  "the connection's data path is shared memory only (there same-host mapped regions carry "
+                  "host_alloc copies), 0 then. H100, loopback tcp, async copies vs ucx_perftest: 0.58-0.98 "
+                  "without lanes, 1.13-2.08 with 2-4 (docs/benchmarks.md, session 7).", layer="rpc")
+settings.register("rpc_lanes_max", 4, int,
+                  "Server: bulk lanes one session may have (0: none offered).", layer="rpc")
+settings.register("rpc_lane_min", 256 << 10, int,
+                  "Server: bulk payloads of at least this many bytes use a session's bulk lanes (smaller "
+                  "ones, frames and replies stay on its connection).", layer="rpc")
+settings.register("rpc_lane_wait_s", 10.0, float,
+                  "Seconds the lanes' set-up waits for a connection, its hello or its acknowledgement.",
                   layer="rpc")
 settings.register("rpc_hostmap", "auto", _on_off_auto,
                   "Client: same-host mapped regions (docs/pinned.md): host_alloc memory is a sealed memfd the "
@@ -129,6 +171,7 @@ REPORT = struct.Struct("<IHIIQIH")   # result, call id, batch position, frame se
 # Tags (24-bit user tag space of the transport)
 TAG_REQ = 0x000001          # request frames
 TAG_REP = 0x000002          # reply frames
+TAG_LANE = 0x000003         # bulk lane set-up (gpuwire.rpc.lanes): its hello and acknowledgement
 TAG_BULK_IN_FIRST = 0x100000   # host->device bulk payloads (client picks, round robin)
 TAG_BULK_IN_LAST = 0x7FFFFF
 TAG_BULK_OUT_FIRST = 0x800000  # device->host bulk payloads (client picks, server sends there)

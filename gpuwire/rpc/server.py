@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__, settings
 from .. import transport as t
+from . import lanes as _lanes
 from . import protocol as P
 from .codegen import QUERY_RESULT, STATUS_RESULT, server_table
 from .executors import make_executor
@@ -61,6 +62,10 @@ settings.register("rpc_hostmap_wait_s", 5.0, float,
 settings.register("rpc_hostmap_max_gib", 64.0, float,
                   "Server: client memory one session may have mapped with gwHostMap at once (GiB; the driver "
                   "pins it).", layer="rpc")
+settings.register("rpc_server_progress_thread", False, bool,
+                  "Server: run the transport worker's progress thread (a C thread that drives it while "
+                  "payloads of 64 KiB or more are in flight, Worker.start_progress_thread), so payload bytes "
+                  "keep moving while the session thread runs calls.", layer="rpc")
 settings.register("rpc_bulk_timeout_s", 120.0, float,
                   "Server: seconds to wait for a bulk payload a frame announced.", layer="rpc")
 settings.register("rpc_c_bulk", True, bool,
@@ -131,10 +136,11 @@ def _chunks(n: int, chunk: int):
 
 class BulkIn:
     """A request blob that arrives as separate tagged message(s)."""
-    __slots__ = ("s", "tag", "nbytes", "done")
+    __slots__ = ("s", "tag", "nbytes", "done", "k")
 
     def __init__(self, s: "ServerSession", tag: int, nbytes: int):
         self.s, self.tag, self.nbytes, self.done = s, tag, nbytes, False
+        self.k = 0      # the next chunk message (its bulk lane: gpuwire.rpc.lanes)
 
     def _long(self, ln: int) -> Exception:
         """A chunk message longer than announced (it was consumed, truncated): the copy's error;
@@ -143,11 +149,11 @@ class BulkIn:
         return fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk longer than the expected {ln} B")
 
     def _recv(self, ptr: int, n: int) -> None:
-        ep, chunk, tmo = self.s.ep, self.s.chunk, self.s.bulk_timeout
-        for off, ln in _chunks(n, chunk):
+        s, chunk, tmo = self.s, self.s.chunk, self.s.bulk_timeout
+        for k, (off, ln) in enumerate(_chunks(n, chunk)):
             target = t.Buffer(t.RawBuffer(ptr + off, ln), writable=True) if ln else t.Buffer(bytearray(1), True)
             try:
-                r = ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=tmo)
+                r = s.pep(self.tag, k, self.nbytes).recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=tmo)
             except t.MessageTruncated:
                 raise self._long(ln) from None
             if r.nbytes != ln:
@@ -158,8 +164,10 @@ class BulkIn:
     def recv_part(self, ptr: int, ln: int) -> None:
         """Receive the next chunk message (of ``ln`` bytes) into ``ptr`` (chunked consumers)."""
         target = t.Buffer(t.RawBuffer(ptr, ln), writable=True) if ln else t.Buffer(bytearray(1), True)
+        ep = self.s.pep(self.tag, self.k, self.nbytes)
+        self.k += 1
         try:
-            r = self.s.ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=self.s.bulk_timeout)
+            r = ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=self.s.bulk_timeout)
         except t.MessageTruncated:
             raise self._long(ln) from None
         if r.nbytes != ln:
@@ -169,7 +177,9 @@ class BulkIn:
     def recv_part_nb(self, ptr: int, ln: int):
         """Post the receive of the next chunk message into ``ptr`` (chunked consumers)."""
         target = t.Buffer(t.RawBuffer(ptr, ln), writable=True) if ln else t.Buffer(bytearray(1), True)
-        return self.s.ep.recv_nb(target, tag=self.tag, tag_mask=t.EXACT_TAG)
+        ep = self.s.pep(self.tag, self.k, self.nbytes)
+        self.k += 1
+        return ep.recv_nb(target, tag=self.tag, tag_mask=t.EXACT_TAG)
 
     def wait_part(self, req, ln: int) -> None:
         try:
@@ -207,10 +217,11 @@ class BulkIn:
         if self.done:
             return
         self.done = True
-        ep, scratch = self.s.ep, self.s.scratch
-        for _off, _ln in _chunks(self.nbytes, self.s.chunk):
+        s, scratch = self.s, self.s.scratch
+        for k, _ in enumerate(_chunks(self.nbytes, self.s.chunk)):
             try:
-                ep.recv(scratch, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=self.s.bulk_timeout)
+                s.pep(self.tag, k, self.nbytes).recv(scratch, tag=self.tag, tag_mask=t.EXACT_TAG,
+                                                     timeout=self.s.bulk_timeout)
             except t.MessageTruncated:
                 pass
 
@@ -228,20 +239,22 @@ class _Sized:
 
 class OutSink:
     """Where an out hostbuf goes: inline in the reply (route 0) or to a client tag."""
-    __slots__ = ("s", "route", "nbytes", "deferred", "data", "sent", "split")
+    __slots__ = ("s", "route", "nbytes", "deferred", "data", "sent", "split", "k")
 
     def __init__(self, s: "ServerSession", route: int, nbytes: int, deferred: bool):
         self.s, self.route, self.nbytes, self.deferred = s, route, nbytes, deferred
         self.data: Any = None
         self.sent = False
+        self.k = 0      # the next part message (its bulk lane: gpuwire.rpc.lanes)
         self.split: Optional[int] = None    # message size of this push when not the session's chunk
 
     def _send(self, ptr: int, n: int, keep: Any) -> None:
-        ep, w = self.s.ep, self.s.server.worker
+        s = self.s
         reqs = []
-        for off, ln in _chunks(n, self.s.chunk):
-            reqs.append(ep.send_nb(t.Buffer(t.RawBuffer(ptr + off, ln)) if ln else b"", tag=self.route))
-        w.wait_all(reqs, timeout=self.s.bulk_timeout)
+        for k, (off, ln) in enumerate(_chunks(n, s.chunk)):
+            reqs.append(s.pep(self.route, k, n).send_nb(t.Buffer(t.RawBuffer(ptr + off, ln)) if ln else b"",
+                                                        tag=self.route))
+        _lanes.wait_requests(reqs, s.server.worker, s.bulk_timeout)
         self.sent = True
 
     def put_ptr(self, ptr: int, n: int, view: Any = None) -> None:
@@ -259,12 +272,13 @@ class OutSink:
         self.s.server.worker.progress()
 
     def send_part_nb(self, ptr: int, ln: int):
-        return self.s.ep.send_nb(t.Buffer(t.RawBuffer(ptr, ln)) if ln else b"", tag=self.route)
+        ep = self.s.pep(self.route, self.k, self.nbytes)
+        self.k += 1
+        return ep.send_nb(t.Buffer(t.RawBuffer(ptr, ln)) if ln else b"", tag=self.route)
 
     def send_part(self, ptr: int, ln: int) -> None:
         """Send one chunk message (chunked producers; the caller sets ``sent`` at the end)."""
-        req = self.s.ep.send_nb(t.Buffer(t.RawBuffer(ptr, ln)) if ln else b"", tag=self.route)
-        req.wait(timeout=self.s.bulk_timeout)
+        self.send_part_nb(ptr, ln).wait(timeout=self.s.bulk_timeout)
 
     def put_bytes(self, b: Any) -> None:
         mv = memoryview(b).cast("B")
@@ -280,10 +294,11 @@ class OutSink:
     def finish(self) -> None:
         """A deferred push that failed still sends (empty) messages: the client posted receives."""
         if self.route and not self.sent:
-            ep = self.s.ep
-            split = self.s.chunk if self.split is None else self.split
-            reqs = [ep.send_nb(b"", tag=self.route) for _ in _chunks(self.nbytes, split)]
-            self.s.server.worker.wait_all(reqs, timeout=self.s.bulk_timeout)
+            s = self.s
+            split = s.chunk if self.split is None else self.split
+            reqs = [s.pep(self.route, k, self.nbytes).send_nb(b"", tag=self.route)
+                    for k, _ in enumerate(_chunks(self.nbytes, split))]
+            _lanes.wait_requests(reqs, s.server.worker, s.bulk_timeout)
             self.sent = True
 
 
@@ -372,6 +387,9 @@ class ServerSession:
         self.hostmap: Any = None      # same-host mapped regions: the session's descriptor socket
         self.hostmaps: Dict[int, Tuple[Any, Any]] = {}   # device address -> (mmap, executor token)
         self.bulk_c: Any = None       # the C server's bulk copies (_cfast.Bulk, rpc_c_bulk)
+        self.lane_offer: Any = None   # bulk lanes offered in the hello (gpuwire.rpc.lanes.Offer)
+        self.lane_eps: List[t.Endpoint] = []    # ... and in use (after gwBulkLanes)
+        self.lane_min = 0
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -423,6 +441,14 @@ class ServerSession:
         finally:
             self.cleanup()
             self.server._session_done(self)
+
+    def pep(self, tag: int, k: int, n: int) -> t.Endpoint:
+        """The endpoint of message ``k`` of a bulk payload of ``n`` bytes tagged ``tag``: one of
+        the session's bulk lanes, or its own connection (gpuwire.rpc.lanes.lane_of)."""
+        eps = self.lane_eps
+        if eps and n >= self.lane_min:
+            return eps[(tag + k) % len(eps)]
+        return self.ep
 
     def _rep_view(self, n: int):
         v = self.rep_views.get(n)
@@ -972,6 +998,9 @@ class ServerSession:
         hm = self._hostmap_offer()
         if hm:
             extras["hostmap"] = hm
+        lo = self._lanes_offer(info.get("lanes"))
+        if lo:
+            extras["lanes"] = lo
         self._hello_reply(seq, e, 0, spec.fingerprint64, extras)
         log.info("session %d: %s (pid %s, %r) on device %d", self.id, self.peer, pid, info.get("name", ""), device)
         return True
@@ -1059,6 +1088,7 @@ class ServerSession:
             except Exception:
                 log.exception("session %d: closing the C bulk copies", self.id)
             self.bulk_c = None
+        self._lanes_close()           # (after the C bulk copies: their requests may be on the lanes)
         if self.serve_c is not None and self.trace_dir and self.ready:
             try:
                 self._write_trace()
@@ -1293,6 +1323,52 @@ class ServerSession:
         d["max_bytes"] = _hostmap_cap()
         return d
 
+    # ------------------------------------------------------------------ bulk lanes
+    def _lanes_offer(self, want: Any) -> Optional[Dict[str, Any]]:
+        """The hello's offer of bulk lanes (gpuwire.rpc.lanes), when the client asks for some."""
+        try:
+            n = int(want or 0)
+        except (TypeError, ValueError):
+            return None
+        n = min(n, int(settings.get("rpc_lanes_max")), _lanes.MAX_LANES)
+        if n <= 0:
+            return None
+        try:
+            self.lane_offer = _lanes.Offer(self.server.ctx, self.server.host, n,
+                                           max(1, int(settings.get("rpc_lane_min"))),
+                                           float(settings.get("rpc_lane_wait_s")))
+        except Exception as e:
+            log.warning("session %d: no bulk lanes (%s)", self.id, e)
+            return None
+        return self.lane_offer.describe()
+
+    def gwBulkLanes(self, count):
+        lo = self.lane_offer
+        if lo is None:
+            raise fail(P.CUDA_ERROR_NOT_SUPPORTED, "gwBulkLanes: this session offered no bulk lanes")
+        if self.lane_eps:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, "gwBulkLanes: the lanes are in use already")
+        if count != lo.n:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwBulkLanes: {count} lanes, the session offered {lo.n}")
+        try:
+            eps = lo.wait(float(settings.get("rpc_lane_wait_s")))
+        except _lanes.LaneError as e:
+            log.warning("session %d: %s", self.id, e)
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwBulkLanes: {e}") from None
+        if self.bulk_c is not None:
+            self.bulk_c.set_lanes([ep.c_bulk_entry() for ep in eps], lo.lane_min)
+        elif self.serve_c is not None:
+            self.serve_c.v.lane_min = lo.lane_min
+        self.lane_min = lo.lane_min
+        self.lane_eps = eps
+        log.info("session %d: %d bulk lanes (payloads of %d B or more)", self.id, len(eps), lo.lane_min)
+
+    def _lanes_close(self) -> None:
+        lo, self.lane_offer = self.lane_offer, None
+        self.lane_eps = []
+        if lo is not None:
+            lo.close()
+
     def gwHostMap(self, bytesize, key):
         from . import hostmap
         if self.hostmap is None:
@@ -1488,6 +1564,10 @@ class Server:
         if spin >= 0 and (single or isolation == "thread"):
             # the session threads wait on this worker (the acceptor of process isolation polls)
             self.worker.spin_us = spin
+        if settings.get("rpc_server_progress_thread") and (single or isolation == "thread"):
+            # the worker's progress thread drives its big transfers while session threads
+            # handle frames (not on the acceptor of process isolation: it moves no payloads)
+            self.worker.start_progress_thread(64 << 10)
         host, port = t.parse_hostport(listen, default_port=DEFAULT_PORT)
         self.host = host
         self.listener = self.worker.listen(host, port)

@@ -199,6 +199,11 @@ class Request:
         self._what = what
         self._recv = recv
 
+    @property
+    def worker(self) -> "Worker":
+        """The worker this request belongs to (wait for it through that worker)."""
+        return self._worker
+
     def done(self) -> bool:
         """True once the request finished (or can no longer: released, worker closed)."""
         return self._r == ffi.NULL or self._worker._closed or bool(lib.gw_req_test(self._r))
@@ -581,6 +586,38 @@ class Worker(_Closing):
     def progress(self) -> int:
         self._check()
         return lib.gw_worker_progress(self._w)
+
+    def start_progress_thread(self, min_bytes: int = 65536) -> None:
+        """Start the worker's progress thread (idempotent; a second call changes ``min_bytes``).
+
+        While a send, receive or RMA of at least ``min_bytes`` is in flight, a C thread of the
+        worker's own drives it, so those bytes keep moving while the calling thread runs other
+        code: over tcp a message moves only while some thread progresses the worker. The
+        thread sleeps when none is in flight, spins while bytes move, and blocks on the
+        worker's events after ``spin_us`` without progress. Callers keep priority for the
+        worker's lock. :meth:`close` stops it."""
+        self._check()
+        n = int(min_bytes)
+        if n < 0:
+            raise ValueError(f"progress thread: min_bytes must be >= 0, got {min_bytes!r}")
+        st = lib.gw_worker_pump_start(self._w, n)
+        if st:
+            _raise(st, "progress thread")
+
+    def stop_progress_thread(self) -> None:
+        """Stop the progress thread (joins it; nothing if none runs)."""
+        self._check()
+        lib.gw_worker_pump_stop(self._w)
+
+    def progress_thread_stats(self) -> Dict[str, int]:
+        """``running`` (0/1), ``in_flight`` (its requests UCX still holds), ``passes``
+        (progress passes it made), ``blocks`` (times it blocked without progress) and
+        ``requests`` (requests it drove), counted since the worker was made."""
+        self._check()
+        r, n = ffi.new("int *"), ffi.new("int *")
+        p, b, q = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        lib.gw_worker_pump_stats(self._w, r, n, p, b, q)
+        return {"running": r[0], "in_flight": n[0], "passes": p[0], "blocks": b[0], "requests": q[0]}
 
     def wait_event(self, timeout: Optional[float] = None) -> bool:
         """Spin then block until UCX has something to do (or timeout); True if it did."""

@@ -415,7 +415,8 @@ class CPUSession(ExecutorSession):
             for _ in range(len(parts) - len(reqs)):     # a failure mid-way: the rest go empty
                 reqs.append(sink.send_part_nb(0, 0))
             sink.sent = True
-            sink.s.server.worker.wait_all(reqs, timeout=sink.s.bulk_timeout)
+            from ..lanes import wait_requests    # (the parts may be on the session's bulk lanes)
+            wait_requests(reqs, sink.s.server.worker, sink.s.bulk_timeout)
 
     def memset(self, dst: int, value: int, elem: int, count: int, stream: Any) -> None:
         check_align(dst, elem, "cuMemset")
