@@ -265,3 +265,27 @@ def test_client_killed_with_copies_on_its_lanes():
         probe.close()
     finally:
         srv.stop()
+
+
+def test_a_big_frame_ahead_of_lane_payloads_is_driven():
+    """A frame too big to leave in one go (it needs its worker's progress) announces a payload
+    that travels on a lane: the client, waiting for the payload's send, drives the session's
+    own worker too, else the server never gets the frame and both sides wait forever (found
+    with the MLP bench's first copies on the GPU box)."""
+    with _server(rpc_bulk_timeout_s=10) as srv:
+        with settings.override(rpc_batch_first=100000, rpc_batch_calls=100000,
+                               rpc_batch_bytes=8 << 20, rpc_flush_us=0):
+            s = _connect(srv, 2, timeout=10)
+        try:
+            n = 2 << 20
+            with s.alloc(4096) as small, s.alloc(n) as d:
+                for _ in range(20000):                    # ~0.8 MB of batched records
+                    s.cuMemsetD8Async(small, 1, 16, 0)
+                assert s._ncalls > 10000
+                a = (np.arange(n) % 249).astype(np.uint8)
+                s.cuMemcpyHtoD(d, a, n)                   # (not pinned: sent and waited for)
+                out = np.zeros(n, np.uint8)
+                s.cuMemcpyDtoH(out, d, n)
+            assert np.array_equal(out, a)
+        finally:
+            s.close()

@@ -22,13 +22,15 @@ Set-up (docs/protocol.md "Bulk lanes"):
 3. The client calls ``gwBulkLanes(N)`` (sync): the session waits for its N lanes, switches its
    payload paths (Python and C) to them and answers; only then does the client use them.
 
-A lane that fails before step 3 fails the connect (naming the lane); after it, a lost lane is
-a lost session (the session's teardown closes them all).
+A lane that fails before step 3 fails the connect (naming the lane). After it, a lane that
+breaks ends the session on the server (its payload waits raise ConnectionLost) and raises in the
+client's next wait on it; however the session ends, its teardown closes every lane.
 """
 from __future__ import annotations
 
 import hmac
 import logging
+import os
 import secrets
 import struct
 import threading
@@ -213,7 +215,11 @@ def connect(ctx: t.Context, host: str, offer: Dict[str, Any], n: int,
 
 def wait_requests(reqs: List[Any], main: t.Worker, timeout: Optional[float]) -> list:
     """``Worker.wait_all`` for requests that may belong to several workers (the session's and
-    its lanes'): each group through its own worker; the results in the order of ``reqs``."""
+    its lanes'); the results in the order of ``reqs``.
+
+    While lane requests are outstanding this thread drives ``main`` (the session's own worker):
+    their progress threads move the lanes, but what the other side needs first (the frame that
+    announces a payload, queued on ``main``) moves only when someone progresses ``main``."""
     reqs = list(reqs)
     if not reqs:
         return []
@@ -221,10 +227,21 @@ def wait_requests(reqs: List[Any], main: t.Worker, timeout: Optional[float]) -> 
     for i, r in enumerate(reqs):
         w = getattr(r, "worker", None) or main
         groups.setdefault(id(w), (w, []))[1].append(i)
-    if len(groups) == 1:
-        return next(iter(groups.values()))[0].wait_all(reqs, timeout=timeout)
-    out: List[Any] = [None] * len(reqs)
+    if len(groups) == 1 and id(main) in groups:
+        return main.wait_all(reqs, timeout=timeout)
     end = None if timeout is None else time.monotonic() + timeout
+    lane_reqs = [r for r in reqs if (getattr(r, "worker", None) or main) is not main]
+    n = 0
+    while True:
+        main.progress()
+        lane_reqs = [r for r in lane_reqs if not r.done()]
+        if not lane_reqs:
+            break
+        n += 1
+        if end is not None and (n & 63) == 0 and time.monotonic() > end:
+            raise t.OperationTimeout(f"bulk lanes: transfers not done after {timeout}s")
+        os.sched_yield()        # (the lanes' progress threads may share this CPU)
+    out: List[Any] = [None] * len(reqs)
     for w, idx in groups.values():
         res = w.wait_all([reqs[i] for i in idx], timeout=None if end is None else max(0.0, end - time.monotonic()))
         for i, v in zip(idx, res):
