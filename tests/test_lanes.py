@@ -8,13 +8,11 @@ the server's cap, a stranger on a lane port, set-up failures, and a client kille
 in flight on its lanes (memory freed, the server keeps serving)."""
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
@@ -24,27 +22,16 @@ from gpuwire import settings
 from gpuwire import transport as t
 from gpuwire.rpc import lanes as L
 from gpuwire.rpc import protocol as P
-from gpuwire.rpc import server as S
 from gpuwire.rpc.executors import cpu as _cpu  # noqa: F401 - registers rpc_cpu_chunk
-from test_rpc_support import live_session, start_server, wait_until
+from test_rpc_support import copy_roundtrip, inproc_server, live_session, start_server, wait_until
 
 CHUNK = 64 << 10
 LANE_MIN = 128 << 10
 
 
-@contextlib.contextmanager
 def _server(**over):
     """A CPU-executor server in this process (tcp), payloads in 64 KiB chunks."""
-    with settings.override(rpc_cpu_chunk=CHUNK, rpc_lane_min=LANE_MIN, **over):
-        srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1,
-                       tls="tcp,self")
-        th = threading.Thread(target=srv.serve_forever, daemon=True)
-        th.start()
-        try:
-            yield srv
-        finally:
-            srv.shutdown()
-            th.join(timeout=20)
+    return inproc_server(dict(rpc_cpu_chunk=CHUNK, rpc_lane_min=LANE_MIN, **over), tls="tcp,self")
 
 
 def _connect(srv, lanes, **kw):
@@ -159,13 +146,7 @@ def test_the_server_caps_and_can_refuse_lanes():
         s = _connect(srv, 3)
         try:
             assert len(s._lane_eps) == 1 and len(s.info["lanes"]["ports"]) == 1
-            n = 1 << 20
-            a = (np.arange(n) % 253).astype(np.uint8)
-            d = s.alloc(n)
-            s.cuMemcpyHtoD(d, a, n)
-            out = np.zeros(n, np.uint8)
-            s.cuMemcpyDtoH(out, d, n)
-            assert np.array_equal(out, a)
+            assert copy_roundtrip(s, 1 << 20)
         finally:
             s.close()
     with _server(rpc_lanes_max=0) as srv:

@@ -15,7 +15,7 @@ import gpuwire
 from gpuwire import settings
 from gpuwire.rpc import CudaError, DeferredCudaError, protocol as P
 from gpuwire.rpc.spec import default_spec
-from test_rpc_support import EXECUTORS, PTX, KERNELS, start_server
+from test_rpc_support import EXECUTORS, PTX, KERNELS, copy_roundtrip, start_server
 
 CU = P.CURESULT
 
@@ -317,13 +317,7 @@ def _bulk_lanes(s, srv):
         with pytest.raises(CudaError) as ei:
             s2.gwBulkLanes(2)                      # (in use already)
         assert ei.value.result == CU["CUDA_ERROR_INVALID_VALUE"]
-        n = 3 << 20
-        a = (np.arange(n) % 251).astype(np.uint8)
-        with s2.alloc(n) as d:
-            s2.cuMemcpyHtoD(d, a, n)
-            back = np.zeros(n, np.uint8)
-            s2.cuMemcpyDtoH(back, d, n)
-        assert np.array_equal(back, a)
+        assert copy_roundtrip(s2, 3 << 20)
     finally:
         s2.close()
 

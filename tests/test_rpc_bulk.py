@@ -11,7 +11,6 @@ rpc_cpu_chunk set its payloads travel in chunks like the GPU executor's."""
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 
 import numpy as np
@@ -19,29 +18,19 @@ import pytest
 
 from gpuwire import settings as _settings
 from gpuwire.rpc import protocol as P
-from gpuwire.rpc import server as S
 from gpuwire.rpc.executors import _cfast as cf
 from gpuwire.rpc.executors import cpu as _cpu  # noqa: F401 - registers rpc_cpu_chunk
 from gpuwire.rpc.protocol import DeferredCudaError
-from test_rpc_support import live_session, start_server, wait_until
+from test_rpc_support import inproc_server, live_session, start_server, wait_until
 
 pytestmark = pytest.mark.skipif(not cf.available(), reason="gpuwire._rpc is not built")
 
 CHUNK = 64 << 10
 
 
-@contextlib.contextmanager
 def _server(**over):
     """A CPU-executor server in this process, payloads in 64 KiB chunks, with these settings."""
-    with _settings.override(rpc_cpu_chunk=CHUNK, rpc_flush_us=0, **over):
-        srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1)
-        th = threading.Thread(target=srv.serve_forever, daemon=True)
-        th.start()
-        try:
-            yield srv
-        finally:
-            srv.shutdown()
-            th.join(timeout=20)
+    return inproc_server(dict(rpc_cpu_chunk=CHUNK, rpc_flush_us=0, **over))
 
 
 @contextlib.contextmanager

@@ -143,3 +143,33 @@ def live_session(srv, tries: int = 200):
             return live[0]
         time.sleep(0.02)
     raise AssertionError("no session on the server")
+
+
+@__import__("contextlib").contextmanager
+def inproc_server(overrides=None, **kw):
+    """A CPU-executor Server in this process (thread isolation, no auth, 1 GiB), serving on a
+    thread, under the settings ``overrides``; ``kw`` goes to the Server."""
+    import threading
+    from gpuwire import settings
+    from gpuwire.rpc import server as S
+    with settings.override(**(overrides or {})):
+        srv = S.Server("127.0.0.1:0", executor="cpu", no_auth=True, isolation="thread", cpu_mem_gib=1, **kw)
+        th = threading.Thread(target=srv.serve_forever, daemon=True)
+        th.start()
+        try:
+            yield srv
+        finally:
+            srv.shutdown()
+            th.join(timeout=20)
+
+
+def copy_roundtrip(s, n: int, mod: int = 251) -> bool:
+    """``n`` patterned bytes through a fresh allocation of session ``s`` (sync H2D, then D2H):
+    True when they come back whole."""
+    import numpy as np
+    a = (np.arange(n) % mod).astype(np.uint8)
+    with s.alloc(n) as d:
+        s.cuMemcpyHtoD(d, a, n)
+        back = np.zeros(n, np.uint8)
+        s.cuMemcpyDtoH(back, d, n)
+    return bool(np.array_equal(back, a))
