@@ -67,6 +67,7 @@ def test_copies_over_lanes_keep_their_bytes(nlanes):
                 h = s.pinned(n)
                 h[:] = a
                 d = s.alloc(n)
+                s.gwSync()           # (the copy's frame then holds the copy alone: the C bulk path)
                 before = sum(_lane_requests(s))
                 s.cuMemcpyHtoDAsync(d, h, n, st)
                 back = s.pinned(n)
