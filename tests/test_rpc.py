@@ -308,6 +308,7 @@ def _bulk_lanes(s, srv):
         with pytest.raises(CudaError) as ei:
             s0.gwBulkLanes(2)
         assert ei.value.result == CU["CUDA_ERROR_NOT_SUPPORTED"] and ei.value.call == "gwBulkLanes"
+        assert "offered no bulk lanes" in ei.value.reason and ei.value.reason in str(ei.value)
     finally:
         s0.close()
     with settings.override(rpc_bulk_lanes=2):
@@ -355,6 +356,23 @@ _FUNCS = sorted({f.__name__: f for f in SCENARIOS.values()}.values(), key=lambda
 def test_every_spec_call_has_a_scenario():
     missing = [c for c in _ALL if c not in SCENARIOS]
     assert not missing, f"spec calls without an RPC test scenario: {missing}"
+
+
+def test_sync_errors_say_why(s):
+    """A sync call the server refuses raises CudaError with the CUresult and the server's reason
+    (reply flag F_REASON); the session goes on, and the next failure has its own reason."""
+    with pytest.raises(CudaError) as ei:
+        s.cuMemcpyDtoH(np.zeros(8, np.uint8), 0x1234, 8)
+    e = ei.value
+    assert e.result == CU["CUDA_ERROR_INVALID_VALUE"] and e.call == "cuMemcpyDtoH"
+    assert "0x1234" in e.reason and "not inside an allocation of this session" in e.reason, e.reason
+    assert e.reason in str(e)
+    assert s.get_last_error() == CU["CUDA_ERROR_INVALID_VALUE"]
+    s.gwSync()                                    # nothing sticky: the session serves on
+    with s.alloc(64) as d:
+        with pytest.raises(CudaError) as ei:
+            s.cuMemcpyDtoH(np.zeros(128, np.uint8), d, 128)     # past the end of the allocation
+    assert "+128" in ei.value.reason and "0x1234" not in ei.value.reason, ei.value.reason
 
 
 @pytest.mark.parametrize("scenario", _FUNCS, ids=lambda f: f.__name__.strip("_"))

@@ -35,7 +35,7 @@ from . import lanes as _lanes
 from . import pinned as _pinned
 from . import protocol as P
 from .codegen import client_class, raw_class
-from .protocol import CudaError, DeferredCudaError, ProtocolError, SessionClosed
+from .protocol import CudaError, DeferredCudaError, ProtocolError, SessionClosed, result_name
 from .spec import SPEC_VERSION, default_spec, image_bytes
 
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
@@ -801,6 +801,7 @@ class Session(Stubs):
         self._repb = t.Buffer(self._rep, writable=True)
         self._repmv = memoryview(self._rep)
         self._chunk = 0
+        self._reason = ""        # why the last sync call failed (a reply with F_REASON), for _fail
         self._lane_eps: List[t.Endpoint] = []
         self._lane_ws: List[t.Worker] = []
         self._lane_min = 0
@@ -1340,6 +1341,11 @@ class Session(Stubs):
             if rseq != seq:
                 raise ProtocolError(f"{name}: reply for frame {rseq}, expected {seq}")
             break
+        if flags & P.F_REASON and n >= P.HEADER_SIZE + P.REPLY_HEAD.size + 2:
+            # the sync call failed and the server says why (the reply's last bytes): _fail names it
+            (ln,) = P.U16.unpack_from(rep, n - 2)
+            if ln <= n - 2 - P.HEADER_SIZE - P.REPLY_HEAD.size:
+                self._reason = bytes(rep[n - 2 - ln:n - 2]).decode("utf-8", "replace")
         _st, pushes = P.REPLY_HEAD.unpack_from(rep, P.HEADER_SIZE)
         return pushes, n
 
@@ -1564,7 +1570,9 @@ class Session(Stubs):
     def _fail(self, res: int, rpt: Optional[DeferredCudaError], name: str) -> None:
         if res == 0 and rpt is not None:
             raise rpt
-        e = CudaError(res, name)
+        why, self._reason = self._reason, ""
+        e = CudaError(res, name, f"{name}: {result_name(res)}: {why}" if why else None)
+        e.reason = why
         e.deferred = rpt
         raise e
 

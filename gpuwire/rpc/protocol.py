@@ -151,6 +151,7 @@ HEADER_SIZE = HEADER.size           # 16
 RECORD = struct.Struct("<HHI")      # call id, record flags, record length
 RECORD_SIZE = RECORD.size           # 8
 U32 = struct.Struct("<I")
+U16 = struct.Struct("<H")
 BULK_SLOT = struct.Struct("<IIQ")   # 0xFFFFFFFF, tag, nbytes
 BULK_MARK = 0xFFFFFFFF
 
@@ -159,6 +160,9 @@ F_SYNC = 0x01      # request: the last record is a sync call, reply expected
 F_HELLO = 0x02     # request: first frame of a connection (auth, versions)
 F_BYE = 0x04       # request: clean end of the session (after running the frame)
 F_ERROR = 0x08     # reply: frame-level error (error body layout)
+F_REASON = 0x10    # reply: its sync call failed and the server says why: the reply's last bytes are
+                   # the reason (UTF-8) followed by its length (u16)
+REASON_MAX = 1000
 F_KNOWN = F_SYNC | F_HELLO | F_BYE
 
 # hello: after the header, before the gwHello record
@@ -395,6 +399,7 @@ class CudaError(RPCError):
         self.result = int(result)
         self.name = result_name(self.result)
         self.call = call
+        self.reason = ""      # a sync call: why the server says it failed (when it says)
         super().__init__(message or (f"{call}: {self.name}" if call else self.name))
 
 

@@ -901,7 +901,15 @@ class ServerSession:
         else:
             rep[off] = 0
             off += 1
-        P.HEADER.pack_into(rep, 0, P.MAGIC, P.PROTOCOL_VERSION, 0, seq, 1 if e is not None else 0,
+        flags = 0
+        if e is not None and res and self.errmsg and e.call.name not in STATUS_RESULT:
+            # why the sync call failed (F_REASON): the reason, then its length, end the reply
+            rb = self.errmsg.encode("utf-8", "replace")[:P.REASON_MAX]
+            rep[off:off + len(rb)] = rb
+            P.U16.pack_into(rep, off + len(rb), len(rb))
+            off += len(rb) + 2
+            flags = P.F_REASON
+        P.HEADER.pack_into(rep, 0, P.MAGIC, P.PROTOCOL_VERSION, flags, seq, 1 if e is not None else 0,
                            off - P.HEADER_SIZE)
         self.out = self._rep_view(off)
 
