@@ -1167,8 +1167,8 @@ static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns
     if (cond(arg)) return 0;
     if (w->pump_on && w->pump_n > 0) {
       /* the progress thread is moving big transfers: leave the worker to it (a waiter taking
-       * the lock each pass would only slow it down); completions show in cond */
-      /* (yield: the progress thread may share this CPU, e.g. a process pinned to one core) */
+       * the lock each pass would only slow it down; completions show in cond), and yield: it
+       * may share this CPU (e.g. a process pinned to one core) */
       sched_yield();
     } else {
       LOCK(w);
@@ -1295,11 +1295,7 @@ void gw_worker_pump_stop(gw_worker_t *w) {
   }
   w->pump_stop = 1;
   pthread_cond_signal(&w->pump_cv);
-  for (gw_waiter_t *x = w->waiters; x; x = x->next) { /* the pump may block in poll */
-    static const uint64_t one = 1;
-    ssize_t rc = write(x->efd, &one, sizeof(one));
-    (void)rc;
-  }
+  wake_waiters(w); /* (it may be blocked in poll) */
   pthread_t th = w->pump_th;
   UNLOCK(w);
   pthread_join(th, NULL);

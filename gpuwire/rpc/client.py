@@ -35,12 +35,11 @@ from . import lanes as _lanes
 from . import pinned as _pinned
 from . import protocol as P
 from .codegen import client_class, raw_class
-from .protocol import CudaError, DeferredCudaError, ProtocolError, SessionClosed, result_name
+from .protocol import CudaError, DeferredCudaError, ProtocolError, SessionClosed
 from .spec import SPEC_VERSION, default_spec, image_bytes
 
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
 _SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
-PUMP_MIN_BYTES = 64 << 10   # rpc_bulk_progress=thread: transfers the progress thread drives
 
 
 def _tl_names(transports: str) -> set:
@@ -1176,7 +1175,7 @@ class Session(Stubs):
 
     def _set_pump(self, on: bool) -> None:
         if on:
-            self._w.start_progress_thread(PUMP_MIN_BYTES)
+            self._w.start_progress_thread()
         else:
             self._w.stop_progress_thread()
         self._pump = on
@@ -1350,13 +1349,9 @@ class Session(Stubs):
         return pushes, n
 
     def _wait_pushes(self, upto: int) -> None:
-        tmo = None if self._timeout < 0 else self._timeout
         while self._push_done != upto and self._pushes:
             tag, reqs, _buf = self._pushes.popleft()
-            if self._lane_eps:
-                self._wait_reqs(reqs)
-            else:
-                self._w.wait_all(reqs, timeout=tmo)
+            self._wait_reqs(reqs)
             self._push_done = (self._push_done + 1) & 0xFFFFFFFF
 
     # ------------------------------------------------------------------ stub helpers
@@ -1495,9 +1490,8 @@ class Session(Stubs):
         """The endpoint of message ``k`` of a bulk payload of ``n`` bytes tagged ``tag``: a bulk
         lane or the session's connection (gpuwire.rpc.lanes.lane_of; the server's pep)."""
         eps = self._lane_eps
-        if eps and n >= self._lane_min:
-            return eps[(tag + k) % len(eps)]
-        return self._ep
+        i = _lanes.lane_of(tag, k, n, len(eps), self._lane_min) if eps else -1
+        return self._ep if i < 0 else eps[i]
 
     def _wait_reqs(self, reqs: List[Any]) -> list:
         """Wait for transport requests of the session's worker and its lanes' (results in order)."""
@@ -1571,8 +1565,7 @@ class Session(Stubs):
         if res == 0 and rpt is not None:
             raise rpt
         why, self._reason = self._reason, ""
-        e = CudaError(res, name, f"{name}: {result_name(res)}: {why}" if why else None)
-        e.reason = why
+        e = CudaError(res, name, reason=why)
         e.deferred = rpt
         raise e
 

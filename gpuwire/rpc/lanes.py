@@ -37,7 +37,6 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import settings
 from .. import transport as t
 from . import protocol as P
 
@@ -191,9 +190,9 @@ def connect(ctx: t.Context, host: str, offer: Dict[str, Any], n: int,
             w = ctx.worker()
             w.spin_us = LANE_SPIN_US
             workers.append(w)
-            target = f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+            target = f"{host} port {int(port)}"
             try:
-                ep = w.connect(target, timeout=timeout)
+                ep = w.connect(host, int(port), timeout=timeout)
                 ep.send(_AUTH.pack(secret, i), tag=P.TAG_LANE, timeout=timeout)
                 ack = bytearray(_ACK.size)
                 r = ep.recv(ack, tag=P.TAG_LANE, tag_mask=t.EXACT_TAG, timeout=timeout)

@@ -395,12 +395,16 @@ class SessionClosed(RPCError):
 class CudaError(RPCError):
     """A CUDA call failed on the server: ``result`` is the CUresult."""
 
-    def __init__(self, result: int, call: str = "", message: Optional[str] = None):
+    def __init__(self, result: int, call: str = "", message: Optional[str] = None, reason: str = ""):
         self.result = int(result)
         self.name = result_name(self.result)
         self.call = call
-        self.reason = ""      # a sync call: why the server says it failed (when it says)
-        super().__init__(message or (f"{call}: {self.name}" if call else self.name))
+        self.reason = reason  # a sync call: why the server says it failed (when it says)
+        if message is None:
+            message = f"{call}: {self.name}" if call else self.name
+            if reason:
+                message += f": {reason}"
+        super().__init__(message)
 
 
 class DeferredCudaError(CudaError):

@@ -446,9 +446,8 @@ class ServerSession:
         """The endpoint of message ``k`` of a bulk payload of ``n`` bytes tagged ``tag``: one of
         the session's bulk lanes, or its own connection (gpuwire.rpc.lanes.lane_of)."""
         eps = self.lane_eps
-        if eps and n >= self.lane_min:
-            return eps[(tag + k) % len(eps)]
-        return self.ep
+        i = _lanes.lane_of(tag, k, n, len(eps), self.lane_min) if eps else -1
+        return self.ep if i < 0 else eps[i]
 
     def _rep_view(self, n: int):
         v = self.rep_views.get(n)
@@ -1365,7 +1364,7 @@ class ServerSession:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"gwBulkLanes: {e}") from None
         if self.bulk_c is not None:
             self.bulk_c.set_lanes([ep.c_bulk_entry() for ep in eps], lo.lane_min)
-        elif self.serve_c is not None:
+        if self.serve_c is not None:        # (its pushes of lane size go to Python, which routes them)
             self.serve_c.v.lane_min = lo.lane_min
         self.lane_min = lo.lane_min
         self.lane_eps = eps
@@ -1575,7 +1574,7 @@ class Server:
         if settings.get("rpc_server_progress_thread") and (single or isolation == "thread"):
             # the worker's progress thread drives its big transfers while session threads
             # handle frames (not on the acceptor of process isolation: it moves no payloads)
-            self.worker.start_progress_thread(64 << 10)
+            self.worker.start_progress_thread()
         host, port = t.parse_hostport(listen, default_port=DEFAULT_PORT)
         self.host = host
         self.listener = self.worker.listen(host, port)

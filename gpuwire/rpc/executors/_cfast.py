@@ -361,8 +361,7 @@ class Bulk:
     def set_lanes(self, entries: "list[Dict[str, int]]", lane_min: int) -> None:
         """Bulk lanes (docs/protocol.md): payloads of ``lane_min`` bytes or more as messages on
         the lanes' connections (``Endpoint.c_bulk_entry()`` of each; the same transport entry
-        points as the session's). The C server then leaves pushes of that size to Python.
-        Call from the session's thread between frames."""
+        points as the session's). Call from the session's thread between frames."""
         n = len(entries)
         conns = ffi.new("void *[]", max(1, n))
         workers = ffi.new("void *[]", max(1, n))
@@ -371,7 +370,6 @@ class Bulk:
             workers[i] = ffi.cast("void *", int(e["worker"]))
         if lib.gw_rpc_bulk_set_lanes(self.b, n, conns, workers, int(lane_min)) != 0:
             raise ValueError(f"bulk lanes: {n} lanes refused (at most {lib.GW_RPC_MAXLANES})")
-        self.serve.v.lane_min = int(lane_min) if n else 0
 
     def nlate(self) -> int:
         return int(lib.gw_rpc_bulk_nlate(self.b)) if self.b is not None else 0
