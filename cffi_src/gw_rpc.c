@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <time.h>
 #include <stdio.h>
@@ -840,15 +841,25 @@ uintptr_t gw_rpc_serve_handler_addr(void) { return (uintptr_t)gw_rpc_serve_handl
 
 /* ------------------------------------------------------------------ client flush timer */
 
+#define GW_TIMER_LINGER_MORE 3 /* after a batch: awake for 1 + this many delays without a new one */
+
 struct gw_rpc_timer {
-  pthread_mutex_t mu;
+  pthread_mutex_t mu;   /* the waiter's sleeps and their wake-ups only: an arm takes it only
+                         * to wake a waiter that sleeps untimed */
   pthread_cond_t cv;
   int64_t delay_ns;
-  int64_t armed_at;
+  /* the last batch armed: written by the arming thread without a lock (a seqlock: gen is
+   * odd while it writes), read by the waiter */
+  uint32_t gen;
   uint32_t armed_seq;
-  int armed, stop, idle;
+  int64_t armed_at;
+  uint32_t armed_gen;   /* gen of the arm the waiter dealt with last (waiter only) */
+  int stop, idle;       /* idle: the waiter sleeps (or is about to sleep) untimed */
   uint64_t signals;     /* arms that had to wake the waiter (tests, diagnosis) */
+  uint64_t wakes[3];    /* the waiter's returns from its waits: at a due time, after lingering,
+                         * from its untimed sleep (diagnosis: gw_rpc_timer_wakes) */
   int64_t linger_until; /* after a batch: stay awake (timed wait) until then, see gw_rpc_timer_wait */
+  int linger_left;      /* windows of one delay still to stay awake without a new batch */
   uint32_t cur_seq; /* written by the client (frame being built), read here */
 };
 
@@ -880,53 +891,107 @@ void gw_rpc_timer_free(gw_rpc_timer_t *t) {
 
 uint32_t *gw_rpc_timer_seqp(gw_rpc_timer_t *t) { return &t->cur_seq; }
 
+/* One arming thread at a time (the client's session lock / wire lock serialise its
+ * callers). No lock on this path: a caller never blocks here on the waiter, whose wake-ups
+ * (one per delay while batches flow) would otherwise meet the next batch's arm whenever a
+ * loop's period is close to the delay. */
 void gw_rpc_timer_arm(gw_rpc_timer_t *t, uint32_t seq) {
-  pthread_mutex_lock(&t->mu);
-  t->armed = 1;
-  t->armed_seq = seq;
-  t->armed_at = mono_ns();
-  int wake = t->idle; /* a sleeper with an earlier deadline re-checks at it: no wake-up needed */
-  pthread_mutex_unlock(&t->mu);
-  if (wake) {
+  int64_t now = mono_ns();
+  uint32_t g = __atomic_load_n(&t->gen, __ATOMIC_RELAXED);
+  __atomic_store_n(&t->gen, g + 1, __ATOMIC_RELAXED); /* odd: writing */
+  __atomic_thread_fence(__ATOMIC_RELEASE);
+  __atomic_store_n(&t->armed_seq, seq, __ATOMIC_RELAXED);
+  __atomic_store_n(&t->armed_at, now, __ATOMIC_RELAXED);
+  /* even again; seq_cst pairs with the waiter's idle store and armed check (one of the two
+   * sees the other's store: no lost wake-up) */
+  __atomic_store_n(&t->gen, g + 2, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&t->idle, __ATOMIC_SEQ_CST) && __atomic_exchange_n(&t->idle, 0, __ATOMIC_SEQ_CST)) {
+    /* (only the first arm after the waiter went idle wakes it; the exchange, like a load,
+     * is ordered after the gen store) */
     __atomic_fetch_add(&t->signals, 1, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&t->mu); /* the waiter holds it until it sleeps: the signal reaches it */
     pthread_cond_signal(&t->cv);
+    pthread_mutex_unlock(&t->mu);
   }
 }
 
 uint64_t gw_rpc_timer_signals(gw_rpc_timer_t *t) { return __atomic_load_n(&t->signals, __ATOMIC_RELAXED); }
 
+uint64_t gw_rpc_timer_wakes(gw_rpc_timer_t *t, int kind) {
+  return kind >= 0 && kind < 3 ? __atomic_load_n(&t->wakes[kind], __ATOMIC_RELAXED) : 0;
+}
+
+/* the last arm, consistently: its gen (even), seq and time */
+static uint32_t timer_read_arm(gw_rpc_timer_t *t, uint32_t *seq, int64_t *at) {
+  for (;;) {
+    uint32_t g = __atomic_load_n(&t->gen, __ATOMIC_ACQUIRE);
+    if (g & 1) {
+      sched_yield();
+      continue;
+    }
+    *seq = __atomic_load_n(&t->armed_seq, __ATOMIC_RELAXED);
+    *at = __atomic_load_n(&t->armed_at, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    if (__atomic_load_n(&t->gen, __ATOMIC_RELAXED) == g) return g;
+  }
+}
+
+static void timer_sleep_until(gw_rpc_timer_t *t, int64_t until, int kind) {
+  struct timespec ts = {(time_t)(until / 1000000000LL), (long)(until % 1000000000LL)};
+  pthread_cond_timedwait(&t->cv, &t->mu, &ts);
+  __atomic_fetch_add(&t->wakes[kind], 1, __ATOMIC_RELAXED);
+}
+
 int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t) {
   pthread_mutex_lock(&t->mu);
   for (;;) {
     if (t->stop) break;
-    if (!t->armed) {
-      /* a batch ended moments ago: the next one (a training loop's next step) is likely soon.
-       * Wait timed for one more delay without marking idle, so its arm needs no wake-up (a
-       * futex wake, an IPI in a VM, on the client's critical path); then sleep untimed. */
-      int64_t until = t->linger_until;
-      if (until > mono_ns()) {
-        struct timespec ts = {(time_t)(until / 1000000000LL), (long)(until % 1000000000LL)};
-        pthread_cond_timedwait(&t->cv, &t->mu, &ts);
+    uint32_t aseq;
+    int64_t at;
+    uint32_t g = timer_read_arm(t, &aseq, &at);
+    int64_t now = mono_ns();
+    if (g == t->armed_gen) {
+      /* no batch started since the last one dealt with. A batch ended moments ago: the next
+       * one (a training loop's next step) is likely soon. Wait timed for one more delay
+       * without marking idle, so its arm needs no wake-up (a futex wake, an IPI in a VM, on
+       * the client's critical path); then sleep untimed. */
+      if (t->linger_until > now) {
+        timer_sleep_until(t, t->linger_until, 1);
         continue;
       }
-      t->idle = 1;
-      pthread_cond_wait(&t->cv, &t->mu);
-      t->idle = 0;
+      if (t->linger_left > 0) { /* a loop whose period is about the delay may arm just after
+                                 * a window ends: a few more windows before sleeping untimed */
+        t->linger_left--;
+        t->linger_until = now + t->delay_ns;
+        continue;
+      }
+      __atomic_store_n(&t->idle, 1, __ATOMIC_SEQ_CST);
+      if (__atomic_load_n(&t->gen, __ATOMIC_SEQ_CST) == g && !t->stop) {
+        pthread_cond_wait(&t->cv, &t->mu);
+        __atomic_fetch_add(&t->wakes[2], 1, __ATOMIC_RELAXED);
+      }
+      __atomic_store_n(&t->idle, 0, __ATOMIC_RELAXED);
       continue;
     }
-    int64_t due = t->armed_at + t->delay_ns, now = mono_ns();
+    if (__atomic_load_n(&t->cur_seq, __ATOMIC_ACQUIRE) != aseq) {
+      /* the last batch armed is already sent (a newer one would have re-armed): nothing to
+       * check at its due time; stay awake one delay from now instead. In a loop that sends
+       * its own batches this is one wake-up per delay, not two (due, then linger). */
+      t->armed_gen = g;
+      t->linger_until = now + t->delay_ns;
+      t->linger_left = GW_TIMER_LINGER_MORE;
+      continue;
+    }
+    int64_t due = at + t->delay_ns;
     if (now < due) {
-      struct timespec ts = {(time_t)(due / 1000000000LL), (long)(due % 1000000000LL)};
-      pthread_cond_timedwait(&t->cv, &t->mu, &ts);
+      timer_sleep_until(t, due, 0);
       continue;
     }
-    uint32_t s = t->armed_seq;
-    t->armed = 0;
+    t->armed_gen = g;
     t->linger_until = now + t->delay_ns;
-    if (__atomic_load_n(&t->cur_seq, __ATOMIC_ACQUIRE) == s) { /* still unsent: flush */
-      pthread_mutex_unlock(&t->mu);
-      return (int64_t)s;
-    }
+    t->linger_left = GW_TIMER_LINGER_MORE;
+    pthread_mutex_unlock(&t->mu);
+    return (int64_t)aseq; /* still unsent a delay after it started: flush it */
   }
   pthread_mutex_unlock(&t->mu);
   return -1;

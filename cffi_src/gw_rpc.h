@@ -226,6 +226,9 @@ uint32_t *gw_rpc_timer_seqp(gw_rpc_timer_t *t);
 void gw_rpc_timer_arm(gw_rpc_timer_t *t, uint32_t seq);
 /* how many arms had to wake the waiter (it sleeps untimed only after one idle delay) */
 uint64_t gw_rpc_timer_signals(gw_rpc_timer_t *t);
+/* the waiter's wake-ups so far, by kind: 0 at a batch's due time, 1 after lingering, 2 from
+ * its untimed sleep (diagnosis: how often the timer thread runs) */
+uint64_t gw_rpc_timer_wakes(gw_rpc_timer_t *t, int kind);
 /* blocks until a started batch is still unsent delay_ns after it started: returns its frame
  * seq; -1 once stopped */
 int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t);

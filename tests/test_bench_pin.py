@@ -10,10 +10,10 @@ from gpuwire.bench import _pin
 def test_explicit_plan_and_ranges():
     allowed = sorted(os.sched_getaffinity(0))
     a, b = allowed[0], allowed[-1]
-    c, s = _pin.plan(f"{a}:{b}")
-    assert c == {a} and s == {b}
+    c, s, m = _pin.plan(f"{a}:{b}")
+    assert c == {a} and s == {b} and m is None
     if len(allowed) >= 2:
-        c, s = _pin.plan(f"{a}-{allowed[1]}:{b}")
+        c, s, _m = _pin.plan(f"{a}-{allowed[1]}:{b}")
         assert c == {a, allowed[1]}
 
 
@@ -36,12 +36,49 @@ def test_auto_gives_client_and_server_disjoint_whole_cores():
         with pytest.raises(ValueError, match="at least 2 physical cores"):
             _pin.plan("auto")
         return
-    client, server = _pin.plan("auto")
+    p = _pin.plan("auto")
+    client, server = p.client, p.server
     assert client and server and not (client & server)
     for core in cores:                      # never half a core on each side
         assert not (set(core) & client and set(core) & server)
+        if p.main:                          # nor on the calling thread's and the helpers'
+            assert not (set(core) & p.main and set(core) & (client - p.main))
+    if len(cores) >= 4:                     # the calling thread gets a core of its own
+        assert p.main and p.main < client and client - p.main
+    else:
+        assert p.main is None
     assert _pin.plan("none") is None and _pin.describe(None) == "none"
-    assert str(sorted(client)) in _pin.describe((client, server))
+    assert str(sorted(client)) in _pin.describe(p)
+
+
+def test_settle_puts_the_calling_thread_alone_and_the_others_beside_it():
+    """With a calling-thread CPU in the plan, settle() moves every other thread of the
+    process (a session's flush timer, CUDA's threads) off it, and the caller onto it."""
+    import threading
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs 2 CPUs")
+    a, b = allowed[0], allowed[1]
+    stop = threading.Event()
+    th = threading.Thread(target=stop.wait)
+    th.start()
+    try:
+        p = _pin.Plan({a, b}, {b}, {a})
+        assert _pin.settle(p) >= 2
+        assert os.sched_getaffinity(0) == {a}
+        assert os.sched_getaffinity(th.native_id) == {b}
+        assert "calling thread [%d]" % a in _pin.describe(p)
+        assert _pin.settle(_pin.Plan({a, b}, {b})) >= 2      # no calling-thread CPU: all on the client's
+        assert os.sched_getaffinity(0) == {a, b} == os.sched_getaffinity(th.native_id)
+        assert _pin.settle(None) == 0
+    finally:
+        stop.set()
+        th.join()
+        for t in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(t), set(allowed))
+            except ProcessLookupError:
+                pass
 
 
 def test_cores_without_sysfs_fall_back_to_one_cpu_per_core():

@@ -813,8 +813,8 @@ def test_flush_timer_stays_awake_one_delay_after_a_batch():
     lib.gw_rpc_timer_arm(tm, 1)
     assert lib.gw_rpc_timer_signals(tm) == 1          # it had to be woken
     seqp[0] = 2                                       # frame 1 goes out on its own
-    time.sleep(0.045)                                 # its check ran (30 ms): now in the awake window
-    t0 = time.monotonic()
+    time.sleep(0.01)                                  # the waiter saw it sent (or waits for its due
+    t0 = time.monotonic()                             # time): either way awake, not idle
     lib.gw_rpc_timer_arm(tm, 2)                       # the next batch, never sent
     assert lib.gw_rpc_timer_signals(tm) == 1          # no wake-up needed ...
     for _ in range(400):
@@ -823,7 +823,7 @@ def test_flush_timer_stays_awake_one_delay_after_a_batch():
         time.sleep(0.002)
     assert got == [2] and 0.028 <= time.monotonic() - t0 < 1.0   # ... and flushed on time
     seqp[0] = 3
-    time.sleep(0.1)                                   # idle beyond the window: asleep untimed
+    time.sleep(0.2)                                   # idle beyond the window (4 delays): asleep untimed
     lib.gw_rpc_timer_arm(tm, 3)
     assert lib.gw_rpc_timer_signals(tm) == 2
     for _ in range(400):
@@ -834,6 +834,65 @@ def test_flush_timer_stays_awake_one_delay_after_a_batch():
     lib.gw_rpc_timer_stop(tm)
     th.join(timeout=5)
     assert got == [2, 3, -1]
+
+
+def test_flush_timer_wakes_once_per_delay_while_batches_go_out_on_their_own():
+    """A loop whose period is the delay and whose batches are sent promptly (a training loop:
+    three batches a step, then a sync): the waiter runs about once per delay (it deals with
+    the latest batch when it wakes, and lingers from there), never flushes, and the arms need
+    no wake-up. The arms take no lock the waiter holds (gw_rpc_timer_arm is lock-free)."""
+    import time
+    delay = 0.004
+    tm = ffi.gc(lib.gw_rpc_timer_new(int(delay * 1e9)), lib.gw_rpc_timer_free)
+    seqp = lib.gw_rpc_timer_seqp(tm)
+    got = []
+    th = threading.Thread(target=lambda: got.append(lib.gw_rpc_timer_wait(tm)))
+    th.start()
+    try:
+        seq = 1
+        seqp[0] = seq
+        lib.gw_rpc_timer_arm(tm, seq)                 # wakes the idle waiter once
+        steps = 60
+        t0 = time.monotonic()
+        for i in range(steps):
+            for _ in range(3):
+                lib.gw_rpc_timer_arm(tm, seq)
+                seq += 1
+                seqp[0] = seq                         # sent at once
+            time.sleep(max(0.0, t0 + (i + 1) * delay - time.monotonic()))
+        elapsed = time.monotonic() - t0
+        wakes = [lib.gw_rpc_timer_wakes(tm, k) for k in range(3)]
+        assert got == []                              # nothing was overdue
+        assert lib.gw_rpc_timer_signals(tm) <= 2      # the loop's arms needed no wake-up
+        # one wake-up per delay (two per delay before: at the due time, then after lingering)
+        assert sum(wakes) <= elapsed / delay * 1.3 + 3, (wakes, elapsed / delay)
+    finally:
+        lib.gw_rpc_timer_stop(tm)
+        th.join(timeout=5)
+    assert got == [-1]
+
+
+def test_flush_timer_arm_does_not_lose_a_wake_up_to_a_waiter_going_idle():
+    """Arms racing the waiter's move to its untimed sleep: every batch left unsent is still
+    flushed (the idle handshake of the lock-free arm loses no wake-up)."""
+    import time
+    tm = ffi.gc(lib.gw_rpc_timer_new(200_000), lib.gw_rpc_timer_free)      # 0.2 ms
+    seqp = lib.gw_rpc_timer_seqp(tm)
+    got = []
+    th = threading.Thread(target=lambda: [got.append(lib.gw_rpc_timer_wait(tm)) for _ in range(40)])
+    th.start()
+    try:
+        for seq in range(1, 41):
+            seqp[0] = seq
+            time.sleep(0.0002 * (seq % 4))            # arms at varying points of the waiter's linger
+            lib.gw_rpc_timer_arm(tm, seq)             # never sent: must be flushed
+            end = time.monotonic() + 5
+            while len(got) < seq and time.monotonic() < end:
+                time.sleep(0.0002)
+            assert got[-1:] == [seq], (seq, got[-3:])
+    finally:
+        lib.gw_rpc_timer_stop(tm)
+        th.join(timeout=5)
 
 
 def test_fast_sync_stub_keeps_the_flush_timers_seq(inproc, fsync_count):

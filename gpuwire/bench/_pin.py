@@ -1,16 +1,27 @@
 """CPU placement for the benches that run a loopback server: ``--pin``.
 
-``none`` leaves placement to the OS. ``auto`` gives the client process one whole physical
-core (all its hardware threads: the calling thread and the flush timer) and the server the
-next two whole cores, so no spinning thread of one side shares a core with the other side;
-the first core is skipped when there are at least four (it usually takes the interrupts).
-``C:S`` names the CPUs explicitly, e.g. ``2,3:4-7``. The plan is reported in the bench's
-config rows so a result says where it ran."""
+``none`` leaves placement to the OS. ``auto`` gives the client's calling thread one whole
+physical core of its own, the client's other threads (the flush timer, progress threads of
+bulk lanes, UCX's and CUDA's helper threads) the next whole core, and the server the next two
+(its session thread alone on the first: ``rpc_server_session_cpu``), so no spinning thread of
+one side shares a core with the other side, and no helper thread preempts the calling thread
+or the server's session thread (a flush timer that wakes once per delay would
+otherwise interrupt it on a shared CPU, at any point of a step). With only two or three cores
+the client's threads share one core. The first core is skipped when there are at least five
+(it usually takes the interrupts). ``C:S`` names the CPUs explicitly, e.g. ``2,3:4-7`` (all
+client threads on C). The plan is reported in the bench's config rows so a result says where
+it ran."""
 
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, NamedTuple, Optional, Set, Tuple
+
+
+class Plan(NamedTuple):
+    client: Set[int]                 # every CPU of the client process
+    server: Set[int]
+    main: Optional[Set[int]] = None  # the client's calling thread alone (its other threads: client - main)
 
 
 def _parse_list(s: str) -> Set[int]:
@@ -45,9 +56,9 @@ def cores(allowed: Optional[Set[int]] = None) -> List[Tuple[int, ...]]:
     return sorted(seen, key=lambda t: t[0])
 
 
-def plan(spec: Optional[str]) -> Optional[Tuple[Set[int], Set[int]]]:
-    """(client CPUs, server CPUs) for ``spec``, or None for ``none``. Raises ValueError with
-    what is wrong for a bad spec or too few CPUs."""
+def plan(spec: Optional[str]) -> Optional[Plan]:
+    """The :class:`Plan` for ``spec``, or None for ``none``. Raises ValueError with what is
+    wrong for a bad spec or too few CPUs."""
     if spec is None or spec == "none":
         return None
     allowed = set(os.sched_getaffinity(0))
@@ -55,13 +66,12 @@ def plan(spec: Optional[str]) -> Optional[Tuple[Set[int], Set[int]]]:
         cs = cores(allowed)
         if len(cs) < 2:
             raise ValueError(f"--pin auto: needs at least 2 physical cores, this process may use {len(cs)}")
-        if len(cs) >= 4:
+        if len(cs) >= 5:
             cs = cs[1:]
-        client = set(cs[0])
-        server = set(cs[1])
-        if len(cs) >= 3:
-            server |= set(cs[2])
-        return client, server
+        if len(cs) >= 4:
+            main, helpers = set(cs[0]), set(cs[1])
+            return Plan(main | helpers, set(cs[2]) | set(cs[3]), main)
+        return Plan(set(cs[0]), set().union(*cs[1:3]))
     if ":" not in spec:
         raise ValueError(f"--pin {spec!r}: expected none, auto or CLIENT_CPUS:SERVER_CPUS (e.g. 2,3:4-7)")
     a, b = spec.split(":", 1)
@@ -75,10 +85,30 @@ def plan(spec: Optional[str]) -> Optional[Tuple[Set[int], Set[int]]]:
     if bad:
         raise ValueError(f"--pin {spec!r}: CPUs {sorted(bad)} are not available to this process "
                          f"(allowed: {sorted(allowed)})")
-    return client, server
+    return Plan(client, server)
 
 
-def describe(p: Optional[Tuple[Set[int], Set[int]]]) -> str:
+def settle(p: Optional[Plan]) -> int:
+    """Apply ``p`` to this process's threads as they are now: the calling thread on
+    ``p.main``, every other thread on the rest of the client's CPUs (without ``main``: all
+    on ``p.client``). Threads started later inherit their creator's CPUs, so call it again
+    after a session connects (its flush timer and lane threads) or CUDA starts (its helper
+    threads). Returns how many threads were placed; threads that ended meanwhile are skipped."""
+    if p is None:
+        return 0
+    from .._affinity import place_threads
+    if p.main:
+        return place_threads(p.main, p.client - p.main)
+    return place_threads(p.client, p.client)
+
+
+def describe(p: Optional[Plan]) -> str:
     if p is None:
         return "none"
-    return f"client {sorted(p[0])} server {sorted(p[1])}"
+    if p.main:
+        srv = f"server {sorted(p.server)}"
+        if len(p.server) >= 2:
+            srv += f" (session thread {min(p.server)}, others {sorted(p.server - {min(p.server)})})"
+        return f"client {sorted(p.client)} (calling thread {sorted(p.main)}, others " \
+               f"{sorted(p.client - p.main)}) {srv}"
+    return f"client {sorted(p.client)} server {sorted(p.server)}"

@@ -114,7 +114,7 @@ def bench_rtt(s, args, tls: str) -> List[Dict[str, Any]]:
     # the transport's 8 B round trip against its C echo server, same transports
     from . import transport as tb
     pin = getattr(args, "pin_plan", None)
-    srv, addr = tb._start_local_server(tls, 64, min(pin[1]) if pin else None)
+    srv, addr = tb._start_local_server(tls, 64, min(pin.server) if pin else None)
     try:
         cl = tb._Client(addr, tls)
         try:
@@ -307,7 +307,7 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
     # server's first CPU, its client on the client's (else both would inherit this process's
     # affinity, the client's CPUs only, and the baseline would share one core)
     pin = getattr(args, "pin_plan", None)
-    pcpu = {"server_cpu": min(pin[1]), "client_cpu": min(pin[0])} if pin else {}
+    pcpu = {"server_cpu": min(pin.server), "client_cpu": min(pin.main or pin.client)} if pin else {}
 
     def open_session(big):
         s = connect()
@@ -513,60 +513,77 @@ def primary_module(d, ptx: bytes):
     return dev, _ck(d.cuModuleLoadData(ptx))
 
 
-def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
-    import numpy as np
-    from cuda.bindings import driver as d
+class LocalMLP:
+    """The MLP through cuda.bindings in a context of this process (the local baseline):
+    ``timed(n)`` runs n steps and returns their seconds; ``extras()`` the per-step split,
+    the GPU's idle gap between steps and the kernels' GPU time; ``close()`` destroys the
+    context."""
 
-    _ck(d.cuInit(0))
-    dev = _ck(d.cuDeviceGet(0))
-    try:
-        ctx = _ck(d.cuCtxCreate(None, 0, dev))
-    except TypeError:
-        ctx = _ck(d.cuCtxCreate(0, dev))
-    try:
-        mod = _ck(d.cuModuleLoadData(ptx))
-        fns = {k: _ck(d.cuModuleGetFunction(mod, k.encode())) for k in MLP_KERNELS}
-        layout = {}
-        for k, f in fns.items():
-            lay = []
-            while True:
-                r = d.cuFuncGetParamInfo(f, len(lay))
-                if int(r[0]):
-                    break
-                lay.append((int(r[1]), int(r[2])))
-            layout[k] = lay
-        bufs = {k: int(_ck(d.cuMemAlloc(4 * n))) for k, n in _mlp_buffers(B, I, H, O).items()}
-        for k, v in _mlp_init(B, I, H, O).items():
-            _ck(d.cuMemcpyHtoD(bufs[k], v, v.nbytes))
-        st = _ck(d.cuStreamCreate(0))
-        plan = []
-        for name, grid, args in _mlp_plan(B, I, H, O):
-            vals = [bufs[a] if isinstance(a, str) else a for a in args]
-            # kernelParams: an array of pointers to each argument value (what a local runtime does)
-            storage = []
-            for (off, size), v in zip(layout[name], vals):
-                if isinstance(v, float):
-                    storage.append(np.array([v], np.float32))
-                elif size == 8:
-                    storage.append(np.array([v], np.uint64))
-                else:
-                    storage.append(np.array([v], np.int32))
-            ptrs = np.array([a.ctypes.data for a in storage], np.uint64)
-            plan.append((fns[name], grid, ptrs, storage))
-        loss = np.zeros(1, np.float32)
+    def __init__(self, ptx: bytes, B, I, H, O):
+        import numpy as np
+        from cuda.bindings import driver as d
+        self.d = d
+        _ck(d.cuInit(0))
+        dev = _ck(d.cuDeviceGet(0))
+        try:
+            self.ctx = _ck(d.cuCtxCreate(None, 0, dev))
+        except TypeError:
+            self.ctx = _ck(d.cuCtxCreate(0, dev))
+        try:
+            mod = _ck(d.cuModuleLoadData(ptx))
+            fns = {k: _ck(d.cuModuleGetFunction(mod, k.encode())) for k in MLP_KERNELS}
+            layout = {}
+            for k, f in fns.items():
+                lay = []
+                while True:
+                    r = d.cuFuncGetParamInfo(f, len(lay))
+                    if int(r[0]):
+                        break
+                    lay.append((int(r[1]), int(r[2])))
+                layout[k] = lay
+            self.bufs = bufs = {k: int(_ck(d.cuMemAlloc(4 * n))) for k, n in _mlp_buffers(B, I, H, O).items()}
+            for k, v in _mlp_init(B, I, H, O).items():
+                _ck(d.cuMemcpyHtoD(bufs[k], v, v.nbytes))
+            self.st = _ck(d.cuStreamCreate(0))
+            self.plan = []
+            for name, grid, args in _mlp_plan(B, I, H, O):
+                vals = [bufs[a] if isinstance(a, str) else a for a in args]
+                # kernelParams: an array of pointers to each argument value (what a local runtime does)
+                storage = []
+                for (off, size), v in zip(layout[name], vals):
+                    if isinstance(v, float):
+                        storage.append(np.array([v], np.float32))
+                    elif size == 8:
+                        storage.append(np.array([v], np.uint64))
+                    else:
+                        storage.append(np.array([v], np.int32))
+                ptrs = np.array([a.ctypes.data for a in storage], np.uint64)
+                self.plan.append((fns[name], grid, ptrs, storage))
+            self.loss = np.zeros(1, np.float32)
+            self.losses: List[float] = []
+        except BaseException:
+            self.close()
+            raise
 
-        def step():
-            _ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
-            for f, grid, ptrs, _keep in plan:
-                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
-            _ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
-            _ck(d.cuStreamSynchronize(st))
-            return float(loss[0])
-        for _ in range(warm):
-            step()
+    def step(self) -> float:
+        d, st, bufs, loss = self.d, self.st, self.bufs, self.loss
+        _ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
+        for f, grid, ptrs, _keep in self.plan:
+            _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+        _ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+        _ck(d.cuStreamSynchronize(st))
+        return float(loss[0])
+
+    def timed(self, n: int) -> float:
+        step = self.step
         t0 = time.perf_counter()
-        losses = [step() for _ in range(steps)]
+        out = [step() for _ in range(n)]
         dt = time.perf_counter() - t0
+        self.losses.extend(out)
+        return dt
+
+    def extras(self, steps: int) -> Dict[str, Any]:
+        d, st, bufs, loss, plan = self.d, self.st, self.bufs, self.loss, self.plan
 
         def parts():   # the same step with timestamps: issue (memset .. D2H) and the sync
             a = time.perf_counter_ns()
@@ -600,13 +617,46 @@ def mlp_local(ptx: bytes, B, I, H, O, steps: int, warm: int) -> Dict[str, Any]:
             _ck(d.cuEventRecord(e1, st))
             _ck(d.cuEventSynchronize(e1))
             gms.append(float(_ck(d.cuEventElapsedTime(e0, e1))))
-        return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1],
-                "gpu_ms_per_step": sorted(gms)[2], "issue_us": split[0], "sync_us": split[1], **gap}
-    finally:
-        d.cuCtxDestroy(ctx)
+        return {"gpu_ms_per_step": sorted(gms)[2], "issue_us": split[0], "sync_us": split[1], **gap}
+
+    def close(self) -> None:
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        if ctx is not None:
+            self.d.cuCtxDestroy(ctx)
+
+
+def interleave(local_timed, remote_timed, steps: int, block: int) -> Dict[str, Any]:
+    """``steps`` steps of each loop in alternating blocks of ``block`` (the last one shorter;
+    which loop goes first alternates too), so both see the same host conditions (on the GPU
+    VMs a vCPU's speed moves by up to 2x within a second). ``*_timed(n)`` runs n steps and
+    returns their seconds. Returns the summed seconds per loop and each block pair's ratio."""
+    if steps < 1 or block < 1:
+        raise ValueError(f"interleave: steps ({steps}) and block ({block}) must be >= 1")
+    tl = tr = 0.0
+    ratios = []
+    done, k = 0, 0
+    while done < steps:
+        n = min(block, steps - done)
+        if k % 2 == 0:
+            a = local_timed(n)
+            b = remote_timed(n)
+        else:
+            b = remote_timed(n)
+            a = local_timed(n)
+        tl += a
+        tr += b
+        ratios.append(b / a if a > 0 else float("inf"))
+        done += n
+        k += 1
+    return {"local_s": tl, "remote_s": tr, "block_ratios": ratios}
 
 
 _GAP_STEPS = 21
+
+
+def _pcts(v, ps):
+    v = sorted(v)
+    return [v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))] for p in ps] if v else []
 
 
 def _gap_stats(gaps_ms, busy_ms):
@@ -625,58 +675,70 @@ def _median_parts(samples):
     return out
 
 
-def mlp_remote(s, ptx: bytes, B, I, H, O, steps: int, warm: int, trace: bool = False) -> Dict[str, Any]:
-    import numpy as np
-    mod = s.load_module(ptx)
-    fns = {k: mod.function(k) for k in MLP_KERNELS}
-    bufs = {k: s.alloc(4 * n) for k, n in _mlp_buffers(B, I, H, O).items()}
-    for k, v in _mlp_init(B, I, H, O).items():
-        s.copy_to_device(bufs[k], v)
-    st = s.stream()
-    plan = [(fns[name].handle, grid, fns[name].pack([bufs[a] if isinstance(a, str) else a for a in args]))
-            for name, grid, args in _mlp_plan(B, I, H, O)]
-    loss = np.zeros(1, np.float32)
-    L = s.cuLaunchKernel
-    lossbuf = bufs["loss"]
+class RemoteMLP:
+    """The same loop through a gpuwire session (``timed`` / ``extras`` as :class:`LocalMLP`)."""
 
-    def step():
-        s.cuMemsetD32Async(lossbuf, 0, 1, st)
-        for h, grid, params in plan:
-            L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
-        s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
-        s.cuStreamSynchronize(st)
-        return float(loss[0])
-    for _ in range(warm):
-        step()
-    t0 = time.perf_counter()
-    losses = [step() for _ in range(steps)]
-    dt = time.perf_counter() - t0
-    split = _median_parts([_mlp_remote_parts(s, st, plan, loss, lossbuf) for _ in range(max(10, steps // 2))])
-    evs = [(s.event(), s.event()) for _ in range(_GAP_STEPS)]
-    for ea, eb in evs:
-        ea.record(st)
-        s.cuMemsetD32Async(lossbuf, 0, 1, st)
-        for h, grid, params in plan:
-            L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
-        s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
-        eb.record(st)
-        s.cuStreamSynchronize(st)
-    gap = _gap_stats([evs[i - 1][1].elapsed_ms(evs[i][0]) for i in range(1, len(evs))],
-                     [ea.elapsed_ms(eb) for ea, eb in evs])
-    e0, e1 = s.event(), s.event()
-    gms = []
-    for _ in range(5):
-        e0.record(st)
-        for h, grid, params in plan:
-            L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
-        e1.record(st)
-        e1.synchronize()
-        gms.append(e0.elapsed_ms(e1))
-    ctrace = _mlp_remote_trace(s, st, plan, loss, lossbuf, max(20, steps // 2)) if trace else None
-    return {"ms_per_step": dt / steps * 1e3, "first_loss": losses[0], "last_loss": losses[-1],
-            "gpu_ms_per_step": sorted(gms)[2], "issue_us": split[0], "sync_us": split[1],
-            "frames_per_step": split[2], "client_trace": ctrace,
-            "reply_tail_max": int(getattr(s, "_tail_max", 0)), **gap}
+    def __init__(self, s, ptx: bytes, B, I, H, O):
+        import numpy as np
+        self.s = s
+        mod = s.load_module(ptx)
+        fns = {k: mod.function(k) for k in MLP_KERNELS}
+        self.bufs = bufs = {k: s.alloc(4 * n) for k, n in _mlp_buffers(B, I, H, O).items()}
+        for k, v in _mlp_init(B, I, H, O).items():
+            s.copy_to_device(bufs[k], v)
+        self.st = s.stream()
+        self.plan = [(fns[name].handle, grid, fns[name].pack([bufs[a] if isinstance(a, str) else a for a in args]))
+                     for name, grid, args in _mlp_plan(B, I, H, O)]
+        self.loss = np.zeros(1, np.float32)
+        self.losses: List[float] = []
+
+    def timed(self, n: int) -> float:
+        s, st, plan, loss = self.s, self.st, self.plan, self.loss
+        L = s.cuLaunchKernel
+        lossbuf = self.bufs["loss"]
+
+        def step():
+            s.cuMemsetD32Async(lossbuf, 0, 1, st)
+            for h, grid, params in plan:
+                L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
+            s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
+            s.cuStreamSynchronize(st)
+            return float(loss[0])
+        t0 = time.perf_counter()
+        out = [step() for _ in range(n)]
+        dt = time.perf_counter() - t0
+        self.losses.extend(out)
+        return dt
+
+    def extras(self, steps: int, trace: bool = False) -> Dict[str, Any]:
+        s, st, plan, loss = self.s, self.st, self.plan, self.loss
+        L = s.cuLaunchKernel
+        lossbuf = self.bufs["loss"]
+        split = _median_parts([_mlp_remote_parts(s, st, plan, loss, lossbuf) for _ in range(max(10, steps // 2))])
+        evs = [(s.event(), s.event()) for _ in range(_GAP_STEPS)]
+        for ea, eb in evs:
+            ea.record(st)
+            s.cuMemsetD32Async(lossbuf, 0, 1, st)
+            for h, grid, params in plan:
+                L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
+            s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
+            eb.record(st)
+            s.cuStreamSynchronize(st)
+        gap = _gap_stats([evs[i - 1][1].elapsed_ms(evs[i][0]) for i in range(1, len(evs))],
+                         [ea.elapsed_ms(eb) for ea, eb in evs])
+        e0, e1 = s.event(), s.event()
+        gms = []
+        for _ in range(5):
+            e0.record(st)
+            for h, grid, params in plan:
+                L(h, grid, 1, 1, 256, 1, 1, 0, st, params)
+            e1.record(st)
+            e1.synchronize()
+            gms.append(e0.elapsed_ms(e1))
+        ctrace = _mlp_remote_trace(s, st, plan, loss, lossbuf, max(20, steps // 2)) if trace else None
+        return {"gpu_ms_per_step": sorted(gms)[2], "issue_us": split[0], "sync_us": split[1],
+                "frames_per_step": split[2], "client_trace": ctrace,
+                "reply_tail_max": int(getattr(s, "_tail_max", 0)), **gap}
 
 
 def _mlp_remote_trace(s, st, plan, loss, lossbuf, steps: int):
@@ -813,26 +875,43 @@ def _mlp_remote_parts(s, st, plan, loss, lossbuf):
 
 
 def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
-    """Per shape, ``--mlp-rounds`` alternating rounds of the local loop and the remote loop (a
-    session per round); ``ratio`` is the median of the rounds' ratios (``round_ratios``), the other
-    columns are the last round's (one round with --trace)."""
+    """Per shape, ``--mlp-rounds`` rounds (a session each). In a round the local loop (a
+    context of this process) and the remote loop are both set up and warmed, then run in
+    alternating blocks of ``--mlp-block`` steps until each ran ``--mlp-steps``
+    (:func:`interleave`): both see the same host conditions. A round's ratio is the remote
+    loop's summed time over the local one's; ``ratio`` is the median of the rounds' ratios
+    (``round_ratios``), the other columns are the last round's (one round with --trace)."""
     import os
     import statistics
     rows = []
     tdir = getattr(args, "trace_dir", None)
     rounds = 1 if tdir else max(1, int(getattr(args, "mlp_rounds", 1)))
+    block = max(1, int(getattr(args, "mlp_block", 0) or args.mlp_steps))
     for shape in args.mlp_shapes.split(";"):
         B, I, H, O = (int(x) for x in shape.split(","))
-        ratios = []
+        ratios, blocks_all = [], []
         for _r in range(rounds):
-            loc = mlp_local(ptx, B, I, H, O, args.mlp_steps, 3)
             before = set(os.listdir(tdir)) if tdir else set()
-            s = connect()
+            locr = LocalMLP(ptx, B, I, H, O)
             try:
-                rem = mlp_remote(s, ptx, B, I, H, O, args.mlp_steps, 3, trace=bool(tdir))
+                s = connect()
+                try:
+                    remr = RemoteMLP(s, ptx, B, I, H, O)
+                    for r_ in (locr, remr):          # warm both, then the timed blocks
+                        r_.timed(3)
+                        r_.losses.clear()
+                    iv = interleave(locr.timed, remr.timed, args.mlp_steps, block)
+                    loc = {"ms_per_step": iv["local_s"] / args.mlp_steps * 1e3,
+                           "first_loss": locr.losses[0], "last_loss": locr.losses[-1], **locr.extras(args.mlp_steps)}
+                    rem = {"ms_per_step": iv["remote_s"] / args.mlp_steps * 1e3,
+                           "first_loss": remr.losses[0], "last_loss": remr.losses[-1],
+                           **remr.extras(args.mlp_steps, trace=bool(tdir))}
+                finally:
+                    s.close()
             finally:
-                s.close()
-            ratios.append(rem["ms_per_step"] / loc["ms_per_step"])
+                locr.close()
+            ratios.append(iv["remote_s"] / iv["local_s"])
+            blocks_all.extend(iv["block_ratios"])
         split = None
         if tdir:
             ct = rem["client_trace"]
@@ -842,6 +921,9 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
                      "launches_per_step": len(_mlp_plan(B, I, H, O)) + 2,
                      "local_ms_per_step": loc["ms_per_step"], "remote_ms_per_step": rem["ms_per_step"],
                      "ratio": statistics.median(ratios), "round_ratios": [round(r, 3) for r in ratios],
+                     "block": block, "blocks": len(blocks_all),
+                     # spread of the block pairs' ratios over all rounds (host noise, per block)
+                     "block_ratio_p10_p50_p90": [round(x, 3) for x in _pcts(blocks_all, (10, 50, 90))],
                      "local_gpu_ms_per_step": loc["gpu_ms_per_step"], "remote_gpu_ms_per_step": rem["gpu_ms_per_step"],
                      # an extra timestamped pass (medians, us): where a step's host time goes
                      "local_issue_us": loc["issue_us"], "local_sync_us": loc["sync_us"],
@@ -977,9 +1059,7 @@ def run(args: argparse.Namespace) -> int:
         args.pin_plan = _pin.plan(None if args.server else args.pin)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if args.pin_plan:
-        import os
-        os.sched_setaffinity(0, args.pin_plan[0])        # this process: the client (and local runs)
+    _pin.settle(args.pin_plan)      # this process: the client (and the local runs)
     cfg = config_echo({"bench": "rpc", "tls": tls, "executor": args.executor, "tests": tests,
                        "server": args.server or "loopback (own process)", "rtt_us": args.rtt_us,
                        "ptx": str(ptx_path), "pin": _pin.describe(args.pin_plan)})
@@ -994,12 +1074,19 @@ def run(args: argparse.Namespace) -> int:
         args.trace_dir = tempfile.mkdtemp(prefix="gpuwire-trace-")
         env = dict(os.environ, GPUWIRE_RPC_TRACE_DIR=args.trace_dir)
     if not address:
+        if args.pin_plan and args.pin_plan.main and len(args.pin_plan.server) >= 2:
+            # like the client's calling thread: the server's session thread alone on a CPU of its
+            # own, the worker's other threads on the other server CPUs (rpc_server_session_cpu)
+            import os
+            env = dict(env or os.environ, GPUWIRE_RPC_SERVER_SESSION_CPU=str(min(args.pin_plan.server)))
         srv, address = start_rpc_server(args.executor, tls, token, ["--isolation", args.isolation]
                                         if args.isolation else [], env=env,
-                                        cpus=args.pin_plan[1] if args.pin_plan else None)
+                                        cpus=args.pin_plan.server if args.pin_plan else None)
 
     def connect():
-        return gpuwire.connect(address, token=token, tls=tls, name="bench")
+        s = gpuwire.connect(address, token=token, tls=tls, name="bench")
+        _pin.settle(args.pin_plan)  # the session's threads (and CUDA's of a local run) off the calling thread's core
+        return s
     rows: List[Dict[str, Any]] = []
     try:
         with settings.override(rpc_flush_us=args.flush_us):
@@ -1055,9 +1142,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rtt, issue, launch, bw, mlp, dispatch (comma-separated)")
     p.add_argument("--server", help="HOST:PORT of a running `gpuwire serve` (else a loopback one)")
     p.add_argument("--pin", default="none",
-                   help="CPU placement of client and loopback server: none (default), auto (one whole "
-                        "core for the client, the next two for the server), or CLIENT:SERVER cpu lists "
-                        "such as 2,3:4-7")
+                   help="CPU placement of client and loopback server: none (default), auto (a whole "
+                        "core for the client's calling thread, the next for its other threads, the next two "
+                        "for the server), or CLIENT:SERVER cpu lists such as 2,3:4-7")
     p.add_argument("--token", help="token of --server")
     p.add_argument("--ptx", help="the test kernels (default: the packaged gpuwire/rpc/kernels/gw_test_kernels.ptx)")
     p.add_argument("--iters", type=int, default=20000, help="timed round trips (rtt)")
@@ -1085,6 +1172,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-shapes", default="4096,512,1024,64;2048,512,512,32;1024,256,256,16",
                    help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
     p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")
+    p.add_argument("--mlp-block", type=int, default=100,
+                   help="mlp: steps per block; a round runs the local and the remote loop in alternating "
+                        "blocks (0: one block each, the whole --mlp-steps)")
     p.add_argument("--mlp-rounds", type=int, default=3,
                    help="mlp: alternating rounds of the local and the remote loop per shape; the ratio is "
                         "the median of the rounds' ratios (the local loop's own time moves by ~10 %% between "

@@ -66,6 +66,13 @@ settings.register("rpc_server_progress_thread", False, bool,
                   "Server: run the transport worker's progress thread (a C thread that drives it while "
                   "payloads of 64 KiB or more are in flight, Worker.start_progress_thread), so payload bytes "
                   "keep moving while the session thread runs calls.", layer="rpc")
+settings.register("rpc_server_session_cpu", -1, int,
+                  "Server, process isolation: the session worker's session thread (the one that receives "
+                  "frames and makes the driver calls) runs alone on this CPU, every other thread of the "
+                  "worker (CUDA's, UCX's, bulk lanes' progress threads) on the rest of the worker's CPUs, so "
+                  "none of them preempts it. Placed when the session starts and again after its lanes "
+                  "connect. -1: off (the OS places threads). Ignored with thread isolation (sessions share "
+                  "the process) and when the CPU is not one the worker may use.", layer="rpc")
 settings.register("rpc_bulk_timeout_s", 120.0, float,
                   "Server: seconds to wait for a bulk payload a frame announced.", layer="rpc")
 settings.register("rpc_c_bulk", True, bool,
@@ -392,7 +399,25 @@ class ServerSession:
         self.lane_min = 0
 
     # ------------------------------------------------------------------ loop
+    def _place(self) -> None:
+        """rpc_server_session_cpu: this (the session) thread alone on its CPU, the worker's
+        other threads on the rest (session workers only: one session per process)."""
+        cpu = int(settings.get("rpc_server_session_cpu"))
+        if cpu < 0 or not self.server.single:
+            return
+        from .._affinity import place_threads
+        allowed = self.server.cpus
+        if cpu not in allowed or len(allowed) < 2:
+            log.warning("session %d: rpc_server_session_cpu %d not used (this worker may use CPUs %s)",
+                        self.id, cpu, sorted(allowed))
+            return
+        try:
+            place_threads({cpu}, allowed - {cpu})
+        except ValueError as e:
+            log.warning("session %d: %s", self.id, e)
+
     def run(self) -> None:
+        self._place()
         buf = bytearray(MAX_FRAME)
         bb = t.Buffer(buf, writable=True)
         if self.scanner is not None:
@@ -1368,6 +1393,7 @@ class ServerSession:
             self.serve_c.v.lane_min = lo.lane_min
         self.lane_min = lo.lane_min
         self.lane_eps = eps
+        self._place()                       # (the lanes' progress threads started on this thread's CPU)
         log.info("session %d: %d bulk lanes (payloads of %d B or more)", self.id, len(eps), lo.lane_min)
 
     def _lanes_close(self) -> None:
@@ -1538,6 +1564,7 @@ class Server:
             raise ValueError(f"isolation must be thread or process, not {isolation!r}")
         self.isolation = isolation
         self.single = single
+        self.cpus = set(os.sched_getaffinity(0))   # (rpc_server_session_cpu places threads within these)
         self.listen_addr = listen
         self.default_device = device
         self.data_roots = list(data_roots)

@@ -1,0 +1,38 @@
+"""Thread placement inside this process (Linux): the calling thread on some CPUs, every
+other thread of the process on others. Used by the benches' ``--pin`` and by the server's
+``rpc_server_session_cpu``. Threads inherit their creator's CPUs, so callers place again
+after new threads start (a session's timers and lanes, CUDA's helper threads)."""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable, Optional, Set
+
+
+def place_threads(mine: Optional[Iterable[int]], others: Iterable[int]) -> int:
+    """The calling thread on ``mine`` (unchanged when None), every other thread of this
+    process on ``others``. Returns how many threads were placed; threads that ended
+    meanwhile are skipped. Raises ValueError naming the CPUs for an empty or unusable set."""
+    mine_s: Optional[Set[int]] = set(mine) if mine is not None else None
+    others_s = set(others)
+    if not others_s or (mine_s is not None and not mine_s):
+        raise ValueError(f"place_threads: empty CPU set (mine {sorted(mine_s) if mine_s is not None else None}, "
+                         f"others {sorted(others_s)})")
+    me = threading.get_native_id()
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [me]
+    n = 0
+    for tid in tids:
+        cpus = mine_s if tid == me else others_s
+        if cpus is None:
+            continue
+        try:
+            os.sched_setaffinity(tid, cpus)
+            n += 1
+        except (ProcessLookupError, PermissionError):
+            pass
+        except OSError as e:
+            raise ValueError(f"place_threads: CPUs {sorted(cpus)}: {e}") from None
+    return n
