@@ -10,10 +10,10 @@ from gpuwire.bench import _pin
 def test_explicit_plan_and_ranges():
     allowed = sorted(os.sched_getaffinity(0))
     a, b = allowed[0], allowed[-1]
-    c, s, m = _pin.plan(f"{a}:{b}")
+    c, s, m, _ = _pin.plan(f"{a}:{b}")
     assert c == {a} and s == {b} and m is None
     if len(allowed) >= 2:
-        c, s, _m = _pin.plan(f"{a}-{allowed[1]}:{b}")
+        c, s, _m, _ = _pin.plan(f"{a}-{allowed[1]}:{b}")
         assert c == {a, allowed[1]}
 
 

@@ -22,6 +22,7 @@ class Plan(NamedTuple):
     client: Set[int]                 # every CPU of the client process
     server: Set[int]
     main: Optional[Set[int]] = None  # the client's calling thread alone (its other threads: client - main)
+    session: Optional[int] = None    # the server's session thread alone (rpc_server_session_cpu; others: server - {session})
 
 
 def _parse_list(s: str) -> Set[int]:
@@ -69,8 +70,8 @@ def plan(spec: Optional[str]) -> Optional[Plan]:
         if len(cs) >= 5:
             cs = cs[1:]
         if len(cs) >= 4:
-            main, helpers = set(cs[0]), set(cs[1])
-            return Plan(main | helpers, set(cs[2]) | set(cs[3]), main)
+            main, helpers, server = set(cs[0]), set(cs[1]), set(cs[2]) | set(cs[3])
+            return Plan(main | helpers, server, main, min(server))
         return Plan(set(cs[0]), set().union(*cs[1:3]))
     if ":" not in spec:
         raise ValueError(f"--pin {spec!r}: expected none, auto or CLIENT_CPUS:SERVER_CPUS (e.g. 2,3:4-7)")
@@ -105,10 +106,10 @@ def settle(p: Optional[Plan]) -> int:
 def describe(p: Optional[Plan]) -> str:
     if p is None:
         return "none"
+    cl = f"client {sorted(p.client)}"
     if p.main:
-        srv = f"server {sorted(p.server)}"
-        if len(p.server) >= 2:
-            srv += f" (session thread {min(p.server)}, others {sorted(p.server - {min(p.server)})})"
-        return f"client {sorted(p.client)} (calling thread {sorted(p.main)}, others " \
-               f"{sorted(p.client - p.main)}) {srv}"
-    return f"client {sorted(p.client)} server {sorted(p.server)}"
+        cl += f" (calling thread {sorted(p.main)}, others {sorted(p.client - p.main)})"
+    srv = f"server {sorted(p.server)}"
+    if p.session is not None:
+        srv += f" (session thread {p.session}, others {sorted(p.server - {p.session})})"
+    return f"{cl} {srv}"
