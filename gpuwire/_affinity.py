@@ -6,7 +6,42 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Iterable, Optional, Set
+from typing import FrozenSet, Iterable, Optional, Set
+
+
+def parse_cpus(s: str) -> Set[int]:
+    """A CPU list as Linux writes them, ``"2,4-6"`` -> ``{2, 4, 5, 6}`` (empty string: empty
+    set). Raises ValueError naming the part that is not a CPU number or range."""
+    out: Set[int] = set()
+    for part in str(s).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo or lo < 0:
+                    raise ValueError
+                out.update(range(lo, hi + 1))
+            else:
+                v = int(part)
+                if v < 0:
+                    raise ValueError
+                out.add(v)
+        except ValueError:
+            raise ValueError(f"bad CPU number or range {part!r} in {s!r} (expected e.g. 2,4-6)") from None
+    return out
+
+
+def cpu_list(value) -> FrozenSet[int]:
+    """A settings type: a CPU list (:func:`parse_cpus`); empty: none named."""
+    if isinstance(value, (set, frozenset, list, tuple)):
+        v = frozenset(int(x) for x in value)
+        if any(x < 0 for x in v):
+            raise ValueError(f"bad CPU numbers {sorted(v)}")
+        return v
+    return frozenset(parse_cpus(value))
 
 
 def place_threads(mine: Optional[Iterable[int]], others: Iterable[int]) -> int:

@@ -34,6 +34,44 @@ def test_interleave_alternates_blocks_and_which_loop_goes_first():
     assert one == [("L", 7), ("R", 7)]                 # a block larger than the run: one each
 
 
+def test_interleave_warm_steps_start_each_block_outside_its_time():
+    """With warm=3 every block of a loop starts with 1 + 2 steps (the first after the other
+    loop ran, then the rest) that land in *_first_s / *_warm_s, not in the block's time."""
+    log = []
+
+    def timed(name, first_cost, per_step):
+        def f(n):
+            log.append((name, n))
+            # the first step after the other loop's block is slow (this fake: every n == 1 call)
+            return first_cost if n == 1 else n * per_step
+        return f
+    iv = R.interleave(timed("L", 5.0, 1.0), timed("R", 9.0, 1.5), steps=200, block=100, warm=3)
+    assert log == [("L", 1), ("L", 2), ("L", 100), ("R", 1), ("R", 2), ("R", 100),
+                   ("R", 1), ("R", 2), ("R", 100), ("L", 1), ("L", 2), ("L", 100)]
+    assert iv["local_s"] == 200.0 and iv["remote_s"] == 300.0      # the blocks only
+    assert iv["block_ratios"] == [1.5, 1.5]
+    assert iv["local_first_s"] == [5.0, 5.0] and iv["remote_first_s"] == [9.0, 9.0]
+    assert iv["local_warm_s"] == 2 * (5.0 + 2.0) and iv["remote_warm_s"] == 2 * (9.0 + 3.0)
+    assert iv["warm"] == 3
+    one = []
+    iv1 = R.interleave(_fake("L", one, 1.0), _fake("R", one, 1.0), steps=5, block=5, warm=1)
+    assert one == [("L", 1), ("L", 5), ("R", 1), ("R", 5)] and iv1["local_warm_s"] == 1.0
+    none = []
+    iv0 = R.interleave(_fake("L", none, 1.0), _fake("R", none, 1.0), steps=5, block=5)
+    assert none == [("L", 5), ("R", 5)] and iv0["local_first_s"] == [] and iv0["remote_warm_s"] == 0.0
+
+
+def test_interleave_refuses_negative_warm():
+    with pytest.raises(ValueError, match="warm"):
+        R.interleave(lambda n: 1.0, lambda n: 1.0, 10, 5, warm=-1)
+
+
+def test_bench_cli_refuses_negative_mlp_warm():
+    r = subprocess.run([sys.executable, "-m", "gpuwire.bench.rpc", "--executor", "cpu", "--tests", "mlp",
+                        "--mlp-warm", "-2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--mlp-warm must be >= 0 (got -2)" in r.stderr
+
+
 @pytest.mark.parametrize("steps, block", [(0, 10), (10, 0), (-1, 5)])
 def test_interleave_refuses_empty_runs(steps, block):
     with pytest.raises(ValueError, match="must be >= 1"):
@@ -77,5 +115,7 @@ def test_bench_mlp_interleaved_on_the_gpu(tmp_path):
     assert len(rows) == 1
     row = rows[0]
     assert row["blocks"] == 2 * 3 and row["block"] == 20 and len(row["round_ratios"]) == 2
+    assert row["warm"] == 3 and 0.3 < row["ratio_incl_warm"] < 5.0
+    assert row["local_first_step_us"] > 0 and row["remote_first_step_us"] > 0
     assert 0.3 < row["ratio"] < 5.0
     assert row["loss_rel_diff"] < 1e-3          # the same training, locally and remotely

@@ -10,16 +10,15 @@ from gpuwire.bench import _pin
 def test_explicit_plan_and_ranges():
     allowed = sorted(os.sched_getaffinity(0))
     a, b = allowed[0], allowed[-1]
-    c, s, m, _ = _pin.plan(f"{a}:{b}")
-    assert c == {a} and s == {b} and m is None
+    p = _pin.plan(f"{a}:{b}")
+    assert p.client == {a} and p.server == {b} and p.main is None and p.spawn is None
     if len(allowed) >= 2:
-        c, s, _m, _ = _pin.plan(f"{a}-{allowed[1]}:{b}")
-        assert c == {a, allowed[1]}
+        assert _pin.plan(f"{a}-{allowed[1]}:{b}").client == {a, allowed[1]}
 
 
 @pytest.mark.parametrize("spec, msg", [
     ("0", "expected none, auto or CLIENT_CPUS:SERVER_CPUS"),
-    ("3-1:0", "bad CPU range"),
+    ("3-1:0", "bad CPU number or range '3-1'"),
     (":0", "both sides need at least one CPU"),
     ("0:x", "--pin '0:x'"),
     ("0:100000", "not available to this process"),
@@ -83,3 +82,21 @@ def test_settle_puts_the_calling_thread_alone_and_the_others_beside_it():
 
 def test_cores_without_sysfs_fall_back_to_one_cpu_per_core():
     assert _pin.cores({100000}) == [(100000,)]
+
+
+@pytest.mark.parametrize("ncores, spawn", [(8, {5}), (6, {5}), (5, None), (4, None)])
+def test_auto_plan_on_bigger_machines_gives_spare_workers_a_core_of_their_own(monkeypatch, ncores, spawn):
+    """On a machine of `ncores` one-CPU cores: core 0 skipped from five on; the calling
+    thread, the client's helpers, the server's two, then (when one is left) the core the
+    server's spare workers start on (rpc_worker_spawn_cpus), apart from all the others."""
+    monkeypatch.setattr(_pin, "cores", lambda allowed=None: [(i,) for i in range(ncores)])
+    p = _pin.plan("auto")
+    first = 1 if ncores >= 5 else 0
+    assert p.main == {first} and p.client == {first, first + 1}
+    assert p.server == {first + 2, first + 3} and p.session == first + 2
+    assert p.spawn == spawn
+    if spawn:
+        assert not (spawn & (p.client | p.server))
+        assert f"spare workers start on {sorted(spawn)}" in _pin.describe(p)
+    else:
+        assert "spare workers" not in _pin.describe(p)

@@ -91,3 +91,61 @@ def test_session_worker_puts_its_session_thread_alone_on_the_cpu():
             s.close()
     finally:
         srv.stop()
+
+
+def _all_on(pid, cpus):
+    try:
+        tasks = _tasks(pid)
+    except FileNotFoundError:
+        return False
+    return bool(tasks) and all(c == cpus for c in tasks.values())
+
+
+@need2
+def test_spare_workers_start_on_the_spawn_cpus_and_serve_on_the_servers():
+    """rpc_worker_spawn_cpus = a, server on b: the spare session workers start (and
+    initialise) on a, off the CPUs of running sessions; the one a client connects to moves
+    all its threads to b before the session runs, and serves; the next spare stays on a."""
+    a, b = ALLOWED[0], ALLOWED[1]
+    env = {"GPUWIRE_RPC_WORKER_SPAWN_CPUS": str(a)}
+    try:
+        os.sched_setaffinity(0, {b})                       # the server (acceptor) on b
+        srv = start_server("cpu-proc", env=env)
+    finally:
+        _restore()
+    try:
+        def kids():
+            return [int(k) for k in subprocess.run(["pgrep", "-P", str(srv.p.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        spares = wait_until(lambda: (lambda ks: ks if len(ks) >= 2 and all(_all_on(k, {a}) for k in ks) else None)(
+            kids()), timeout=20)
+        assert spares, {k: _tasks(k) for k in kids()}
+        s = srv.connect()
+        try:
+            s.gwSync()
+            served = wait_until(lambda: [k for k in kids() if _all_on(k, {b})], timeout=10)
+            assert served and len(served) == 1, {k: _tasks(k) for k in kids()}
+            assert served[0] in spares                     # a spare started on a, moved to b
+            assert len(_tasks(served[0])) >= 2             # (its threads too, not only the main one)
+            rest = wait_until(lambda: [k for k in kids() if k != served[0] and _all_on(k, {a})], timeout=20)
+            assert rest, {k: _tasks(k) for k in kids()}    # the spares started meanwhile: on a
+            s.gwSync()
+        finally:
+            s.close()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("value, msg", [
+    ("x", "GPUWIRE_RPC_WORKER_SPAWN_CPUS='x': bad CPU number or range 'x'"),
+    ("3-1", "bad CPU number or range '3-1'"),
+    ("99999", r"CPUs \[99999\] do not exist on this machine"),
+])
+def test_bad_spawn_cpus_stop_the_server_with_what_is_wrong(value, msg):
+    import re
+    import sys
+    r = subprocess.run([sys.executable, "-m", "gpuwire.rpc.cli", "--executor", "cpu", "--isolation", "process",
+                        "--listen", "127.0.0.1:0", "--token", "t0k"],
+                       env=dict(os.environ, GPUWIRE_RPC_WORKER_SPAWN_CPUS=value),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and re.search(msg, r.stderr), r.stderr[-1000:]

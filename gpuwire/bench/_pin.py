@@ -3,7 +3,8 @@
 ``none`` leaves placement to the OS. ``auto`` gives the client's calling thread one whole
 physical core of its own, the client's other threads (the flush timer, progress threads of
 bulk lanes, UCX's and CUDA's helper threads) the next whole core, and the server the next two
-(its session thread alone on the first: ``rpc_server_session_cpu``), so no spinning thread of
+(its session thread alone on the first: ``rpc_server_session_cpu``; its spare session workers
+start on a fifth core when there is one: ``rpc_worker_spawn_cpus``), so no spinning thread of
 one side shares a core with the other side, and no helper thread preempts the calling thread
 or the server's session thread (a flush timer that wakes once per delay would
 otherwise interrupt it on a shared CPU, at any point of a step). With only two or three cores
@@ -17,29 +18,15 @@ from __future__ import annotations
 import os
 from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
+from .._affinity import parse_cpus
+
 
 class Plan(NamedTuple):
     client: Set[int]                 # every CPU of the client process
     server: Set[int]
     main: Optional[Set[int]] = None  # the client's calling thread alone (its other threads: client - main)
     session: Optional[int] = None    # the server's session thread alone (rpc_server_session_cpu; others: server - {session})
-
-
-def _parse_list(s: str) -> Set[int]:
-    out: Set[int] = set()
-    for part in s.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            lo, hi = int(a), int(b)
-            if hi < lo:
-                raise ValueError(f"bad CPU range {part!r}")
-            out.update(range(lo, hi + 1))
-        else:
-            out.add(int(part))
-    return out
+    spawn: Optional[Set[int]] = None  # where the server's spare session workers start (rpc_worker_spawn_cpus)
 
 
 def cores(allowed: Optional[Set[int]] = None) -> List[Tuple[int, ...]]:
@@ -50,7 +37,7 @@ def cores(allowed: Optional[Set[int]] = None) -> List[Tuple[int, ...]]:
     for c in sorted(allowed):
         try:
             with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
-                sib = tuple(sorted(_parse_list(f.read()) & allowed))
+                sib = tuple(sorted(parse_cpus(f.read()) & allowed))
         except (OSError, ValueError):
             sib = (c,)
         seen.setdefault(sib or (c,), None)
@@ -71,13 +58,16 @@ def plan(spec: Optional[str]) -> Optional[Plan]:
             cs = cs[1:]
         if len(cs) >= 4:
             main, helpers, server = set(cs[0]), set(cs[1]), set(cs[2]) | set(cs[3])
-            return Plan(main | helpers, server, main, min(server))
+            # a fifth core, when there is one, for the server's spare workers to start on: the
+            # pool refills at each connect, and a start (Python, UCX, CUDA: ~1 s of a CPU) on the
+            # server's two cores slowed the session measured meanwhile by up to 1.5x (session 9)
+            return Plan(main | helpers, server, main, min(server), set(cs[4]) if len(cs) >= 5 else None)
         return Plan(set(cs[0]), set().union(*cs[1:3]))
     if ":" not in spec:
         raise ValueError(f"--pin {spec!r}: expected none, auto or CLIENT_CPUS:SERVER_CPUS (e.g. 2,3:4-7)")
     a, b = spec.split(":", 1)
     try:
-        client, server = _parse_list(a), _parse_list(b)
+        client, server = parse_cpus(a), parse_cpus(b)
     except ValueError as e:
         raise ValueError(f"--pin {spec!r}: {e}") from None
     if not client or not server:
@@ -112,4 +102,6 @@ def describe(p: Optional[Plan]) -> str:
     srv = f"server {sorted(p.server)}"
     if p.session is not None:
         srv += f" (session thread {p.session}, others {sorted(p.server - {p.session})})"
+    if p.spawn:
+        srv += f", spare workers start on {sorted(p.spawn)}"
     return f"{cl} {srv}"

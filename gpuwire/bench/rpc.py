@@ -560,20 +560,24 @@ class LocalMLP:
                 ptrs = np.array([a.ctypes.data for a in storage], np.uint64)
                 self.plan.append((fns[name], grid, ptrs, storage))
             self.loss = np.zeros(1, np.float32)
+            # the addresses read once (numpy's .ctypes.data costs ~1.4 us a call): the baseline's
+            # Python does per step only what a local runtime must
+            self.cplan = [(f, grid, int(ptrs.ctypes.data)) for f, grid, ptrs, _keep in self.plan]
+            self.loss_ptr = int(self.loss.ctypes.data)
             self.losses: List[float] = []
         except BaseException:
             self.close()
             raise
 
     def timed(self, n: int) -> float:
-        d, st, loss, plan = self.d, self.st, self.loss, self.plan
+        d, st, loss, plan, lp = self.d, self.st, self.loss, self.cplan, self.loss_ptr
         lossbuf = self.bufs["loss"]
 
         def step():     # (locals only: the baseline pays no attribute lookups per call)
             _ck(d.cuMemsetD32Async(lossbuf, 0, 1, st))
-            for f, grid, ptrs, _keep in plan:
-                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
-            _ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, lossbuf, 4, st))
+            for f, grid, ptr in plan:
+                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptr, 0))
+            _ck(d.cuMemcpyDtoHAsync(lp, lossbuf, 4, st))
             _ck(d.cuStreamSynchronize(st))
             return float(loss[0])
         t0 = time.perf_counter()
@@ -583,14 +587,14 @@ class LocalMLP:
         return dt
 
     def extras(self, steps: int) -> Dict[str, Any]:
-        d, st, bufs, loss, plan = self.d, self.st, self.bufs, self.loss, self.plan
+        d, st, bufs, plan, lp = self.d, self.st, self.bufs, self.cplan, self.loss_ptr
 
         def parts():   # the same step with timestamps: issue (memset .. D2H) and the sync
             a = time.perf_counter_ns()
             _ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
-            for f, grid, ptrs, _keep in plan:
-                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
-            _ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+            for f, grid, ptr in plan:
+                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptr, 0))
+            _ck(d.cuMemcpyDtoHAsync(lp, bufs["loss"], 4, st))
             b = time.perf_counter_ns()
             _ck(d.cuStreamSynchronize(st))
             return b - a, time.perf_counter_ns() - b
@@ -600,9 +604,9 @@ class LocalMLP:
         for ea, eb in evs:
             _ck(d.cuEventRecord(ea, st))
             _ck(d.cuMemsetD32Async(bufs["loss"], 0, 1, st))
-            for f, grid, ptrs, _keep in plan:
-                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
-            _ck(d.cuMemcpyDtoHAsync(loss.ctypes.data, bufs["loss"], 4, st))
+            for f, grid, ptr in plan:
+                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptr, 0))
+            _ck(d.cuMemcpyDtoHAsync(lp, bufs["loss"], 4, st))
             _ck(d.cuEventRecord(eb, st))
             _ck(d.cuStreamSynchronize(st))
         gap = _gap_stats([float(_ck(d.cuEventElapsedTime(evs[i - 1][1], evs[i][0]))) for i in range(1, len(evs))],
@@ -612,8 +616,8 @@ class LocalMLP:
         gms = []
         for _ in range(5):
             _ck(d.cuEventRecord(e0, st))
-            for f, grid, ptrs, _keep in plan:
-                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptrs.ctypes.data, 0))
+            for f, grid, ptr in plan:
+                _ck(d.cuLaunchKernel(f, grid, 1, 1, 256, 1, 1, 0, st, ptr, 0))
             _ck(d.cuEventRecord(e1, st))
             _ck(d.cuEventSynchronize(e1))
             gms.append(float(_ck(d.cuEventElapsedTime(e0, e1))))
@@ -625,30 +629,46 @@ class LocalMLP:
             self.d.cuCtxDestroy(ctx)
 
 
-def interleave(local_timed, remote_timed, steps: int, block: int) -> Dict[str, Any]:
+def interleave(local_timed, remote_timed, steps: int, block: int, warm: int = 0) -> Dict[str, Any]:
     """``steps`` steps of each loop in alternating blocks of ``block`` (the last one shorter;
     which loop goes first alternates too), so both see the same host conditions (on the GPU
     VMs a vCPU's speed moves by up to 2x within a second). ``*_timed(n)`` runs n steps and
-    returns their seconds. Returns the summed seconds per loop and each block pair's ratio."""
+    returns their seconds. Returns the summed seconds per loop and each block pair's ratio.
+
+    ``warm``: each block starts with that many steps of its loop outside the block's time
+    (timed on their own: ``*_warm_s``; the first of them, the first step after the other loop
+    ran, in ``*_first_s``). A training loop runs its steps back to back; here each loop sat
+    idle for a block of the other's, and its first step pays for that (session 9, GPU box:
+    the remote loop's first step 0.3-0.5 ms, the second ~0.21, then 0.19)."""
     if steps < 1 or block < 1:
         raise ValueError(f"interleave: steps ({steps}) and block ({block}) must be >= 1")
-    tl = tr = 0.0
+    if warm < 0:
+        raise ValueError(f"interleave: warm ({warm}) must be >= 0")
+    acc = {"local_s": 0.0, "remote_s": 0.0, "local_warm_s": 0.0, "remote_warm_s": 0.0}
+    first: Dict[str, List[float]] = {"local_first_s": [], "remote_first_s": []}
     ratios = []
     done, k = 0, 0
+
+    def run(name, timed, n):
+        if warm:
+            f = timed(1)
+            first[name + "_first_s"].append(f)
+            acc[name + "_warm_s"] += f + (timed(warm - 1) if warm > 1 else 0.0)
+        t = timed(n)
+        acc[name + "_s"] += t
+        return t
     while done < steps:
         n = min(block, steps - done)
         if k % 2 == 0:
-            a = local_timed(n)
-            b = remote_timed(n)
+            a = run("local", local_timed, n)
+            b = run("remote", remote_timed, n)
         else:
-            b = remote_timed(n)
-            a = local_timed(n)
-        tl += a
-        tr += b
+            b = run("remote", remote_timed, n)
+            a = run("local", local_timed, n)
         ratios.append(b / a if a > 0 else float("inf"))
         done += n
         k += 1
-    return {"local_s": tl, "remote_s": tr, "block_ratios": ratios}
+    return {**acc, **first, "block_ratios": ratios, "warm": warm}
 
 
 _GAP_STEPS = 21
@@ -657,6 +677,11 @@ _GAP_STEPS = 21
 def _pcts(v, ps):
     v = sorted(v)
     return [v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))] for p in ps] if v else []
+
+
+def _median_us(secs: List[float]) -> Optional[float]:
+    v = sorted(secs)
+    return round(v[len(v) // 2] * 1e6, 1) if v else None
 
 
 def _gap_stats(gaps_ms, busy_ms):
@@ -878,18 +903,22 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
     """Per shape, ``--mlp-rounds`` rounds (a session each). In a round the local loop (a
     context of this process) and the remote loop are both set up and warmed, then run in
     alternating blocks of ``--mlp-block`` steps until each ran ``--mlp-steps``
-    (:func:`interleave`): both see the same host conditions. A round's ratio is the remote
-    loop's summed time over the local one's; ``ratio`` is the median of the rounds' ratios
-    (``round_ratios``), the other columns are the last round's (one round with --trace)."""
+    (:func:`interleave`): both see the same host conditions. Each block starts with
+    ``--mlp-warm`` steps outside its time (the first step after the other loop's block pays
+    for the idle: ``*_first_step_us``; ``ratio_incl_warm`` counts them in). A round's ratio
+    is the remote loop's summed time over the local one's; ``ratio`` is the median of the
+    rounds' ratios (``round_ratios``), the other columns are the last round's (one round
+    with --trace)."""
     import os
     import statistics
     rows = []
     tdir = getattr(args, "trace_dir", None)
     rounds = 1 if tdir else max(1, int(getattr(args, "mlp_rounds", 1)))
     block = max(1, int(getattr(args, "mlp_block", 0) or args.mlp_steps))
+    warm = max(0, int(getattr(args, "mlp_warm", 0) or 0))
     for shape in args.mlp_shapes.split(";"):
         B, I, H, O = (int(x) for x in shape.split(","))
-        ratios, blocks_all = [], []
+        ratios, blocks_all, ratios_w, firsts = [], [], [], {"local_first_s": [], "remote_first_s": []}
         for _r in range(rounds):
             before = set(os.listdir(tdir)) if tdir else set()
             locr = LocalMLP(ptx, B, I, H, O)
@@ -900,7 +929,7 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
                     for r_ in (locr, remr):          # warm both, then the timed blocks
                         r_.timed(3)
                         r_.losses.clear()
-                    iv = interleave(locr.timed, remr.timed, args.mlp_steps, block)
+                    iv = interleave(locr.timed, remr.timed, args.mlp_steps, block, warm)
                     loc = {"ms_per_step": iv["local_s"] / args.mlp_steps * 1e3,
                            "first_loss": locr.losses[0], "last_loss": locr.losses[-1], **locr.extras(args.mlp_steps)}
                     rem = {"ms_per_step": iv["remote_s"] / args.mlp_steps * 1e3,
@@ -911,7 +940,10 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
             finally:
                 locr.close()
             ratios.append(iv["remote_s"] / iv["local_s"])
+            ratios_w.append((iv["remote_s"] + iv["remote_warm_s"]) / (iv["local_s"] + iv["local_warm_s"]))
             blocks_all.extend(iv["block_ratios"])
+            for k_ in firsts:
+                firsts[k_].extend(iv[k_])
         split = None
         if tdir:
             ct = rem["client_trace"]
@@ -921,7 +953,12 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
                      "launches_per_step": len(_mlp_plan(B, I, H, O)) + 2,
                      "local_ms_per_step": loc["ms_per_step"], "remote_ms_per_step": rem["ms_per_step"],
                      "ratio": statistics.median(ratios), "round_ratios": [round(r, 3) for r in ratios],
-                     "block": block, "blocks": len(blocks_all),
+                     "block": block, "blocks": len(blocks_all), "warm": warm,
+                     # with each block's warm-up steps counted in (what --mlp-warm 0 measures, with
+                     # blocks of block + warm steps), and the first step after the other loop's block
+                     "ratio_incl_warm": round(statistics.median(ratios_w), 4),
+                     "local_first_step_us": _median_us(firsts["local_first_s"]),
+                     "remote_first_step_us": _median_us(firsts["remote_first_s"]),
                      # spread of the block pairs' ratios over all rounds (host noise, per block)
                      "block_ratio_p10_p50_p90": [round(x, 3) for x in _pcts(blocks_all, (10, 50, 90))],
                      "local_gpu_ms_per_step": loc["gpu_ms_per_step"], "remote_gpu_ms_per_step": rem["gpu_ms_per_step"],
@@ -1050,6 +1087,8 @@ def run(args: argparse.Namespace) -> int:
     import gpuwire.rpc.client  # noqa: F401 - registers the rpc settings
     tls = tls_of(args.tls)
     tests = [x for x in args.tests.split(",") if x]
+    if getattr(args, "mlp_warm", 0) < 0:
+        raise SystemExit(f"--mlp-warm must be >= 0 (got {args.mlp_warm})")
     gpu_ok = args.executor == "gpu" or args.server
     ptx_path = find_ptx(args.ptx)
     ptx = ptx_path.read_bytes()
@@ -1079,6 +1118,8 @@ def run(args: argparse.Namespace) -> int:
             # own, the worker's other threads on the other server CPUs (rpc_server_session_cpu)
             import os
             env = dict(env or os.environ, GPUWIRE_RPC_SERVER_SESSION_CPU=str(args.pin_plan.session))
+            if args.pin_plan.spawn:   # spare workers start off the server's CPUs (each connect refills the pool)
+                env["GPUWIRE_RPC_WORKER_SPAWN_CPUS"] = ",".join(map(str, sorted(args.pin_plan.spawn)))
         srv, address = start_rpc_server(args.executor, tls, token, ["--isolation", args.isolation]
                                         if args.isolation else [], env=env,
                                         cpus=args.pin_plan.server if args.pin_plan else None)
@@ -1175,6 +1216,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-block", type=int, default=100,
                    help="mlp: steps per block; a round runs the local and the remote loop in alternating "
                         "blocks (0: one block each, the whole --mlp-steps)")
+    p.add_argument("--mlp-warm", type=int, default=3,
+                   help="mlp: steps each block starts with outside its time (the first step after the other "
+                        "loop's block pays for the idle; reported as *_first_step_us, and ratio_incl_warm "
+                        "counts them in); 0: none")
     p.add_argument("--mlp-rounds", type=int, default=3,
                    help="mlp: alternating rounds of the local and the remote loop per shape; the ratio is "
                         "the median of the rounds' ratios (the local loop's own time moves by ~10 %% between "

@@ -28,6 +28,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__, settings
+from .._affinity import cpu_list
 from .. import transport as t
 from . import lanes as _lanes
 from . import protocol as P
@@ -49,6 +50,13 @@ settings.register("rpc_c_server", True, bool,
 settings.register("rpc_worker_pool", 2, int,
                   "Server, process isolation: session worker processes kept started ahead (CUDA initialised), "
                   "so a connect does not wait for one.", layer="rpc")
+settings.register("rpc_worker_spawn_cpus", "", cpu_list,
+                  "Server, process isolation: CPUs a session worker process starts and initialises on (e.g. "
+                  "'6' or '6-7'; empty: the server's own). The worker moves all its threads to the server's CPUs "
+                  "when its client connects. The pool refills at every connect, and a worker's start (Python, "
+                  "UCX and CUDA initialisation: about a second of one CPU) on the CPUs of running sessions slows "
+                  "them meanwhile (session 9: whole rounds of a pinned MLP bench 1.10-1.15x instead of 1.02x).",
+                  layer="rpc")
 settings.register("rpc_worker_claim_s", 30.0, float,
                   "Server, process isolation: seconds a session worker waits for its client to reconnect.",
                   layer="rpc")
@@ -1565,6 +1573,14 @@ class Server:
         self.isolation = isolation
         self.single = single
         self.cpus = set(os.sched_getaffinity(0))   # (rpc_server_session_cpu places threads within these)
+        self.home_cpus: Optional[set] = None        # a session worker started elsewhere: where it serves
+        self.spawn_cpus: frozenset = frozenset()
+        if isolation == "process":
+            self.spawn_cpus = settings.get("rpc_worker_spawn_cpus")
+            bad = set(self.spawn_cpus) - set(range(os.cpu_count() or 1))
+            if bad:
+                raise ValueError(f"rpc_worker_spawn_cpus (GPUWIRE_RPC_WORKER_SPAWN_CPUS): CPUs {sorted(bad)} do "
+                                 f"not exist on this machine (CPUs 0-{(os.cpu_count() or 1) - 1})")
         self.listen_addr = listen
         self.default_device = device
         self.data_roots = list(data_roots)
@@ -1646,6 +1662,8 @@ class Server:
 
     def _run_single(self, ep: t.Endpoint) -> None:
         """Session worker: run the connection here; stop after one authenticated session."""
+        if self.home_cpus:
+            self._go_home()
         s = ServerSession(self, ep, next(self._ids))
         with self._lock:
             self.sessions[s.id] = s
@@ -1653,6 +1671,17 @@ class Server:
         s.run()
         if s.ready:
             self.served += 1
+
+    def _go_home(self) -> None:
+        """A worker started on rpc_worker_spawn_cpus: every thread of it onto the server's
+        CPUs before the session runs (its session thread's placement is within those)."""
+        from .._affinity import place_threads
+        home, self.home_cpus = set(self.home_cpus), None
+        try:
+            place_threads(home, home)
+            self.cpus = home
+        except ValueError as e:
+            log.warning("session worker: could not move to the server's CPUs %s: %s", sorted(home), e)
 
     def _start_session(self, ep: t.Endpoint) -> None:
         sid = next(self._ids)
@@ -1773,9 +1802,17 @@ class WorkerPool:
         cfg = {"executor": srv.executor_kind, "host": srv.host, "ticket": ticket, "va_gib": srv.va_gib,
                "tls": srv.tls, "device": srv.default_device, "data_roots": srv.data_roots,
                "cpu_kernels": srv.cpu_kernels, "exec_kw": srv.exec_kw,
-               "log_level": logging.getLevelName(logging.getLogger().level)}
+               "log_level": logging.getLevelName(logging.getLogger().level),
+               # started on rpc_worker_spawn_cpus: where to serve once its client connects
+               "home_cpus": sorted(srv.cpus) if srv.spawn_cpus else None}
+        spawn = set(srv.spawn_cpus)
         p = subprocess.Popen([sys.executable, "-m", "gpuwire.rpc.server", "--worker"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
+        if spawn:   # (the worker starts no thread before it reads its config, written below; its
+            try:    # threads inherit this. No preexec_fn: not safe in this threaded process)
+                os.sched_setaffinity(p.pid, spawn)
+            except OSError as e:
+                log.warning("session worker: rpc_worker_spawn_cpus %s not applied: %s", sorted(spawn), e)
         p.stdin.write(json.dumps(cfg) + "\n")
         p.stdin.flush()
         line = p.stdout.readline()
@@ -1870,6 +1907,8 @@ def worker_main() -> int:
                  executor=cfg["executor"], token=cfg["ticket"], device=cfg.get("device", 0),
                  data_roots=cfg.get("data_roots") or [], tls=cfg.get("tls"), va_gib=cfg.get("va_gib"),
                  isolation="thread", single=True, **(cfg.get("exec_kw") or {}))
+    if cfg.get("home_cpus"):
+        srv.home_cpus = set(cfg["home_cpus"])
 
     def _stop(signum, frame):
         srv.shutdown()
