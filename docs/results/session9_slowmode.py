@@ -86,7 +86,7 @@ def main():
         pc = time.perf_counter_ns
 
         def local_steps(n):          # LocalMLP.timed's step, each step's end time kept (no allocation)
-            d, lst, lloss, lplan, lbuf = loc.d, loc.st, loc.loss, loc.cplan, loc.bufs["loss"]
+            d, lst, lloss, lplan, lbuf = loc.d, loc.st, loc.loss, loc.plan, loc.bufs["loss"]
             lp = loc.loss_ptr
             lt_ns[0] = pc()
             for i in range(n):
@@ -109,8 +109,6 @@ def main():
                 s.cuStreamSynchronize(st)
                 float(loss[0])
                 rt_ns[i + 1] = pc()
-        loc.cplan = [(f, grid, int(ptrs.ctypes.data)) for f, grid, ptrs, _k in loc.plan]
-        loc.loss_ptr = int(loc.loss.ctypes.data)
         for k in range(nblocks):
             c0, s0 = threads(me), threads(sp)
             g0 = len(gcs)

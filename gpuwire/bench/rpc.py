@@ -513,6 +513,16 @@ def primary_module(d, ptx: bytes):
     return dev, _ck(d.cuModuleLoadData(ptx))
 
 
+def _timed_steps(step, n: int, losses: List[float]) -> float:
+    """Seconds for ``n`` calls of ``step`` (a training step returning its loss); the losses
+    are appended to ``losses`` after the clock stops."""
+    t0 = time.perf_counter()
+    out = [step() for _ in range(n)]
+    dt = time.perf_counter() - t0
+    losses.extend(out)
+    return dt
+
+
 class LocalMLP:
     """The MLP through cuda.bindings in a context of this process (the local baseline):
     ``timed(n)`` runs n steps and returns their seconds; ``extras()`` the per-step split,
@@ -545,7 +555,10 @@ class LocalMLP:
             for k, v in _mlp_init(B, I, H, O).items():
                 _ck(d.cuMemcpyHtoD(bufs[k], v, v.nbytes))
             self.st = _ck(d.cuStreamCreate(0))
-            self.plan = []
+            # (kernel, grid, kernelParams address): the addresses read once (numpy's .ctypes.data
+            # costs ~1.4 us a call), so the baseline's Python does per step only what a local
+            # runtime must; _keep holds the arrays they point into
+            self.plan, self._keep = [], []
             for name, grid, args in _mlp_plan(B, I, H, O):
                 vals = [bufs[a] if isinstance(a, str) else a for a in args]
                 # kernelParams: an array of pointers to each argument value (what a local runtime does)
@@ -558,11 +571,9 @@ class LocalMLP:
                     else:
                         storage.append(np.array([v], np.int32))
                 ptrs = np.array([a.ctypes.data for a in storage], np.uint64)
-                self.plan.append((fns[name], grid, ptrs, storage))
+                self._keep.append((ptrs, storage))
+                self.plan.append((fns[name], grid, int(ptrs.ctypes.data)))
             self.loss = np.zeros(1, np.float32)
-            # the addresses read once (numpy's .ctypes.data costs ~1.4 us a call): the baseline's
-            # Python does per step only what a local runtime must
-            self.cplan = [(f, grid, int(ptrs.ctypes.data)) for f, grid, ptrs, _keep in self.plan]
             self.loss_ptr = int(self.loss.ctypes.data)
             self.losses: List[float] = []
         except BaseException:
@@ -570,7 +581,7 @@ class LocalMLP:
             raise
 
     def timed(self, n: int) -> float:
-        d, st, loss, plan, lp = self.d, self.st, self.loss, self.cplan, self.loss_ptr
+        d, st, loss, plan, lp = self.d, self.st, self.loss, self.plan, self.loss_ptr
         lossbuf = self.bufs["loss"]
 
         def step():     # (locals only: the baseline pays no attribute lookups per call)
@@ -580,14 +591,10 @@ class LocalMLP:
             _ck(d.cuMemcpyDtoHAsync(lp, lossbuf, 4, st))
             _ck(d.cuStreamSynchronize(st))
             return float(loss[0])
-        t0 = time.perf_counter()
-        out = [step() for _ in range(n)]
-        dt = time.perf_counter() - t0
-        self.losses.extend(out)
-        return dt
+        return _timed_steps(step, n, self.losses)
 
     def extras(self, steps: int) -> Dict[str, Any]:
-        d, st, bufs, plan, lp = self.d, self.st, self.bufs, self.cplan, self.loss_ptr
+        d, st, bufs, plan, lp = self.d, self.st, self.bufs, self.plan, self.loss_ptr
 
         def parts():   # the same step with timestamps: issue (memset .. D2H) and the sync
             a = time.perf_counter_ns()
@@ -729,11 +736,7 @@ class RemoteMLP:
             s.cuMemcpyDtoHAsync(loss, lossbuf, 4, st)
             s.cuStreamSynchronize(st)
             return float(loss[0])
-        t0 = time.perf_counter()
-        out = [step() for _ in range(n)]
-        dt = time.perf_counter() - t0
-        self.losses.extend(out)
-        return dt
+        return _timed_steps(step, n, self.losses)
 
     def extras(self, steps: int, trace: bool = False) -> Dict[str, Any]:
         s, st, plan, loss = self.s, self.st, self.plan, self.loss
