@@ -185,6 +185,8 @@ struct gw_worker {
   int efd, cefd, epfd;
   int ctrl_hot;             /* >0: progress the control worker on every pass */
   int64_t spin_ns;
+  int64_t call_spin_max_ns; /* >spin_ns: gw_call spins up to 2x its recent waits, up to this */
+  int64_t call_hint_ns;     /* gw_call's recent waits: a maximum decaying by 1/8 per call */
   int64_t rtt_half_ns;
   int64_t last_live_check;
   gw_conn_t **conns;
@@ -220,6 +222,7 @@ struct gw_worker {
   size_t pump_min;
   volatile int lock_want;   /* callers waiting for `lock` while the pump runs */
   uint64_t pump_passes, pump_blocks, pump_reqs;
+  uint64_t blocked_total;   /* waits that blocked on the event fd (block_once), all threads */
 };
 
 static inline void worker_lock(gw_worker_t *w) {
@@ -701,6 +704,8 @@ static int cond_req_done(void *arg) {
 }
 
 static int wait_cond(gw_worker_t *w, int (*cond)(void *), void *arg, int64_t timeout_ns);
+static int wait_cond_spin(gw_worker_t *w, int (*cond)(void *), void *arg, int64_t timeout_ns,
+                          int64_t spin_ns);
 
 /* Close a UCX endpoint; its error-callback arg is freed once UCX has destroyed
  * it. A forced close is asked for only in error mode PEER: UCX refuses it for
@@ -1079,6 +1084,16 @@ void gw_worker_destroy(gw_worker_t *w) {
 }
 
 void gw_worker_set_spin(gw_worker_t *w, int64_t spin_ns) { w->spin_ns = spin_ns < 0 ? 0 : spin_ns; }
+void gw_worker_set_call_spin_max(gw_worker_t *w, int64_t ns) {
+  __atomic_store_n(&w->call_spin_max_ns, ns < 0 ? 0 : ns, __ATOMIC_RELAXED);
+}
+uint64_t gw_worker_blocked_total(gw_worker_t *w) {
+  LOCK(w);
+  uint64_t n = w->blocked_total;
+  UNLOCK(w);
+  return n;
+}
+int64_t gw_worker_call_hint(gw_worker_t *w) { return __atomic_load_n(&w->call_hint_ns, __ATOMIC_RELAXED); }
 void gw_worker_set_rtt_emulation(gw_worker_t *w, int64_t rtt_ns) {
   w->rtt_half_ns = rtt_ns > 0 ? rtt_ns / 2 : 0;
 }
@@ -1142,6 +1157,7 @@ static void block_once(gw_worker_t *w, int64_t ns, cond_fn cond, void *arg) {
     w->waiters = &me;
   }
   w->n_blocked++;
+  w->blocked_total++;
   UNLOCK(w);
   struct pollfd fds[2] = {{.fd = w->epfd, .events = POLLIN}, {.fd = efd, .events = POLLIN}};
   int ms = (int)((ns + 999999) / 1000000);
@@ -1159,9 +1175,13 @@ static void block_once(gw_worker_t *w, int64_t ns, cond_fn cond, void *arg) {
 }
 
 static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns) {
+  return wait_cond_spin(w, cond, arg, timeout_ns, w->spin_ns);
+}
+
+static int wait_cond_spin(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns, int64_t spin_ns) {
   int64_t t0 = now_ns();
   int64_t deadline = timeout_ns < 0 ? INT64_MAX : t0 + timeout_ns;
-  int64_t spin_end = t0 + w->spin_ns;
+  int64_t spin_end = t0 + spin_ns;
   unsigned it = 0;
   for (;;) {
     if (cond(arg)) return 0;
@@ -1176,7 +1196,7 @@ static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns
       UNLOCK(w);
     }
     if (cond(arg)) return 0;
-    if ((++it & 15) == 0 || w->spin_ns == 0) {
+    if ((++it & 15) == 0 || spin_ns == 0) {
       int64_t t = now_ns();
       if (t - w->last_live_check > LIVE_CHECK_NS) {
         w->last_live_check = t;
@@ -1893,14 +1913,28 @@ int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t 
     UNLOCK(w);
     return UCS_ERR_NO_MEMORY;
   }
+  /* the spin before blocking: the worker's, or (adaptive) twice this worker's recent call
+   * waits up to call_spin_max_ns, so a loop whose every call waits longer than spin_ns (a
+   * training step of a few ms) does not pay a wake-up per call; as CUDA's default spin-wait */
+  int64_t spin = w->spin_ns, smax = __atomic_load_n(&w->call_spin_max_ns, __ATOMIC_RELAXED);
+  if (smax > spin) {
+    int64_t want = 2 * __atomic_load_n(&w->call_hint_ns, __ATOMIC_RELAXED);
+    if (want > spin) spin = want < smax ? want : smax;
+  }
+  int64_t t0 = now_ns();
   rc = recv_locked(w, c, rtag, TAG_USER_MASK, rbuf, rcap, rr);
   if (rc >= 0 || rc == GW_ERR_TRUNCATED) rc = send_locked(c, tag, NULL, 0, sbuf, slen, sr);
   UNLOCK(w);
   if (rc >= 0) {
     pair_arg_t a = {rr, sr};
-    rc = wait_cond(w, cond_pair, &a, timeout_ns);
+    rc = wait_cond_spin(w, cond_pair, &a, timeout_ns, spin);
     if (rc == 0) rc = sr->status ? sr->status : rr->status;
     *rlen = rr->length;
+    if (rc == 0) { /* a maximum of the recent waits, decaying by 1/8 a call (races: a hint) */
+      int64_t d = now_ns() - t0, h = __atomic_load_n(&w->call_hint_ns, __ATOMIC_RELAXED);
+      h -= h >> 3;
+      __atomic_store_n(&w->call_hint_ns, d > h ? d : h, __ATOMIC_RELAXED);
+    }
   }
   gw_req_release(w, rr);
   gw_req_release(w, sr);

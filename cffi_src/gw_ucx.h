@@ -49,6 +49,9 @@ int gw_ctx_config(gw_ctx_t *ctx, char *buf, size_t len); /* ucp_config_print tex
 int gw_worker_create(gw_ctx_t *ctx, gw_worker_t **out);
 void gw_worker_destroy(gw_worker_t *w);
 void gw_worker_set_spin(gw_worker_t *w, int64_t spin_ns);
+void gw_worker_set_call_spin_max(gw_worker_t *w, int64_t ns);
+int64_t gw_worker_call_hint(gw_worker_t *w);
+uint64_t gw_worker_blocked_total(gw_worker_t *w);
 void gw_worker_set_rtt_emulation(gw_worker_t *w, int64_t rtt_ns);
 int gw_worker_address(gw_worker_t *w, void *buf, size_t cap, size_t *len);
 int gw_worker_progress(gw_worker_t *w);

@@ -8,6 +8,7 @@ setting on and off against real server processes (C server and Python server) an
 traces must be equal."""
 from __future__ import annotations
 
+import struct
 import threading
 import time
 
@@ -398,3 +399,63 @@ def test_threads_mixing_batched_and_fast_syncs(server, monkeypatch):
         assert cnt.n > 0
     finally:
         s.close()
+
+
+# ------------------------------------------------------------------ the adaptive sync spin
+
+
+def test_session_worker_gets_the_adaptive_spin_where_cores_allow(server, monkeypatch):
+    """rpc_spin_adapt_us reaches the session's worker (call_spin_max_us) on machines with
+    4 or more logical CPUs; off with fewer, with 0, or when not above rpc_spin_us."""
+    from gpuwire.rpc import client as client_mod
+    for cpus, kw, want in ((8, {}, 20000.0), (2, {}, 0.0), (8, {"rpc_spin_adapt_us": 0}, 0.0),
+                           (8, {"rpc_spin_adapt_us": 500, "rpc_spin_us": 1000}, 0.0),
+                           (4, {"rpc_spin_adapt_us": 3000}, 3000.0)):
+        monkeypatch.setattr(client_mod.os, "cpu_count", lambda c=cpus: c)
+        with _settings.override(**kw):
+            s = server.connect(name="spin")
+        try:
+            assert s._w.call_spin_max_us == want, (cpus, kw)
+        finally:
+            s.close()
+    with pytest.raises(ValueError, match="rpc_spin_adapt_us"):
+        with _settings.override(rpc_spin_adapt_us=-5):
+            server.connect(name="bad")
+
+
+def test_long_steps_keep_spinning_through_their_sync(server, monkeypatch):
+    """A loop whose sync waits outlast rpc_spin_us: with the adaptive spin the client stops
+    blocking (no wake-up per step) after the first steps; without it every sync blocks. The
+    results are the same."""
+    from gpuwire.rpc import client as client_mod
+    monkeypatch.setattr(client_mod.os, "cpu_count", lambda: 8)
+    n = 1 << 21
+    per = 300 if server.executor == "gpu" else 4      # launches per step: a step of ms either way
+    x = np.arange(n, dtype=np.float32) % 97
+    counts = {}
+    for adapt in (0, 200_000):
+        with _settings.override(rpc_spin_us=50, rpc_spin_adapt_us=adapt, rpc_bulk_lanes=0, rpc_flush_us=0):
+            s = server.connect(name=f"spin-{adapt}")
+        try:
+            f = s.cuModuleGetFunction(s.cuModuleLoadData(PTX.read_bytes()), "saxpy")
+            st = s.stream()
+            with s.alloc(x.nbytes) as dx, s.alloc(x.nbytes) as dy:
+                s.copy_to_device(dx, x)
+                s.cuMemsetD32(dy, 0, n)
+                params = struct.pack("<f4xQQi", 1.0, dx.ptr, dy.ptr, n)
+                blocked, waits = [], []
+                for i in range(8):
+                    for _ in range(per):
+                        s.cuLaunchKernel(f, (n + 255) // 256, 1, 1, 256, 1, 1, 0, st, params)
+                    b0, t0 = s._w.blocked_waits, time.perf_counter()
+                    s.cuStreamSynchronize(st)
+                    waits.append(time.perf_counter() - t0)
+                    blocked.append(s._w.blocked_waits - b0)
+                y = s.copy_to_host(np.zeros(n, np.float32), dy)
+                assert np.array_equal(y, 8 * per * x)
+        finally:
+            s.close()
+        assert min(waits[1:]) > 50e-6 * 4, waits         # every sync outlasts rpc_spin_us
+        counts[adapt] = blocked
+    assert all(b >= 1 for b in counts[0]), counts
+    assert sum(counts[200_000][2:]) == 0, counts

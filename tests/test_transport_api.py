@@ -585,3 +585,67 @@ def test_idle_server_costs_no_cpu(spawn_peer, kind):
         time.sleep(0.2)
         share = _cpu_share(peer.pid)
         assert share < 0.05, f"server blocked in accept+recv used {share:.1%} CPU"
+
+
+# ------------------------------------------------------------ adaptive call spin
+
+
+def _delayed_echo(ws, lst, n, delay_s, ready):
+    """Accept one client on ``lst``; answer ``n`` calls, each ``delay_s`` after it came."""
+    ep = lst.accept(timeout=10)
+    ready.set()
+    buf = bytearray(64)
+    try:
+        for _ in range(n):
+            r = ep.recv(buf, timeout=10)
+            time.sleep(delay_s)
+            ep.send(bytes(buf[:r.nbytes]), tag=r.tag, timeout=10)
+    finally:
+        ep.close()
+
+
+@pytest.mark.parametrize("adapt", [False, True])
+def test_call_spin_adapts_to_the_recent_waits(adapt):
+    """Worker.call_spin_max_us: calls whose replies take longer than spin_us block on the
+    event fd every time, unless the adaptive spin is on: then, after the first call, a call
+    spins up to twice the recent waits (call_wait_hint_us) and never blocks. The replies are
+    right either way."""
+    import threading
+    n, delay = 12, 0.003
+    with t.Context({"TLS": "tcp,self"}) as ctx:
+        ws, wc = ctx.worker(), ctx.worker()
+        wc.spin_us = 100
+        assert wc.call_spin_max_us == 0           # off unless set
+        if adapt:
+            wc.call_spin_max_us = 50_000
+        lst = ws.listen("127.0.0.1", 0)
+        ready = threading.Event()
+        th = threading.Thread(target=_delayed_echo, args=(ws, lst, n, delay, ready), daemon=True)
+        th.start()
+        try:
+            ep = wc.connect(lst.address, timeout=10)
+            assert ready.wait(10)
+            reply = bytearray(64)
+            blocked = []
+            for i in range(n):
+                b0 = wc.blocked_waits
+                assert ep.call(b"call %d" % i, reply, tag=5, timeout=10) == len(b"call %d" % i)
+                assert bytes(reply[:len(b"call %d" % i)]) == b"call %d" % i
+                blocked.append(wc.blocked_waits - b0)
+            assert wc.call_wait_hint_us >= delay * 1e6 * 0.9
+            if adapt:
+                assert sum(blocked[2:]) == 0, blocked
+            else:
+                assert all(b >= 1 for b in blocked), blocked
+        finally:
+            th.join(timeout=30)
+        assert not th.is_alive()
+
+
+def test_call_spin_max_refuses_bad_values():
+    with t.Context({"TLS": "tcp,self"}) as ctx:
+        w = ctx.worker()
+        for bad in (-1, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="call_spin_max_us"):
+                w.call_spin_max_us = bad
+        assert w.call_spin_max_us == 0

@@ -756,6 +756,9 @@ class Session(Stubs):
             spin = float(settings.get("rpc_spin_us"))
             if spin >= 0:
                 self._w.spin_us = spin
+            adapt = settings.get("rpc_spin_adapt_us")
+            if adapt > self._w.spin_us and (os.cpu_count() or 1) >= 4:
+                self._w.call_spin_max_us = adapt
             self._ep = self._w.connect(address, timeout=timeout)
         except BaseException:
             self._tctx.close()

@@ -453,6 +453,36 @@ class Worker(_Closing):
         lib.gw_worker_set_spin(self._w, int(self._spin_us * 1000))
 
     @property
+    def call_spin_max_us(self) -> float:
+        """Adaptive spin of request/reply calls (``Endpoint.call`` and the C layers' calls
+        through ``c_call_entry``): when above ``spin_us``, a call spins up to twice this
+        worker's recent call waits (a maximum decaying by 1/8 per call), up to this many µs,
+        before it blocks. 0 (default): every call spins ``spin_us``."""
+        return getattr(self, "_call_spin_max_us", 0.0)
+
+    @call_spin_max_us.setter
+    def call_spin_max_us(self, us: float) -> None:
+        us = float(us)
+        if not math.isfinite(us) or us < 0:
+            raise ValueError(f"call_spin_max_us must be a finite number of microseconds >= 0, got {us!r}")
+        self._check()
+        self._call_spin_max_us = us
+        lib.gw_worker_set_call_spin_max(self._w, int(us * 1000))
+
+    @property
+    def call_wait_hint_us(self) -> float:
+        """The recent call waits the adaptive spin goes by (µs; see call_spin_max_us)."""
+        self._check()
+        return lib.gw_worker_call_hint(self._w) / 1000.0
+
+    @property
+    def blocked_waits(self) -> int:
+        """How many times a wait on this worker (any thread's) stopped spinning and blocked
+        on the worker's event fd."""
+        self._check()
+        return int(lib.gw_worker_blocked_total(self._w))
+
+    @property
     def emulate_rtt_us(self) -> float:
         return self._rtt_us
 
