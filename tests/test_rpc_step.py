@@ -458,4 +458,4 @@ def test_long_steps_keep_spinning_through_their_sync(server, monkeypatch):
         assert min(waits[1:]) > 50e-6 * 4, waits         # every sync outlasts rpc_spin_us
         counts[adapt] = blocked
     assert all(b >= 1 for b in counts[0]), counts
-    assert sum(counts[200_000][2:]) == 0, counts
+    assert sum(counts[200_000][2:]) <= 1, counts     # (one step twice as slow as the others may block)
