@@ -844,23 +844,27 @@ uintptr_t gw_rpc_serve_handler_addr(void) { return (uintptr_t)gw_rpc_serve_handl
 #define GW_TIMER_LINGER_MORE 3 /* after a batch: awake for 1 + this many delays without a new one */
 
 struct gw_rpc_timer {
+  /* three cache lines apart: what the waiter writes at each wake (its mutex, condvar and
+   * bookkeeping), what the arming thread writes per batch, and the frame seq cell the client
+   * writes per frame, so neither side's writes evict the other's lines in between */
   pthread_mutex_t mu;   /* the waiter's sleeps and their wake-ups only: an arm takes it only
                          * to wake a waiter that sleeps untimed */
   pthread_cond_t cv;
   int64_t delay_ns;
-  /* the last batch armed: written by the arming thread without a lock (a seqlock: gen is
-   * odd while it writes), read by the waiter */
-  uint32_t gen;
-  uint32_t armed_seq;
-  int64_t armed_at;
   uint32_t armed_gen;   /* gen of the arm the waiter dealt with last (waiter only) */
-  int stop, idle;       /* idle: the waiter sleeps (or is about to sleep) untimed */
-  uint64_t signals;     /* arms that had to wake the waiter (tests, diagnosis) */
+  int stop;
   uint64_t wakes[3];    /* the waiter's returns from its waits: at a due time, after lingering,
                          * from its untimed sleep (diagnosis: gw_rpc_timer_wakes) */
   int64_t linger_until; /* after a batch: stay awake (timed wait) until then, see gw_rpc_timer_wait */
   int linger_left;      /* windows of one delay still to stay awake without a new batch */
-  uint32_t cur_seq; /* written by the client (frame being built), read here */
+  /* the last batch armed: written by the arming thread without a lock (a seqlock: gen is
+   * odd while it writes), read by the waiter */
+  _Alignas(64) uint32_t gen;
+  uint32_t armed_seq;
+  int64_t armed_at;
+  uint64_t signals;     /* arms that had to wake the waiter (tests, diagnosis) */
+  int idle;             /* the waiter sleeps (or is about to sleep) untimed */
+  _Alignas(64) uint32_t cur_seq; /* written by the client (frame being built), read here */
 };
 
 static int64_t mono_ns(void) {
@@ -870,8 +874,9 @@ static int64_t mono_ns(void) {
 }
 
 gw_rpc_timer_t *gw_rpc_timer_new(int64_t delay_ns) {
-  gw_rpc_timer_t *t = calloc(1, sizeof(*t));
-  if (!t) return NULL;
+  gw_rpc_timer_t *t = NULL;
+  if (posix_memalign((void **)&t, 64, sizeof(*t)) || !t) return NULL;
+  memset(t, 0, sizeof(*t));
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
