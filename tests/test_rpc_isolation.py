@@ -92,3 +92,36 @@ def test_killed_client_ends_its_worker(server):
         out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
         return f":{port} " not in out
     assert wait_until(gone, 10), "the worker of a killed client did not end"
+
+
+def _fd_target(pid: int, fd: int) -> str:
+    import os
+    return os.readlink(f"/proc/{pid}/fd/{fd}")
+
+
+def test_server_and_worker_stdout_go_to_stderr_after_the_ready_line(server):
+    """`--ready-stdout`: the parent reads the port line from the pipe and nothing after it, so
+    the server (and each session worker, which the server starts the same way) points its
+    stdout at its stderr once the line is out: later output (UCX's log is written to stdout)
+    cannot fill a pipe nobody reads and block it. The server's end of the pipe is closed (the
+    parent reads EOF while it runs); every session worker's fd 1 is its fd 2."""
+    import os
+    import threading
+    got = []
+    th = threading.Thread(target=lambda: got.append(server.p.stdout.read()), daemon=True)
+    th.start()
+    th.join(10)
+    assert not th.is_alive() and got == [""], "the server still holds the stdout pipe"
+    assert server.alive()
+    assert _fd_target(server.p.pid, 1) == _fd_target(server.p.pid, 2)
+    with server.connect(name="fds") as s:
+
+        def workers_redirected():
+            kids = [int(x) for t in os.listdir(f"/proc/{server.p.pid}/task")
+                    for x in open(f"/proc/{server.p.pid}/task/{t}/children").read().split()]
+            try:        # (a spare started at this connect writes its line within a second or so)
+                return bool(kids) and all(_fd_target(k, 1) == _fd_target(k, 2) for k in kids)
+            except OSError:   # (one exited meanwhile: look again)
+                return False
+        assert wait_until(workers_redirected, timeout=30)
+        s.gwSync()

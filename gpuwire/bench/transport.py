@@ -72,8 +72,8 @@ def serve(listen: str, tls: str, max_size: int, once: bool = False, ready_fd=Non
     msg = f"gpuwire bench server listening on {lst.address} (UCX_TLS={tls})"
     print(msg, file=sys.stderr, flush=True)
     if ready_fd is not None:
-        ready_fd.write(f"{lst.port}\n")
-        ready_fd.flush()
+        from .._ready import announce
+        announce(ready_fd, str(lst.port))   # (stdout: then pointed at stderr)
     buf = np.zeros(2 * max(max_size, 64), dtype=np.uint8)
     ctrl = bytearray(MAX_CTRL)
     perftests: List[subprocess.Popen] = []

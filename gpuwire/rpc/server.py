@@ -1760,8 +1760,8 @@ def serve(listen: str, executor: str = "cpu", token: Optional[str] = None, token
           f"{desc.get('device', '')}; isolation {srv.isolation}; auth {'token' if srv.token else 'OFF'})",
           flush=True, file=sys.stderr)
     if ready_fd is not None:
-        ready_fd.write(f"{srv.port}\n")
-        ready_fd.flush()
+        from .._ready import announce
+        announce(ready_fd, str(srv.port))   # (stdout: then pointed at stderr)
     try:
         srv.serve_forever()
     finally:
@@ -1937,7 +1937,8 @@ def worker_main() -> int:
 
     threading.Thread(target=_watch_parent, daemon=True).start()
     try:
-        print(srv.port, flush=True)
+        from .._ready import announce
+        announce(sys.stdout, str(srv.port))   # (then stdout points at stderr: the server reads one line)
     except BrokenPipeError:   # the server went away while we started
         return 0
     srv.serve_forever()
