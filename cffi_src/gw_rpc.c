@@ -947,6 +947,13 @@ static void timer_sleep_until(gw_rpc_timer_t *t, int64_t until, int kind) {
   __atomic_fetch_add(&t->wakes[kind], 1, __ATOMIC_RELAXED);
 }
 
+/* the arm of gen g is dealt with (sent, or returned for a flush): linger from now */
+static void timer_done_with(gw_rpc_timer_t *t, uint32_t g, int64_t now) {
+  t->armed_gen = g;
+  t->linger_until = now + t->delay_ns;
+  t->linger_left = GW_TIMER_LINGER_MORE;
+}
+
 int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t) {
   pthread_mutex_lock(&t->mu);
   for (;;) {
@@ -982,9 +989,7 @@ int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t) {
       /* the last batch armed is already sent (a newer one would have re-armed): nothing to
        * check at its due time; stay awake one delay from now instead. In a loop that sends
        * its own batches this is one wake-up per delay, not two (due, then linger). */
-      t->armed_gen = g;
-      t->linger_until = now + t->delay_ns;
-      t->linger_left = GW_TIMER_LINGER_MORE;
+      timer_done_with(t, g, now);
       continue;
     }
     int64_t due = at + t->delay_ns;
@@ -992,9 +997,7 @@ int64_t gw_rpc_timer_wait(gw_rpc_timer_t *t) {
       timer_sleep_until(t, due, 0);
       continue;
     }
-    t->armed_gen = g;
-    t->linger_until = now + t->delay_ns;
-    t->linger_left = GW_TIMER_LINGER_MORE;
+    timer_done_with(t, g, now);
     pthread_mutex_unlock(&t->mu);
     return (int64_t)aseq; /* still unsent a delay after it started: flush it */
   }

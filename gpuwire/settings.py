@@ -15,13 +15,22 @@ nothing here imports a layer.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator
 
 __all__ = ["Setting", "register", "get", "set", "override", "all_settings", "describe",
-           "reload_environment"]
+           "reload_environment", "finite_us"]
+
+
+def finite_us(value: Any) -> float:
+    """A settings type shared by the layers: a finite number >= 0 (microseconds)."""
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"must be a finite number >= 0, got {value!r}")
+    return v
 
 
 def _parse_bool(text: str) -> bool:

@@ -23,7 +23,6 @@ deferred calls only and get no reply (unless they are malformed).
 """
 from __future__ import annotations
 
-import math
 import struct
 from typing import Any, Dict, Optional
 
@@ -118,14 +117,7 @@ settings.register("rpc_spin_us", 1000.0, float,
                   "Client: microseconds a sync call spins on the connection before blocking (like CUDA's "
                   "spin-wait; a blocked thread wakes up tens of microseconds late). Negative: the "
                   "transport's spin_us.", layer="rpc")
-def _spin_adapt_us(value) -> float:
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"must be a finite number of microseconds >= 0, got {value!r}")
-    return v
-
-
-settings.register("rpc_spin_adapt_us", 20000.0, _spin_adapt_us,
+settings.register("rpc_spin_adapt_us", 20000.0, settings.finite_us,
                   "Client: a sync call spins up to twice the session's recent sync waits (a maximum "
                   "decaying by 1/8 per call), up to this many microseconds, where that is longer than "
                   "rpc_spin_us: a loop whose steps wait longer than rpc_spin_us (a training step of a few "

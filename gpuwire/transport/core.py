@@ -27,15 +27,7 @@ from .errors import (
     RMAOutOfRange, OperationTimeout, TransportError,
 )
 
-def _finite_us(value) -> float:
-    """A settings type: a finite number >= 0 (microseconds)."""
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"must be a finite number >= 0, got {value!r}")
-    return v
-
-
-settings.register("spin_us", 50, _finite_us,
+settings.register("spin_us", 50, settings.finite_us,
                   "Microseconds a wait spins on the worker before blocking on its event fd "
                   "(0: block at once; idle cost ~0% CPU either way).", layer="transport")
 settings.register("connect_timeout_s", 10.0, float,
@@ -43,7 +35,7 @@ settings.register("connect_timeout_s", 10.0, float,
 settings.register("op_timeout_s", 0.0, float,
                   "Default timeout in seconds for blocking sends/receives/calls (0: none).",
                   layer="transport")
-settings.register("emulate_rtt_us", 0.0, _finite_us,
+settings.register("emulate_rtt_us", 0.0, settings.finite_us,
                   "Emulated network round trip in microseconds: each received message becomes "
                   "visible rtt/2 after it arrived (for benches; there is no netem here).",
                   layer="transport")
@@ -426,6 +418,7 @@ class Worker(_Closing):
         self._endpoints: "weakref.WeakValueDictionary[int, Endpoint]" = weakref.WeakValueDictionary()
         self._listeners: "weakref.WeakSet[Listener]" = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._call_spin_max_us = 0.0   # (the C worker starts with it off)
         try:
             self.spin_us = settings.get("spin_us")
             self.emulate_rtt_us = settings.get("emulate_rtt_us")
@@ -458,13 +451,14 @@ class Worker(_Closing):
         through ``c_call_entry``): when above ``spin_us``, a call spins up to twice this
         worker's recent call waits (a maximum decaying by 1/8 per call), up to this many µs,
         before it blocks. 0 (default): every call spins ``spin_us``."""
-        return getattr(self, "_call_spin_max_us", 0.0)
+        return self._call_spin_max_us
 
     @call_spin_max_us.setter
     def call_spin_max_us(self, us: float) -> None:
-        us = float(us)
-        if not math.isfinite(us) or us < 0:
-            raise ValueError(f"call_spin_max_us must be a finite number of microseconds >= 0, got {us!r}")
+        try:
+            us = settings.finite_us(us)
+        except ValueError as e:
+            raise ValueError(f"call_spin_max_us (µs) {e}") from None
         self._check()
         self._call_spin_max_us = us
         lib.gw_worker_set_call_spin_max(self._w, int(us * 1000))
