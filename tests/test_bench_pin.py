@@ -17,7 +17,15 @@ def test_explicit_plan_and_ranges():
 
 
 @pytest.mark.parametrize("spec, msg", [
-    ("0", "expected none, auto or CLIENT_CPUS:SERVER_CPUS"),
+    ("0", "expected none, auto, CLIENT_CPUS:SERVER_CPUS"),
+    ("0/1:0", "expected MAIN/HELPERS:SESSION/SERVER_REST"),
+    ("0/1/2:0/1", "expected MAIN/HELPERS:SESSION/SERVER_REST"),
+    ("0/:1/0", "HELPERS needs at least one CPU"),
+    ("0/1:x/0", "SESSION: bad CPU number or range 'x'"),
+    ("0/1:0,1/0", "SESSION is one CPU"),
+    ("0/0,1:1/0", "MAIN and HELPERS share CPUs \\[0\\]"),
+    ("0/1:1/1", "SESSION and SERVER_REST share CPU 1"),
+    ("0/1:0/100000", "not available to this process"),
     ("3-1:0", "bad CPU number or range '3-1'"),
     (":0", "both sides need at least one CPU"),
     ("0:x", "--pin '0:x'"),
@@ -26,6 +34,18 @@ def test_explicit_plan_and_ranges():
 def test_bad_plans_are_refused_with_what_is_wrong(spec, msg):
     with pytest.raises(ValueError, match=msg):
         _pin.plan(spec)
+
+
+def test_split_plan_places_each_thread_group_where_named():
+    """MAIN/HELPERS:SESSION/SERVER_REST: the auto plan written out by hand (the same Plan
+    fields the auto plan fills, spare workers starting on SERVER_REST)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    a, b = allowed[0], allowed[-1]
+    p = _pin.plan(f"{a}/{b}:{b}/{a}")
+    assert p.main == {a} and p.client == {a, b} and p.session == b and p.server == {a, b}
+    assert p.spawn == {a}
+    d = _pin.describe(p)
+    assert f"calling thread [{a}]" in d and f"session thread {b}" in d
 
 
 def test_auto_gives_client_and_server_disjoint_whole_cores():

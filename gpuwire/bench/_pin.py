@@ -10,7 +10,9 @@ or the server's session thread (a flush timer that wakes once per delay would
 otherwise interrupt it on a shared CPU, at any point of a step). With only two or three cores
 the client's threads share one core. The first core is skipped when there are at least five
 (it usually takes the interrupts). ``C:S`` names the CPUs explicitly, e.g. ``2,3:4-7`` (all
-client threads on C). The plan is reported in the bench's config rows so a result says where
+client threads on C); ``M/H:S/R`` writes the auto plan out by hand: the calling thread on M,
+the client's other threads on H, the server's session thread on the one CPU S, its other
+threads (and spare workers' starts) on R, e.g. ``1/2:3/4``. The plan is reported in the bench's config rows so a result says where
 it ran."""
 
 from __future__ import annotations
@@ -64,19 +66,56 @@ def plan(spec: Optional[str]) -> Optional[Plan]:
             return Plan(main | helpers, server, main, min(server), set(cs[4]) if len(cs) >= 5 else None)
         return Plan(set(cs[0]), set().union(*cs[1:3]))
     if ":" not in spec:
-        raise ValueError(f"--pin {spec!r}: expected none, auto or CLIENT_CPUS:SERVER_CPUS (e.g. 2,3:4-7)")
+        raise ValueError(f"--pin {spec!r}: expected none, auto, CLIENT_CPUS:SERVER_CPUS (e.g. 2,3:4-7) "
+                         f"or MAIN/HELPERS:SESSION/SERVER_REST (e.g. 1/2:3/4)")
     a, b = spec.split(":", 1)
+    if "/" in a or "/" in b:
+        return _split_plan(spec, a, b, allowed)
     try:
         client, server = parse_cpus(a), parse_cpus(b)
     except ValueError as e:
         raise ValueError(f"--pin {spec!r}: {e}") from None
     if not client or not server:
         raise ValueError(f"--pin {spec!r}: both sides need at least one CPU")
-    bad = (client | server) - allowed
+    _check_allowed(spec, client | server, allowed)
+    return Plan(client, server)
+
+
+def _check_allowed(spec: str, cpus: Set[int], allowed: Set[int]) -> None:
+    bad = cpus - allowed
     if bad:
         raise ValueError(f"--pin {spec!r}: CPUs {sorted(bad)} are not available to this process "
                          f"(allowed: {sorted(allowed)})")
-    return Plan(client, server)
+
+
+def _split_plan(spec: str, a: str, b: str, allowed: Set[int]) -> Plan:
+    """``MAIN/HELPERS:SESSION/REST``: the client's calling thread on MAIN and its other
+    threads on HELPERS; the server's session thread on the one CPU SESSION and its other
+    threads on REST (spare workers start there too). The auto plan written out, for placing
+    the threads on CPUs chosen by hand (e.g. away from vCPUs that share a host core)."""
+    parts = []
+    for side, what in ((a, ("MAIN", "HELPERS")), (b, ("SESSION", "SERVER_REST"))):
+        if side.count("/") != 1:
+            raise ValueError(f"--pin {spec!r}: expected MAIN/HELPERS:SESSION/SERVER_REST (e.g. 1/2:3/4)")
+        for name, txt in zip(what, side.split("/")):
+            try:
+                cpus = parse_cpus(txt)
+            except ValueError as e:
+                raise ValueError(f"--pin {spec!r}: {name}: {e}") from None
+            if not cpus:
+                raise ValueError(f"--pin {spec!r}: {name} needs at least one CPU")
+            parts.append(cpus)
+    main, helpers, session, rest = parts
+    if len(session) != 1:
+        raise ValueError(f"--pin {spec!r}: SESSION is one CPU (the server's session thread), got {sorted(session)}")
+    _check_allowed(spec, main | helpers | session | rest, allowed)
+    if main & helpers:
+        raise ValueError(f"--pin {spec!r}: MAIN and HELPERS share CPUs {sorted(main & helpers)} "
+                         f"(the calling thread is placed alone)")
+    if session & rest:
+        raise ValueError(f"--pin {spec!r}: SESSION and SERVER_REST share CPU {min(session)} "
+                         f"(the session thread is placed alone)")
+    return Plan(main | helpers, session | rest, main, min(session), set(rest))
 
 
 def settle(p: Optional[Plan]) -> int:

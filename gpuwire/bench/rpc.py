@@ -1188,7 +1188,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin", default="none",
                    help="CPU placement of client and loopback server: none (default), auto (a whole "
                         "core for the client's calling thread, the next for its other threads, the next two "
-                        "for the server), or CLIENT:SERVER cpu lists such as 2,3:4-7")
+                        "for the server), CLIENT:SERVER cpu lists such as 2,3:4-7, or the auto plan by hand, "
+                        "MAIN/HELPERS:SESSION/SERVER_REST such as 1/2:3/4")
     p.add_argument("--token", help="token of --server")
     p.add_argument("--ptx", help="the test kernels (default: the packaged gpuwire/rpc/kernels/gw_test_kernels.ptx)")
     p.add_argument("--iters", type=int, default=20000, help="timed round trips (rtt)")
