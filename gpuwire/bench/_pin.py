@@ -12,15 +12,15 @@ the client's threads share one core. The first core is skipped when there are at
 (it usually takes the interrupts). ``C:S`` names the CPUs explicitly, e.g. ``2,3:4-7`` (all
 client threads on C); ``M/H:S/R`` writes the auto plan out by hand: the calling thread on M,
 the client's other threads on H, the server's session thread on the one CPU S, its other
-threads (and spare workers' starts) on R, e.g. ``1/2:3/4``. The plan is reported in the bench's config rows so a result says where
-it ran."""
+threads (and spare workers' starts) on R, e.g. ``1/2:3/4``. The plan is reported in the
+bench's config rows so a result says where it ran."""
 
 from __future__ import annotations
 
 import os
 from typing import Dict, List, NamedTuple, Optional, Set, Tuple
 
-from .._affinity import parse_cpus
+from .._affinity import parse_cpus, place_threads
 
 
 class Plan(NamedTuple):
@@ -115,7 +115,7 @@ def _split_plan(spec: str, a: str, b: str, allowed: Set[int]) -> Plan:
     if session & rest:
         raise ValueError(f"--pin {spec!r}: SESSION and SERVER_REST share CPU {min(session)} "
                          f"(the session thread is placed alone)")
-    return Plan(main | helpers, session | rest, main, min(session), set(rest))
+    return Plan(main | helpers, session | rest, main, min(session), rest)
 
 
 def settle(p: Optional[Plan]) -> int:
@@ -126,7 +126,6 @@ def settle(p: Optional[Plan]) -> int:
     threads). Returns how many threads were placed; threads that ended meanwhile are skipped."""
     if p is None:
         return 0
-    from .._affinity import place_threads
     if p.main:
         return place_threads(p.main, p.client - p.main)
     return place_threads(p.client, p.client)

@@ -34,6 +34,7 @@ given amount; async frames have no reply and are not delayed.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import subprocess
 import sys
@@ -68,7 +69,6 @@ def tls_of(name: str) -> str:
 def start_rpc_server(executor: str, tls: str, token: str, extra: List[str] = (),
                      env: Optional[Dict[str, str]] = None, cpus=None) -> tuple:
     """A loopback ``gpuwire serve`` in its own process (on ``cpus`` when given: --pin)."""
-    import os
     cmd = [sys.executable, "-m", "gpuwire.rpc.cli", "--executor", executor, "--listen", "127.0.0.1:0",
            "--token", token, "--tls", tls, "--ready-stdout", "--log-level", "warning"] + list(extra)
     pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
@@ -385,7 +385,6 @@ def bench_bw(connect, args, tls: str) -> List[Dict[str, Any]]:
                             "htod_sync_ratio": row["htod_sync_MBps"] / base,
                             "dtoh_sync_ratio": row["dtoh_sync_MBps"] / base, "target": TARGETS["bw_ratio"]})
             if tdir:
-                import os
                 before = set(os.listdir(tdir))
                 span = (windows["htod"][0][0], windows["dtoh"][-1][1])
                 s.close()
@@ -870,7 +869,6 @@ def _new_trace(tdir: str, before: set, want_seq: Optional[int] = None,
     has a frame ``want_seq``, when given, and that ``accept(doc)`` takes: another session's
     file may appear meanwhile)."""
     import json
-    import os
     end = time.monotonic() + timeout
     seen = set(before)
     while time.monotonic() < end:
@@ -912,7 +910,6 @@ def bench_mlp(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
     is the remote loop's summed time over the local one's; ``ratio`` is the median of the
     rounds' ratios (``round_ratios``), the other columns are the last round's (one round
     with --trace)."""
-    import os
     import statistics
     rows = []
     tdir = getattr(args, "trace_dir", None)
@@ -1111,7 +1108,6 @@ def run(args: argparse.Namespace) -> int:
     args.trace_dir = None
     env = None
     if args.trace and not address:
-        import os
         import tempfile
         args.trace_dir = tempfile.mkdtemp(prefix="gpuwire-trace-")
         env = dict(os.environ, GPUWIRE_RPC_TRACE_DIR=args.trace_dir)
@@ -1119,7 +1115,6 @@ def run(args: argparse.Namespace) -> int:
         if args.pin_plan and args.pin_plan.session is not None:
             # like the client's calling thread: the server's session thread alone on a CPU of its
             # own, the worker's other threads on the other server CPUs (rpc_server_session_cpu)
-            import os
             env = dict(env or os.environ, GPUWIRE_RPC_SERVER_SESSION_CPU=str(args.pin_plan.session))
             if args.pin_plan.spawn:   # spare workers start off the server's CPUs (each connect refills the pool)
                 env["GPUWIRE_RPC_WORKER_SPAWN_CPUS"] = ",".join(map(str, sorted(args.pin_plan.spawn)))

@@ -28,7 +28,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import __version__, settings
-from .._affinity import cpu_list
+from .._affinity import cpu_list, place_threads
 from .. import transport as t
 from . import lanes as _lanes
 from . import protocol as P
@@ -413,7 +413,6 @@ class ServerSession:
         cpu = int(settings.get("rpc_server_session_cpu"))
         if cpu < 0 or not self.server.single:
             return
-        from .._affinity import place_threads
         allowed = self.server.cpus
         if cpu not in allowed or len(allowed) < 2:
             log.warning("session %d: rpc_server_session_cpu %d not used (this worker may use CPUs %s)",
@@ -1675,7 +1674,6 @@ class Server:
     def _go_home(self) -> None:
         """A worker started on rpc_worker_spawn_cpus: every thread of it onto the server's
         CPUs before the session runs (its session thread's placement is within those)."""
-        from .._affinity import place_threads
         home, self.home_cpus = set(self.home_cpus), None
         try:
             place_threads(home, home)
