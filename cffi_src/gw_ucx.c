@@ -1582,7 +1582,9 @@ int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t tim
   return connect_finish(w, c, timeout_ns, out);
 }
 
-int gw_conn_close(gw_conn_t *c, int64_t timeout_ns) {
+int gw_conn_close(gw_conn_t *c, int64_t timeout_ns) { return gw_conn_close_mode(c, timeout_ns, 0); }
+
+int gw_conn_close_mode(gw_conn_t *c, int64_t timeout_ns, int force) {
   if (!c || c->state == GW_CONN_CLOSED) return 0; /* also after the worker is gone */
   gw_worker_t *w = c->w;
   LOCK(w);
@@ -1596,11 +1598,18 @@ int gw_conn_close(gw_conn_t *c, int64_t timeout_ns) {
   int was_up = c->state == GW_CONN_UP;
   conn_fail_pending(c, GW_ERR_BAD_STATE);
   pidfd_drop(c);
+  /* BYE: on the control endpoint after the data endpoint's close (flush), so a peer
+   * that has our BYE has everything we sent and may close its side at once (a side
+   * that closes, or goes, while the other's flush close runs can make that flush fail,
+   * which UCX logs as an error); without a control endpoint, on the data one first */
+  int bye_later = 0;
   if (was_up) {
     uint32_t rid = c->remote_id;
     c->hello_out.receiver_id = rid; /* stable storage for the BYE header */
-    am_send(c->ctrl_ep ? c->ctrl_ep : c->data_ep, AM_BYE, &c->hello_out.receiver_id,
-            sizeof(uint32_t), NULL, 0, 0);
+    if (c->ctrl_ep)
+      bye_later = 1;
+    else
+      am_send(c->data_ep, AM_BYE, &c->hello_out.receiver_id, sizeof(uint32_t), NULL, 0, 0);
   }
   c->state = GW_CONN_CLOSED;
   w->conns[c->id & 0xFFFF] = NULL;
@@ -1612,8 +1621,34 @@ int gw_conn_close(gw_conn_t *c, int64_t timeout_ns) {
   int64_t per = timeout_ns < 0 ? 1000000000LL : timeout_ns / 2;
   /* a lost conn: its peer is gone, so a flush could only wait in vain */
   if (!was_up && per > LOST_CLOSE_NS) per = LOST_CLOSE_NS;
-  ep_close(w, data, da, !was_up, per, 0);
-  ep_close(w, ctrl, ca, !was_up, per, 0);
+  if (force && data && da && !da->peer_mode) {
+    /* UCX cannot force a mode-NONE endpoint and its flush close fails (and logs an
+     * error) once the peer's side is gone: leave it to ucp_worker_destroy, which
+     * releases it without a flush (its arg is freed with the worker) */
+    da->conn_id = 0; /* no more error events for the conn */
+    data = NULL;
+    da = NULL;
+  }
+  ep_close(w, data, da, force || !was_up, per, 0);
+  if (bye_later) {
+    /* the BYE, waited for; then the control endpoint closes forced (mode PEER): its
+     * flush close would wait for the peer's side of UCX's disconnect, which a peer
+     * that closes its side forced on our BYE never sends */
+    LOCK(w);
+    ucp_request_param_t bp;
+    memset(&bp, 0, sizeof(bp));
+    void *r = ucp_am_send_nbx(ctrl, AM_BYE, &c->hello_out.receiver_id, sizeof(uint32_t), NULL, 0,
+                              &bp);
+    if (UCS_PTR_IS_PTR(r)) {
+      int64_t end = now_ns() + per;
+      while (ucp_request_check_status(r) == UCS_INPROGRESS && now_ns() < end)
+        ucp_worker_progress(w->cw);
+      if (ucp_request_check_status(r) == UCS_INPROGRESS) ucp_request_cancel(w->cw, r);
+      ucp_request_free(r);
+    }
+    UNLOCK(w);
+  }
+  ep_close(w, ctrl, ca, force || !was_up || bye_later, per, 0);
   return 0;
 }
 

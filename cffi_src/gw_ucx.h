@@ -82,6 +82,10 @@ int gw_connect(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_
 int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t timeout_ns,
                        gw_conn_t **out);
 int gw_conn_close(gw_conn_t *c, int64_t timeout_ns);     /* idempotent */
+/* force: no flush, the peer is not waited for (operations still in flight are dropped):
+ * the control endpoint is closed forced, a data endpoint in error mode PEER too, one in
+ * mode NONE (which UCX cannot force) is left to the worker's destruction */
+int gw_conn_close_mode(gw_conn_t *c, int64_t timeout_ns, int force);
 void gw_conn_free(gw_conn_t *c);                         /* after close */
 int gw_conn_state(gw_conn_t *c);
 int gw_conn_lost_status(gw_conn_t *c);

@@ -142,6 +142,39 @@ def test_auto_asks_for_lanes_off_shared_memory_only():
                 pass
 
 
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_sessions_with_lanes_close_without_ucx_errors(capfd, where):
+    """A session's lanes close after its bye with no UCX error or warning on either side
+    (docs/protocol.md "Bulk lanes"): before, the side closing a lane second logged
+    'error during flush: Connection reset by remote peer' about twice per session and now
+    and then 'object ... was not returned to mpool'. Each session moves bytes over its lanes
+    both ways first; the server process shares this test's stderr."""
+    env = {"UCX_TLS": "tcp,self"}
+    srv = start_server("cpu", token=None, env=env) if where == "process" else None
+    ctx = _server() if srv is None else None
+    port = srv.port if srv is not None else ctx.__enter__().port
+    try:
+        for i in range(6):
+            with settings.override(rpc_bulk_lanes=4):
+                s = gpuwire.connect(f"127.0.0.1:{port}", tls="tcp,self", name=f"quiet-{i}")
+            try:
+                assert len(s._lane_eps) == 4
+                before = sum(_lane_requests(s))
+                assert copy_roundtrip(s, 3 << 20, mod=241 - i)
+                assert sum(_lane_requests(s)) > before or where == "process"
+            finally:
+                s.close()
+            assert s._lane_eps == [] and s._lane_ws == []
+    finally:
+        if srv is not None:
+            srv.stop()
+        else:
+            ctx.__exit__(None, None, None)
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "UCX  ERROR" not in text and "UCX  WARN" not in text, text[-3000:]
+
+
 def test_the_server_caps_and_can_refuse_lanes():
     with _server(rpc_lanes_max=1) as srv:
         s = _connect(srv, 3)

@@ -649,3 +649,109 @@ def test_call_spin_max_refuses_bad_values():
             with pytest.raises(ValueError, match="call_spin_max_us"):
                 w.call_spin_max_us = bad
         assert w.call_spin_max_us == 0
+
+
+# ------------------------------------------------------------ orderly goodbye: wait_peer_close, forced close
+
+
+def _send_recv(sep, cep, data, tag):
+    """``data`` from cep to sep, each side driven by its own thread; returns what arrived."""
+    into = bytearray(len(data))
+    r = sep.recv_nb(into, tag=tag)
+    th = threading.Thread(target=cep.send, args=(data,), kwargs={"tag": tag, "timeout": 10})
+    th.start()
+    try:
+        n = r.wait(10).nbytes
+    finally:
+        th.join(10)
+    return bytes(into[:n])
+
+
+def _pair(ctx):
+    """A listener's worker and a client worker connected over sockaddr on 127.0.0.1;
+    returns (server worker, client worker, server ep, client ep)."""
+    ws, wc = ctx.worker(), ctx.worker()
+    lst = ws.listen("127.0.0.1", 0)
+    got = {}
+    th = threading.Thread(target=lambda: got.setdefault("ep", lst.accept(timeout=10)))
+    th.start()
+    try:
+        cep = wc.connect("127.0.0.1", lst.port, timeout=10)
+    finally:
+        th.join(10)
+    lst.close()
+    return ws, wc, got["ep"], cep
+
+
+def test_wait_peer_close_times_out_while_the_peer_is_up_and_returns_on_its_bye():
+    with t.Context({"TLS": "tcp,self"}) as ctx:
+        ws, wc, sep, cep = _pair(ctx)
+        try:
+            t0 = time.monotonic()
+            assert cep.wait_peer_close(0.1) is False
+            assert 0.09 <= time.monotonic() - t0 < 2.0 and cep.state == "up"
+            th = threading.Thread(target=sep.close)
+            th.start()
+            try:
+                assert cep.wait_peer_close(5.0) is True
+            finally:
+                th.join(10)
+            assert cep.state == "lost"
+            assert cep.wait_peer_close(0.0) is True        # (at once, and with no time left)
+        finally:
+            for o in (cep, sep, wc, ws):
+                o.close()
+
+
+def test_orderly_goodbye_is_quiet_on_both_sides(capfd):
+    """The goodbye the RPC uses at a session's end, on tcp with large messages on both rails:
+    one side closes (flush, then its BYE), the other waits for that BYE and closes forced
+    (flushing nothing; its data endpoint goes with its worker). No UCX error or warning on
+    either side: a flush close towards a side already gone logs 'error during flush', and
+    a flush close of the control endpoint waits for a peer that never answers. The forced
+    side's pending receive fails; everything sent before the goodbye arrived."""
+    with t.Context({"TLS": "tcp,self"}) as ctx:
+        for _ in range(4):
+            ws, wc, sep, cep = _pair(ctx)
+            try:
+                big = bytes(range(256)) * 4096        # (1 MiB: the rendezvous protocol)
+                assert _send_recv(sep, cep, big, 9) == big
+                assert _send_recv(cep, sep, big[::-1], 10) == big[::-1]
+                pending = cep.recv_nb(bytearray(8), tag=11)
+                th = threading.Thread(target=sep.close)
+                th.start()
+                try:
+                    assert cep.wait_peer_close(5.0)
+                finally:
+                    th.join(10)
+                t0 = time.monotonic()
+                cep.close(force=True)
+                wc.close()
+                assert time.monotonic() - t0 < 1.0
+                with pytest.raises(t.TransportError):
+                    pending.wait(5)
+            finally:
+                for o in (cep, sep, wc, ws):
+                    o.close()
+    err = capfd.readouterr().err
+    assert "UCX  ERROR" not in err and "UCX  WARN" not in err, err
+
+
+def test_a_plain_close_delivers_what_was_sent_and_the_peer_sees_it_go():
+    """Flush, then BYE: a message sent (locally complete) right before close() arrives,
+    and the peer's connection goes down after it."""
+    with t.Context({"TLS": "tcp,self"}) as ctx:
+        for _ in range(3):
+            ws, wc, sep, cep = _pair(ctx)
+            try:
+                assert _send_recv(sep, cep, b"first", 2) == b"first"    # (the data path is up)
+                buf = bytearray(8)
+                r = sep.recv_nb(buf, tag=3)
+                cep.send(b"last", tag=3, timeout=10)
+                cep.close()
+                assert cep.state == "closed"
+                assert bytes(buf[:r.wait(10).nbytes]) == b"last"
+                assert sep.wait_peer_close(5.0) and sep.state == "lost"
+            finally:
+                for o in (cep, sep, wc, ws):
+                    o.close()

@@ -40,6 +40,9 @@ from .spec import SPEC_VERSION, default_spec, image_bytes
 
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
 _SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
+# after the bye's answer, how long close() waits for the server to close its side first (it does
+# right after answering; docs/protocol.md "Closing")
+_BYE_WAIT_S = 0.2
 
 
 def _tl_names(transports: str) -> set:
@@ -1009,6 +1012,7 @@ class Session(Stubs):
         try:
             self._ep.call(memoryview(self._buf)[:end], self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
                           timeout=5.0)
+            self._bye_answered = True
         except t.TransportError:
             pass
 
@@ -1018,20 +1022,28 @@ class Session(Stubs):
             self._pin.close()   # munlock pinned regions, drop their registrations
         if getattr(self, "_hm", None):
             self._hostmap_drop("the session is closed")
+        _lanes.close_lanes(getattr(self, "_lane_eps", ()), getattr(self, "_lane_ws", ()),
+                           _BYE_WAIT_S if getattr(self, "_bye_answered", False) else 0.0)
         self._lane_eps = []
-        for w in getattr(self, "_lane_ws", ()):
+        self._lane_ws = []
+        ep = getattr(self, "_ep", None)
+        if ep is not None:
             try:
-                w.close()       # its endpoint and progress thread
+                if getattr(self, "_bye_answered", False) and ep.wait_peer_close(_BYE_WAIT_S):
+                    # the server closed its side after the bye's answer (its BYE comes after its
+                    # data endpoint's flush): nothing is in flight, so this side flushes nothing
+                    # (a flush racing the server's close can fail, which UCX logs as an error)
+                    ep.close(force=True)
+                else:
+                    ep.close()
             except Exception:
                 pass
-        self._lane_ws = []
-        for obj in ("_ep", "_w"):
-            o = getattr(self, obj, None)
-            if o is not None:
-                try:
-                    o.close()
-                except Exception:
-                    pass
+        w = getattr(self, "_w", None)
+        if w is not None:
+            try:
+                w.close()
+            except Exception:
+                pass
         for m in list(getattr(self, "_pinned", {}).values()):
             try:
                 m[1].close()

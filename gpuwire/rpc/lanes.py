@@ -162,12 +162,37 @@ class Offer:
                 lst.close()
             except Exception:
                 pass
-        for w in self.workers:
-            try:
-                w.close()       # (closes its endpoints; stops its progress thread)
-            except Exception:
-                pass
+        close_lanes(self.eps, self.workers)
+        self.eps = [None] * self.n
         self.workers = []
+
+
+def close_lanes(eps, workers, peer_first_s: float = 0.0) -> None:
+    """Close a session's lanes, then their workers (which stops their progress threads).
+
+    The server (``peer_first_s`` 0) closes its ends right after answering the client's bye
+    (or when the session ends otherwise): a flush close, whose BYE goes out after the flush.
+    The client, once the bye is answered, waits up to ``peer_first_s`` per lane for that BYE
+    and then closes its end forced: it flushes nothing, and the lane's data endpoint (error
+    mode NONE, which UCX cannot force) goes with its worker right after. So neither side
+    flushes towards a side that is already gone: such a flush fails, and UCX logs the
+    failure as an error (docs/protocol.md "Bulk lanes": closing)."""
+    for ep in eps:
+        if ep is None:
+            continue
+        try:
+            if peer_first_s > 0:
+                ep.wait_peer_close(peer_first_s)
+                ep.close(force=True)
+            else:
+                ep.close(timeout=0.2)
+        except Exception:
+            pass
+    for w in workers:
+        try:
+            w.close()       # (closes what is left of its endpoints; stops its progress thread)
+        except Exception:
+            pass
 
 
 def connect(ctx: t.Context, host: str, offer: Dict[str, Any], n: int,

@@ -460,10 +460,15 @@ class ServerSession:
                     self._send_error(0, P.ST_TOO_LARGE, f"frame larger than {MAX_FRAME} bytes")
                     continue
                 self.frames += 1
-                if not self.handle_frame(mv, n, resume):
+                if not self.handle_frame(mv, n, resume):     # the client's bye
                     if self.out is not None:
                         out, self.out = self.out, None
                         ep.send(out, tag=P.TAG_REP, timeout=5.0)
+                    # lanes and connection close now, before the cleanup below (which can take
+                    # milliseconds): the client waits for their BYEs (sent after each flush) and
+                    # then closes its sides without a flush; a flush towards a side already gone
+                    # fails, which UCX logs as an error (docs/protocol.md "Bulk lanes": closing)
+                    self._end_transport()
                     break
         except (t.ConnectionLost, t.ConnectionClosed) as e:
             self.closed_reason = str(e)
@@ -1119,7 +1124,9 @@ class ServerSession:
         if dropped and self.latch is not None:
             self.latch[5] += dropped
 
-    def cleanup(self) -> None:
+    def _end_transport(self) -> None:
+        """The session's C bulk copies, lanes and connection, in that order (the copies'
+        requests may be on the lanes and the connection)."""
         if self.bulk_c is not None:     # pending payload receives cancelled, sends completed
             try:
                 self.bulk_stats = self.bulk_c.stats()     # (for the trace file)
@@ -1127,7 +1134,14 @@ class ServerSession:
             except Exception:
                 log.exception("session %d: closing the C bulk copies", self.id)
             self.bulk_c = None
-        self._lanes_close()           # (after the C bulk copies: their requests may be on the lanes)
+        self._lanes_close()
+        try:
+            self.ep.close(timeout=0.5)
+        except Exception:
+            pass
+
+    def cleanup(self) -> None:
+        self._end_transport()           # (done already after a bye)
         if self.serve_c is not None and self.trace_dir and self.ready:
             try:
                 self._write_trace()

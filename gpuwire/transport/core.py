@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -784,6 +785,19 @@ class Endpoint(_Closing):
             return "closed"
         return ("connecting", "up", "lost", "closed")[lib.gw_conn_state(self._c)]
 
+    def wait_peer_close(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the peer to close its side (its BYE, or its loss):
+        True once the connection is no longer up. For an orderly goodbye: the peer sends its
+        BYE after its data endpoint's close, so a side that waits for it and then closes with
+        ``force=True`` closes after the peer's flush, never during it."""
+        end = time.monotonic() + max(0.0, float(timeout))
+        while self.state == "up":
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self.worker.wait_event(min(left, 0.01))
+        return True
+
     @property
     def transports(self) -> str:
         """Transports/devices of the data path, e.g. 'posix/memory,sysv/memory' or 'tcp/lo'."""
@@ -1055,14 +1069,20 @@ class Endpoint(_Closing):
             _raise(st, f"flush to {self.peer}", self)
 
     # -- lifetime
-    def close(self, timeout: float = 1.0) -> None:
+    def close(self, timeout: float = 1.0, *, force: bool = False) -> None:
         """Close cleanly (flush, then tell the peer). Pending operations fail with
-        ConnectionClosed. Idempotent."""
+        ConnectionClosed. Idempotent.
+
+        ``force=True``: flush nothing and wait for nobody; what is still in flight is
+        dropped, pending operations fail as with any close, and the peer sees its connection
+        go. For connections both sides know to be done (after an application's goodbye),
+        whose worker closes soon after: the data endpoint (error mode NONE, which UCX cannot
+        force) is released with the worker, not before."""
         if self._closed:
             return
         self._closed = True
         if not self.worker._closed:
-            lib.gw_conn_close(self._c, int(timeout * 1e9))
+            lib.gw_conn_close_mode(self._c, int(timeout * 1e9), int(bool(force)))
         # the C struct stays (closed) until this object is collected, so that a late
         # call through a prepared callable is an error, never a use after free
 
