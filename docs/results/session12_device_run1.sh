@@ -1,6 +1,6 @@
 # session 12 run 1 (carry [".whl"]): after the orderly goodbye (docs/protocol.md "Bulk lanes": closing):
 # tcp copies with 4 lanes against ucx_perftest (same invocation), UCX error/warning lines of client and
-# loopback server per invocation, session close time with and without lanes, then the GPU suite
+# loopback server per invocation, session close time with and without lanes
 source .whl/setup_device.sh || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader
 B="python3 -m gpuwire.cli bench rpc --executor gpu --tests bw --sizes 1M,16M,64M --bw-reps 3 --tls tcp"
@@ -11,4 +11,3 @@ for k in 1 2; do
 done
 timeout 90 python3 docs/results/session12_close_probe.py gpu 10 > $OUT/close.out 2>&1
 grep -v "^\[" $OUT/close.out | tail -4; echo "client's UCX lines: $(grep -c 'UCX  ' $OUT/close.out)"
-timeout 380 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -8
