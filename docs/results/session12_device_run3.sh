@@ -7,7 +7,7 @@ for k in 1 2; do
   for tls in tcp sm; do
     timeout 120 python3 -m gpuwire.cli bench rpc --executor gpu --tests mlp --mlp-steps 1000 --mlp-rounds 3 \
       --mlp-shapes 1024,256,256,16 --tls $tls --pin auto 2> $OUT/mlp_${tls}_$k.err | grep -E "^test=mlp" \
-      | grep -oE "ratio=[0-9.]+|round_ratios=[^ ]+|tls=[a-z]+" | paste -sd' '
+      | grep -oE " ratio=[0-9.]+|round_ratios=\[[^]]*\]|tls=[a-z]+" | paste -sd' '
     echo "   UCX lines: $(grep -c 'UCX  ' $OUT/mlp_${tls}_$k.err)"
   done
 done
