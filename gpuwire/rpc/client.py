@@ -41,7 +41,7 @@ from .spec import SPEC_VERSION, default_spec, image_bytes
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
 _SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
 # after the bye's answer, how long close() waits for the server to close its side first (it does
-# right after answering; docs/protocol.md "Closing")
+# right after answering; docs/protocol.md "Bulk lanes": closing)
 _BYE_WAIT_S = 0.2
 
 
