@@ -40,9 +40,10 @@ from .spec import SPEC_VERSION, default_spec, image_bytes
 
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
 _SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
-# after the bye's answer, how long close() waits for the server to close its side first (it does
-# right after answering; docs/protocol.md "Bulk lanes": closing)
-_BYE_WAIT_S = 0.2
+# after the bye's answer, how long close() waits in all for the server to close its sides first
+# (lanes and connection; it does right after answering, in milliseconds; docs/protocol.md "Bulk
+# lanes": closing)
+_BYE_WAIT_S = 1.0
 
 
 def _tl_names(transports: str) -> set:
@@ -1022,14 +1023,14 @@ class Session(Stubs):
             self._pin.close()   # munlock pinned regions, drop their registrations
         if getattr(self, "_hm", None):
             self._hostmap_drop("the session is closed")
-        _lanes.close_lanes(getattr(self, "_lane_eps", ()), getattr(self, "_lane_ws", ()),
-                           _BYE_WAIT_S if getattr(self, "_bye_answered", False) else 0.0)
+        peer_by = time.monotonic() + _BYE_WAIT_S if getattr(self, "_bye_answered", False) else None
+        _lanes.close_lanes(getattr(self, "_lane_eps", ()), getattr(self, "_lane_ws", ()), peer_by)
         self._lane_eps = []
         self._lane_ws = []
         ep = getattr(self, "_ep", None)
         if ep is not None:
             try:
-                if getattr(self, "_bye_answered", False) and ep.wait_peer_close(_BYE_WAIT_S):
+                if peer_by is not None and ep.wait_peer_close(peer_by - time.monotonic()):
                     # the server closed its side after the bye's answer (its BYE comes after its
                     # data endpoint's flush): nothing is in flight, so this side flushes nothing
                     # (a flush racing the server's close can fail, which UCX logs as an error)

@@ -1125,7 +1125,8 @@ class ServerSession:
             self.latch[5] += dropped
 
     def _end_transport(self) -> None:
-        """The session's C bulk copies, lanes and connection, in that order (the copies'
+        """The session's C bulk copies, then its lanes' endpoints and its connection (each a
+        flush and a BYE: the client waits for those), then the lanes' workers (the copies'
         requests may be on the lanes and the connection)."""
         if self.bulk_c is not None:     # pending payload receives cancelled, sends completed
             try:
@@ -1134,11 +1135,13 @@ class ServerSession:
             except Exception:
                 log.exception("session %d: closing the C bulk copies", self.id)
             self.bulk_c = None
-        self._lanes_close()
+        if self.lane_offer is not None:
+            self.lane_offer.close_endpoints()
         try:
             self.ep.close(timeout=0.5)
         except Exception:
             pass
+        self._lanes_close()
 
     def cleanup(self) -> None:
         self._end_transport()           # (done already after a bye)
