@@ -180,10 +180,11 @@ def close_lanes(eps, workers, peer_by: Optional[float] = None) -> None:
     The server (``peer_by`` None) closes its ends right after answering the client's bye
     (or when the session ends otherwise): a flush close, whose BYE goes out after the flush.
     The client, once the bye is answered, waits for that BYE until ``peer_by`` (a
-    ``time.monotonic()`` deadline for the whole goodbye) and then closes its end forced: it flushes nothing, and the lane's data endpoint (error
-    mode NONE, which UCX cannot force) goes with its worker right after. So neither side
-    flushes towards a side that is already gone: such a flush fails, and UCX logs the
-    failure as an error (docs/protocol.md "Bulk lanes": closing)."""
+    ``time.monotonic()`` deadline for the whole goodbye) and then closes its end forced: it
+    flushes nothing, and the lane's data endpoint (error mode NONE, which UCX cannot force)
+    goes with its worker right after. So neither side flushes towards a side that is already
+    gone: such a flush fails, and UCX logs the failure as an error (docs/protocol.md "Bulk
+    lanes": closing)."""
     for ep in eps:
         if ep is None:
             continue
