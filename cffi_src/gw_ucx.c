@@ -51,6 +51,11 @@ static inline int64_t now_ns(void) {
   return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* t + ns without overflow: a negative ns (no timeout) or one past INT64_MAX is never */
+static inline int64_t deadline_after(int64_t t, int64_t ns) {
+  return (ns < 0 || ns > INT64_MAX - t) ? INT64_MAX : t + ns;
+}
+
 /* LOCK: while the worker's progress thread runs, a caller announces itself
  * (lock_want) so the thread, which re-takes the lock in a tight loop, steps
  * aside instead of starving it (a mutex hand-off is not fair). */
@@ -97,8 +102,9 @@ typedef struct {
 
 struct gw_req {
   gw_worker_t *w;
-  gw_conn_t *conn;          /* pending list owner, NULL if none */
-  gw_req_t *prev, *next;    /* conn pending list */
+  gw_req_t **plist;         /* head of the pending list it is on (a conn's, or the worker's
+                               any-source receives), NULL if none */
+  gw_req_t *prev, *next;    /* pending list */
   gw_req_t *free_next;
   volatile int done;
   int status;
@@ -109,6 +115,8 @@ struct gw_req {
   size_t length;
   uint64_t sender_tag;
   int64_t t_done;
+  void *rbuf;               /* receive buffer */
+  size_t rcap;
   ucp_tag_recv_info_t info;
   ucp_dt_iov_t iov[2];
 };
@@ -149,6 +157,8 @@ struct gw_conn {
   gw_req_t *pending;        /* outstanding ops on this conn */
   int pidfd;
   int32_t peer_pid;
+  uint64_t peer_pid_ns;     /* the peer's identity from the handshake (packed keys carry */
+  char peer_boot[40];       /* their owner's, checked against it) */
   char peer[160];
   gw_hello_t hello_out;     /* stays valid while the AM is in flight */
   int epoll_added;
@@ -159,8 +169,21 @@ struct gw_listener {
   ucp_listener_h l;
   int port;
   int closed;
+  int accepting;            /* threads inside gw_accept on it (lock held to change) */
+  int free_on_last;         /* closed while some accepted: the last one frees it */
   gw_conn_t *q_head, *q_tail;
 };
+
+/* emulated RTT: a received message whose receive was released (timed out, dropped) before
+ * it showed; the next matching receive takes it (as on a real link it would still be on
+ * the wire) */
+typedef struct gw_held {
+  struct gw_held *next;
+  uint64_t sender_tag;
+  size_t length;
+  int64_t t_done;
+  unsigned char data[];
+} gw_held_t;
 
 typedef enum { EV_CONN_REQUEST, EV_HELLO, EV_WELCOME, EV_BYE, EV_EP_ERROR } ev_kind_t;
 
@@ -208,6 +231,10 @@ struct gw_worker {
   void **deferred;          /* blocks UCX may still read: freed with the worker */
   int n_deferred, cap_deferred;
   int64_t held_due;         /* emulated RTT: earliest time a held receive shows */
+  gw_held_t *held_head, *held_tail; /* emulated RTT: released before they showed */
+  gw_req_t *any_pending;    /* posted any-source receives */
+  volatile int closing;     /* gw_worker_destroy runs: waits end with GW_ERR_BAD_STATE */
+  int n_inside;             /* threads inside a waiting entry point (atomic) */
   gw_hello_t self;          /* our identity */
   /* progress thread ("pump"): drives the worker while sends/receives of at
    * least pump_min bytes are in flight, so their bytes move while the owning
@@ -251,6 +278,8 @@ const char *gw_status_string(int status) {
   case GW_ERR_PROTOCOL: return "peer is not a gpuwire peer of this protocol version";
   case GW_ERR_TRUNCATED: return "message longer than the receive buffer";
   case GW_ERR_PEER_EXITED: return "peer process exited";
+  case GW_ERR_READ_ONLY: return "the remote region is read-only";
+  case GW_ERR_FOREIGN_KEY: return "the packed key belongs to another process than this connection's peer";
   default: return ucs_status_string((ucs_status_t)status);
   }
 }
@@ -389,22 +418,33 @@ static void req_put(gw_worker_t *w, gw_req_t *r) {
 }
 
 static void req_unlink(gw_req_t *r) {
-  gw_conn_t *c = r->conn;
-  if (!c) return;
+  gw_req_t **head = r->plist;
+  if (!head) return;
   if (r->prev) r->prev->next = r->next;
-  else c->pending = r->next;
+  else *head = r->next;
   if (r->next) r->next->prev = r->prev;
   r->prev = r->next = NULL;
-  r->conn = NULL;
+  r->plist = NULL;
 }
 
-static void req_link(gw_conn_t *c, gw_req_t *r) {
-  r->conn = c;
+static void req_link(gw_req_t **head, gw_req_t *r) {
+  r->plist = head;
   r->prev = NULL;
-  r->next = c->pending;
-  if (c->pending) c->pending->prev = r;
-  c->pending = r;
+  r->next = *head;
+  if (*head) (*head)->prev = r;
+  *head = r;
 }
+
+/* threads inside a waiting entry point: gw_worker_destroy waits for them to leave */
+static inline int worker_enter(gw_worker_t *w) {
+  __atomic_add_fetch(&w->n_inside, 1, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&w->closing, __ATOMIC_SEQ_CST)) {
+    __atomic_sub_fetch(&w->n_inside, 1, __ATOMIC_SEQ_CST);
+    return 1;
+  }
+  return 0;
+}
+static inline void worker_leave(gw_worker_t *w) { __atomic_sub_fetch(&w->n_inside, 1, __ATOMIC_SEQ_CST); }
 
 static void req_complete(gw_req_t *r, int status) {
   if (!r->done) {
@@ -524,14 +564,16 @@ static void pidfd_drop(gw_conn_t *c) {
   }
 }
 
-/* fail every outstanding op of the conn with `status` */
-static void conn_fail_pending(gw_conn_t *c, int status) {
-  while (c->pending) {
-    gw_req_t *r = c->pending;
+/* fail every outstanding op of a pending list with `status` */
+static void fail_pending(gw_worker_t *w, gw_req_t **head, int status) {
+  while (*head) {
+    gw_req_t *r = *head;
     req_complete(r, status); /* unlinks */
-    if (r->ucx_busy && r->is_recv) ucp_request_cancel(c->w->w, r);
+    if (r->ucx_busy && r->is_recv) ucp_request_cancel(w->w, r);
   }
 }
+
+static void conn_fail_pending(gw_conn_t *c, int status) { fail_pending(c->w, &c->pending, status); }
 
 static void conn_mark_lost(gw_conn_t *c, int status) {
   if (c->state == GW_CONN_LOST || c->state == GW_CONN_CLOSED) return;
@@ -734,7 +776,7 @@ static void ep_close(gw_worker_t *w, ucp_ep_h ep, gw_eparg_t *a, int force, int6
     return;
   }
   if (have_lock) {
-    int64_t end = now_ns() + (timeout_ns < 0 ? 1000000000LL : timeout_ns);
+    int64_t end = deadline_after(now_ns(), timeout_ns < 0 ? 1000000000LL : timeout_ns);
     while (ucp_request_check_status(r) == UCS_INPROGRESS && now_ns() < end) {
       ucp_worker_progress(w->w);
       ucp_worker_progress(w->cw);
@@ -753,6 +795,9 @@ static void ep_close(gw_worker_t *w, ucp_ep_h ep, gw_eparg_t *a, int force, int6
 static void conn_watch_pid(gw_conn_t *c, const gw_hello_t *peer) {
   gw_worker_t *w = c->w;
   c->peer_pid = peer->pid;
+  c->peer_pid_ns = peer->pid_ns;
+  memcpy(c->peer_boot, peer->boot_id, sizeof(c->peer_boot));
+  c->peer_boot[sizeof(c->peer_boot) - 1] = 0;
   if (!same_node(peer, w->self.boot_id, w->self.ipc_ns) || peer->pid_ns != w->self.pid_ns)
     return;
   int fd = (int)syscall(SYS_pidfd_open, (pid_t)peer->pid, 0);
@@ -1032,6 +1077,21 @@ fail:
 void gw_worker_destroy(gw_worker_t *w) {
   if (!w) return;
   gw_worker_pump_stop(w);
+  /* threads still waiting on the worker (a receive from any endpoint, an accept): their
+   * receives fail, their waits end with GW_ERR_BAD_STATE, and the worker goes only once
+   * none is inside (one that stays longer than 10 s keeps it: leaked, never freed under it) */
+  LOCK(w);
+  __atomic_store_n(&w->closing, 1, __ATOMIC_SEQ_CST);
+  fail_pending(w, &w->any_pending, GW_ERR_BAD_STATE);
+  wake_waiters(w);
+  UNLOCK(w);
+  for (int64_t t0 = now_ns(); __atomic_load_n(&w->n_inside, __ATOMIC_SEQ_CST);) {
+    if (now_ns() - t0 > 10000000000LL) return;
+    LOCK(w);
+    wake_waiters(w);
+    UNLOCK(w);
+    usleep(1000);
+  }
   pthread_cond_destroy(&w->pump_cv);
   LOCK(w);
   for (uint32_t i = 1; i < MAX_CONNS; i++) {
@@ -1075,6 +1135,11 @@ void gw_worker_destroy(gw_worker_t *w) {
     gw_req_t *r = w->free_reqs;
     w->free_reqs = r->free_next;
     free((unsigned char *)r - w->ctx->req_size);
+  }
+  while (w->held_head) {
+    gw_held_t *h = w->held_head;
+    w->held_head = h->next;
+    free(h);
   }
   free(w->addr);
   free(w->conns);
@@ -1145,7 +1210,7 @@ static void block_once(gw_worker_t *w, int64_t ns, cond_fn cond, void *arg) {
   progress_ctrl_locked(w);
   ucs_status_t st = ucp_worker_arm(w->w);
   if (st == UCS_OK) st = ucp_worker_arm(w->cw);
-  if (st != UCS_OK || cond(arg)) { /* BUSY: events pending, go progress */
+  if (st != UCS_OK || cond(arg) || w->closing) { /* BUSY: events pending, go progress */
     UNLOCK(w);
     return;
   }
@@ -1180,8 +1245,8 @@ static int wait_cond(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns
 
 static int wait_cond_spin(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeout_ns, int64_t spin_ns) {
   int64_t t0 = now_ns();
-  int64_t deadline = timeout_ns < 0 ? INT64_MAX : t0 + timeout_ns;
-  int64_t spin_end = t0 + spin_ns;
+  int64_t deadline = deadline_after(t0, timeout_ns);
+  int64_t spin_end = deadline_after(t0, spin_ns);
   unsigned it = 0;
   for (;;) {
     if (cond(arg)) return 0;
@@ -1197,6 +1262,7 @@ static int wait_cond_spin(gw_worker_t *w, cond_fn cond, void *arg, int64_t timeo
     }
     if (cond(arg)) return 0;
     if ((++it & 15) == 0 || spin_ns == 0) {
+      if (w->closing) return GW_ERR_BAD_STATE;
       int64_t t = now_ns();
       if (t - w->last_live_check > LIVE_CHECK_NS) {
         w->last_live_check = t;
@@ -1337,10 +1403,11 @@ void gw_worker_pump_stats(gw_worker_t *w, int *running, int *in_flight, uint64_t
   UNLOCK(w);
 }
 
-int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
-  int64_t deadline = timeout_ns < 0 ? INT64_MAX : now_ns() + timeout_ns;
-  int64_t spin_end = now_ns() + w->spin_ns;
+static int worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
+  int64_t deadline = deadline_after(now_ns(), timeout_ns);
+  int64_t spin_end = deadline_after(now_ns(), w->spin_ns);
   for (;;) {
+    if (w->closing) return 0;
     LOCK(w);
     int n = progress_locked(w) + progress_ctrl_locked(w);
     UNLOCK(w);
@@ -1351,6 +1418,13 @@ int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
       block_once(w, deadline - t < BLOCK_SLICE_NS ? deadline - t : BLOCK_SLICE_NS, cond_never,
                  NULL);
   }
+}
+
+int gw_worker_wait_event(gw_worker_t *w, int64_t timeout_ns) {
+  if (worker_enter(w)) return 0;
+  int rc = worker_wait_event(w, timeout_ns);
+  worker_leave(w);
+  return rc;
 }
 
 int gw_worker_poll_lost(gw_worker_t *w, uint32_t *ids, int cap) {
@@ -1433,30 +1507,51 @@ void gw_listener_close(gw_listener_t *l) {
   /* conns accepted but never taken stay owned by the worker */
   for (uint32_t i = 1; i < MAX_CONNS; i++)
     if (w->conns[i] && w->conns[i]->listener == l) w->conns[i]->listener = NULL;
+  /* threads in gw_accept on it: they end with GW_ERR_BAD_STATE, the last one frees it */
+  int busy = l->accepting > 0;
+  if (busy) {
+    l->free_on_last = 1;
+    wake_waiters(w);
+  }
   UNLOCK(w);
-  free(l);
+  if (!busy) free(l);
 }
 
 typedef struct {
   gw_conn_t **head;
+  gw_listener_t *l; /* NULL: the worker's address queue */
 } q_arg_t;
 
-/* the queue head is ready once its WELCOME has been flushed out */
+/* the queue head is ready once its WELCOME has been flushed out (or the listener closed) */
 static int cond_queue(void *arg) {
-  gw_conn_t *c = *((q_arg_t *)arg)->head;
+  q_arg_t *a = (q_arg_t *)arg;
+  if (a->l && a->l->closed) return 1;
+  gw_conn_t *c = *a->head;
   if (!c) return 0;
   return !c->welcome_req || ucp_request_check_status(c->welcome_req) != UCS_INPROGRESS;
 }
 
-static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, int64_t timeout_ns,
-                       gw_conn_t **out) {
-  q_arg_t a = {head};
-  __atomic_fetch_add(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
-  int rc = wait_cond(w, cond_queue, &a, timeout_ns);
-  __atomic_fetch_sub(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
-  if (rc) return rc;
-  LOCK(w);
-  gw_conn_t *c = *head;
+static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, gw_listener_t *l,
+                       int64_t timeout_ns, gw_conn_t **out) {
+  q_arg_t a = {head, l};
+  int64_t deadline = deadline_after(now_ns(), timeout_ns);
+  gw_conn_t *c;
+  for (;;) { /* (another thread may take the head first: wait again) */
+    int64_t left = deadline == INT64_MAX ? -1 : deadline - now_ns();
+    if (left < 0 && deadline != INT64_MAX) left = 0;
+    __atomic_fetch_add(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
+    int rc = wait_cond(w, cond_queue, &a, left);
+    __atomic_fetch_sub(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
+    if (rc) return rc;
+    LOCK(w);
+    if (l && l->closed) {
+      UNLOCK(w);
+      return GW_ERR_BAD_STATE;
+    }
+    if (cond_queue(&a)) break;
+    UNLOCK(w);
+  }
+  c = *head;
   *head = c->accept_next;
   if (!*head) *tail = NULL;
   if (c->welcome_req) { /* sent */
@@ -1471,11 +1566,30 @@ static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, int64
 }
 
 int gw_accept(gw_listener_t *l, int64_t timeout_ns, gw_conn_t **out) {
-  return accept_from(l->w, &l->q_head, &l->q_tail, timeout_ns, out);
+  gw_worker_t *w = l->w;
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  LOCK(w);
+  if (l->closed) {
+    UNLOCK(w);
+    worker_leave(w);
+    return GW_ERR_BAD_STATE;
+  }
+  l->accepting++;
+  UNLOCK(w);
+  int rc = accept_from(w, &l->q_head, &l->q_tail, l, timeout_ns, out);
+  LOCK(w);
+  int free_it = --l->accepting == 0 && l->free_on_last;
+  UNLOCK(w);
+  if (free_it) free(l);
+  worker_leave(w);
+  return rc;
 }
 
 int gw_accept_any(gw_worker_t *w, int64_t timeout_ns, gw_conn_t **out) {
-  return accept_from(w, &w->addr_q_head, &w->addr_q_tail, timeout_ns, out);
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  int rc = accept_from(w, &w->addr_q_head, &w->addr_q_tail, NULL, timeout_ns, out);
+  worker_leave(w);
+  return rc;
 }
 
 /* ----------------------------------------------------------------- connect */
@@ -1505,7 +1619,7 @@ static int connect_finish(gw_worker_t *w, gw_conn_t *c, int64_t timeout_ns, gw_c
   return st;
 }
 
-int gw_connect(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_conn_t **out) {
+static int connect_impl(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_conn_t **out) {
   if (port <= 0 || port > 65535) return UCS_ERR_INVALID_PARAM;
   struct sockaddr_storage ss;
   socklen_t sl;
@@ -1547,8 +1661,8 @@ int gw_connect(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_
   return connect_finish(w, c, timeout_ns, out);
 }
 
-int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t timeout_ns,
-                       gw_conn_t **out) {
+static int connect_address_impl(gw_worker_t *w, const void *addr, size_t len, int64_t timeout_ns,
+                                gw_conn_t **out) {
   gw_addr_hdr_t ah;
   if (len < sizeof(ah)) return UCS_ERR_INVALID_ADDR;
   memcpy(&ah, addr, sizeof(ah));
@@ -1580,6 +1694,21 @@ int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t tim
           w->ucx_addr_len, 0);
   UNLOCK(w);
   return connect_finish(w, c, timeout_ns, out);
+}
+
+int gw_connect(gw_worker_t *w, const char *ip, int port, int64_t timeout_ns, gw_conn_t **out) {
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  int rc = connect_impl(w, ip, port, timeout_ns, out);
+  worker_leave(w);
+  return rc;
+}
+
+int gw_connect_address(gw_worker_t *w, const void *addr, size_t len, int64_t timeout_ns,
+                       gw_conn_t **out) {
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  int rc = connect_address_impl(w, addr, len, timeout_ns, out);
+  worker_leave(w);
+  return rc;
 }
 
 int gw_conn_close(gw_conn_t *c, int64_t timeout_ns) { return gw_conn_close_mode(c, timeout_ns, 0); }
@@ -1640,7 +1769,7 @@ int gw_conn_close_mode(gw_conn_t *c, int64_t timeout_ns, int force) {
     void *r = ucp_am_send_nbx(ctrl, AM_BYE, &c->hello_out.receiver_id, sizeof(uint32_t), NULL, 0,
                               &bp);
     if (UCS_PTR_IS_PTR(r)) {
-      int64_t end = now_ns() + per;
+      int64_t end = deadline_after(now_ns(), per);
       while (ucp_request_check_status(r) == UCS_INPROGRESS && now_ns() < end)
         ucp_worker_progress(w->cw);
       if (ucp_request_check_status(r) == UCS_INPROGRESS) ucp_request_cancel(w->cw, r);
@@ -1738,9 +1867,45 @@ static int send_locked(gw_conn_t *c, uint32_t tag, const void *hdr, size_t hlen,
     return r->status;
   }
   r->ucx_busy = 1;
-  req_link(c, r);
+  req_link(&c->pending, r);
   pump_note(c->w, r, len);
   return 1;
+}
+
+/* emulated RTT: keep a received message whose receive is released before it showed (lock
+ * held); the next matching receive takes it, and it shows at its original due time */
+static void held_keep(gw_worker_t *w, gw_req_t *r) {
+  size_t n = r->length < r->rcap ? r->length : r->rcap;
+  gw_held_t *h = malloc(sizeof(*h) + n);
+  if (!h) return;
+  h->next = NULL;
+  h->sender_tag = r->sender_tag;
+  h->length = n;
+  h->t_done = r->t_done;
+  if (n) memcpy(h->data, r->rbuf, n);
+  if (w->held_tail) w->held_tail->next = h;
+  else w->held_head = h;
+  w->held_tail = h;
+}
+
+static int held_take(gw_worker_t *w, uint64_t t, uint64_t m, gw_req_t *r) {
+  gw_held_t *prev = NULL;
+  for (gw_held_t *h = w->held_head; h; prev = h, h = h->next) {
+    if ((h->sender_tag & m) != (t & m)) continue;
+    if (prev) prev->next = h->next;
+    else w->held_head = h->next;
+    if (w->held_tail == h) w->held_tail = prev;
+    size_t n = h->length < r->rcap ? h->length : r->rcap;
+    if (n) memcpy(r->rbuf, h->data, n);
+    r->length = h->length;
+    r->sender_tag = h->sender_tag;
+    r->t_done = h->t_done;
+    r->status = h->length > r->rcap ? GW_ERR_TRUNCATED : 0;
+    r->done = 1;
+    free(h);
+    return 1;
+  }
+  return 0;
 }
 
 static int recv_locked(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_mask, void *buf,
@@ -1757,6 +1922,9 @@ static int recv_locked(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_
     m |= TAG_CONN_MASK;
   }
   r->is_recv = 1;
+  r->rbuf = buf;
+  r->rcap = cap;
+  if (w->held_head && held_take(w, t, m, r)) return r->status;
   ucs_status_ptr_t sp = ucp_tag_recv_nbx(w->w, buf, cap, t, m, &p);
   if (UCS_PTR_IS_ERR(sp)) {
     r->done = 1;
@@ -1773,7 +1941,7 @@ static int recv_locked(gw_worker_t *w, gw_conn_t *c, uint32_t tag, uint32_t tag_
     return 0;
   }
   r->ucx_busy = 1;
-  if (c) req_link(c, r);
+  req_link(c ? &c->pending : &w->any_pending, r);
   pump_note(w, r, cap);
   return 1;
 }
@@ -1852,7 +2020,9 @@ static int cond_req(void *arg) { return gw_req_test((gw_req_t *)arg); }
 int gw_wait(gw_worker_t *w, gw_req_t *r, int64_t timeout_ns) {
   if (!r) return UCS_ERR_INVALID_PARAM;
   if (gw_req_test(r)) return r->status;
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
   int rc = wait_cond(w, cond_req, r, timeout_ns);
+  worker_leave(w);
   return rc ? rc : r->status;
 }
 
@@ -1885,7 +2055,9 @@ static int reqs_valid(gw_req_t **reqs, int n) {
 int gw_wait_all(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns) {
   if (n < 0 || !reqs_valid(reqs, n)) return UCS_ERR_INVALID_PARAM;
   multi_arg_t a = {reqs, n, 0, -1};
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
   int rc = wait_cond(w, cond_multi, &a, timeout_ns);
+  worker_leave(w);
   if (rc) return rc;
   for (int i = 0; i < n; i++)
     if (reqs[i]->status) return reqs[i]->status;
@@ -1895,7 +2067,9 @@ int gw_wait_all(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns) {
 int gw_wait_any(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns) {
   if (n <= 0 || !reqs_valid(reqs, n)) return UCS_ERR_INVALID_PARAM; /* none can finish */
   multi_arg_t a = {reqs, n, 1, -1};
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
   int rc = wait_cond(w, cond_multi, &a, timeout_ns);
+  worker_leave(w);
   return rc ? rc : a.idx;
 }
 
@@ -1916,7 +2090,23 @@ void gw_req_release(gw_worker_t *w, gw_req_t *r) {
     req_unlink(r);
     if (r->is_recv) ucp_request_cancel(w->w, r); /* callback frees it */
   } else {
+    if (r->is_recv && r->done && r->status == 0 && w->rtt_half_ns && r->rbuf &&
+        now_ns() < r->t_done + w->rtt_half_ns)
+      held_keep(w, r); /* arrived, not shown yet: the next receive gets it */
     req_put(w, r);
+  }
+  UNLOCK(w);
+}
+
+int gw_req_state(gw_req_t *r) {
+  return (r->done ? 1 : 0) | (r->ucx_busy ? 2 : 0);
+}
+
+void gw_req_cancel(gw_worker_t *w, gw_req_t *r) {
+  LOCK(w);
+  if (r->ucx_busy && r->is_recv && !r->done) {
+    req_unlink(r);
+    ucp_request_cancel(w->w, r);
   }
   UNLOCK(w);
 }
@@ -1930,10 +2120,8 @@ static int cond_pair(void *arg) {
   return gw_req_test(p->a) && p->b->done;
 }
 
-int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag, void *rbuf,
-            size_t rcap, int64_t timeout_ns, size_t *rlen) {
-  *rlen = 0;
-  RETURN_IF_CLOSED(c);
+static int call_impl(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag,
+                     void *rbuf, size_t rcap, int64_t timeout_ns, size_t *rlen) {
   gw_worker_t *w = c->w;
   LOCK(w);
   int rc = conn_usable(c);
@@ -1976,10 +2164,20 @@ int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t 
   return rc;
 }
 
-int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) {
+int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag, void *rbuf,
+            size_t rcap, int64_t timeout_ns, size_t *rlen) {
+  *rlen = 0;
+  RETURN_IF_CLOSED(c);
+  gw_worker_t *w = c->w;
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  int rc = call_impl(c, tag, sbuf, slen, rtag, rbuf, rcap, timeout_ns, rlen);
+  worker_leave(w);
+  return rc;
+}
+
+static int echo_serve_impl(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) {
   /* Two halves of buf take turns, so the next receive is posted before the
    * reply goes out and the next request lands in a posted (expected) receive. */
-  RETURN_IF_CLOSED(c);
   gw_worker_t *w = c->w;
   (void)tag;
   size_t half = cap / 2;
@@ -2015,9 +2213,17 @@ int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) 
   return 0;
 }
 
-int gw_sink_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n, int window,
-                  int64_t timeout_ns) {
+int gw_echo_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n) {
   RETURN_IF_CLOSED(c);
+  gw_worker_t *w = c->w;
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  int rc = echo_serve_impl(c, tag, buf, cap, n);
+  worker_leave(w);
+  return rc;
+}
+
+static int sink_serve_impl(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n, int window,
+                           int64_t timeout_ns) {
   gw_worker_t *w = c->w;
   if (window < 1) window = 1;
   if (window > 1024) window = 1024;
@@ -2054,8 +2260,34 @@ int gw_sink_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n, 
   return rc;
 }
 
+int gw_sink_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, int64_t n, int window,
+                  int64_t timeout_ns) {
+  RETURN_IF_CLOSED(c);
+  gw_worker_t *w = c->w;
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  int rc = sink_serve_impl(c, tag, buf, cap, n, window, timeout_ns);
+  worker_leave(w);
+  return rc;
+}
+
+static int serve_impl(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, uint32_t first_tag,
+                      const void *first, size_t first_len, uintptr_t handler, void *arg,
+                      int64_t timeout_ns, size_t *rlen);
+
 int gw_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, uint32_t first_tag, const void *first,
              size_t first_len, uintptr_t handler, void *arg, int64_t timeout_ns, size_t *rlen) {
+  *rlen = 0;
+  RETURN_IF_CLOSED(c);
+  gw_worker_t *w = c->w;
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  int rc = serve_impl(c, tag, buf, cap, first_tag, first, first_len, handler, arg, timeout_ns, rlen);
+  worker_leave(w);
+  return rc;
+}
+
+static int serve_impl(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, uint32_t first_tag,
+                      const void *first, size_t first_len, uintptr_t handler, void *arg,
+                      int64_t timeout_ns, size_t *rlen) {
   gw_worker_t *w = c->w;
   gw_serve_fn fn = (gw_serve_fn)handler;
   gw_msg_t out[GW_SERVE_MAXOUT];
@@ -2142,17 +2374,25 @@ struct gw_mem {
   ucp_mem_h mem;
   uint64_t base;
   size_t len;
+  int readonly;
 };
 
 struct gw_rkey {
   ucp_rkey_h rkey;
   uint64_t base;
   size_t len;
+  int readonly;
 };
+
+#define GW_RKEY_READONLY 1u
 
 typedef struct {
   uint32_t magic, proto;
   uint64_t base, len;
+  uint32_t flags;        /* GW_RKEY_READONLY: the owner registered read-only memory */
+  int32_t owner_pid;     /* the owner process (a key is only unpacked on a connection */
+  uint64_t owner_pid_ns; /* to it) */
+  char owner_boot[40];
   uint32_t ucx_len, sum; /* sum: FNV-1a of the fields above and UCX's packed key */
 } gw_rkey_hdr_t;
 
@@ -2194,6 +2434,8 @@ int gw_mem_map(gw_ctx_t *ctx, void *addr, size_t len, gw_mem_t **out) {
   return 0;
 }
 
+void gw_mem_set_readonly(gw_mem_t *m, int readonly) { m->readonly = readonly != 0; }
+
 void gw_mem_unmap(gw_mem_t *m) {
   if (!m) return;
   ucp_mem_unmap(m->ctx->ctx, m->mem);
@@ -2219,6 +2461,12 @@ int gw_mem_pack(gw_mem_t *m, void *buf, size_t cap, size_t *len) {
   h.proto = GW_PROTO;
   h.base = m->base;
   h.len = m->len;
+  h.flags = m->readonly ? GW_RKEY_READONLY : 0;
+  gw_hello_t me;
+  fill_identity(&me);
+  h.owner_pid = me.pid;
+  h.owner_pid_ns = me.pid_ns;
+  memcpy(h.owner_boot, me.boot_id, sizeof(h.owner_boot));
   h.ucx_len = (uint32_t)rl;
   h.sum = rkey_sum(&h, rb, rl);
   memcpy(buf, &h, sizeof(h));
@@ -2242,6 +2490,12 @@ int gw_rkey_unpack(gw_conn_t *c, const void *blob, size_t len, gw_rkey_t **out) 
     UNLOCK(w);
     return rc;
   }
+  h.owner_boot[sizeof(h.owner_boot) - 1] = 0;
+  if (h.owner_pid != c->peer_pid || h.owner_pid_ns != c->peer_pid_ns ||
+      strcmp(h.owner_boot, c->peer_boot) != 0) {
+    UNLOCK(w);
+    return GW_ERR_FOREIGN_KEY; /* RMA with it would reach another process's memory */
+  }
   gw_rkey_t *k = calloc(1, sizeof(*k));
   ucs_status_t st = ucp_ep_rkey_unpack(c->data_ep, (const char *)blob + sizeof(h), &k->rkey);
   UNLOCK(w);
@@ -2251,6 +2505,7 @@ int gw_rkey_unpack(gw_conn_t *c, const void *blob, size_t len, gw_rkey_t **out) 
   }
   k->base = h.base;
   k->len = h.len;
+  k->readonly = (h.flags & GW_RKEY_READONLY) != 0;
   *out = k;
   return 0;
 }
@@ -2263,12 +2518,14 @@ void gw_rkey_destroy(gw_rkey_t *k) {
 
 uint64_t gw_rkey_base(gw_rkey_t *k) { return k->base; }
 size_t gw_rkey_length(gw_rkey_t *k) { return k->len; }
+int gw_rkey_readonly(gw_rkey_t *k) { return k->readonly; }
 
 static int rma(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
                gw_req_t **out, int is_put) {
   *out = NULL;
   if (raddr < k->base || len > k->len || raddr - k->base > k->len - len)
     return GW_ERR_OUT_OF_RANGE;
+  if (is_put && k->readonly) return GW_ERR_READ_ONLY;
   RETURN_IF_CLOSED(c);
   gw_worker_t *w = c->w;
   LOCK(w);
@@ -2294,7 +2551,7 @@ static int rma(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t 
     rc = 0;
   } else {
     r->ucx_busy = 1;
-    req_link(c, r);
+    req_link(&c->pending, r);
     pump_note(w, r, len);
     rc = 1;
   }
@@ -2313,8 +2570,18 @@ int gw_get(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
   return rma(c, local, len, raddr, k, out, 0);
 }
 
+static int flush_impl(gw_conn_t *c, int64_t timeout_ns);
+
 int gw_flush(gw_conn_t *c, int64_t timeout_ns) {
   RETURN_IF_CLOSED(c);
+  gw_worker_t *w = c->w;
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  int rc = flush_impl(c, timeout_ns);
+  worker_leave(w);
+  return rc;
+}
+
+static int flush_impl(gw_conn_t *c, int64_t timeout_ns) {
   gw_worker_t *w = c->w;
   LOCK(w);
   int rc = conn_usable(c);
@@ -2339,7 +2606,7 @@ int gw_flush(gw_conn_t *c, int64_t timeout_ns) {
     return 0;
   }
   r->ucx_busy = 1;
-  req_link(c, r);
+  req_link(&c->pending, r);
   UNLOCK(w);
   rc = gw_wait(w, r, timeout_ns);
   gw_req_release(w, r);

@@ -25,6 +25,8 @@ typedef struct gw_req gw_req_t;
 #define GW_ERR_PROTOCOL    (-1004)  /* handshake: not a gpuwire peer or bad version */
 #define GW_ERR_TRUNCATED   (-1005)  /* message longer than the receive buffer */
 #define GW_ERR_PEER_EXITED (-1006)  /* the peer process exited (seen through its pidfd) */
+#define GW_ERR_READ_ONLY   (-1007)  /* put into a region its owner registered read-only */
+#define GW_ERR_FOREIGN_KEY (-1008)  /* packed key of another process than the conn's peer */
 
 /* conn states */
 #define GW_CONN_CONNECTING 0
@@ -108,6 +110,10 @@ int gw_wait_any(gw_worker_t *w, gw_req_t **reqs, int n, int64_t timeout_ns);
 void gw_req_info(gw_req_t *r, int *status, size_t *length, uint32_t *conn_id,
                  uint32_t *tag, uint32_t *hlen);
 void gw_req_release(gw_worker_t *w, gw_req_t *r);        /* cancels if still pending */
+/* 1: done; 2: UCX still owns it (may still read or write its buffers) */
+int gw_req_state(gw_req_t *r);
+/* cancel a pending receive, keeping the request (release it once gw_req_state has no 2) */
+void gw_req_cancel(gw_worker_t *w, gw_req_t *r);
 /* send then wait for the reply tagged rtag, all in C: the request/reply hot path */
 int gw_call(gw_conn_t *c, uint32_t tag, const void *sbuf, size_t slen, uint32_t rtag,
             void *rbuf, size_t rcap, int64_t timeout_ns, size_t *rlen);
@@ -147,6 +153,8 @@ int gw_serve(gw_conn_t *c, uint32_t tag, void *buf, size_t cap, uint32_t first_t
 /* memory registration and RMA */
 int gw_mem_map(gw_ctx_t *ctx, void *addr, size_t len, gw_mem_t **out);
 void gw_mem_unmap(gw_mem_t *m);
+/* read-only memory: its packed keys say so, and a peer's put with one is refused */
+void gw_mem_set_readonly(gw_mem_t *m, int readonly);
 uint64_t gw_mem_base(gw_mem_t *m);
 size_t gw_mem_length(gw_mem_t *m);
 int gw_mem_pack(gw_mem_t *m, void *buf, size_t cap, size_t *len);
@@ -154,6 +162,7 @@ int gw_rkey_unpack(gw_conn_t *c, const void *blob, size_t len, gw_rkey_t **out);
 void gw_rkey_destroy(gw_rkey_t *k);
 uint64_t gw_rkey_base(gw_rkey_t *k);
 size_t gw_rkey_length(gw_rkey_t *k);
+int gw_rkey_readonly(gw_rkey_t *k);
 int gw_put(gw_conn_t *c, const void *local, size_t len, uint64_t raddr, gw_rkey_t *k,
            gw_req_t **out);
 int gw_get(gw_conn_t *c, void *local, size_t len, uint64_t raddr, gw_rkey_t *k,

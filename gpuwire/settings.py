@@ -16,21 +16,65 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator
 
 __all__ = ["Setting", "register", "get", "set", "override", "all_settings", "describe",
-           "reload_environment", "finite_us"]
+           "reload_environment", "finite_us", "seconds", "positive_seconds", "one_of",
+           "MAX_US", "MAX_S"]
+
+# Upper bounds of the time types below: the C engine takes nanoseconds as int64
+# (9.2e18 ns), and these stay far inside it.
+MAX_US = 1e12   # microseconds (~11.6 days)
+MAX_S = 1e9     # seconds (~31.7 years)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
 
 
 def finite_us(value: Any) -> float:
-    """A settings type shared by the layers: a finite number >= 0 (microseconds)."""
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"must be a finite number >= 0, got {value!r}")
+    """A settings type shared by the layers: a finite number >= 0 (microseconds), at most
+    MAX_US."""
+    v = _number(value)
+    if not math.isfinite(v) or not 0 <= v <= MAX_US:
+        raise ValueError(f"must be a finite number >= 0 and <= {MAX_US:g} (µs), got {value!r}")
     return v
+
+
+def seconds(value: Any) -> float:
+    """A settings type: a finite number of seconds >= 0, at most MAX_S."""
+    v = _number(value)
+    if not math.isfinite(v) or not 0 <= v <= MAX_S:
+        raise ValueError(f"must be a finite number of seconds >= 0 and <= {MAX_S:g}, "
+                         f"got {value!r}")
+    return v
+
+
+def positive_seconds(value: Any) -> float:
+    """A settings type: a finite number of seconds > 0, at most MAX_S."""
+    v = _number(value)
+    if not math.isfinite(v) or not 0 < v <= MAX_S:
+        raise ValueError(f"must be a finite number of seconds > 0 and <= {MAX_S:g}, "
+                         f"got {value!r}")
+    return v
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    """A settings type: one of the given strings (e.g. a mode name)."""
+    allowed = tuple(choices)
+
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}; got {value!r}")
+        return value
+    parse.__name__ = f"one_of{allowed!r}"
+    return parse
 
 
 def _parse_bool(text: str) -> bool:
@@ -55,20 +99,50 @@ class Setting:
         return "GPUWIRE_" + self.name.upper()
 
     def parse(self, raw: Any) -> Any:
+        """The value of ``raw`` (an environment string, or a Python value from set() /
+        override()), checked as strictly from Python as from the environment."""
         if isinstance(raw, str):
             conv = _parse_bool if self.type is bool else self.type
             try:
                 return conv(raw)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError) as e:
                 raise ValueError(f"{self.env}={raw!r}: {e}") from None
-        if self.type is bool:
-            return bool(raw)
-        if raw is None:
-            return None
         try:
-            return self.type(raw)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"setting {self.name}={raw!r}: {e}") from None
+            return self._parse_value(raw)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"setting {self.name} ({self.env})={raw!r}: {e}") from None
+
+    def _parse_value(self, raw: Any) -> Any:
+        if raw is None:
+            if self.default is None:
+                return None
+            raise ValueError("None is not a value of this setting (reset it with "
+                             "override() or reload_environment())")
+        if self.type is bool:
+            if isinstance(raw, bool):
+                return raw
+            try:  # 0/1 (also numpy's bools and integers); never nan, -1, [1]
+                if isinstance(raw, (int, float)) or hasattr(raw, "dtype"):
+                    if bool(raw == 0) or bool(raw == 1):
+                        return bool(raw)
+            except (TypeError, ValueError):
+                pass
+            raise ValueError("not a boolean (True/False, 0/1, or a string such as 'on')")
+        if self.type is int:
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer, got a bool")
+            if isinstance(raw, float):
+                if not raw.is_integer():
+                    raise ValueError("expected an integer")
+                return int(raw)
+            if not hasattr(raw, "__index__"):
+                raise ValueError(f"expected an integer, got {type(raw).__name__}")
+            return operator.index(raw)
+        if self.type is str:
+            if isinstance(raw, os.PathLike):
+                return os.fspath(raw)
+            raise ValueError(f"expected a string, got {type(raw).__name__}")
+        return self.type(raw)
 
 
 _lock = threading.Lock()
@@ -124,11 +198,11 @@ def set(name: str, value: Any) -> None:  # noqa: A001 - mirrors kvikio.defaults.
 
 @contextlib.contextmanager
 def override(**kw: Any) -> Iterator[None]:
+    new = {k: _lookup(k).parse(v) for k, v in kw.items()}  # all checked before any applies
     old = {}
-    for k, v in kw.items():
-        s = _lookup(k)
+    for k, v in new.items():
         old[k] = _values.get(k, _missing)
-        _values[k] = s.parse(v)
+        _values[k] = v
     try:
         yield
     finally:

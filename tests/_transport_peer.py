@@ -103,7 +103,7 @@ class Server:
             return 0
         while True:
             try:
-                ep = self.l.accept(timeout=-1)
+                ep = self.l.accept(timeout=float("inf"))
             except t.TransportError as e:  # pragma: no cover - diagnostic
                 emit({"event": "accept_error", **_exc(e)})
                 return 2
@@ -116,7 +116,7 @@ class Server:
         quiet = False
         while True:
             try:
-                rr = ep.recv(buf, timeout=-1)
+                rr = ep.recv(buf, timeout=float("inf"))
             except t.MessageTruncated as e:  # too big for --max-msg: say so, go on
                 emit({"event": "peer_error", **_exc(e)})
                 continue

@@ -498,3 +498,38 @@ def test_gpu_remote_loader_epochs(gpu_server, tree):
         reader.close()
     finally:
         s.close()
+
+
+# ----------------------------------------------------------------------------- NUL bytes (audit)
+
+
+def test_a_nul_byte_in_a_path_is_refused_never_truncated_at(s):
+    """'big.bin\\0/../x' must not stat or read big.bin: refused by the client, and by the
+    server for a client that sends it anyway."""
+    rf = RemoteFiles(s)
+    bad = "big.bin\x00/../../etc/passwd"
+    with pytest.raises(RemotePermissionError, match="NUL"):
+        rf.stat(bad)
+    with pytest.raises(RemotePermissionError, match="NUL"):
+        rf.read_bytes(bad, 0, 4)
+    with s.alloc(64) as buf:
+        with pytest.raises(RemotePermissionError, match="NUL"):
+            rf.read(buf, bad, 0, 4)
+    # the raw call: refused by the RPC client (ValueError) or else by the server (decode_path)
+    with pytest.raises((CudaError, ValueError), match="NUL"):
+        s.gwFileStat(bad)
+    assert rf.stat("big.bin") == 3 * (1 << 20) + 123       # the session goes on
+
+
+def test_decode_path_takes_only_a_trailing_terminator():
+    from gpuwire.gds.service import decode_path
+    assert decode_path(b"a.bin\x00") == "a.bin"
+    assert decode_path(b"a.bin") == "a.bin"
+    for raw in (b"a.bin\x00/../x\x00", b"a.bin\x00junk", b"\x00\x00"):
+        with pytest.raises(PermissionError, match="NUL"):
+            decode_path(raw)
+
+
+def test_negative_header_bytes_is_refused(s):
+    with pytest.raises(ValueError, match="header_bytes"):
+        RemoteRecordDataset(s, "ds/shard0.bin", REC, header_bytes=-REC)

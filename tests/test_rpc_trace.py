@@ -94,7 +94,8 @@ def test_trace_marks_frames_passed_to_python_and_keeps_the_last_frames(traced):
         buf = s.alloc(64)
         st = s.stream()
         out = np.zeros(4, np.uint32)
-        s.cuMemAlloc(128)                  # a sync call C does not run: passed to Python
+        s.cuMemAlloc(128)
+        s.mem_get_info()                   # a sync call C does not run: passed to Python
         seq_pass = s._seq - 1
         rows = [dict(zip(sess.serve_c.TRACE_FIELDS, r)) for r in sess.serve_c.trace_rows()]
         r = [x for x in rows if x["seq"] == seq_pass][-1]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import copy
 import shutil
 import textwrap
@@ -337,3 +338,80 @@ def test_cli_no_headers(tmp_path, monkeypatch, capsys):
     assert G.main(["--check"]) == 2
     assert "no cuda.h" in capsys.readouterr().err
     assert G.main(["--check", "--header", str(tmp_path / "nope.h")]) == 2
+
+
+# ----------------------------------------------------------------- CLI misuse (audit)
+
+_HEAD = "spec_version: 1\napi: cuda-driver\ncuda_version: 13000\nretired_ids: []\n"
+
+
+@pytest.mark.parametrize("body, match", [
+    ("calls: 5\n", "calls must be a mapping"),
+    ("calls:\n  cuMemAlloc: 7\n", r"calls.cuMemAlloc must be a mapping"),
+    ("calls:\n  cuMemAlloc: {id: 1, symbol: cuMemAlloc_v2, returns: CUresult, sync: sync, args: 5}\n",
+     r"calls.cuMemAlloc.args must be a list"),
+    ("calls:\n  cuMemAlloc: {id: 1, symbol: cuMemAlloc_v2, returns: CUresult, sync: sync, args: [3]}\n",
+     r"calls.cuMemAlloc.args\[0\] must be a mapping"),
+    ("retired_ids: 4\ncalls: {}\n", "retired_ids must be a list"),
+])
+def test_malformed_spec_shapes_are_spec_errors(tmp_path, body, match):
+    p = tmp_path / "spec.yaml"
+    p.write_text(_HEAD.replace("retired_ids: []\n", "") + body if body.startswith("retired") else _HEAD + body)
+    with pytest.raises(S.SpecError, match=match):
+        G.load_raw_spec(str(p))
+
+
+def test_missing_spec_is_refused_unless_created(tmp_path):
+    with pytest.raises(FileNotFoundError, match="spec file not found"):
+        G.load_raw_spec(str(tmp_path / "typo.yaml"))
+    assert G.load_raw_spec(str(tmp_path / "typo.yaml"), missing_ok=True)["calls"] == {}
+    with pytest.raises(S.SpecError, match="directory"):
+        G.load_raw_spec(str(tmp_path))
+
+
+def test_header_that_is_a_directory(tmp_path):
+    with pytest.raises(G.HeaderError, match="is a directory"):
+        G.preprocess([str(tmp_path)])
+
+
+@needs_cc
+def test_non_utf8_header_is_read(tmp_path):
+    h = tmp_path / "bin.h"
+    h.write_bytes(b"#define FOO_NAME \"\xd0\xff\xfe\"\nint fooBar(int x);\n")   # kept by cc -E -dD
+    protos = G.read_prototypes([str(h)])
+    assert "fooBar" in protos
+
+
+@needs_cuda
+@pytest.mark.parametrize("argv, match", [
+    (["--spec", "{tmp}/callsint.yaml", "--check"], "calls must be a mapping"),
+    (["--spec", "{tmp}/callsint.yaml", "--add", "cuStreamGetFlags"], "calls must be a mapping"),
+    (["--spec", "{tmp}/missing.yaml", "--check"], "spec file not found"),
+    (["--spec", "/nonexistent/dir/spec.yaml", "--add", "cuStreamGetFlags", "--write"], "does not exist"),
+    (["--header", "{tmp}", "--check"], "is a directory"),
+    (["--add", "cudaMalloc"], "runtime API"),
+])
+def test_cli_misuse_is_one_line(tmp_path, capsys, argv, match):
+    (tmp_path / "callsint.yaml").write_text(_HEAD + "calls: 5\n")
+    assert G.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@needs_cuda
+def test_cli_write_creates_a_new_spec(tmp_path, capsys):
+    p = tmp_path / "new.yaml"
+    assert G.main(["--spec", str(p), "--add", "cuStreamGetFlags", "--write"]) == 0
+    assert "cuStreamGetFlags" in yaml.safe_load(p.read_text())["calls"]
+
+
+@needs_cuda
+def test_cli_write_to_an_unwritable_spec(tmp_path, capsys):
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    p = tmp_path / "ro.yaml"
+    shutil.copy(S.DEFAULT_SPEC_PATH, p)
+    p.chmod(0o444)
+    assert G.main(["--spec", str(p), "--add", "cuStreamGetFlags", "--write"]) == 2
+    assert "not writable" in capsys.readouterr().err

@@ -4,6 +4,7 @@ server. Anything that could take the process down runs in a subprocess."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -332,10 +333,14 @@ def test_garbage_packed_keys_are_value_errors(link):
     for bad in ("text", None, 5):
         with pytest.raises(TypeError, match="packed rkey must be bytes"):
             link.ep.unpack_rkey(bad)
-    rk = link.ep.unpack_rkey(good)
-    assert (rk.base, rk.length) == (mr.base, 4096)
+    with pytest.raises(ValueError, match="another process"):
+        link.ep.unpack_rkey(good)   # our own key names us, not the peer: RMA would miss
+    _, body = link.command("reg", struct.pack("<QQ", 4096, 1))
+    base = struct.unpack_from("<Q", body)[0]
+    rk = link.ep.unpack_rkey(body[16:])  # the peer's key on the endpoint to it
+    assert (rk.base, rk.length) == (base, 4096)
     with pytest.raises(TypeError, match="RemoteKey"):
-        link.ep.put(b"x", mr.base, good)
+        link.ep.put(b"x", base, body[16:])
     mr.close()
 
 

@@ -34,7 +34,8 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import _cli
-from .report import config_echo, human_size, parse_size, print_config, add_output_arguments, write_outputs
+from .report import (config_echo, human_size, parse_size, print_config, add_output_arguments, write_outputs,
+                     check_outputs_writable, int_arg, size_arg, usage_error)
 
 CASES = ("seq", "small", "loader")
 LOCAL_BACKENDS = ("kvikio", "posix", "host")
@@ -556,10 +557,30 @@ def _print_rows(rows: List[Dict[str, Any]], out=sys.stdout) -> None:
               f"{r['seconds']:9.3f} {r['GBps']:8.2f}  {r.get('note', '')}", file=out)
 
 
+def _check_args(args, cases: Sequence[str]) -> None:
+    """Sizes and counts the cases can run with (a 0 chunk would loop forever): one-line errors."""
+    for flag, v in (("--size", args.size), ("--chunk", args.chunk), ("--small-size", args.small_size),
+                    ("--record-size", args.record_size), ("--small-count", args.small_count),
+                    ("--batch", args.batch), ("--repeat", args.repeat)):
+        if v is None or v <= 0:
+            usage_error(f"{flag} must be > 0, got {v}")
+    if not 0 <= args.prefetch <= 1024:
+        usage_error(f"--prefetch must be in 0..1024, got {args.prefetch}")
+    if args.threads is not None and args.threads < 0:
+        usage_error(f"--threads must be >= 0, got {args.threads}")
+    if "loader" in cases and args.size % args.record_size:
+        usage_error(f"--size {args.size} is not a whole number of --record-size {args.record_size} "
+                    f"records (the loader case reads the large file as records)")
+    if args.dir is not None and os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        usage_error(f"--dir {args.dir}: not a directory")
+    check_outputs_writable(args)
+
+
 def run(args: argparse.Namespace) -> int:
     cases = _split(args.cases, CASES, "--cases")
     caches = _split(args.cache, ("cold", "warm"), "--cache")
     names = _split(args.backends, LOCAL_BACKENDS, "--backends")
+    _check_args(args, cases)
     own_dir = args.dir is None
     root = tempfile.mkdtemp(prefix="gpuwire-bench-gds-") if own_dir else args.dir
     os.makedirs(root, exist_ok=True)
@@ -642,36 +663,32 @@ def _split(text: str, allowed: Sequence[str], flag: str) -> List[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in allowed]
     if bad or not items:
-        raise SystemExit(f"{flag}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
+        usage_error(f"{flag}: unknown {bad or text!r}; choose from {', '.join(allowed)}")
     return items
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+_size = size_arg(0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=None, help="where the test files go (default: a temporary "
                    "directory, removed afterwards); existing files of the right size are reused")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory's files")
-    p.add_argument("--size", type=_size, default=1 << 30, help="large file size (default 1G)")
-    p.add_argument("--chunk", type=_size, default=64 << 20, help="request size of the seq case and "
+    p.add_argument("--size", type=size_arg(1), default=1 << 30, help="large file size (default 1G)")
+    p.add_argument("--chunk", type=size_arg(1), default=64 << 20, help="request size of the seq case and "
                    "batch size of the small case (default 64M)")
-    p.add_argument("--small-count", type=int, default=4096, help="number of small files (default 4096)")
-    p.add_argument("--small-size", type=_size, default=256 << 10, help="small file size (default 256K)")
-    p.add_argument("--record-size", type=_size, default=1 << 20, help="loader record size (default 1M)")
-    p.add_argument("--batch", type=int, default=32, help="loader batch size in records (default 32)")
-    p.add_argument("--prefetch", type=int, default=2, help="loader prefetch depth (default 2)")
+    p.add_argument("--small-count", type=int_arg(1), default=4096, help="number of small files (default 4096)")
+    p.add_argument("--small-size", type=size_arg(1), default=256 << 10, help="small file size (default 256K)")
+    p.add_argument("--record-size", type=size_arg(1), default=1 << 20, help="loader record size (default 1M)")
+    p.add_argument("--batch", type=int_arg(1), default=32, help="loader batch size in records (default 32)")
+    p.add_argument("--prefetch", type=int_arg(0, 1024), default=2, help="loader prefetch depth (default 2)")
     p.add_argument("--shuffled", action="store_true", help="also time a shuffled loader epoch")
-    p.add_argument("--repeat", type=int, default=1, help="runs per measurement; the median is reported")
+    p.add_argument("--repeat", type=int_arg(1), default=1, help="runs per measurement; the median is reported")
     p.add_argument("--backends", default=",".join(LOCAL_BACKENDS),
                    help="local backends: kvikio,posix,host (default all; missing ones are skipped)")
     p.add_argument("--cases", default=",".join(CASES), help="seq,small,loader (default all)")
     p.add_argument("--cache", default="cold,warm", help="cold,warm (default both)")
-    p.add_argument("--threads", type=int, default=None, help="kvikio threads (default: gds_threads)")
+    p.add_argument("--threads", type=int_arg(0), default=None, help="kvikio threads (default: gds_threads)")
     p.add_argument("--task-size", type=_size, default=None, help="kvikio task size (default: gds_task_size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_output_arguments(p)

@@ -50,8 +50,9 @@ import time
 from typing import Any, Dict, List
 
 from . import _cli
-from .report import config_echo, human_size, parse_size, print_config, add_output_arguments, write_outputs
-from .rpc import start_rpc_server, stop, tls_of
+from .report import (config_echo, human_size, parse_size, print_config, add_output_arguments, write_outputs,
+                     check_outputs_writable, check_tls, int_arg, usage_error)
+from .rpc import TLS_MAP, start_rpc_server, stop, tls_of
 
 TARGETS = {"mirror_ratio": 1.10, "unchanged_extra_us": 1.0, "lookup_us": 1.0}
 
@@ -599,13 +600,41 @@ def bench_placement(args, ptx) -> List[Dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- driver
 
+TESTS = ("lookup", "mirror", "unchanged", "detect", "pool", "placement")
+MODES = ("default", "explicit", "compare", "written", "protect", "always")
+
+
+def _check_args(args, tests: List[str]) -> None:
+    """--tests, --modes and --sizes checked before anything runs (one-line errors)."""
+    bad = [x for x in tests if x not in TESTS]
+    if bad or not tests:
+        usage_error((f"--tests: unknown test {bad[0]!r}" if bad else f"--tests {args.tests!r}: no test named")
+                    + f"; choose from {', '.join(TESTS)}")
+    bad = [x for x in args.modes.split(",") if x and x not in MODES]
+    if bad:
+        usage_error(f"--modes: unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
+    sizes = [x for x in args.sizes.split(",") if x.strip()]
+    if not sizes:
+        usage_error(f"--sizes {args.sizes!r}: no sizes")
+    for x in sizes:
+        try:
+            v = parse_size(x)
+        except ValueError as e:
+            usage_error(f"--sizes: {e}")
+        if v <= 0:
+            usage_error(f"--sizes: size must be > 0, got {x!r}")
+    check_outputs_writable(args)
+
+
 def run(args: argparse.Namespace) -> int:
     import gpuwire
     from gpuwire import settings
     import gpuwire.rpc.client  # noqa: F401 - registers the rpc settings
     from gpuwire.rpc.kernels import pinned as PK
+    check_tls(args.tls, TLS_MAP)
     tls = tls_of(args.tls)
     tests = [x for x in args.tests.split(",") if x]
+    _check_args(args, tests)
     ptx = PK.PTX.read_bytes()
     token = args.token or secrets.token_hex(16)
     cfg = config_echo({"bench": "pinned", "tls": tls, "executor": args.executor, "tests": tests,
@@ -618,8 +647,11 @@ def run(args: argparse.Namespace) -> int:
     srv = None
     address = args.server
     if not address and any(x not in ("placement", "pool") for x in tests):
-        srv, address = start_rpc_server(args.executor, tls, token,
-                                        ["--cpu-kernels", "gpuwire.rpc.kernels.pinned"])
+        try:
+            srv, address = start_rpc_server(args.executor, tls, token,
+                                            ["--cpu-kernels", "gpuwire.rpc.kernels.pinned"])
+        except RuntimeError as e:
+            usage_error(str(e))
 
     def connect():
         # the mirrors are what this bench measures: a same-host session would map host_alloc
@@ -647,7 +679,7 @@ def run(args: argparse.Namespace) -> int:
                     except Exception as e:   # no GPU / no cuda.bindings here
                         new = [{"bench": "pinned", "test": "placement", "skipped": f"{type(e).__name__}: {e}"[:200]}]
                 else:
-                    raise SystemExit(f"--tests: unknown test {test!r}")
+                    usage_error(f"--tests: unknown test {test!r}")
                 for r in new:
                     r["tls"] = args.tls
                     r["executor"] = args.executor if not args.server else "remote"
@@ -668,10 +700,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="HOST:PORT of a running `gpuwire serve --cpu-kernels gpuwire.rpc.kernels.pinned`")
     p.add_argument("--token", help="token of --server")
     p.add_argument("--sizes", default="4K,1M,64M", help="region sizes (mirror, unchanged, placement)")
-    p.add_argument("--regions", type=int, default=10000, help="lookup: registered regions")
-    p.add_argument("--iters", type=int, default=30, help="mirror: iterations per repetition (fewer for big sizes)")
-    p.add_argument("--launches", type=int, default=2000, help="unchanged: launches per timed run")
-    p.add_argument("--reps", type=int, default=3, help="mirror: interleaved repetitions of both programs")
+    p.add_argument("--regions", type=int_arg(1), default=10000, help="lookup: registered regions")
+    p.add_argument("--iters", type=int_arg(1), default=30, help="mirror: iterations per repetition (fewer for big sizes)")
+    p.add_argument("--launches", type=int_arg(1), default=2000, help="unchanged: launches per timed run")
+    p.add_argument("--reps", type=int_arg(1), default=3, help="mirror: interleaved repetitions of both programs")
     p.add_argument("--modes", default="", help="mirror/unchanged: only these tracking modes (comma-separated; "
                    "default all: always, compare, written, protect, explicit)")
     p.add_argument("--flush-us", type=float, default=200.0, help="rpc_flush_us of the bench sessions")

@@ -1,6 +1,7 @@
 """Bench reports: configuration echo, statistics, JSON/CSV rows, plots, ratios."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -37,26 +38,166 @@ def parse_size(text: str) -> int:
             t, mult = t[:-1], m
             break
     try:
-        v = int(float(t) * mult)
-    except ValueError:
+        v = int(float(t) * mult)   # inf: OverflowError; nan: ValueError
+    except (ValueError, OverflowError):
         raise ValueError(f"bad size {text!r} (examples: 8, 4K, 1M, 64MiB)") from None
     if v < 0:
         raise ValueError(f"size must be >= 0, got {text!r}")
     return v
 
 
-def size_range(spec: str) -> List[int]:
-    """'8:64M' -> powers of two from 8 to 64 MiB; '8,1K,1M' -> those sizes."""
+def size_range(spec: str, min_size: int = 0) -> List[int]:
+    """'8:64M' -> powers of two from 8 to 64 MiB; '8,1K,1M' -> those sizes. An empty list,
+    a reversed range or a size below ``min_size`` raise ValueError."""
     if ":" in spec:
         lo, hi = (parse_size(x) for x in spec.split(":", 1))
         if lo <= 0 or hi < lo:
-            raise ValueError(f"bad size range {spec!r}")
+            raise ValueError(f"bad size range {spec!r} (LO:HI with 0 < LO <= HI)")
         out, v = [], lo
         while v <= hi:
             out.append(v)
             v *= 2
-        return out
-    return [parse_size(x) for x in spec.split(",") if x.strip()]
+    else:
+        out = [parse_size(x) for x in spec.split(",") if x.strip()]
+    if not out:
+        raise ValueError(f"no sizes in {spec!r} (examples: 8:64M, 8,1K,1M)")
+    small = [v for v in out if v < min_size]
+    if small:
+        raise ValueError(f"size {small[0]} in {spec!r} is below the minimum {min_size}")
+    return out
+
+
+# argparse types: a bad value is a one-line usage error (rc 2), never a traceback
+
+
+def size_arg(min_size: int = 0):
+    """``type=`` of a size option (``4K``, ``1M``...) of at least ``min_size``."""
+    def parse(text: str) -> int:
+        try:
+            v = parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if v < min_size:
+            raise argparse.ArgumentTypeError(f"must be >= {min_size}, got {text!r}")
+        return v
+    parse.__name__ = "size"
+    return parse
+
+
+def sizes_arg(min_size: int = 1):
+    """``type=`` of a ``--sizes`` option: a list (see :func:`size_range`)."""
+    def parse(text: str) -> List[int]:
+        try:
+            return size_range(text, min_size)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = "sizes"
+    return parse
+
+
+def int_arg(lo: Optional[int] = None, hi: Optional[int] = None):
+    """``type=`` of an integer option within ``lo..hi`` (None: unbounded)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"in {lo}..{hi}" if lo is not None and hi is not None else (
+                f">= {lo}" if lo is not None else f"<= {hi}")
+            raise argparse.ArgumentTypeError(f"must be {rng}, got {v}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
+class UsageError(SystemExit):
+    """Exit status 2 (like argparse's errors); ``str()`` is the message (printed on stderr)."""
+
+    def __init__(self, msg: str):
+        super().__init__(2)
+        self.msg = msg
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+def usage_error(msg: str):
+    """A one-line error on stderr and exit status 2 (like argparse's own errors)."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise UsageError(msg)
+
+
+def wait_ready_port(p, what: str, max_lines: int = 200, timeout: float = 180.0) -> int:
+    """The port a spawned server (``--ready-stdout``) prints on its stdout. Lines that are not
+    a port (a UCX warning printed there first) are skipped; if the server exits, or prints no
+    port within ``timeout`` seconds, it is killed (never left running) and RuntimeError says so."""
+    import threading
+
+    timer = threading.Timer(timeout, lambda: p.poll() is None and p.kill())   # ends a silent wait
+    timer.daemon = True
+    timer.start()
+    try:
+        for _ in range(max_lines):
+            line = p.stdout.readline()
+            if not line:
+                break
+            text = line.strip()
+            if text.isdigit():
+                return int(text)
+            print(f"# {what}: {text}", file=sys.stderr)
+    except BaseException:
+        _kill(p)
+        raise
+    finally:
+        timer.cancel()
+    _kill(p)
+    raise RuntimeError(f"{what} failed to start (rc {p.returncode})")
+
+
+def _kill(p) -> None:
+    if p.poll() is None:
+        p.kill()
+    try:
+        p.wait(timeout=10)
+    except Exception:
+        pass
+
+
+#: UCX transport names and aliases that --tls accepts (UCX_TLS; ``^`` excludes, ``:aux`` too)
+UCX_TLS_NAMES = frozenset((
+    "all", "sm", "shm", "mm", "posix", "sysv", "xpmem", "cma", "knem", "self", "tcp",
+    "ib", "rc", "rc_v", "rc_x", "rc_verbs", "rc_mlx5", "ud", "ud_v", "ud_x", "ud_verbs", "ud_mlx5",
+    "dc", "dc_x", "dc_mlx5", "srd", "cuda", "cuda_copy", "cuda_ipc", "gdr_copy",
+    "rocm", "rocm_copy", "rocm_ipc", "rocm_gdr", "ugni", "ugni_rdma", "ugni_udt", "ugni_smsg",
+))
+
+
+def check_tls(value: str, aliases: Iterable[str] = ()) -> None:
+    """Refuse a --tls value naming a transport UCX does not know (one-line usage error)."""
+    text = value[1:] if value.startswith("^") else value
+    names = [x.strip() for x in text.split(",")]
+    known = UCX_TLS_NAMES | set(aliases)
+    bad = [x for x in names if (x[:-4] if x.endswith(":aux") else x) not in known]
+    if bad or not names:
+        usage_error(f"--tls {value!r}: unknown transport {', '.join(map(repr, bad)) or '(empty)'}; "
+                    f"use {', '.join(sorted(aliases)) + ', ' if aliases else ''}or UCX_TLS names "
+                    f"(tcp, sm, self, posix, cma, rc, ud, dc, cuda_copy, cuda_ipc, ...)")
+
+
+def check_outputs_writable(args) -> None:
+    """Refuse an unwritable ``--json`` / ``--csv`` / ``--plot`` path before the run (not after it)."""
+    for flag in ("json", "csv", "plot"):
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        d = os.path.dirname(os.path.abspath(path)) or "."
+        if os.path.isdir(path):
+            usage_error(f"--{flag} {path}: is a directory")
+        if not os.path.isdir(d):
+            usage_error(f"--{flag} {path}: directory {d} does not exist")
+        if not os.access(d, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            usage_error(f"--{flag} {path}: not writable")
 
 
 def human_size(n: int) -> str:

@@ -43,9 +43,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import _cli
-from .report import config_echo, human_size, print_config, size_range, add_output_arguments, write_outputs
+from .report import (config_echo, human_size, print_config, size_range, add_output_arguments, write_outputs,
+                     check_outputs_writable, check_tls, int_arg, usage_error, wait_ready_port)
 
 TLS_MAP = {"tcp": "tcp,self", "sm": "tcp,sm,self", "shm": "tcp,sm,self"}
+TESTS = ("rtt", "issue", "launch", "bw", "mlp", "dispatch")
 PTX_CANDIDATES = [Path(__file__).resolve().parents[1] / "rpc" / "kernels" / "gw_test_kernels.ptx"]
 TARGETS = {"rtt_ratio": 1.3, "issue_us": 1.0, "launch_speedup": 5.0, "bw_ratio": 0.95, "mlp_ratio": 1.10}
 
@@ -73,11 +75,7 @@ def start_rpc_server(executor: str, tls: str, token: str, extra: List[str] = (),
            "--token", token, "--tls", tls, "--ready-stdout", "--log-level", "warning"] + list(extra)
     pre = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=pre)
-    line = p.stdout.readline()
-    if not line.strip():
-        p.wait(timeout=30)
-        raise RuntimeError(f"gpuwire serve --executor {executor} failed to start (rc {p.returncode})")
-    return p, f"127.0.0.1:{int(line)}"
+    return p, f"127.0.0.1:{wait_ready_port(p, f'gpuwire serve --executor {executor}')}"
 
 
 def stop(p) -> None:
@@ -1085,10 +1083,21 @@ def run(args: argparse.Namespace) -> int:
     import gpuwire
     from gpuwire import settings
     import gpuwire.rpc.client  # noqa: F401 - registers the rpc settings
+    check_tls(args.tls, TLS_MAP)
     tls = tls_of(args.tls)
     tests = [x for x in args.tests.split(",") if x]
+    bad = [x for x in tests if x not in TESTS]
+    if bad or not tests:
+        usage_error((f"--tests: unknown test {bad[0]!r}" if bad else f"--tests {args.tests!r}: no test named")
+                    + f"; choose from {', '.join(TESTS)}")
+    if "bw" in tests:
+        try:
+            size_range(args.sizes, 1)
+        except ValueError as e:
+            usage_error(f"--sizes: {e}")
+    check_outputs_writable(args)
     if getattr(args, "mlp_warm", 0) < 0:
-        raise SystemExit(f"--mlp-warm must be >= 0 (got {args.mlp_warm})")
+        usage_error(f"--mlp-warm must be >= 0 (got {args.mlp_warm})")
     gpu_ok = args.executor == "gpu" or args.server
     ptx_path = find_ptx(args.ptx)
     ptx = ptx_path.read_bytes()
@@ -1118,9 +1127,12 @@ def run(args: argparse.Namespace) -> int:
             env = dict(env or os.environ, GPUWIRE_RPC_SERVER_SESSION_CPU=str(args.pin_plan.session))
             if args.pin_plan.spawn:   # spare workers start off the server's CPUs (each connect refills the pool)
                 env["GPUWIRE_RPC_WORKER_SPAWN_CPUS"] = ",".join(map(str, sorted(args.pin_plan.spawn)))
-        srv, address = start_rpc_server(args.executor, tls, token, ["--isolation", args.isolation]
-                                        if args.isolation else [], env=env,
-                                        cpus=args.pin_plan.server if args.pin_plan else None)
+        try:
+            srv, address = start_rpc_server(args.executor, tls, token, ["--isolation", args.isolation]
+                                            if args.isolation else [], env=env,
+                                            cpus=args.pin_plan.server if args.pin_plan else None)
+        except RuntimeError as e:
+            usage_error(str(e))
 
     def connect():
         s = gpuwire.connect(address, token=token, tls=tls, name="bench")
@@ -1129,7 +1141,11 @@ def run(args: argparse.Namespace) -> int:
     rows: List[Dict[str, Any]] = []
     try:
         with settings.override(rpc_flush_us=args.flush_us):
-            s0 = connect()
+            from gpuwire.transport.errors import TransportError
+            try:
+                s0 = connect()
+            except (TransportError, OSError) as e:   # refused, unreachable, timed out
+                usage_error(f"cannot connect to {address}: {type(e).__name__}: {e}")
             print(f"# connected: executor {s0.executor}, {s0._ep.transports}", flush=True)
             s0.load_module(ptx)
             s0.gwSync()
@@ -1187,20 +1203,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "MAIN/HELPERS:SESSION/SERVER_REST such as 1/2:3/4")
     p.add_argument("--token", help="token of --server")
     p.add_argument("--ptx", help="the test kernels (default: the packaged gpuwire/rpc/kernels/gw_test_kernels.ptx)")
-    p.add_argument("--iters", type=int, default=20000, help="timed round trips (rtt)")
-    p.add_argument("--warmup", type=int, default=2000, help="untimed round trips (rtt)")
-    p.add_argument("--rtt-rounds", type=int, default=7,
+    p.add_argument("--iters", type=int_arg(1), default=20000, help="timed round trips (rtt)")
+    p.add_argument("--warmup", type=int_arg(0), default=2000, help="untimed round trips (rtt)")
+    p.add_argument("--rtt-rounds", type=int_arg(1), default=7,
                    help="rtt: alternating rounds of RPC and transport round trips (medians)")
-    p.add_argument("--burst", type=int, default=10000, help="calls per timed burst (issue)")
-    p.add_argument("--sustained", type=int, default=100000, help="calls of the sustained issue run")
-    p.add_argument("--launches", type=int, default=20000, help="kernels of the launch loop")
-    p.add_argument("--sync-every", type=int, default=100, help="launch loop: a stream sync every N launches")
+    p.add_argument("--burst", type=int_arg(1), default=10000, help="calls per timed burst (issue)")
+    p.add_argument("--sustained", type=int_arg(1), default=100000, help="calls of the sustained issue run")
+    p.add_argument("--launches", type=int_arg(1), default=20000, help="kernels of the launch loop")
+    p.add_argument("--sync-every", type=int_arg(1), default=100, help="launch loop: a stream sync every N launches")
     p.add_argument("--rtt-us", default="0,50,100,200", help="emulated extra round trip (us) for the launch loop")
     p.add_argument("--flush-us", type=float, default=200.0, help="rpc_flush_us of the bench sessions")
     p.add_argument("--sizes", default="1M,16M,64M,256M", help="bw: copy sizes")
-    p.add_argument("--bw-count", type=int, default=64, help="bw: copies per size (capped by 2 GiB)")
-    p.add_argument("--window", type=int, default=32, help="bw: ucx_perftest outstanding messages")
-    p.add_argument("--bw-reps", type=int, default=3, help="bw: repetitions (interleaved with ucx_perftest; medians)")
+    p.add_argument("--bw-count", type=int_arg(1), default=64, help="bw: copies per size (capped by 2 GiB)")
+    p.add_argument("--window", type=int_arg(1, 1024), default=32, help="bw: ucx_perftest outstanding messages")
+    p.add_argument("--bw-reps", type=int_arg(1), default=3, help="bw: repetitions (interleaved with ucx_perftest; medians)")
     p.add_argument("--host-mem", choices=("auto", "alloc", "registered"), default="auto",
                    help="bw: the client memory copied from and to: alloc (cuMemHostAlloc through the session: "
                         "mapped by the server when on its host, rpc_hostmap), registered (a UCX-registered "
@@ -1211,15 +1227,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(comma-separated; e.g. 1,2 for like-for-like rows: the copy path keeps 1-2 receives posted)")
     p.add_argument("--mlp-shapes", default="4096,512,1024,64;2048,512,512,32;1024,256,256,16",
                    help="mlp: 'B,I,H,O;...' (batch, in, hidden, out)")
-    p.add_argument("--mlp-steps", type=int, default=50, help="mlp: timed training steps")
-    p.add_argument("--mlp-block", type=int, default=100,
+    p.add_argument("--mlp-steps", type=int_arg(1), default=50, help="mlp: timed training steps")
+    p.add_argument("--mlp-block", type=int_arg(1), default=100,
                    help="mlp: steps per block; a round runs the local and the remote loop in alternating "
                         "blocks (0: one block each, the whole --mlp-steps)")
     p.add_argument("--mlp-warm", type=int, default=3,
                    help="mlp: steps each block starts with outside its time (the first step after the other "
                         "loop's block pays for the idle; reported as *_first_step_us, and ratio_incl_warm "
                         "counts them in); 0: none")
-    p.add_argument("--mlp-rounds", type=int, default=3,
+    p.add_argument("--mlp-rounds", type=int_arg(1), default=3,
                    help="mlp: alternating rounds of the local and the remote loop per shape; the ratio is "
                         "the median of the rounds' ratios (the local loop's own time moves by ~10 %% between "
                         "runs on the GPU hosts)")
@@ -1228,7 +1244,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "mlp: report where the GPU's idle time between steps goes (boundary_split_us); "
                         "bw: one session per size, with the server's busy fraction and the C bulk handler's "
                         "phase times per copy (srv_* columns)")
-    p.add_argument("--dispatch-n", type=int, default=20000, help="dispatch: launches timed per path")
+    p.add_argument("--dispatch-n", type=int_arg(1), default=20000, help="dispatch: launches timed per path")
     add_output_arguments(p)
 
 

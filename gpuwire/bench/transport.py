@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional
 from . import _cli
 from .report import (
     config_echo, human_size, percentiles, plot, print_config, ratio_table, scale_stats,
-    size_range, add_output_arguments, write_outputs,
+    size_range, add_output_arguments, write_outputs, check_outputs_writable, check_tls, int_arg,
+    size_arg, sizes_arg, usage_error, wait_ready_port,
 )
 
 CTRL = 0xFFFFF0
@@ -84,6 +85,8 @@ def serve(listen: str, tls: str, max_size: int, once: bool = False, ready_fd=Non
                 _serve_client(ep, buf, ctrl, perftests)
             except t.ConnectionLost as e:
                 print(f"client gone: {e}", file=sys.stderr)
+            except Exception as e:   # one bad client must not end a shared server
+                print(f"client dropped: {type(e).__name__}: {e}", file=sys.stderr)
             finally:
                 ep.close()
                 for p in perftests:
@@ -108,12 +111,19 @@ def _serve_client(ep, buf, ctrl, perftests) -> None:
         if op == "bye":
             return
         if op == "lat":
+            if cmd.get("size", 0) > buf.nbytes:   # older clients send no size
+                ep.send(json.dumps({"error": f"size {cmd['size']} above the server's --max-size "
+                                             f"({buf.nbytes // 2})"}).encode(), tag=CTRL)
+                continue
             ep.send(b"ok", tag=CTRL)
             ep.serve_echo(view, cmd["count"])
         elif op == "bw":
             size, count, window = cmd["size"], cmd["count"], cmd["window"]
             if size > buf.nbytes:
                 ep.send(json.dumps({"error": "size too large"}).encode(), tag=CTRL)
+                continue
+            if not (isinstance(window, int) and 1 <= window <= 1024):
+                ep.send(json.dumps({"error": f"window {window!r} not in 1..1024"}).encode(), tag=CTRL)
                 continue
             ep.send(b"ok", tag=CTRL)
             target = t.Buffer(t.RawBuffer(view.ptr, size), writable=True) if size else t.Buffer(bytearray(1), True)
@@ -136,6 +146,10 @@ def _serve_client(ep, buf, ctrl, perftests) -> None:
 
 # ----------------------------------------------------------------------------- client
 
+class ServerError(RuntimeError):
+    """The bench server refused a command (the message is its reason)."""
+
+
 class _Client:
     def __init__(self, server: str, tls: str):
         from gpuwire import transport as t
@@ -155,7 +169,7 @@ class _Client:
             return {}
         out = json.loads(body)
         if "error" in out:
-            raise RuntimeError(f"bench server: {out['error']}")
+            raise ServerError(f"bench server: {out['error']}")
         return out
 
     def latency(self, size: int, warmup: int, iters: int) -> Dict[str, Any]:
@@ -165,7 +179,7 @@ class _Client:
         rep = t.Buffer(np.zeros(max(size, 1), dtype=np.uint8), writable=True)
         # warm-up, a timed pass with a timestamp per round trip (distribution), and an
         # untimed pass whose total gives the mean without the timestamps' cost
-        self.command(op="lat", count=warmup + 2 * iters)
+        self.command(op="lat", count=warmup + 2 * iters, size=size)
         call = self.ep.prepare_call(msg, rep)
         for _ in range(warmup):
             call()
@@ -220,27 +234,32 @@ def _start_local_server(tls: str, max_size: int, cpu: Optional[int]) -> tuple:
            "--tls-raw", tls, "--max-size", str(max_size), "--once", "--ready-stdout"]
     preexec = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=preexec)
-    line = p.stdout.readline()
-    if not line.strip():
-        p.wait(timeout=10)
-        raise RuntimeError(f"bench server failed to start (rc {p.returncode})")
-    return p, f"127.0.0.1:{int(line)}"
+    return p, f"127.0.0.1:{wait_ready_port(p, 'bench server')}"
 
 
 def run(args: argparse.Namespace) -> int:
     if args.serve:
+        if not args.tls_raw:
+            check_tls(args.tls.split("+")[0], TLS_MAP)
         tls = args.tls_raw or tls_pair(args.tls.split("+")[0])[0]
         return serve(args.listen, tls, args.max_size, once=args.once,
                      ready_fd=sys.stdout if args.ready_stdout else None)
     from . import perftest
     from ._progress import Progress
 
-    sizes = size_range(args.sizes)
+    sizes = args.sizes if isinstance(args.sizes, list) else size_range(args.sizes)
     tls_names = [x for x in args.tls.split("+") if x]
+    if not tls_names:
+        usage_error(f"--tls {args.tls!r}: no transport named")
+    for n in tls_names:
+        check_tls(n, TLS_MAP)
     tests = [x for x in args.tests.split(",") if x]
     for x in tests:
         if x not in ("lat", "bw"):
-            raise SystemExit(f"--tests: unknown test {x!r} (lat, bw)")
+            usage_error(f"--tests: unknown test {x!r} (lat, bw)")
+    if not tests:
+        usage_error(f"--tests {args.tests!r}: no test named (lat, bw)")
+    check_outputs_writable(args)
     if args.client_cpu is not None:
         os.sched_setaffinity(0, {args.client_cpu})
     cfg = config_echo({"bench": "transport", "tls": {n: tls_pair(n) for n in tls_names},
@@ -258,8 +277,18 @@ def run(args: argparse.Namespace) -> int:
         srv = None
         server = args.server
         if not server:
-            srv, server = _start_local_server(ours, max(sizes), args.server_cpu)
-        cl = _Client(server, ours)
+            try:
+                srv, server = _start_local_server(ours, max(sizes), args.server_cpu)
+            except RuntimeError as e:
+                usage_error(f"{e} (UCX_TLS={ours})")
+        try:
+            cl = _Client(server, ours)
+        except Exception as e:
+            if srv is not None:
+                srv.kill()
+                srv.wait()
+            usage_error(f"cannot connect to the bench server at {server} (UCX_TLS={ours}): "
+                        f"{type(e).__name__}: {e}")
         transports = cl.ep.transports
         print(f"# {name}: gpuwire UCX_TLS={ours} data path {transports}; "
               f"ucx_perftest UCX_TLS={theirs}", flush=True)
@@ -284,6 +313,9 @@ def run(args: argparse.Namespace) -> int:
                     if not args.no_baseline:
                         rows.append(_median(base, test))
                         prog.update(1, f"perftest {name} {human_size(size)} {test}")
+        except ServerError as e:
+            prog.close()
+            usage_error(str(e))
         finally:
             cl.close()
             if srv is not None:
@@ -388,18 +420,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls", default="tcp+sm",
                    help="transports to sweep, '+'-separated: tcp, sm (shared memory) or a UCX_TLS "
                         "value (default tcp+sm)")
-    p.add_argument("--sizes", default="8:64M", help="'8:64M' (powers of two) or '8,1K,1M'")
+    p.add_argument("--sizes", type=sizes_arg(0), default="8:64M", help="'8:64M' (powers of two) or '8,1K,1M'")
     p.add_argument("--tests", default="lat,bw", help="lat, bw or both")
-    p.add_argument("--iters", type=int, default=20000, help="timed round trips per size (capped by 1 GiB moved)")
-    p.add_argument("--warmup", type=int, default=1000, help="untimed round trips before each size")
-    p.add_argument("--count", type=int, default=100000, help="messages per bandwidth point (capped by 2 GiB)")
-    p.add_argument("--window", type=int, default=32, help="outstanding sends in the bandwidth test")
-    p.add_argument("--repeat", type=int, default=1,
+    p.add_argument("--iters", type=int_arg(1), default=20000, help="timed round trips per size (capped by 1 GiB moved)")
+    p.add_argument("--warmup", type=int_arg(0), default=1000, help="untimed round trips before each size")
+    p.add_argument("--count", type=int_arg(1), default=100000, help="messages per bandwidth point (capped by 2 GiB)")
+    p.add_argument("--window", type=int_arg(1, 1024), default=32, help="outstanding sends in the bandwidth test")
+    p.add_argument("--repeat", type=int_arg(1), default=1,
                    help="trials per point, both backends, alternating gpuwire and ucx_perftest; the median trial is reported")
     p.add_argument("--server", help="HOST:PORT of a `gpuwire bench transport --serve` (else loopback)")
     p.add_argument("--serve", action="store_true", help="run the bench server")
     p.add_argument("--listen", default="0.0.0.0:13370", help="server: HOST:PORT to listen on")
-    p.add_argument("--max-size", type=lambda s: size_range(s)[0], default=64 << 20,
+    p.add_argument("--max-size", type=size_arg(1), default=64 << 20,
                    help="server: largest message it accepts")
     p.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-stdout", action="store_true", help=argparse.SUPPRESS)

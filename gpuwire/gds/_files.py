@@ -5,7 +5,10 @@ thread is reading from: an entry is only closed when no caller holds it.
 """
 from __future__ import annotations
 
+import errno
+import operator
 import os
+import stat
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Optional
@@ -125,10 +128,50 @@ class FileCache:
             self._closer(h.obj)
 
 
-def open_fd(path: str) -> tuple:
-    """Default opener: a read-only descriptor (it is both the object and the fd)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    return fd, fd
+def open_fd(path: str, roots=None) -> tuple:
+    """Default opener: a read-only descriptor (both the object and the fd) and its size.
+
+    Opened with ``O_NONBLOCK`` (a FIFO cannot block the open) and refused unless it is a
+    regular file (a directory raises ``IsADirectoryError``, a FIFO or device ``OSError``,
+    both naming ``path``). With ``roots`` (:class:`~gpuwire.gds.roots.DataRoots`), ``path``
+    (a real path inside a root) is opened beneath its root following no symlink
+    (:meth:`DataRoots.open_fd`)."""
+    if roots is not None:
+        fd = roots.open_fd(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return fd, fd, os.fstat(fd).st_size
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        check_regular(st.st_mode, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, fd, st.st_size
+
+
+def int_arg(name: str, value, minimum: int = 0) -> int:
+    """``value`` as an int >= ``minimum`` (an integral float is fine; 2.5, "x" or a value
+    below ``minimum`` raise, naming ``name``): arguments are checked up front, not
+    truncated or left to fail later."""
+    try:
+        i = operator.index(value)
+    except TypeError:
+        if isinstance(value, float) and value.is_integer():
+            i = int(value)
+        else:
+            raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if i < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return i
+
+
+def check_regular(mode: int, path) -> None:
+    """Raise (naming ``path``) unless ``mode`` (an ``st_mode``) is a regular file's."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "Is a directory, not a file", os.fspath(path))
+    raise OSError(f"{os.fspath(path)!r} is not a regular file (a FIFO, socket or device is refused)")
 
 
 def close_fd(fd: Optional[int]) -> None:

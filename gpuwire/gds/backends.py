@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import settings
 from . import _settings  # noqa: F401  (registers GPUWIRE_GDS_*)
-from ._files import FileCache, FileHandle, close_fd, open_fd
+from ._files import FileCache, FileHandle, close_fd, int_arg, open_fd
 from .errors import BackendUnavailable, ShortReadError
 
 __all__ = [
@@ -131,7 +131,7 @@ class Reader:
 
     # -- files
     def _open_file(self, path: str) -> tuple:
-        return open_fd(path)
+        return open_fd(path, self._roots)
 
     def _close_file(self, obj: Any) -> None:
         close_fd(obj)
@@ -254,7 +254,12 @@ def _pread_full(fd: int, view: memoryview, offset: int, path: str, size_hint: in
     want = len(view)
     done = 0
     while done < want:
-        n = os.preadv(fd, [view[done:done + min(want - done, _MAX_IO)]], offset + done)
+        try:
+            n = os.preadv(fd, [view[done:done + min(want - done, _MAX_IO)]], offset + done)
+        except OSError as e:  # pread's own errors carry no path: name the file
+            if e.filename is not None or e.errno is None:
+                raise
+            raise type(e)(e.errno, f"{e.strerror} (reading {want} bytes at offset {offset})", path) from None
         if n == 0:
             raise ShortReadError(path, offset, want, done, size_hint)
         done += n
@@ -287,6 +292,7 @@ class HostReader(Reader):
         self.capacity = capacity
 
     def alloc(self, nbytes: int) -> np.ndarray:
+        nbytes = int_arg("nbytes", nbytes, 0)
         if self.capacity is not None and self.allocated_bytes + nbytes > self.capacity:
             raise MemoryError(
                 f"host device capacity {self.capacity} exceeded: {self.allocated_bytes} "
@@ -318,6 +324,7 @@ class _CupyMixin:
         self.device_id = cupy.cuda.Device().id
 
     def alloc(self, nbytes: int):
+        nbytes = int_arg("nbytes", nbytes, 0)
         cp = self._cp
         with cp.cuda.Device(self.device_id):
             buf = cp.empty(nbytes, dtype=cp.uint8)
@@ -661,6 +668,8 @@ class KvikioReader(_CupyMixin, Reader):
                                      int(staging_bytes or settings.get("gds_staging_bytes")))
 
     def _open_file(self, path: str) -> tuple:
+        # refuse what is not a regular file (a FIFO would block CuFile's open) by name first
+        close_fd(open_fd(path, self._roots)[0])
         if self.direct != "off":   # CuFile opens its O_DIRECT descriptor only with the flag on
             _kvikio_set_direct(self._kvikio, True)
         f = self._kvikio.CuFile(path, "r")

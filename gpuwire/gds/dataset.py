@@ -18,6 +18,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._files import check_regular, int_arg
 from .errors import CorruptFileError, TruncatedFileError
 
 __all__ = [
@@ -62,8 +63,11 @@ def _expand_one(item) -> List[str]:
         if not found:
             raise FileNotFoundError(f"directory {text!r} holds no files")
         return found
-    if not os.path.exists(text):
-        raise FileNotFoundError(f"dataset file not found: {text!r}")
+    try:
+        mode = os.stat(text).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dataset file not found: {text!r}") from None
+    check_regular(mode, text)   # a FIFO is refused by name (it would read as 0 records, or block)
     return [text]
 
 
@@ -147,7 +151,7 @@ def _record_geometry(record_bytes: int, dtype, record_shape) -> Tuple[np.dtype, 
         if record_bytes % dt.itemsize:
             raise ValueError(f"record of {record_bytes} bytes is not a whole number of {dt} items")
         return dt, (record_bytes // dt.itemsize,)
-    shape = tuple(int(d) for d in record_shape)
+    shape = tuple(int_arg("record_shape dimension", d, 1) for d in record_shape)
     if math.prod(shape) * dt.itemsize != record_bytes:
         raise ValueError(f"record shape {shape} of {dt} is not {record_bytes} bytes")
     return dt, shape
@@ -164,9 +168,8 @@ class RecordDataset(RecordFiles):
 
     def __init__(self, paths_or_glob: PathsArg, record_bytes: int, dtype=None,
                  record_shape: Optional[Sequence[int]] = None, header_bytes: int = 0):
-        record_bytes = int(record_bytes)
-        if record_bytes <= 0:
-            raise ValueError(f"record_bytes must be > 0, got {record_bytes}")
+        record_bytes = int_arg("record_bytes", record_bytes, 1)
+        header_bytes = int_arg("header_bytes", header_bytes, 0)
         dt, shape = _record_geometry(record_bytes, dtype, record_shape)
         shards = [self._shard(p, record_bytes, header_bytes) for p in expand_paths(paths_or_glob)]
         super().__init__(shards, record_bytes, dt, shape)
@@ -174,6 +177,7 @@ class RecordDataset(RecordFiles):
     @staticmethod
     def _shard(path: str, record_bytes: int, header_bytes: int, size: Optional[int] = None) -> Shard:
         """``size``: the file size when known (a remote dataset asks the server); else stat."""
+        header_bytes = int_arg("header_bytes", header_bytes, 0)
         if size is None:
             size = os.stat(path).st_size
         payload = size - header_bytes
@@ -227,8 +231,10 @@ def _descr_to_dtype(path: str, descr) -> np.dtype:
 def _parse_header_dict(path: str, text: str) -> dict:
     try:
         d = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as e:
-        raise CorruptFileError(path, f"unreadable .npy header {text.strip()!r}: {e}") from None
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        # TypeError: an unhashable key ({[]: 1}); RecursionError / MemoryError: deep nesting
+        raise CorruptFileError(path, f"unreadable .npy header {text.strip()[:200]!r}: "
+                                     f"{type(e).__name__}: {e}") from None
     if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
         raise CorruptFileError(path, f".npy header must be a dict with descr, fortran_order, shape: {text.strip()!r}")
     shape = d["shape"]
@@ -239,15 +245,29 @@ def _parse_header_dict(path: str, text: str) -> dict:
     return d
 
 
-def parse_npy_header(path: str, f=None) -> NpyHeader:
+#: The longest .npy header parsed (numpy's ``max_header_size`` guards ``np.load`` the same
+#: way, with 10000 bytes): a corrupt length field must not make a reader read gigabytes.
+MAX_HEADER_BYTES = 1 << 20
+
+
+def parse_npy_header(path: str, f=None, max_header_size: int = MAX_HEADER_BYTES) -> NpyHeader:
     """Parse the header of a .npy file (format versions 1.0, 2.0 and 3.0).
 
     ``f``: a binary file-like object positioned at the start of the file (e.g. the
-    first bytes of a remote file in a ``BytesIO``); default: ``path`` is opened.
+    first bytes of a remote file in a ``BytesIO``); default: ``path`` is opened. A
+    header longer than ``max_header_size`` bytes raises :class:`CorruptFileError`
+    before it is read. A subarray dtype (``('<f4', (2,))``) is folded into the shape,
+    as numpy does.
     """
     path = os.fspath(path)
     if f is None:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        try:
+            check_regular(os.fstat(fd).st_mode, path)   # a FIFO must not block the read
+        except BaseException:
+            os.close(fd)
+            raise
+        with open(fd, "rb") as fh:
             return parse_npy_header(path, fh)
     pre = f.read(len(NPY_MAGIC) + 2)
     if len(pre) < len(NPY_MAGIC) + 2 or pre[:len(NPY_MAGIC)] != NPY_MAGIC:
@@ -262,6 +282,9 @@ def parse_npy_header(path: str, f=None) -> NpyHeader:
     if len(raw_len) < lensize:
         raise TruncatedFileError(path, len(pre) + lensize, len(pre) + len(raw_len), "the .npy preamble")
     (hlen,) = struct.unpack(fmt, raw_len)
+    if hlen > max_header_size:
+        raise CorruptFileError(path, f".npy header length {hlen} bytes exceeds the limit of "
+                                     f"{max_header_size} bytes (corrupt length field?)")
     raw = f.read(hlen)
     start = len(pre) + lensize
     if len(raw) < hlen:
@@ -271,8 +294,11 @@ def parse_npy_header(path: str, f=None) -> NpyHeader:
     except UnicodeDecodeError as e:
         raise CorruptFileError(path, f"undecodable .npy header: {e}") from None
     d = _parse_header_dict(path, text)
-    return NpyHeader((major, minor), _descr_to_dtype(path, d["descr"]), d["shape"],
-                     d["fortran_order"], start + hlen)
+    dt, shape = _descr_to_dtype(path, d["descr"]), d["shape"]
+    if dt.subdtype is not None:   # ('<f4', (2,)): numpy reads it as shape + (2,) of '<f4'
+        base, sub = dt.subdtype
+        dt, shape = base, tuple(shape) + tuple(sub)
+    return NpyHeader((major, minor), dt, shape, d["fortran_order"], start + hlen)
 
 
 class NpyDataset(RecordFiles):

@@ -47,6 +47,7 @@ import numpy as np
 
 from .. import settings
 from . import _settings  # noqa: F401
+from ._files import int_arg
 from .backends import Reader, select_reader
 from .dataset import RecordFiles
 
@@ -90,10 +91,12 @@ class DataLoader:
                  reader: Optional[Reader] = None, keep: int = 1, copy: bool = False,
                  workers: Optional[int] = None,
                  consumer_stream: Optional[Callable[[], Any]] = None):
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+        batch_size = int_arg("batch_size", batch_size, 1)
+        keep = int_arg("keep", keep, 1)
+        if workers is not None:
+            workers = int_arg("workers", workers, 0)   # 0: the default
+        if prefetch is not None:
+            prefetch = int_arg("prefetch", prefetch, 0)
         if shuffle not in _SHUFFLES:
             raise ValueError(f"shuffle must be True, False, 'shards' or 'global', got {shuffle!r}")
         if int(seed) < 0:

@@ -38,6 +38,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..rpc import CudaError
+from ._files import int_arg
 from .backends import Reader
 from .dataset import NpyDataset, RecordDataset, RecordFiles, _record_geometry, parse_npy_header
 from .errors import GdsError, TruncatedFileError
@@ -48,7 +50,7 @@ __all__ = [
     "RemoteReadError", "RemoteFileNotFoundError", "RemotePermissionError", "RemoteShortReadError",
 ]
 
-_NOT_FOUND, _NOT_PERMITTED, _INVALID = 301, 800, 1
+_NOT_FOUND, _NOT_PERMITTED, _INVALID, _OS_ERROR = 301, 800, 1, 304
 _FILE_CALLS = ("gwFileRead", "gwFileReadV", "gwFileStat", "gwFileBackend")
 
 
@@ -93,12 +95,23 @@ def _translate(e: BaseException, path: Optional[str] = None, roots: Optional[str
         what = {_NOT_FOUND: "no such file under the server's data roots",
                 _NOT_PERMITTED: "refused by the server: outside its data roots, no data root configured "
                                 "(gpuwire serve --data-root DIR) or not readable",
-                _INVALID: "invalid request"}.get(code, f"failed ({getattr(e, 'name', code)})")
+                _INVALID: "invalid request",
+                _OS_ERROR: "not a regular file or unreadable on the server"}.get(
+                    code, f"failed ({getattr(e, 'name', code)})")
         text = f"{path!r}: {what}" + (f"; server data roots: {roots}" if roots is not None else "")
     cls = {_NOT_FOUND: RemoteFileNotFoundError, _NOT_PERMITTED: RemotePermissionError}.get(code)
     if cls is None:
         cls = RemoteShortReadError if "short read" in text else RemoteReadError
     return cls(f"{call}: {text}", code, e)
+
+
+def _path_arg(path) -> str:
+    """``path`` as a file call's argument; a NUL byte is refused (the wire string would
+    end there: ``"a.bin\\0/../x"`` must not name ``a.bin``)."""
+    path = os.fspath(path)
+    if ("\0" if isinstance(path, str) else b"\0") in path:
+        raise RemotePermissionError(f"refused {path!r}: NUL byte in the path", _NOT_PERMITTED)
+    return path
 
 
 # ----------------------------------------------------------------------------- remote memory
@@ -231,7 +244,7 @@ class RemoteFiles:
 
     def stat(self, path) -> int:
         """The size of ``path`` on the server (sync)."""
-        path = os.fspath(path)
+        path = _path_arg(path)
         try:
             return int(self.session.gwFileStat(path))
         except Exception as e:
@@ -246,7 +259,8 @@ class RemoteFiles:
         """Deferred: the server reads ``path[offset:offset+nbytes]`` into device address ``dst``."""
         if offset < 0 or nbytes < 0:
             raise ValueError(f"{path}: negative offset {offset} or size {nbytes}")
-        self.session.gwFileRead(dst, os.fspath(path), offset, nbytes, stream or 0)
+        path = _path_arg(path)
+        self.session.gwFileRead(dst, path, offset, nbytes, stream or 0)
 
     def read_many(self, reads: Sequence[Tuple[Any, int, int, int]], stream: Any = None) -> int:
         """Deferred: ``[(path, offset, nbytes, dst)]`` in one call (one ``gwFileRead`` when
@@ -265,6 +279,7 @@ class RemoteFiles:
 
     def read_bytes(self, path, offset: int, nbytes: int) -> bytes:
         """``path[offset:offset+nbytes]`` copied back to the client (headers, checks): sync."""
+        path = _path_arg(path)
         if nbytes <= 0:
             return b""
         with self.session.alloc(nbytes) as buf:
@@ -300,9 +315,8 @@ class RemoteRecordDataset(RecordFiles):
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
             raise FileNotFoundError("a dataset needs at least one file")
-        record_bytes = int(record_bytes)
-        if record_bytes <= 0:
-            raise ValueError(f"record_bytes must be > 0, got {record_bytes}")
+        record_bytes = int_arg("record_bytes", record_bytes, 1)
+        header_bytes = int_arg("header_bytes", header_bytes, 0)
         dt, shape = _record_geometry(record_bytes, dtype, record_shape)
         shards = [RecordDataset._shard(os.fspath(p), record_bytes, header_bytes, files.stat(p)) for p in paths]
         self.files = files
@@ -349,9 +363,13 @@ class RemoteNpyDataset(RecordFiles):
         except TruncatedFileError:
             if len(head) >= size:
                 raise
-        # a header longer than HEAD bytes: read as much as its length field says
-        need = 12 + int.from_bytes(head[8:12] if head[6] != 1 else head[8:10], "little")
-        head = files.read_bytes(path, 0, min(size, need))
+        # a header longer than HEAD bytes (and under parse_npy_header's limit): read as much as
+        # its length field says -- unless the file is shorter than that (nothing more is read)
+        need = (10 + int.from_bytes(head[8:10], "little") if head[6] == 1
+                else 12 + int.from_bytes(head[8:12], "little"))
+        if need > size:
+            raise TruncatedFileError(path, need, size, "the .npy preamble and header")
+        head = files.read_bytes(path, 0, need)
         return parse_npy_header(path, io.BytesIO(head))
 
     read_record = RemoteRecordDataset.read_record
@@ -411,7 +429,8 @@ class RemoteReader(Reader):
 
     # -- memory
     def alloc(self, nbytes: int) -> RemoteArray:
-        buf = self.session.alloc(max(int(nbytes), 1))
+        nbytes = int_arg("nbytes", nbytes, 0)
+        buf = self.session.alloc(max(nbytes, 1))
         self._bufs.append(buf)
         self.allocated_bytes += nbytes
         return RemoteArray(self.session, buf.ptr, np.uint8, (int(nbytes),), buf)
@@ -460,9 +479,20 @@ class RemoteReader(Reader):
 
     # -- lifetime
     def close(self) -> None:
+        """Free the reader's buffers, streams and events. Reads still in flight are
+        abandoned: their streams are drained first, and a read error they bring (of data
+        nobody will look at, e.g. prefetched batches after a loader stopped on an error) is
+        dropped; any other deferred error is raised once everything is freed."""
         if getattr(self.session, "closed", True):
             self._bufs, self._streams, self._events = [], [], []
             return
+        other = None
+        for st in self._streams:
+            try:
+                self.session.cuStreamSynchronize(st)
+            except CudaError as e:
+                if getattr(e, "call", None) not in _FILE_CALLS and other is None:
+                    other = e
         for b in self._bufs:
             b.free()
         for e in self._events:
@@ -472,6 +502,8 @@ class RemoteReader(Reader):
         self._bufs, self._streams, self._events = [], [], []
         if self._own_session:
             self.session.close()
+        if other is not None:
+            raise other
 
     def __repr__(self) -> str:
         return f"<RemoteReader {getattr(self.session, 'address', '?')} mode={self.mode}>"

@@ -173,9 +173,10 @@ def decode_path(blob: Any) -> str:
     """A path string argument as the server receives it (bytes, NUL-terminated)."""
     raw = blob.read() if hasattr(blob, "read") else bytes(blob)
     raw = bytes(raw)
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        raw = raw[:nul]
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]   # the terminator; a NUL inside the path is refused, never truncated at
+    if b"\0" in raw:
+        raise PermissionError(f"refused {os.fsdecode(raw)!r}: NUL byte in the path")
     return os.fsdecode(raw)
 
 

@@ -99,6 +99,8 @@ def preprocess(headers: Sequence[str], include_dirs: Sequence[str] = ()) -> str:
     if not headers:
         raise HeaderError("no headers given")
     for h in headers:
+        if Path(h).is_dir():
+            raise HeaderError(f"header {h} is a directory, not a file")
         if not Path(h).is_file():
             raise HeaderError(f"header not found: {h}")
     incs: List[str] = []
@@ -110,7 +112,8 @@ def preprocess(headers: Sequence[str], include_dirs: Sequence[str] = ()) -> str:
         src.write_text("".join(f'#include "{Path(h).resolve()}"\n' for h in headers))
         cmd = _find_cpp() + ["-dD", "-x", "c"] + [f"-I{d}" for d in incs] + [str(src)]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            # errors="replace": a header that is not UTF-8 is read, not a UnicodeDecodeError
+            res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
             raise HeaderError(f"{' '.join(cmd)}: {e}") from None
     if res.returncode != 0:
@@ -687,6 +690,10 @@ def _rename_refs(expr: Any, renames: Mapping[str, str]) -> Any:
     return re.sub(r"\b[A-Za-z_]\w*\b", lambda m: renames.get(m.group(), m.group()), expr)
 
 
+#: Headers of the CUDA runtime API: read for types, but their functions are not driver calls.
+_RUNTIME_HEADERS = frozenset(("cuda_runtime_api.h", "cuda_runtime.h"))
+
+
 def _empty_spec(protos: Optional[Prototypes]) -> Dict[str, Any]:
     return {"spec_version": 1, "api": "cuda-driver",
             "cuda_version": protos.cuda_version if protos is not None else None,
@@ -721,6 +728,9 @@ def generate_entries(names: Iterable[str], existing_spec: Optional[Mapping[str, 
                            + (f" ({protos.skipped[symbol]})" if symbol in protos.skipped else ""))
         if proto.unsupported:
             raise KeyError(f"{name}: {symbol} cannot be forwarded: {proto.unsupported}")
+        if os.path.basename(proto.header) in _RUNTIME_HEADERS:
+            raise KeyError(f"{name}: declared in {proto.header} (the CUDA runtime API); the spec forwards "
+                           f"the driver API of cuda.h only (e.g. cuMemAlloc, not cudaMalloc)")
         old = data["calls"].get(name)
         if old is None:
             args = [_guess_arg(p, proto, protos) for p in proto.params]
@@ -907,14 +917,48 @@ def dump_spec(data: Mapping[str, Any], entries_only: Optional[Sequence[str]] = N
     return "".join(out)
 
 
-def load_raw_spec(path: Optional[str] = None) -> Dict[str, Any]:
+def load_raw_spec(path: Optional[str] = None, missing_ok: bool = False) -> Dict[str, Any]:
+    """The spec file as parsed YAML, its shape checked (sections are mappings, entries
+    mappings, ``args`` lists of mappings: :class:`SpecError` naming the place otherwise).
+    A missing file raises ``FileNotFoundError`` unless ``missing_ok`` (then: an empty spec)."""
     p = Path(path) if path else DEFAULT_SPEC_PATH
+    if p.is_dir():
+        raise SpecError(f"{p}: is a directory, not a spec file")
     if not p.exists():
-        return _empty_spec(None)
-    data = yaml.safe_load(p.read_text())
+        if missing_ok:
+            return _empty_spec(None)
+        raise FileNotFoundError(f"spec file not found: {p} (to start a new one: --add NAME ... --write)")
+    try:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p}: not UTF-8 text ({e})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{p}: top level must be a mapping")
+    _check_raw_shape(p, data)
     return data
+
+
+def _check_raw_shape(p: Path, data: Mapping[str, Any]) -> None:
+    for section in ("calls", "gpuwire_calls"):
+        calls = data.get(section)
+        if calls is None:
+            continue
+        if not isinstance(calls, dict):
+            raise SpecError(f"{p}: {section} must be a mapping of name: entry, got {type(calls).__name__}")
+        for name, e in calls.items():
+            if not isinstance(e, dict):
+                raise SpecError(f"{p}: {section}.{name} must be a mapping, got {type(e).__name__} {e!r}")
+            args = e.get("args")
+            if args is None:
+                continue
+            if not isinstance(args, list):
+                raise SpecError(f"{p}: {section}.{name}.args must be a list, got {type(args).__name__} {args!r}")
+            for i, a in enumerate(args):
+                if not isinstance(a, dict):
+                    raise SpecError(f"{p}: {section}.{name}.args[{i}] must be a mapping, got {a!r}")
+    retired = data.get("retired_ids")
+    if retired is not None and not isinstance(retired, list):
+        raise SpecError(f"{p}: retired_ids must be a list, got {type(retired).__name__}")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -951,7 +995,11 @@ def run(args: argparse.Namespace) -> int:
             print("gpuwire apigen: no cuda.h found; pass --header PATH or set CUDA_HOME", file=sys.stderr)
             return 2
         protos = read_prototypes(headers, args.include)
-        data = load_raw_spec(spec_path)
+        # a missing spec is an error (a typo must not read as an empty spec), except when
+        # --write is to create it
+        data = load_raw_spec(spec_path, missing_ok=bool(args.write and args.add))
+        if args.write:
+            _check_writable(spec_path)
         names = list(args.add)
         if args.all:
             names = list((data.get("calls") or {}).keys()) + [n for n in names if n not in (data.get("calls") or {})]
@@ -963,7 +1011,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"gpuwire apigen: {msg}", file=sys.stderr)
         return 2
     if args.write:
-        Path(spec_path).write_text(dump_spec(data))
+        try:
+            Path(spec_path).write_text(dump_spec(data))
+        except OSError as e:
+            print(f"gpuwire apigen: cannot write {spec_path}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"wrote {spec_path}" + (f" ({len(touched)} entries added/refreshed)" if touched else ""),
               file=sys.stderr)
     elif touched or not args.check:
@@ -984,6 +1036,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"gpuwire apigen: {spec_path} agrees with {', '.join(protos.headers)} "
               f"(CUDA_VERSION {protos.cuda_version}; {n} calls)", file=sys.stderr)
     return 0
+
+
+def _check_writable(path: str) -> None:
+    p = Path(path)
+    d = p.parent if str(p.parent) else Path(".")
+    if not d.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: directory {d} does not exist")
+    if not os.access(d, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise PermissionError(f"cannot write {path}: not writable")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,26 +3,35 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .. import transport as t
     from .server import serve
     kw = {}
-    if args.va_gib is not None:
-        kw["va_gib"] = args.va_gib
-    if args.isolation is not None:
-        kw["isolation"] = args.isolation
-    if args.cpu_mem_gib is not None:
-        kw["mem_bytes"] = int(args.cpu_mem_gib * (1 << 30))
     try:
+        # (every bad argument is a one-line message and exit status 2, found at start)
+        if args.va_gib is not None:
+            kw["va_gib"] = args.va_gib
+        if args.isolation is not None:
+            kw["isolation"] = args.isolation
+        if args.cpu_mem_gib is not None:
+            if not (math.isfinite(args.cpu_mem_gib) and args.cpu_mem_gib > 0):
+                raise ValueError(f"--cpu-mem-gib must be a positive number of GiB, got {args.cpu_mem_gib!r}")
+            kw["mem_bytes"] = int(args.cpu_mem_gib * (1 << 30))
+            from .executors.cpu import _host_ram   # (also checked where the executor starts)
+            if kw["mem_bytes"] > _host_ram():
+                raise ValueError(f"--cpu-mem-gib {args.cpu_mem_gib:g} is more than this host's RAM "
+                                 f"({_host_ram() / (1 << 30):.1f} GiB)")
         return serve(args.listen, executor=args.executor, token=args.token, token_file=args.token_file,
                      no_auth=args.no_auth, device=args.device, data_roots=args.data_root or [], tls=args.tls,
                      ready_fd=sys.stdout if args.ready_stdout else None, cpu_kernels=args.cpu_kernels or [],
                      **kw)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, t.TransportError) as e:
         print(f"gpuwire serve: {e}", file=sys.stderr)
         return 2
 

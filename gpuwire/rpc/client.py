@@ -22,6 +22,7 @@ import bisect
 import json
 import operator
 import os
+import secrets
 import struct
 import threading
 import time
@@ -99,6 +100,7 @@ class DeviceBuffer:
         return self.session.copy_to_host(out, self, stream)
 
     def memset(self, value: int = 0, stream: Any = None) -> None:
+        self.session._own(self, "DeviceBuffer.memset")
         if stream is None:
             self.session.cuMemsetD8(self.ptr, value, self.nbytes)
         else:
@@ -185,55 +187,80 @@ class Event(_Handle):
 
 
 class Function(_Handle):
-    __slots__ = ("name", "_layout", "_structs")
+    __slots__ = ("name", "_layout", "_structs", "_ptypes")
 
-    def __init__(self, session: "Session", handle: int, name: str):
+    def __init__(self, session: "Session", handle: int, name: str, ptypes: Optional[Sequence[str]] = None):
         super().__init__(session, handle)
         self.name = name
         self._layout: Optional[List[Tuple[int, int]]] = None
         self._structs: Dict[tuple, Any] = {}
+        # the parameters' kinds from the module's PTX ('f' float, 'i' integer, 'b' .b8 array),
+        # None for a cubin/fatbin (then the Python values' types decide)
+        self._ptypes = tuple(ptypes) if ptypes is not None else None
 
     def param_layout(self) -> List[Tuple[int, int]]:
         """[(offset, size)] of the kernel's parameters (cuFuncGetParamInfo, asked once)."""
         if self._layout is None:
-            self._layout = self.session._param_layout(self.handle)
+            lay = self.session._param_layout(self.handle)
+            if self._ptypes is not None and len(self._ptypes) != len(lay):
+                self._ptypes = None          # (the PTX scan did not match: go by the values)
+            self._layout = lay
         return self._layout
 
     def pack(self, args: Sequence[Any]) -> bytes:
-        """Kernel parameters packed at cuFuncGetParamInfo's offsets."""
+        """Kernel parameters packed at cuFuncGetParamInfo's offsets. With the module's PTX
+        the parameter types decide: a float parameter takes any real number, an integer
+        parameter an integer in its signed or unsigned range (never a float), a .b8
+        array parameter (a struct) a bytes-like value of exactly its size. Without PTX
+        (cubin, fatbin) a float value is packed as a float of the parameter's size and an
+        integer as an integer. Anything that does not fit raises, naming the parameter."""
         lay = self._layout if self._layout is not None else self.param_layout()
         if len(args) != len(lay):
             raise TypeError(f"kernel {self.name} takes {len(lay)} parameters, got {len(args)}")
         key = tuple(map(type, args))
         ent = self._structs.get(key)
         if ent is None:
-            ent = self._structs[key] = _param_struct(self.name, lay, args, False)
-        st, conv = ent
+            ent = self._structs[key] = _param_struct(self.name, lay, args, self._ptypes)
+        st, conv, objs = ent
+        if objs:        # DeviceBuffer / handle objects: this session's, not freed or destroyed
+            sess = self.session
+            for i in objs:
+                a = args[i]
+                if a.session is not sess or (a._freed if type(a) is DeviceBuffer else a._dead):
+                    sess._own(a, f"kernel {self.name}")
         if conv:
             args = [bytes(memoryview(a).cast("B")) if c else a for c, a in zip(conv, args)]
         try:
             return st.pack(*args)
-        except Exception:  # e.g. an unsigned value above the signed range: retry unsigned
-            st2, _ = _param_struct(self.name, lay, args, True)
-            return st2.pack(*[int(a) & ((1 << (8 * sz)) - 1) if isinstance(a, int) else a
-                              for (_o, sz), a in zip(lay, args)])
+        except (struct.error, OverflowError):
+            # an integer above the signed range (unsigned), or a value that does not fit
+            return st.pack(*_param_fix(self.name, lay, st, args))
 
     def destroy(self) -> None:
         self._dead = True
 
 
 class Module(_Handle):
-    __slots__ = ("_functions",)
+    __slots__ = ("_functions", "_image", "_types")
 
-    def __init__(self, session: "Session", handle: int):
+    def __init__(self, session: "Session", handle: int, image: Any = None):
         super().__init__(session, handle)
         self._functions: Dict[str, Function] = {}
+        self._image = image          # (for the PTX parameter types, read at the first function())
+        self._types: Optional[Dict[str, List[str]]] = None
 
     def function(self, name: str) -> Function:
         f = self._functions.get(name)
         if f is None:
+            if not isinstance(name, str):
+                raise TypeError(f"Module.function: name must be a str, not {type(name).__name__}")
+            if self._dead:
+                raise ValueError(f"Module.function({name!r}): the module was unloaded")
+            if self._types is None:
+                self._types = _ptx_param_kinds(self._image)
+                self._image = None
             h = self.session.cuModuleGetFunction(self.handle, name)
-            f = self._functions[name] = Function(self.session, h, name)
+            f = self._functions[name] = Function(self.session, h, name, self._types.get(name))
         return f
 
     __getitem__ = function
@@ -247,31 +274,97 @@ class Module(_Handle):
     destroy = unload
 
 
-def _param_struct(kname: str, layout: List[Tuple[int, int]], args: Sequence[Any], unsigned: bool):
+def _ptx_param_kinds(image: Any) -> Dict[str, List[str]]:
+    """{entry: per parameter 'f' (float), 'i' (integer) or 'b' (.b8 array)} of a PTX
+    image; {} for anything else (cubin, fatbin, unreadable)."""
+    if image is None:
+        return {}
+    try:
+        b = bytes(memoryview(image).cast("B")[:8])
+        if b[:4] == b"\x7fELF" or b[:4] == b"\x50\xed\x55\xba":
+            return {}
+        from .ptx_access import param_kinds
+        return param_kinds(bytes(memoryview(image).cast("B")).decode("latin-1"))
+    except Exception:   # (a PTX the scan cannot read: the values' types decide)
+        return {}
+
+
+_FLOAT_CODES = {2: "e", 4: "f", 8: "d"}
+_FMT_CODES = __import__("re").compile(r"(\d*)([a-zA-Z?])")
+_INT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}
+
+
+def _param_struct(kname: str, layout: List[Tuple[int, int]], args: Sequence[Any],
+                  kinds: Optional[Sequence[str]]):
     """(Struct, per-arg 'convert to bytes' flags or None) for these argument types."""
-    import struct as _st
     fmt = ["<"]
     conv: List[bool] = []
     cur = 0
-    for (off, size), a in zip(layout, args):
+    for i, ((off, size), a) in enumerate(zip(layout, args)):
         if off < cur:
             raise ValueError(f"kernel {kname}: parameter layout {layout} is not increasing")
         fmt.append("x" * (off - cur))
         c = False
-        if isinstance(a, float) or type(a).__name__.startswith("float"):
-            code = {2: "e", 4: "f", 8: "d"}.get(size)
-        elif hasattr(a, "__index__"):
-            code = {1: "b", 2: "h", 4: "i", 8: "q"}.get(size)
-            if code and (unsigned or isinstance(a, (DeviceBuffer, _Handle))):
+        k = kinds[i] if kinds is not None else None
+        isfloat = isinstance(a, float) or type(a).__name__.startswith("float")
+        isint = not isfloat and not isinstance(a, bool) and hasattr(a, "__index__")
+        where = f"kernel {kname}: parameter {i} ({size} B at offset {off}"
+        if k == "f":
+            if not (isfloat or isint):
+                raise TypeError(f"{where}, a float) takes a number, not {type(a).__name__}")
+            code = _FLOAT_CODES.get(size)
+        elif k == "i":
+            if not isint:
+                raise TypeError(f"{where}, an integer) takes an int, not {type(a).__name__} {a!r}")
+            code = _INT_CODES.get(size)
+            if code and isinstance(a, (DeviceBuffer, _Handle)):
                 code = code.upper()
-        else:
+        elif k == "b" or not (isfloat or isint):
+            try:
+                nb = memoryview(a).nbytes
+            except TypeError:
+                raise TypeError(f"{where}) cannot take a {type(a).__name__}: pass an int, a float or "
+                                f"bytes of the parameter's size") from None
+            if nb != size:
+                raise ValueError(f"{where}) takes {size} bytes, got {nb}")
             code, c = f"{size}s", True
+        elif isfloat:
+            code = _FLOAT_CODES.get(size)
+        else:
+            code = _INT_CODES.get(size)
+            if code and isinstance(a, (DeviceBuffer, _Handle)):
+                code = code.upper()
         if code is None:
-            raise TypeError(f"kernel {kname}: cannot pack {type(a).__name__} into a {size}-byte parameter")
+            raise TypeError(f"{where}) cannot take a {type(a).__name__} of that size")
         fmt.append(code)
         conv.append(c)
         cur = off + size
-    return _st.Struct("".join(fmt)), (conv if any(conv) else None)
+    objs = tuple(i for i, a in enumerate(args) if isinstance(a, (DeviceBuffer, _Handle)))
+    return struct.Struct("".join(fmt)), (conv if any(conv) else None), objs
+
+
+def _param_fix(kname: str, layout: List[Tuple[int, int]], st: Any, args: Sequence[Any]) -> List[Any]:
+    """The values of a pack that failed, made to fit: an integer in the unsigned range of
+    its parameter becomes the signed value of the same bits; anything else raises,
+    naming the parameter."""
+    codes = [n + c for n, c in _FMT_CODES.findall(st.format) if c != "x"]
+    out = []
+    for i, (((off, size), a), code) in enumerate(zip(zip(layout, args), codes)):
+        if code in "bhiq":
+            v = operator.index(a)
+            bits = 8 * size
+            if not -(1 << (bits - 1)) <= v < (1 << bits):
+                raise OverflowError(f"kernel {kname}: parameter {i} ({size} B at offset {off}) cannot hold "
+                                    f"{v}: out of the {bits}-bit signed and unsigned ranges")
+            out.append(v - (1 << bits) if v >= (1 << (bits - 1)) else v)
+        else:
+            try:
+                struct.pack("<" + code, a)
+            except (struct.error, OverflowError) as e:
+                raise ValueError(f"kernel {kname}: parameter {i} ({size} B at offset {off}): {a!r} does "
+                                 f"not fit ({e})") from None
+            out.append(a)
+    return out
 
 
 # ----------------------------------------------------------------------------- VA sub-allocator
@@ -574,7 +667,7 @@ class _FastSync:
         try:
             _rpc_lib.gw_rpc_wire_lock(w)
             _rpc_lib.gw_rpc_wire_kill(w)
-            super()._bye_locked()
+            return super()._bye_locked()
         finally:
             _rpc_lib.gw_rpc_wire_unlock(w)
 
@@ -620,6 +713,7 @@ class _FastSync:
                     pushes, n = self._reply_slow(n, seq, name, self._fs_repmv, self._fs_repb)
             except t.ConnectionLost as e:
                 self.closed = True
+                self._cap = 0
                 raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
             if pushes != self._push_done:
                 self._wait_pushes(pushes)
@@ -747,6 +841,7 @@ class Session(Stubs):
     def __init__(self, address: str, token: Optional[str] = None, timeout: Optional[float] = None,
                  tls: Optional[str] = None, device: Optional[int] = None, name: str = ""):
         self._down = False    # _teardown ran (close() is then a no-op)
+        self._close_lock = threading.Lock()   # one close() at a time (a second waits, then returns)
         self.closed = True
         self._pin = None      # pinned-region mirroring (gpuwire.rpc.pinned), made on first use
         self._lock = threading.Lock()
@@ -795,7 +890,9 @@ class Session(Stubs):
         self._tail_max = 0        # set from the hello (the server must offer the reply tail)
         self._in_tag = P.TAG_BULK_IN_FIRST
         self._out_tag = P.TAG_BULK_OUT_FIRST
-        self._next_h = P.FIRST_CLIENT_HANDLE
+        # handle ids: a random base per session, so that a handle of another session (of this
+        # process or another) names nothing in this one and is refused by the server
+        self._next_h = P.FIRST_CLIENT_HANDLE + (secrets.randbits(31) << 24)
         self._host: Dict[int, Any] = {}
         self._pinned: Dict[int, Any] = {}
         self.deferred_error: Optional[DeferredCudaError] = None
@@ -817,6 +914,8 @@ class Session(Stubs):
         self._tc = None           # the C flush timer (gpuwire._rpc), when built
         self._tseq = None         # where the C timer reads the seq of the frame being built
         try:
+            # the hello is part of connecting: bounded by the connect timeout
+            self._hello_tmo = float(settings.get("connect_timeout_s") if timeout is None else timeout)
             info = self._hello(token, name, device)
             if "redirect_port" in info:
                 # process isolation: the server hands us to a session worker of our own
@@ -883,7 +982,12 @@ class Session(Stubs):
     def _hello(self, token: Optional[str], name: str, device: Optional[int]) -> Dict[str, Any]:
         spec = default_spec()
         tok = (settings.get("rpc_token") if token is None else token) or ""
-        tokb = tok.encode() if isinstance(tok, str) else bytes(tok)
+        if isinstance(tok, str):
+            tokb = tok.encode()
+        elif isinstance(tok, (bytes, bytearray, memoryview)):
+            tokb = bytes(tok)
+        else:
+            raise TypeError(f"connect: token must be a str or bytes, not {type(tok).__name__}")
         hello = {"name": name, "pid": os.getpid(), "device": device}
         if self._lanes_want:
             hello["lanes"] = self._lanes_want
@@ -897,8 +1001,12 @@ class Session(Stubs):
         rec = default_stub_record(spec.calls["gwHello"], (SPEC_VERSION, spec.fingerprint64))
         frame = bytearray(P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.F_HELLO | P.F_SYNC, 0, 1,
                                         len(body) + len(rec))) + body + rec
-        n = self._ep.call(bytes(frame), self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
-                          timeout=None if self._timeout < 0 else self._timeout)
+        try:
+            n = self._ep.call(bytes(frame), self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
+                              timeout=self._hello_tmo)
+        except t.OperationTimeout:
+            raise t.ConnectTimeout(f"{self.address}: no answer to the gpuwire hello within "
+                                   f"{self._hello_tmo:g} s (not a gpuwire server, or one too busy to answer)") from None
         rep = self._repmv
         magic, ver, flags, seq, _nc, blen = P.HEADER.unpack_from(rep, 0)
         if magic != P.MAGIC:
@@ -932,6 +1040,7 @@ class Session(Stubs):
         self._seq = 1
         self._call_seq = 1
         self._chunk = int(self.info.get("bulk_chunk", 0))
+        self._bulk_max = int(self.info.get("bulk_max", 1 << 62))
         self._bp_auto: Optional[str] = None      # rpc_bulk_progress=auto, once decided
         self._pump = False                       # the worker's progress thread runs (rpc_bulk_progress=thread)
         self._inline_max = min(self._inline_max, int(self.info.get("inline_max", self._inline_max)))
@@ -986,36 +1095,64 @@ class Session(Stubs):
 
     def close(self) -> None:
         """Run what is batched, end the session on the server (it frees everything the
-        session made) and close the connection. Idempotent. A session that closed itself
-        (a lost connection, a failed send) still says bye if it can and frees its transport."""
-        if self._down:
-            return
-        err = None
-        try:
-            with self._lock:
-                if self._ep.state == "up":
-                    self._bye_locked()
-        except (t.TransportError, ProtocolError) as e:
-            err = e
-        finally:
-            self.closed = True
-            self._timer_ev.set()
-            if self._tc is not None:
-                _rpc_lib.gw_rpc_timer_stop(self._tc)
-            self._teardown()
-        del err
+        session made) and close the connection. Idempotent and thread-safe (a second
+        close() waits for the first, then returns). A session that closed itself (a lost
+        connection, a failed send) still says bye if it can and frees its transport.
 
-    def _bye_locked(self) -> None:
+        A deferred call that failed after the last sync point is not lost: the server
+        reports it in its answer to the bye, and close() raises it as
+        :class:`DeferredCudaError` once the session is closed (``with`` blocks do too,
+        unless an exception is already leaving the block)."""
+        lk = getattr(self, "_close_lock", None)
+        if lk is None:            # (__init__ failed before the lock existed: nothing to close)
+            return
+        with lk:
+            if self._down:
+                return
+            rpt = None
+            try:
+                with self._lock:
+                    self._cap = 0             # every later call raises SessionClosed (_make_room)
+                    if self._ep.state == "up":
+                        rpt = self._bye_locked()
+            except (t.TransportError, ProtocolError):
+                pass
+            finally:
+                self.closed = True
+                self._cap = 0
+                self._timer_ev.set()
+                if self._tc is not None:
+                    _rpc_lib.gw_rpc_timer_stop(self._tc)
+                self._teardown()
+        if rpt is not None:
+            raise rpt
+
+    def _bye_locked(self) -> Optional[DeferredCudaError]:
+        """Send what is batched with the bye; the answer carries the report of a deferred
+        call that failed since the last sync point (returned; None without one)."""
         self._drain_sends()
         end = self._pos
         P.HEADER.pack_into(self._buf, 0, P.MAGIC, P.PROTOCOL_VERSION, P.F_BYE | P.F_SYNC, self._seq,
                            self._ncalls, end - P.HEADER_SIZE)
+        self._ncalls = 0
+        self._pos = P.HEADER_SIZE
         try:
-            self._ep.call(memoryview(self._buf)[:end], self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
-                          timeout=5.0)
+            n = self._ep.call(memoryview(self._buf)[:end], self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
+                              timeout=5.0)
             self._bye_answered = True
         except t.TransportError:
-            pass
+            return None
+        rep = self._repmv
+        off = _REPLY_MIN
+        if n <= off:
+            return None
+        magic, _ver, flags, _seq, _nc, _blen = P.HEADER.unpack_from(rep, 0)
+        if magic != P.MAGIC or flags & P.F_ERROR:
+            return None
+        try:
+            return self._rep_report(rep, off, "close")
+        except Exception:         # (a reply this client cannot read: nothing to report)
+            return None
 
     def _teardown(self) -> None:
         self._down = True
@@ -1058,14 +1195,26 @@ class Session(Stubs):
     def __enter__(self):
         return self
 
-    def __exit__(self, *a):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        try:                      # an exception is already leaving the block: it wins (the
+            self.close()          # failed deferred call stays in self.deferred_error)
+        except CudaError:
+            pass
 
     def __del__(self):
         try:
             self.close()
-        except Exception:
-            pass
+        except Exception as e:
+            try:                  # a failed deferred call nobody can catch here: say so
+                if isinstance(e, CudaError):
+                    import warnings
+                    warnings.warn(f"gpuwire session to {getattr(self, 'address', '?')} collected unclosed "
+                                  f"with a failed deferred call: {e}", RuntimeWarning, stacklevel=2)
+            except Exception:     # (interpreter shutdown)
+                pass
 
     def __repr__(self):
         return (f"<gpuwire Session {self.address} executor={getattr(self, 'executor', '?')} "
@@ -1283,6 +1432,7 @@ class Session(Stubs):
         (SessionClosed); a timeout gives the frame up (its late reply is dropped) and is raised."""
         if isinstance(e, t.ConnectionLost):
             self.closed = True
+            self._cap = 0
             raise SessionClosed(f"{name}: connection to gpuwire server {self.address} lost ({e.reason})") from e
         self._gave_up(seq)
         raise e
@@ -1377,8 +1527,13 @@ class Session(Stubs):
         return h
 
     def _va_alloc(self, n: int, name: str) -> int:
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"{name}: bytesize must be a non-negative int, got {n!r}")
+        if type(n) is not int:
+            if isinstance(n, bool) or not hasattr(n, "__index__"):
+                raise TypeError(f"{name}: bytesize must be an int, got {n!r}")
+            n = operator.index(n)            # (numpy integers)
+        if n <= 0:
+            # as CUDA: no 0-byte allocations (refused here, not at the next sync point)
+            raise CudaError(P.CUDA_ERROR_INVALID_VALUE, name, f"{name}: bytesize must be a positive int, got {n}")
         with self._lock:
             p = self._va.alloc(n)
         if p < 0:
@@ -1454,7 +1609,12 @@ class Session(Stubs):
     def _cstring(s: Any) -> bytes:
         if isinstance(s, str):
             s = s.encode()
-        s = bytes(s)
+        elif isinstance(s, (bytes, bytearray, memoryview)):
+            s = bytes(s)
+        else:
+            raise TypeError(f"expected a name (str or bytes), not {type(s).__name__}")
+        if b"\0" in s[:-1]:
+            raise ValueError(f"name {s!r} holds a NUL byte")
         return s if s.endswith(b"\0") else s + b"\0"
 
     @staticmethod
@@ -1462,6 +1622,10 @@ class Session(Stubs):
         if isinstance(x, (str, os.PathLike)):
             with open(x, "rb") as f:
                 x = f.read()
+        try:
+            memoryview(x)
+        except TypeError:
+            raise TypeError(f"module image must be PTX/cubin/fatbin bytes or a path, not {type(x).__name__}") from None
         return image_bytes(x)
 
     def _bad_args(self, name: str, e: Exception) -> Exception:
@@ -1518,6 +1682,8 @@ class Session(Stubs):
     def _post_out(self, buf: Any, n: int) -> int:
         if n <= self._inline_max:
             return 0
+        if n > self._bulk_max:
+            self._too_big(n)
         tag = self._next_out_tag()
         self._outs[tag] = self._post_recvs(buf, n, tag)
         return tag
@@ -1528,11 +1694,21 @@ class Session(Stubs):
             # posted when the frame goes out (_post_pending), or carried in its sync reply
             self._pend.append((tag, buf, n, self._pos))
         else:
+            if n > self._bulk_max:
+                self._too_big(n)
             inline = n > self._inline_max and self._bulk_progress()
             self._pushes.append((tag, self._post_recvs(buf, n, tag), buf))
             if inline:
                 self._w.progress()      # earlier pushes keep moving while the caller issues copies
         return tag
+
+    def _too_big(self, n: int) -> "NoReturn":
+        """A copy to the host larger than any the server can serve (the hello's bulk_max:
+        its address range, mapped memory, images): refused here, before receives are posted
+        for messages the server would not send."""
+        raise CudaError(P.CUDA_ERROR_INVALID_VALUE, "copy",
+                        f"a copy of {n} bytes is larger than any this session can make "
+                        f"({self._bulk_max} B, the server's bulk_max)")
 
     # reply parsing
     def _rep_string(self, rep, off: int):
@@ -1578,9 +1754,13 @@ class Session(Stubs):
         return res
 
     def _fail(self, res: int, rpt: Optional[DeferredCudaError], name: str) -> None:
-        if res == 0 and rpt is not None:
-            raise rpt
         why, self._reason = self._reason, ""
+        if rpt is not None and res in (0, P.CUDA_ERROR_NOT_READY):
+            raise rpt      # (a query's "not ready" is no failure: the deferred call's is)
+        if rpt is not None:
+            # the call's own error wins; the message names the deferred failure too (after a
+            # sticky error it is what broke the context), and .deferred holds it
+            why = (why + "; " if why else "") + f"before it, {rpt}"
         e = CudaError(res, name, reason=why)
         e.deferred = rpt
         raise e
@@ -1588,7 +1768,22 @@ class Session(Stubs):
     # ------------------------------------------------------------------ Pythonic API
     def alloc(self, nbytes: int) -> DeviceBuffer:
         """Device memory (deferred: no round trip); a context manager that frees it."""
-        return DeviceBuffer(self, self.cuMemAlloc(nbytes), nbytes)
+        p = self.cuMemAlloc(nbytes)
+        return DeviceBuffer(self, p, operator.index(nbytes))
+
+    def _own(self, x: Any, what: str) -> None:
+        """A DeviceBuffer or handle object passed to this session's Pythonic API must be
+        this session's and alive (its address may have been reused by a later allocation)."""
+        if isinstance(x, DeviceBuffer):
+            if x.session is not self:
+                raise ValueError(f"{what}: {x!r} belongs to another session")
+            if x._freed:
+                raise ValueError(f"{what}: {x!r} was freed")
+        elif isinstance(x, _Handle):
+            if x.session is not self:
+                raise ValueError(f"{what}: {x!r} belongs to another session")
+            if x._dead:
+                raise ValueError(f"{what}: {x!r} was destroyed")
 
     def stream(self, flags: int = 0) -> Stream:
         return Stream(self, self.cuStreamCreate(flags))
@@ -1598,7 +1793,10 @@ class Session(Stubs):
 
     def copy_to_device(self, dst: Any, array: Any, stream: Any = None, nbytes: Optional[int] = None) -> None:
         """Copy a host buffer (numpy array, bytes, ...) to device memory ``dst``."""
-        n = memoryview(array).nbytes if nbytes is None else nbytes
+        n = _nbytes_arg("copy_to_device", "array", array, nbytes)
+        self._own(dst, "copy_to_device")
+        if stream is not None:
+            self._own(stream, "copy_to_device")
         if isinstance(dst, DeviceBuffer) and n > dst.nbytes:
             raise ValueError(f"copy_to_device: {n} bytes do not fit {dst!r}")
         if stream is None:
@@ -1609,7 +1807,12 @@ class Session(Stubs):
     def copy_to_host(self, out: Any, src: Any, stream: Any = None, nbytes: Optional[int] = None):
         """Copy device memory ``src`` into the writable buffer ``out`` (returned). With a
         stream the copy is deferred: ``out`` is filled at the next sync covering it."""
-        n = memoryview(out).nbytes if nbytes is None else nbytes
+        n = _nbytes_arg("copy_to_host", "out", out, nbytes)
+        self._own(src, "copy_to_host")
+        if stream is not None:
+            self._own(stream, "copy_to_host")
+        if isinstance(src, DeviceBuffer) and n > src.nbytes:
+            raise ValueError(f"copy_to_host: {n} bytes run past the end of {src!r}")
         if stream is None:
             self.cuMemcpyDtoH(out, src, n)
         else:
@@ -1617,6 +1820,9 @@ class Session(Stubs):
         return out
 
     def memset(self, dst: Any, value: int, nbytes: int, stream: Any = None) -> None:
+        self._own(dst, "memset")
+        if stream is not None:
+            self._own(stream, "memset")
         if stream is None:
             self.cuMemsetD8(dst, value, nbytes)
         else:
@@ -1627,14 +1833,26 @@ class Session(Stubs):
         if isinstance(image, (str, os.PathLike)):
             with open(image, "rb") as f:
                 image = f.read()
-        return Module(self, self.cuModuleLoadData(image))
+        return Module(self, self.cuModuleLoadData(image), image)
 
     def launch(self, func: Function, grid: Any, block: Any, args: Sequence[Any] = (), shared_mem: int = 0,
                stream: Any = None) -> None:
-        """Launch ``func`` (deferred); ``args`` are packed with its cuFuncGetParamInfo layout."""
+        """Launch ``func`` (deferred); ``args`` are packed with its cuFuncGetParamInfo layout
+        (and, for a PTX module, the parameters' PTX types: a float parameter takes a
+        number, an integer one an integer in its signed or unsigned range, a .b8 array
+        bytes of its exact size)."""
+        if type(func) is not Function or func.session is not self or func._dead:
+            if not isinstance(func, Function):
+                raise TypeError(f"launch: func must be a Function (module.function(name)), not {type(func).__name__}")
+            self._own(func, "launch")
+        if type(stream) is Stream:
+            if stream.session is not self or stream._dead:
+                self._own(stream, "launch")
+        elif stream is not None and type(stream) is not int:
+            self._own(stream, "launch")
+        gx, gy, gz = (grid, 1, 1) if type(grid) is int else _dim3(grid, "grid")
+        bx, by, bz = (block, 1, 1) if type(block) is int else _dim3(block, "block")
         params = func.pack(args)
-        gx, gy, gz = _dim3(grid)
-        bx, by, bz = _dim3(block)
         self.cuLaunchKernel(func.handle, gx, gy, gz, bx, by, bz, shared_mem, stream or 0, params)
 
     def synchronize(self) -> None:
@@ -1676,15 +1894,27 @@ class Session(Stubs):
         return arr
 
     def _param_layout(self, fh: int) -> List[Tuple[int, int]]:
+        """[(offset, size)] of function ``fh``'s parameters: cuFuncGetParamInfo for index
+        0, 1, ... until CUDA_ERROR_INVALID_VALUE (which the session's last error then
+        forgets, if it had none before). These are sync calls: a deferred call's failure
+        they bring back (this thread's or another's) is raised here, not taken for the end
+        of the list."""
+        before = self.deferred_error
         prev = self.gwPeekAtLastError()[0]
+        if self.deferred_error is not before:
+            raise self.deferred_error           # (a sync point: report what failed before it)
         out = []
         while True:
             r, off, size = self.raw.cuFuncGetParamInfo(fh, len(out))
+            if self.deferred_error is not before:
+                raise self.deferred_error
             if r:
                 break
             out.append((off, size))
         if prev == 0:
             self.gwGetLastError()
+            if self.deferred_error is not before:
+                raise self.deferred_error
         if r != P.CUDA_ERROR_INVALID_VALUE:
             raise CudaError(r, "cuFuncGetParamInfo")
         return out
@@ -1822,11 +2052,48 @@ def _sub(data: Any, off: int, n: int):
         else data[off:off + n]
 
 
-def _dim3(d: Any) -> Tuple[int, int, int]:
-    if isinstance(d, int):
-        return (d, 1, 1)
-    d = tuple(d)
-    return (tuple(d) + (1, 1, 1))[:3]  # type: ignore[return-value]
+def _dim3(d: Any, what: str = "grid") -> Tuple[int, int, int]:
+    """A launch dimension: an int (x) or 1-3 ints (x, y, z); numpy integers count."""
+    if type(d) is tuple:        # (the common case, checked first)
+        n = len(d)
+        if n == 3:
+            if type(d[0]) is int and type(d[1]) is int and type(d[2]) is int:
+                return d
+        elif n == 2:
+            if type(d[0]) is int and type(d[1]) is int:
+                return (d[0], d[1], 1)
+        elif n == 1 and type(d[0]) is int:
+            return (d[0], 1, 1)
+    if hasattr(d, "__index__") and not isinstance(d, bool):
+        return (operator.index(d), 1, 1)
+    try:
+        t_ = tuple(d)
+    except TypeError:
+        raise TypeError(f"launch: {what} must be an int or a tuple of 1-3 ints, not {type(d).__name__}") from None
+    if not 1 <= len(t_) <= 3:
+        raise ValueError(f"launch: {what} must have 1-3 dimensions, got {len(t_)}: {d!r}")
+    out = []
+    for v in t_:
+        if isinstance(v, bool) or not hasattr(v, "__index__"):
+            raise TypeError(f"launch: {what} {d!r}: dimensions must be ints, not {type(v).__name__}")
+        out.append(operator.index(v))
+    return (tuple(out) + (1, 1, 1))[:3]  # type: ignore[return-value]
+
+
+def _nbytes_arg(what: str, arg: str, buf: Any, nbytes: Any) -> int:
+    """The byte count of a copy: ``nbytes`` (an int) or the whole of buffer ``buf``."""
+    if nbytes is None:
+        try:
+            return memoryview(buf).nbytes
+        except TypeError:
+            raise TypeError(f"{what}: {arg} must be a buffer (numpy array, bytes, bytearray, ...), "
+                            f"not {type(buf).__name__}") from None
+    if isinstance(nbytes, bool) or not hasattr(nbytes, "__index__"):
+        raise TypeError(f"{what}: nbytes must be an int, not {type(nbytes).__name__}")
+    n = operator.index(nbytes)
+    if n < 0:
+        raise ValueError(f"{what}: nbytes must be >= 0, got {n}")
+    return n
 
 
 def connect(address: str, token: Optional[str] = None, timeout: Optional[float] = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import keyword
+import operator
 import struct
 import sys
 from dataclasses import dataclass
@@ -294,8 +295,9 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
         hb = [(i, b) for i, (b, n, r) in enumerate(route_src)]
         if raw:
             emit("_eff = S._effective(_res, _rpt)")
-            emit("return (_eff" + "".join(", " + v for v in vals)
-                 + "".join(f", (S._as_result({b}) if _ret_{i} else None)" for i, b in hb) + ")")
+            # always a tuple (CUresult, *outs), also for calls without outputs
+            emit("return (_eff," + "".join(" " + v + "," for v in vals)
+                 + "".join(f" (S._as_result({b}) if _ret_{i} else None)," for i, b in hb) + ")")
         else:
             if name in STATUS_RESULT:
                 emit("if _rpt is not None: S._deferred_note(_rpt)")
@@ -329,7 +331,7 @@ def _compile(src: str, name: str, ns: Dict[str, Any], filename: str) -> Callable
 
 def _client_ns(L: Layout) -> Dict[str, Any]:
     ns = {"_C": L.client, "_R": L.reply, "_U32": P.U32, "struct": struct, "_len": len, "_type": type,
-          "_int": int, "_CODES": L.fixed.format.lstrip("<").encode()}
+          "_int": operator.index, "_CODES": L.fixed.format.lstrip("<").encode()}
     try:
         from .. import _rpc
         ns["_put"] = _rpc.lib.gw_rpc_put

@@ -53,7 +53,8 @@ from . import protocol as P
 from .hostmap import span_of
 from .protocol import CudaError
 
-settings.register("pinned_track", "auto", str,
+settings.register("pinned_track", "auto",
+                  settings.one_of("auto", "always", "compare", "explicit", "protect", "written"),
                   "Client: how a pinned region's changes are found before a launch pushes it: 'auto' "
                   "(default: 'written' for regions of 64 KiB or more where the kernel supports it, else "
                   "'compare'), 'written' (the kernel records which pages were written: asynchronous "

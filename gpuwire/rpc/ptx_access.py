@@ -240,3 +240,37 @@ def readonly_params(ptx: str, name: str) -> Optional[FrozenSet[int]]:
         return None
     n, written = got
     return frozenset(range(n)) - written
+
+
+_PARAM_TYPE = re.compile(r"\.([usbf])(8|16|32|64)\b")
+
+
+def param_kinds(ptx: str) -> Dict[str, List[str]]:
+    """{entry name: per parameter 'f' (a .f16/.f32/.f64 scalar), 'i' (a .u/.s/.b
+    scalar) or 'b' (an array, e.g. ``.align 8 .b8 p[16]``: a struct passed by value)}.
+    Entries whose parameter list is not understood are left out (callers then go by the
+    values they are given)."""
+    text = _COMMENT.sub("", ptx)
+    out: Dict[str, List[str]] = {}
+    for m in _ENTRY.finditer(text):
+        close = text.find(")", m.end())
+        if close < 0:
+            break
+        params = text[m.end():close].strip()
+        kinds: List[str] = []
+        ok = True
+        for p in (params.split(",") if params else []):
+            if ".param" not in p:
+                ok = False
+                break
+            if "[" in p:
+                kinds.append("b")
+                continue
+            t = _PARAM_TYPE.search(p)
+            if t is None:
+                ok = False
+                break
+            kinds.append("f" if t.group(1) == "f" else "i")
+        if ok:
+            out[m.group(1)] = kinds
+    return out

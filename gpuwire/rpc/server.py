@@ -81,6 +81,10 @@ settings.register("rpc_server_session_cpu", -1, int,
                   "none of them preempts it. Placed when the session starts and again after its lanes "
                   "connect. -1: off (the OS places threads). Ignored with thread isolation (sessions share "
                   "the process) and when the CPU is not one the worker may use.", layer="rpc")
+settings.register("rpc_hello_timeout_s", 10.0, float,
+                  "Server: seconds a new connection has to complete its hello (authenticate); after that "
+                  "it is closed, so idle unauthenticated connections do not pile up (0: no limit).",
+                  layer="rpc")
 settings.register("rpc_bulk_timeout_s", 120.0, float,
                   "Server: seconds to wait for a bulk payload a frame announced.", layer="rpc")
 settings.register("rpc_c_bulk", True, bool,
@@ -117,8 +121,10 @@ settings.register("rpc_server_skip_ssync", True, bool,
                   layer="rpc")
 
 MAX_FRAME = 1 << 20
+_HELLO_FRAME_MAX = 128 << 10  # frames before the hello (a hello: token <= 4 KiB, info <= 64 KiB)
 DEFAULT_PORT = 13371
 _BYTES_MAX = 1 << 30          # largest bulk blob the server reads into host memory (images)
+_READ_EAGER = 1 << 20         # ... larger ones are received into lazily backed memory (BulkIn.read)
 SESSION_CTX_BASE = 0xC0000000  # client id of a session's context: base + device
 
 _NO_STICKY = {"gwHello", "gwGetLastError", "gwPeekAtLastError", "cuGetErrorName", "cuGetErrorString",
@@ -147,6 +153,11 @@ def _chunks(n: int, chunk: int):
     return [(o, min(chunk, n - o)) for o in range(0, n, chunk)]
 
 
+def _nchunks(n: int, chunk: int) -> int:
+    """How many messages _chunks(n, chunk) has (without making the list)."""
+    return 1 if not chunk or n <= chunk else (n + chunk - 1) // chunk
+
+
 # ----------------------------------------------------------------------------- bulk in / out
 
 class BulkIn:
@@ -163,6 +174,13 @@ class BulkIn:
         self.done = True
         return fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk longer than the expected {ln} B")
 
+    def _missing(self, ln: int) -> Exception:
+        """A chunk message that did not come within rpc_bulk_timeout_s: the copy's error; the
+        payload counts as taken (drain does not wait for it again), the session goes on."""
+        self.done = True
+        return fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {ln} B (tag {self.tag:#x}) not received "
+                                                f"within rpc_bulk_timeout_s ({self.s.bulk_timeout:g} s)")
+
     def _recv(self, ptr: int, n: int) -> None:
         s, chunk, tmo = self.s, self.s.chunk, self.s.bulk_timeout
         for k, (off, ln) in enumerate(_chunks(n, chunk)):
@@ -171,6 +189,8 @@ class BulkIn:
                 r = s.pep(self.tag, k, self.nbytes).recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=tmo)
             except t.MessageTruncated:
                 raise self._long(ln) from None
+            except t.OperationTimeout:
+                raise self._missing(ln) from None
             if r.nbytes != ln:
                 self.done = True
                 raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
@@ -185,6 +205,8 @@ class BulkIn:
             r = ep.recv(target, tag=self.tag, tag_mask=t.EXACT_TAG, timeout=self.s.bulk_timeout)
         except t.MessageTruncated:
             raise self._long(ln) from None
+        except t.OperationTimeout:
+            raise self._missing(ln) from None
         if r.nbytes != ln:
             self.done = True
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
@@ -201,6 +223,9 @@ class BulkIn:
             r = req.wait(timeout=self.s.bulk_timeout)
         except t.MessageTruncated:
             raise self._long(ln) from None
+        except t.OperationTimeout:
+            req.release()       # (cancels the receive: nothing lands in its buffer later)
+            raise self._missing(ln) from None
         if r.nbytes != ln:
             self.done = True
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk payload chunk of {r.nbytes} B, expected {ln}")
@@ -220,12 +245,25 @@ class BulkIn:
     def read(self) -> bytearray:
         if self.nbytes > _BYTES_MAX:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"bulk blob of {self.nbytes} B is too large")
-        out = bytearray(self.nbytes)
-        if self.nbytes:
-            self.recv_into(out)
-        else:
-            self._recv(0, 0)
-        return out
+        n = self.nbytes
+        if n <= _READ_EAGER:
+            out = bytearray(n)
+            if n:
+                self.recv_into(out)
+            else:
+                self._recv(0, 0)
+            return out
+        # a large blob is received into anonymous memory the kernel backs only as its bytes land
+        # (an announced image that never comes costs address space, not RAM), then copied out
+        m = mmap.mmap(-1, n)
+        try:
+            self.recv_into(m)
+            return bytearray(m)
+        finally:
+            try:
+                m.close()
+            except BufferError:     # (the transport still holds it: freed when it lets go)
+                pass
 
     def drain(self) -> None:
         """Consume the payload without using it (the call failed before it was read)."""
@@ -233,12 +271,16 @@ class BulkIn:
             return
         self.done = True
         s, scratch = self.s, self.s.scratch
-        for k, _ in enumerate(_chunks(self.nbytes, self.s.chunk)):
+        for k in range(_nchunks(self.nbytes, self.s.chunk)):   # (a count, not a list: nbytes is the client's)
             try:
                 s.pep(self.tag, k, self.nbytes).recv(scratch, tag=self.tag, tag_mask=t.EXACT_TAG,
                                                      timeout=self.s.bulk_timeout)
             except t.MessageTruncated:
                 pass
+            except t.OperationTimeout:      # never sent: the call failed already; the session goes on
+                log.info("session %d: bulk payload (tag %#x, %d B) not received within %g s; not waited for "
+                         "further", s.id, self.tag, self.nbytes, s.bulk_timeout)
+                return
 
     def __len__(self) -> int:
         return self.nbytes
@@ -311,10 +353,18 @@ class OutSink:
         if self.route and not self.sent:
             s = self.s
             split = s.chunk if self.split is None else self.split
-            reqs = [s.pep(self.route, k, self.nbytes).send_nb(b"", tag=self.route)
-                    for k, _ in enumerate(_chunks(self.nbytes, split))]
-            _lanes.wait_requests(reqs, s.server.worker, s.bulk_timeout)
             self.sent = True
+            if self.nbytes > s.bulk_max:
+                # larger than anything the session could copy (its VA range, its mapped client
+                # memory; the hello's bulk_max): no messages for it, as their count would be the
+                # client's to choose (2**63 B: 2**41 messages). A client that posted receives for
+                # such a push must not wait for them (docs/protocol.md "Bulk payloads")
+                log.info("session %d: failed push of %d B (tag %#x) is over the %d B a copy can have: "
+                         "no messages sent for it", s.id, self.nbytes, self.route, s.bulk_max)
+                return
+            reqs = [s.pep(self.route, k, self.nbytes).send_nb(b"", tag=self.route)
+                    for k in range(_nchunks(self.nbytes, split))]
+            _lanes.wait_requests(reqs, s.server.worker, s.bulk_timeout)
 
 
 # ----------------------------------------------------------------------------- session
@@ -373,7 +423,8 @@ class ServerSession:
         self.chunk = server.executor.bulk_chunk if server.executor is not None else 0
         self.bulk_timeout = float(settings.get("rpc_bulk_timeout_s"))
         self.scratch = t.Buffer(bytearray(64 << 10), writable=True)
-        self.rep = bytearray(int(settings.get("rpc_inline_max")) + (64 << 10))
+        self.inline_max = int(settings.get("rpc_inline_max"))   # (results inline in a reply: at most this)
+        self.rep = bytearray(self.inline_max + (64 << 10))
         self.rep_ptr = t.Buffer(self.rep, writable=True).ptr
         self.rep_views: Dict[int, Any] = {}
         self.out: Any = None          # the reply to send with the next receive
@@ -405,6 +456,7 @@ class ServerSession:
         self.lane_offer: Any = None   # bulk lanes offered in the hello (gpuwire.rpc.lanes.Offer)
         self.lane_eps: List[t.Endpoint] = []    # ... and in use (after gwBulkLanes)
         self.lane_min = 0
+        self.bulk_max = 0             # the largest payload a copy of this session can have (at the hello)
 
     # ------------------------------------------------------------------ loop
     def _place(self) -> None:
@@ -423,16 +475,48 @@ class ServerSession:
         except ValueError as e:
             log.warning("session %d: %s", self.id, e)
 
+    def _await_hello(self) -> bool:
+        """Frames until the hello succeeds, within rpc_hello_timeout_s of the connect, in a buffer
+        that fits the largest hello (the session's frame buffer comes after it); False: the
+        session ends (deadline passed, or the hello refused the client)."""
+        tmo = float(settings.get("rpc_hello_timeout_s"))
+        deadline = time.monotonic() + tmo if tmo > 0 else None
+        buf = bytearray(_HELLO_FRAME_MAX)
+        bb = t.Buffer(buf, writable=True)
+        mv = memoryview(buf)
+        while not self.ready and not self.stop:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    raise t.OperationTimeout("hello deadline")
+                n = self.ep.recv(bb, tag=P.TAG_REQ, tag_mask=t.EXACT_TAG, timeout=left).nbytes
+            except t.MessageTruncated:
+                self._send_error(0, P.ST_TOO_LARGE, f"frame larger than {_HELLO_FRAME_MAX} bytes before the hello")
+                continue
+            except t.OperationTimeout:
+                log.info("session %d (%s): no hello within %g s (rpc_hello_timeout_s): closed", self.id,
+                         self.peer, tmo)
+                self._send_error(0, P.ST_HELLO_REQUIRED,
+                                 f"no hello within {tmo:g} s of connecting (rpc_hello_timeout_s): closed")
+                self.closed_reason = "no hello in time"
+                return False
+            self.frames += 1
+            if not self.handle_frame(mv, n):
+                return False
+        return self.ready
+
     def run(self) -> None:
         self._place()
-        buf = bytearray(MAX_FRAME)
-        bb = t.Buffer(buf, writable=True)
-        if self.scanner is not None:
-            self.frame_c = _cf.ffi.cast("uint8_t *", bb.ptr)
-        mv = memoryview(buf)
         ep = self.ep
         sc = self.serve_c
         try:
+            if not self._await_hello():
+                return
+            buf = bytearray(MAX_FRAME)      # (after the hello: unauthenticated peers cost no MiB each)
+            bb = t.Buffer(buf, writable=True)
+            if self.scanner is not None:
+                self.frame_c = _cf.ffi.cast("uint8_t *", bb.ptr)
+            mv = memoryview(buf)
             while not self.stop:
                 resume = None
                 try:
@@ -658,7 +742,9 @@ class ServerSession:
             if r is not None:
                 sync = r
         if flags & P.F_SYNC:
-            self._reply(seq, *(sync or (None, 0, None, [])))
+            # (a bye's answer carries the report of a deferred call that failed since the
+            # last sync point: the client's close() raises it)
+            self._reply(seq, *(sync or (None, 0, None, [])), report=bool(flags & P.F_BYE))
 
     def _execute_c(self, mv: memoryview, ncalls: int, seq: int, flags: int, resume=None) -> None:
         """Records located by the C scanner; runs of hot calls go through the C loop.
@@ -717,7 +803,9 @@ class ServerSession:
                 sticky = True
             i += 1
         if flags & P.F_SYNC:
-            self._reply(seq, *(sync or (None, 0, None, [])))
+            # (a bye's answer carries the report of a deferred call that failed since the
+            # last sync point: the client's close() raises it)
+            self._reply(seq, *(sync or (None, 0, None, [])), report=bool(flags & P.F_BYE))
 
     def _rec(self, mv: memoryview, rc, tab):
         e = tab[rc.id]
@@ -788,6 +876,17 @@ class ServerSession:
                     self._note_error(e, vals, blobs, P.CUDA_ERROR_INVALID_VALUE, pos, seq, cseq)
                     return None
             sinks = [OutSink(self, 0 if r == P.ROUTE_REPLY else r, n, call.deferred) for r, n in zip(routes, sizes)]
+            if not call.deferred and sum(n for r, n in zip(routes, sizes) if not r) > self.inline_max:
+                # results inline in the reply (route 0): at most inline_max (the hello says it); larger
+                # ones need a bulk route (the reply buffer holds no more)
+                self.errmsg = (f"{call.name}: {sum(n for r, n in zip(routes, sizes) if not r)} B of results "
+                               f"do not fit inline in the reply (at most {self.inline_max} B; larger ones "
+                               f"need a bulk route)")
+                for b in blobs:
+                    if isinstance(b, BulkIn):
+                        b.drain()
+                self._note_error(e, vals, blobs, P.CUDA_ERROR_INVALID_VALUE, pos, seq, cseq)
+                return (e, P.CUDA_ERROR_INVALID_VALUE, None, sinks)
             if call.name == "gwMirrorPull":     # one message per granule (docs/pinned.md)
                 g = vals[3]
                 if not g or (vals[2] + g - 1) // g <= (1 << 16):
@@ -877,7 +976,7 @@ class ServerSession:
             return out.code, out.outs
         return 0, out
 
-    def _reply(self, seq: int, e, res: int, outs: Any, sinks: List[OutSink]) -> None:
+    def _reply(self, seq: int, e, res: int, outs: Any, sinks: List[OutSink], report: bool = False) -> None:
         rep = self.rep
         off = P.HEADER_SIZE
         P.REPLY_HEAD.pack_into(rep, off, 0, self.pushes)
@@ -923,9 +1022,9 @@ class ServerSession:
                 else:
                     P.U32.pack_into(rep, off, 0)
                     off += 4
-        if self.latch is None and e is not None and self._gds_files is not None:
+        if self.latch is None and (e is not None or report) and self._gds_files is not None:
             self._gds_error()
-        if self.latch is not None and e is not None:
+        if self.latch is not None and (e is not None or report):
             res_, cid, pos, fseq, cseq, later, text = self.latch
             tb = text.encode("utf-8", "replace")[:2000]
             rep[off] = 1
@@ -981,6 +1080,16 @@ class ServerSession:
         except ValueError:
             self._send_error(seq, P.ST_MALFORMED, "hello info is not a JSON object")
             return True
+        except RecursionError:
+            self._send_error(seq, P.ST_MALFORMED, "hello info is not a JSON object: nested too deeply")
+            return True
+        except Exception as ex:   # (anything else the decoder raises: an error reply, not a dead session)
+            self._send_error(seq, P.ST_MALFORMED, f"hello info is not a JSON object: {type(ex).__name__}: {ex}")
+            return True
+        want_lanes = info.get("lanes")
+        if isinstance(want_lanes, float) and not want_lanes - want_lanes == 0:   # inf, nan (before a session opens)
+            self._send_error(seq, P.ST_MALFORMED, f"hello info: lanes {want_lanes!r} is not a number of lanes")
+            return True
         off += infolen
         try:
             recs = self._parse(mv, off, n, 1, True)
@@ -1015,6 +1124,9 @@ class ServerSession:
         self.device = device
         self.ctx_id = SESSION_CTX_BASE + device
         self.mm = self.es.mm
+        # a device range lies in one allocation (within the VA range) or in mapped client memory;
+        # module images are read up to _BYTES_MAX
+        self.bulk_max = max(int(self.es.va_size), _hostmap_cap(), _BYTES_MAX)
         if self.scanner is not None and hasattr(self.es, "c_calls"):
             try:
                 fns = self.es.c_calls()
@@ -1036,13 +1148,13 @@ class ServerSession:
                   "protocol": P.PROTOCOL_VERSION, "va_base": self.es.va_base, "va_size": self.es.va_size,
                   "va_granularity": self.mm.gran, "bulk_chunk": self.chunk,
                   "inline_max": int(settings.get("rpc_inline_max")), "max_frame": MAX_FRAME,
-                  "reply_tail": P.REPLY_INLINE_LIMIT,
+                  "reply_tail": P.REPLY_INLINE_LIMIT, "bulk_max": self.bulk_max,
                   "device": device, "context": self.ctx_id}
         extras.update({k: v for k, v in srv.executor.describe().items() if k not in extras})
         hm = self._hostmap_offer()
         if hm:
             extras["hostmap"] = hm
-        lo = self._lanes_offer(info.get("lanes"))
+        lo = self._lanes_offer(want_lanes)
         if lo:
             extras["lanes"] = lo
         self._hello_reply(seq, e, 0, spec.fingerprint64, extras)
@@ -1384,7 +1496,7 @@ class ServerSession:
         """The hello's offer of bulk lanes (gpuwire.rpc.lanes), when the client asks for some."""
         try:
             n = int(want or 0)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
         n = min(n, int(settings.get("rpc_lanes_max")), _lanes.MAX_LANES)
         if n <= 0:
@@ -1542,6 +1654,36 @@ class ServerSession:
 
 # ----------------------------------------------------------------------------- server
 
+_VA_MAX = 1 << 47     # a session's VA range at most (a process's user address space)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail at start with a clear reason when ``host:port`` cannot be listened on (in use, not
+    an address of this machine); the transport's own error says 'Device is busy' and the like."""
+    import errno
+    import socket
+    if not port:
+        return
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        so = socket.socket(fam, socket.SOCK_STREAM)
+    except OSError:
+        return
+    try:
+        so.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        so.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            why = "address already in use"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            why = f"{host} is not an address of this machine"
+        else:
+            why = e.strerror or str(e)
+        raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
+    finally:
+        so.close()
+
+
 def _hostmap_cap() -> int:
     """Bytes of client memory one session may have mapped (rpc_hostmap_max_gib)."""
     return int(float(settings.get("rpc_hostmap_max_gib")) * (1 << 30))
@@ -1606,25 +1748,58 @@ class Server:
         self.executor_kind = executor_obj.kind if executor_obj is not None else executor
         self.cpu_kernels = list(cpu_kernels)
         self.va_gib = va_gib if va_gib is not None else settings.get("rpc_va_gib")
+        # (bad values fail here, at start, not at every client's hello)
+        try:
+            va_bytes = float(self.va_gib) * (1 << 30)
+        except (TypeError, ValueError):
+            va_bytes = float("nan")
+        if not 0 < va_bytes <= _VA_MAX:
+            raise ValueError(f"va_gib (--va-gib, GPUWIRE_RPC_VA_GIB) must be above 0 and at most "
+                             f"{_VA_MAX >> 30} GiB (a process's address space), got {self.va_gib!r}")
+        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            raise ValueError(f"device (--device) must be a device ordinal (0, 1, ...), got {device!r}")
         self.exec_kw = dict(exec_kw)
         tls = settings.get("rpc_tls") if tls is None else tls
         self.tls = tls
         self.pool: Optional[WorkerPool] = None
+        host, port = t.parse_hostport(listen, default_port=DEFAULT_PORT)
+        _check_listen(host, port)
+        if executor == "gpu" and executor_obj is None:
+            try:  # fail at start, not at the first connect (importing initialises nothing)
+                from cuda.bindings import driver  # noqa: F401
+            except ImportError as e:
+                raise ValueError(f"--executor gpu needs cuda.bindings (pip install 'gpuwire[gpu]'): {e}; "
+                                 f"use --executor cpu on a machine without a GPU") from None
         if isolation == "process":
-            if executor == "gpu":
-                try:  # fail at start, not at the first connect (importing initialises nothing)
-                    from cuda.bindings import driver  # noqa: F401
-                except ImportError as e:
-                    raise ValueError(f"--executor gpu needs cuda.bindings (pip install 'gpuwire[gpu]'): {e}; "
-                                     f"use --executor cpu on a machine without a GPU") from None
             self.executor = None
             self.va_size = 0
         else:
-            self.executor = executor_obj or make_executor(executor, **exec_kw)
+            if executor_obj is not None:
+                self.executor = executor_obj
+            else:
+                try:
+                    self.executor = make_executor(executor, **exec_kw)
+                except RuntimeError as e:      # (no driver, no device: the executor says which)
+                    raise ValueError(f"--executor {executor}: {e}") from None
             self.va_size = int(self.va_gib * (1 << 30))
             self.va_size = max(self.va_size // self.executor.granularity, 1) * self.executor.granularity
+            try:
+                if not device < self.executor.device_count():
+                    raise ValueError(f"device (--device) {device}: the {self.executor_kind} executor has "
+                                     f"{self.executor.device_count()} device(s)")
+                chk = getattr(self.executor, "check_va", None)
+                if chk is not None:
+                    chk(self.va_size)
+            except BaseException:
+                self.executor.close()
+                raise
         _table()  # generate the dispatch now, not at the first hello
-        self.ctx = t.Context({"TLS": tls} if tls else None)
+        try:
+            self.ctx = t.Context({"TLS": tls} if tls else None)
+        except t.TransportError as e:
+            if self.executor is not None and executor_obj is None:
+                self.executor.close()
+            raise ValueError(f"cannot start the transport{f' (UCX_TLS {tls!r})' if tls else ''}: {e}") from None
         self.worker = self.ctx.worker()
         spin = float(settings.get("rpc_server_spin_us"))
         if spin >= 0 and (single or isolation == "thread"):
@@ -1634,9 +1809,16 @@ class Server:
             # the worker's progress thread drives its big transfers while session threads
             # handle frames (not on the acceptor of process isolation: it moves no payloads)
             self.worker.start_progress_thread()
-        host, port = t.parse_hostport(listen, default_port=DEFAULT_PORT)
         self.host = host
-        self.listener = self.worker.listen(host, port)
+        try:
+            self.listener = self.worker.listen(host, port)
+        except t.TransportError as e:
+            self.worker.close()
+            self.ctx.close()
+            if self.executor is not None and executor_obj is None:
+                self.executor.close()
+            why = "address already in use" if "busy" in str(e).lower() else str(e)
+            raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
         self.address = self.listener.address
         self.port = self.listener.port
         self.sessions: Dict[int, ServerSession] = {}
@@ -1757,7 +1939,10 @@ def serve(listen: str, executor: str = "cpu", token: Optional[str] = None, token
     """Run a server in this process until SIGINT/SIGTERM (the `gpuwire serve` body)."""
     import importlib
     for mod in cpu_kernels:
-        importlib.import_module(mod)
+        try:
+            importlib.import_module(mod)
+        except Exception as e:     # (a missing or broken module: a start-up error, not a traceback)
+            raise ValueError(f"--cpu-kernels {mod}: cannot import it: {type(e).__name__}: {e}") from None
     srv = Server(listen, executor=executor, token=token, token_file=token_file, no_auth=no_auth, device=device,
                  data_roots=data_roots, tls=tls, cpu_kernels=cpu_kernels, **kw)
 

@@ -15,14 +15,14 @@ from .core import (
 )
 from .errors import (
     ConnectionClosed, ConnectionLost, ConnectionRefused, ConnectTimeout, MessageTruncated,
-    OperationTimeout, RMAOutOfRange, TransportError,
+    OperationTimeout, RMAOutOfRange, RMAReadOnly, TransportError,
 )
 
 __all__ = [
     "Context", "Worker", "Listener", "Endpoint", "Request", "Received", "MemoryRegion",
     "RemoteKey", "Buffer", "RawBuffer", "ANY_TAG_MASK", "EXACT_TAG", "MAX_TAG", "ECHO_STOP_TAG",
     "TransportError", "ConnectionLost", "ConnectionClosed", "ConnectionRefused",
-    "ConnectTimeout", "OperationTimeout", "MessageTruncated", "RMAOutOfRange",
+    "ConnectTimeout", "OperationTimeout", "MessageTruncated", "RMAOutOfRange", "RMAReadOnly",
     "built_version", "runtime_version", "library_path", "load_source", "UCXLibraryError",
     "parse_hostport", "status_string",
 ]

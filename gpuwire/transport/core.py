@@ -25,15 +25,15 @@ _INF = -1
 from ._lib import ffi, lib
 from .errors import (
     ConnectionClosed, ConnectionLost, ConnectTimeout, ConnectionRefused, MessageTruncated,
-    RMAOutOfRange, OperationTimeout, TransportError,
+    RMAOutOfRange, RMAReadOnly, OperationTimeout, TransportError,
 )
 
 settings.register("spin_us", 50, settings.finite_us,
                   "Microseconds a wait spins on the worker before blocking on its event fd "
                   "(0: block at once; idle cost ~0% CPU either way).", layer="transport")
-settings.register("connect_timeout_s", 10.0, float,
+settings.register("connect_timeout_s", 10.0, settings.positive_seconds,
                   "Seconds a connect waits for the peer's handshake.", layer="transport")
-settings.register("op_timeout_s", 0.0, float,
+settings.register("op_timeout_s", 0.0, settings.seconds,
                   "Default timeout in seconds for blocking sends/receives/calls (0: none).",
                   layer="transport")
 settings.register("emulate_rtt_us", 0.0, settings.finite_us,
@@ -59,17 +59,38 @@ def _check_tags(tag, tag_mask=None, name="tag") -> None:
         raise ValueError(f"tag_mask must be in 0..{EXACT_TAG:#x}, got {tag_mask!r}")
 
 
+# Timeouts of 2**62 ns (~146 years) or more mean no timeout (and never overflow the
+# int64 deadlines in C).
+_MAX_NS = 1 << 62
+
+
 def _ns(timeout: Optional[float], default_setting: Optional[str] = "op_timeout_s") -> int:
+    """Seconds -> the C engine's timeout in ns: None -> the setting's default (0 or none:
+    no timeout), a negative number -> 0 (a deadline already passed: check once),
+    inf (or over ~146 years) -> no timeout, nan -> ValueError."""
     if timeout is None:
         if default_setting is None:
             return _INF
         d = settings.get(default_setting)
-        return int(d * 1e9) if d and d > 0 else _INF
+        return _ns(d, None) if d and d > 0 else _INF
     if not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
-    if timeout < 0:
-        return _INF
-    return int(timeout * 1e9)
+    if timeout >= 0:
+        try:
+            ns = timeout * 1e9
+        except OverflowError:  # an int too large for a float
+            return _INF
+        if ns < 4.611686018427388e18:  # _MAX_NS (a literal: no global lookup here)
+            return int(ns)
+        return _INF  # inf, or longer than ~146 years
+    if timeout != timeout:
+        raise ValueError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    return 0  # negative: a deadline that has passed
+
+
+def _is_int(v) -> bool:
+    """An int that is not a bool (True is no port, size or address)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -80,10 +101,14 @@ class RawBuffer:
     readonly: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.ptr, int) or self.ptr <= 0:
-            raise ValueError(f"RawBuffer: ptr must be a positive integer address, got {self.ptr!r}")
-        if not isinstance(self.size, int) or self.size < 0:
+        if not _is_int(self.ptr) or not 0 < self.ptr < 1 << 64:
+            raise ValueError(f"RawBuffer: ptr must be a positive integer address (below 2**64), "
+                             f"got {self.ptr!r}")
+        if not _is_int(self.size) or self.size < 0:
             raise ValueError(f"RawBuffer: size must be a non-negative integer, got {self.size!r}")
+        if self.ptr + self.size > 1 << 64:
+            raise ValueError(f"RawBuffer: ptr {self.ptr:#x} + size {self.size} runs past the "
+                             "end of the address space")
 
 
 class Buffer:
@@ -120,12 +145,21 @@ class Buffer:
                             f"or RawBuffer), got {type(obj).__name__}") from None
         if not mv.c_contiguous:
             raise ValueError("buffer must be C-contiguous")
+        if "O" in mv.format and _has_objects(mv.format):
+            raise TypeError(f"{type(obj).__name__} holds Python objects (buffer format "
+                            f"{mv.format!r}): its bytes are object pointers, not data")
         self.readonly = mv.readonly
         if writable and mv.readonly:
             raise TypeError(f"{type(obj).__name__} is read-only but the operation writes into it")
         self.nbytes = mv.nbytes
         self.cdata = ffi.from_buffer("char[]", obj, require_writable=writable)
         self.ptr = int(ffi.cast("uintptr_t", self.cdata))
+
+
+def _has_objects(fmt: str) -> bool:
+    """Whether a buffer format (struct syntax, PEP 3118) has an object item 'O' (field
+    names, between colons, do not count)."""
+    return "O" in re.sub(r":[^:]*:", "", fmt)
 
 
 def _buf(obj: Any, writable: bool) -> Buffer:
@@ -161,7 +195,9 @@ def _raise(st: int, what: str, ep: "Optional[Endpoint]" = None) -> None:
         raise MessageTruncated(msg)
     if st == lib.GW_ERR_OUT_OF_RANGE:
         raise RMAOutOfRange(msg)
-    if st in (lib.UCS_ERR_INVALID_PARAM, lib.UCS_ERR_INVALID_ADDR):
+    if st == lib.GW_ERR_READ_ONLY:
+        raise RMAReadOnly(msg)
+    if st in (lib.UCS_ERR_INVALID_PARAM, lib.UCS_ERR_INVALID_ADDR, lib.GW_ERR_FOREIGN_KEY):
         raise ValueError(msg)
     raise TransportError(msg, st)
 
@@ -212,8 +248,11 @@ class Request:
             self._keep = None
             raise ConnectionClosed(f"{self._what}: the worker is closed")
         st = lib.gw_wait(w._w, r, w._op_ns if timeout is None else _ns(timeout))
-        if st == lib.UCS_ERR_TIMED_OUT:
-            raise OperationTimeout(f"{self._what}: timed out after {timeout}s")
+        if st:
+            if st == lib.UCS_ERR_TIMED_OUT:
+                raise OperationTimeout(f"{self._what}: timed out after {timeout}s")
+            if w._closed and st == lib.GW_ERR_BAD_STATE:  # closed while we waited
+                raise ConnectionClosed(f"{self._what}: the worker is closed")
         return self._result(st)
 
     def _result(self, st: int):
@@ -227,21 +266,40 @@ class Request:
                 _raise(st, self._what, self._ep)
             ep = self._ep or self._worker._endpoints.get(info.cid[0])
             res = Received(info.len[0], info.tag[0], info.hlen[0], ep)
-            self.release()
+            self._release_done()
             return res
-        self.release()
+        self._release_done()
         if st:
             _raise(st, self._what, self._ep)
         return None
 
-    def release(self) -> None:
+    def _release_done(self) -> None:
+        """Release a request that finished (waited for): UCX no longer holds it."""
         r = self._r
-        if r != ffi.NULL:
-            self._r = ffi.NULL
-            w = self._worker
-            if not w._closed:
-                lib.gw_req_release(w._w, r)
+        self._r = ffi.NULL
+        w = self._worker
+        if not w._closed:
+            lib.gw_req_release(w._w, r)
         self._keep = None
+
+    def release(self) -> None:
+        """Let go of the request; an unfinished receive is cancelled. While UCX still
+        holds the request (a send, put or get in flight, a receive whose data is landing)
+        its buffers stay referenced by the worker until UCX is done with them."""
+        r = self._r
+        keep, self._keep = self._keep, None
+        if r == ffi.NULL:
+            return
+        self._r = ffi.NULL
+        w = self._worker
+        if w._closed:
+            return
+        if keep is not None and lib.gw_req_state(r) & 2:
+            if self._recv:
+                lib.gw_req_cancel(w._w, r)
+            w._park(r, keep)
+        else:
+            lib.gw_req_release(w._w, r)
 
     cancel = release
 
@@ -305,6 +363,11 @@ class Context(_Closing):
 
     def __init__(self, config: Optional[Dict[str, str]] = None):
         config = dict(config or {})
+        for k, v in config.items():
+            if not isinstance(k, str) or not k:
+                raise TypeError(f"Context: UCX setting names must be non-empty strings, got {k!r}")
+            if v is None or not isinstance(v, (str, int, float)):
+                raise TypeError(f"Context: UCX setting {k}={v!r}: expected a string (or number)")
         keys = [k[4:] if k.upper().startswith("UCX_") else k for k in config]
         vals = [str(v) for v in config.values()]
         ckeys = [ffi.new("char[]", k.encode()) for k in keys]
@@ -315,7 +378,12 @@ class Context(_Closing):
         err = ffi.new("char[512]")
         st = lib.gw_ctx_create(karr, varr, len(keys), out, err, 512)
         if st:
-            raise TransportError("UCX context: " + ffi.string(err).decode(), st)
+            msg = "UCX context: " + ffi.string(err).decode()
+            if st == lib.UCS_ERR_NO_DEVICE:
+                tls = dict(zip(keys, vals)).get("TLS", os.environ.get("UCX_TLS"))
+                msg += (f" (no transport of UCX_TLS={tls!r} is available here)" if tls is not None
+                        else " (UCX found no usable transport)")
+            raise TransportError(msg, st)
         self._c = out[0]
         self.config = dict(zip(keys, vals))
         self._closed = False
@@ -409,6 +477,9 @@ class Worker(_Closing):
     """A UCX worker with gpuwire's progress engine (spin, then block on the event fd)."""
 
     def __init__(self, ctx: Context):
+        if not isinstance(ctx, Context):
+            raise TypeError(f"Worker: expected a transport Context, got {type(ctx).__name__}")
+        ctx._check()
         out = ffi.new("gw_worker_t **")
         st = lib.gw_worker_create(ctx._c, out)
         if st:
@@ -419,17 +490,18 @@ class Worker(_Closing):
         self._endpoints: "weakref.WeakValueDictionary[int, Endpoint]" = weakref.WeakValueDictionary()
         self._listeners: "weakref.WeakSet[Listener]" = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._parked: List[Tuple[Any, Any]] = []  # (C request, buffers) UCX still holds
         self._call_spin_max_us = 0.0   # (the C worker starts with it off)
         try:
             self.spin_us = settings.get("spin_us")
             self.emulate_rtt_us = settings.get("emulate_rtt_us")
-        except ValueError:
+            # default timeout of blocking operations, fixed when the worker is made
+            # (like spin_us): a later settings change does not reach existing workers
+            self._op_ns = _ns(None)
+        except BaseException:
             self._closed = True
             lib.gw_worker_destroy(self._w)
             raise
-        # default timeout of blocking operations, fixed when the worker is made
-        # (like spin_us): a later settings change does not reach existing workers
-        self._op_ns = _ns(None)
         ctx._workers.add(self)
 
     # -- settings
@@ -439,10 +511,11 @@ class Worker(_Closing):
 
     @spin_us.setter
     def spin_us(self, us: float) -> None:
+        self._check()
         us = float(us)
-        if not math.isfinite(us):
+        if not math.isfinite(us) or us > settings.MAX_US:
             raise ValueError(f"spin_us (GPUWIRE_SPIN_US) must be a finite number of "
-                             f"microseconds, got {us!r}")
+                             f"microseconds (at most {settings.MAX_US:g}), got {us!r}")
         self._spin_us = max(us, 0.0)
         lib.gw_worker_set_spin(self._w, int(self._spin_us * 1000))
 
@@ -483,16 +556,18 @@ class Worker(_Closing):
 
     @emulate_rtt_us.setter
     def emulate_rtt_us(self, us: float) -> None:
+        self._check()
         us = float(us or 0)
-        if not math.isfinite(us) or us < 0:
+        if not math.isfinite(us) or not 0 <= us <= settings.MAX_US:
             raise ValueError(f"emulate_rtt_us (GPUWIRE_EMULATE_RTT_US) must be a finite "
-                             f"number >= 0, got {us!r}")
+                             f"number >= 0 (at most {settings.MAX_US:g}), got {us!r}")
         self._rtt_us = us
         lib.gw_worker_set_rtt_emulation(self._w, int(self._rtt_us * 1000))
 
     @property
     def address(self) -> bytes:
         """This worker's address (bytes) for :meth:`connect_address` by a peer."""
+        self._check()
         n = ffi.new("size_t *")
         buf = ffi.new("char[8192]")
         st = lib.gw_worker_address(self._w, buf, 8192, n)
@@ -504,22 +579,31 @@ class Worker(_Closing):
         if self._closed:
             raise ConnectionClosed("worker is closed")
 
+    def _no_tcp(self, what: str) -> str:
+        """Why ``what`` (a sockaddr listener/connection) cannot work on this context: it
+        has no tcp transport ('' if it has, or if UCX's info was not understood)."""
+        tls = self.ctx.transports()
+        if not tls or "tcp" in tls:
+            return ""
+        return (f"{what} needs tcp in UCX_TLS, and this context has {','.join(tls)} "
+                f"(UCX_TLS={self.ctx.config.get('TLS', os.environ.get('UCX_TLS', 'default'))}); "
+                "add tcp, or connect by worker address (Worker.connect_address)")
+
     # -- connections
     def listen(self, host: str = "0.0.0.0", port: int = 0) -> "Listener":
         """Listen for sockaddr connections (needs tcp in UCX_TLS). port 0 picks a free port."""
         self._check()
-        if not isinstance(port, int) or not 0 <= port <= 65535:
+        if not _is_int(port) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
         ip = resolve_host(host)
-        tls = self.ctx.transports()
-        if tls and "tcp" not in tls:  # (empty: UCX's info format not understood; let UCX try)
-            raise TransportError(
-                f"listen on {host}:{port}: a sockaddr listener needs tcp in UCX_TLS, and this "
-                f"context has {','.join(tls)} "
-                f"(UCX_TLS={self.ctx.config.get('TLS', os.environ.get('UCX_TLS', 'default'))}); "
-                "add tcp, or connect by worker address (Worker.connect_address)")
+        no_tcp = self._no_tcp("a sockaddr listener")
+        if no_tcp:
+            raise TransportError(f"listen on {host}:{port}: {no_tcp}")
         out = ffi.new("gw_listener_t **")
         st = lib.gw_listen(self._w, ip.encode(), port, out)
+        if st == lib.UCS_ERR_BUSY:
+            raise TransportError(f"listen on {host}:{port}: address already in use "
+                                 f"({status_string(st)})", st)
         if st:
             _raise(st, f"listen on {host}:{port}")
         l = Listener(self, out[0], ip)
@@ -532,7 +616,7 @@ class Worker(_Closing):
         self._check()
         if port is not None:
             ip, port = resolve_host(address), port
-            if not isinstance(port, int) or not 0 < port <= 65535:
+            if not _is_int(port) or not 0 < port <= 65535:
                 raise ValueError(f"port must be an integer in 1..65535, got {port!r}")
         else:
             ip, port = parse_hostport(address)
@@ -544,8 +628,12 @@ class Worker(_Closing):
         st = lib.gw_connect(self._w, ip.encode(), port, _ns(timeout, None), out)
         if st == lib.UCS_ERR_TIMED_OUT:
             raise ConnectTimeout(f"connect to {ip}:{port}: no handshake within {timeout}s")
+        if st == lib.GW_ERR_BAD_STATE:
+            raise ConnectionClosed(f"connect to {ip}:{port}: the worker is closed")
         if st:
-            raise ConnectionRefused(f"connect to {ip}:{port}: {status_string(st)}")
+            no_tcp = self._no_tcp("a sockaddr connection")
+            raise ConnectionRefused(f"connect to {ip}:{port}: {status_string(st)}"
+                                    + (f" ({no_tcp})" if no_tcp else ""))
         return self._adopt(out[0], f"{ip}:{port}")
 
     def connect_address(self, address: bytes, timeout: Optional[float] = None) -> "Endpoint":
@@ -574,6 +662,8 @@ class Worker(_Closing):
         st = lib.gw_accept_any(self._w, _ns(timeout, None), out)
         if st == lib.UCS_ERR_TIMED_OUT:
             raise OperationTimeout(f"accept by address: nothing within {timeout}s")
+        if st == lib.GW_ERR_BAD_STATE:
+            raise ConnectionClosed("accept by address: the worker is closed")
         if st:
             _raise(st, "accept by address")
         return self._adopt(out[0], "address")
@@ -588,6 +678,7 @@ class Worker(_Closing):
 
     def poll_lost(self) -> List["Endpoint"]:
         """Endpoints that went down since the last call (peer died or closed)."""
+        self._check()
         ids = ffi.new("uint32_t[256]")
         out = []
         while True:
@@ -652,6 +743,7 @@ class Worker(_Closing):
     @property
     def event_fd(self) -> int:
         """An epoll fd that becomes readable when the worker needs progress (for event loops)."""
+        self._check()
         return lib.gw_worker_efd(self._w)
 
     # -- any-source receive
@@ -672,8 +764,15 @@ class Worker(_Closing):
         receive is cancelled: it cannot take a later message."""
         return _wait_or_cancel(self.recv_nb(buf, tag, tag_mask), timeout)
 
-    def _req_array(self, reqs: List[Request], what: str):
+    def _req_array(self, reqs: List[Request], what: str, unique: bool = False):
         self._check()
+        if unique and len(reqs) > 1 and len(set(map(id, reqs))) != len(reqs):
+            seen: Dict[int, int] = {}
+            for i, r in enumerate(reqs):
+                j = seen.setdefault(id(r), i)
+                if j != i:
+                    raise ValueError(f"{what}: request {i} is request {j} again (each request "
+                                     "can be waited for, and its result taken, once)")
         for i, r in enumerate(reqs):
             if not isinstance(r, Request):
                 raise TypeError(f"{what}: expected Requests, got {type(r).__name__} at {i}")
@@ -689,7 +788,7 @@ class Worker(_Closing):
         reqs = list(reqs)
         if not reqs:
             return []
-        arr = self._req_array(reqs, "wait_all")
+        arr = self._req_array(reqs, "wait_all", unique=True)
         st = lib.gw_wait_all(self._w, arr, len(reqs), self._op_ns if timeout is None else _ns(timeout))
         if st == lib.UCS_ERR_TIMED_OUT:
             raise OperationTimeout(f"wait_all: timed out after {timeout}s")
@@ -709,6 +808,23 @@ class Worker(_Closing):
             _raise(i, "wait_any")
         return i
 
+    def _park(self, r, keep) -> None:
+        """Keep ``keep`` (the buffers of released request ``r``, which UCX still holds)
+        alive until UCX is done with it; then release it. Also sweeps earlier ones."""
+        parked = self._parked
+        parked.append((r, keep))
+        self._sweep()
+
+    def _sweep(self) -> None:
+        for item in list(self._parked):
+            if self._closed or lib.gw_req_state(item[0]) & 2:
+                continue
+            try:
+                self._parked.remove(item)  # (whoever removes it releases it: once)
+            except ValueError:
+                continue
+            lib.gw_req_release(self._w, item[0])
+
     def close(self) -> None:
         """Close every endpoint and listener, then the worker. Idempotent."""
         with self._lock:
@@ -716,13 +832,19 @@ class Worker(_Closing):
                 return
             for ep in list(self._endpoints.values()):
                 ep.close(timeout=0.2)
+                for rk in list(ep._rkeys):  # (else never: their __del__ comes after the worker)
+                    rk._destroy()
             for l in list(self._listeners):
                 l.close()
+            self._sweep()
             self._closed = True
             lib.gw_worker_destroy(self._w)
+            self._parked.clear()  # UCX is gone: nothing reads or writes them any more
 
 
 def _req_status(r: Request) -> int:
+    if r._r == ffi.NULL:
+        raise TransportError(f"{r._what}: request already released", 0)
     info = _scratch()
     lib.gw_req_info(r._r, info.st, info.len, info.cid, info.tag, info.hlen)
     return info.st[0]
@@ -730,6 +852,7 @@ def _req_status(r: Request) -> int:
 
 class Listener(_Closing):
     def __init__(self, worker: Worker, l, ip: str):
+        self._closed = True  # (until set up: __del__ of a half-made one does nothing)
         self.worker = worker
         self._l = l
         self.ip = ip
@@ -748,15 +871,26 @@ class Listener(_Closing):
         st = lib.gw_accept(self._l, _ns(timeout, None), out)
         if st == lib.UCS_ERR_TIMED_OUT:
             raise OperationTimeout(f"accept on {self.address}: nobody within {timeout}s")
+        if st == lib.GW_ERR_BAD_STATE:
+            raise ConnectionClosed(f"accept on {self.address}: the listener "
+                                   f"{'is closed' if self._closed else 'or its worker closed'}")
         if st:
             _raise(st, "accept")
         return self.worker._adopt(out[0], "accepted")
 
     def close(self) -> None:
+        """Stop listening (frees the port). A thread blocked in :meth:`accept` gets
+        ConnectionClosed. Idempotent."""
         if not self._closed and not self.worker._closed:
             self._closed = True
             lib.gw_listener_close(self._l)
         self._closed = True
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 class Endpoint(_Closing):
@@ -775,6 +909,7 @@ class Endpoint(_Closing):
         self._op_ns = worker._op_ns
         self._rlen = ffi.new("size_t *")
         self._out = ffi.new("gw_req_t **")
+        self._rkeys: "weakref.WeakSet[RemoteKey]" = weakref.WeakSet()
 
     def __repr__(self):
         return f"<Endpoint {self.id:#x} peer={self.peer!r} state={self.state}>"
@@ -1024,9 +1159,15 @@ class Endpoint(_Closing):
         st = lib.gw_rkey_unpack(self._c, b, len(b), out)
         if st == lib.UCS_ERR_INVALID_PARAM:
             raise ValueError("not a packed gpuwire memory key")
+        if st == lib.GW_ERR_FOREIGN_KEY:
+            raise ValueError(f"unpack rkey: the key was packed by another process than this "
+                             f"endpoint's peer ({self.peer}); RMA with it would reach that "
+                             "process's memory: unpack it on an endpoint to its owner")
         if st:
             _raise(st, "unpack rkey", self)
-        return RemoteKey(self, out[0])
+        rk = RemoteKey(self, out[0])
+        self._rkeys.add(rk)
+        return rk
 
     def _rma(self, local, remote_addr: int, rkey: "RemoteKey", put: bool) -> Request:
         self._check()
@@ -1044,6 +1185,10 @@ class Endpoint(_Closing):
         if st == lib.GW_ERR_OUT_OF_RANGE:
             raise RMAOutOfRange(f"{what}: outside the remote region "
                                 f"[{rkey.base:#x}, {rkey.base + rkey.length:#x})")
+        if st == lib.GW_ERR_READ_ONLY:
+            raise RMAReadOnly(f"{what}: the remote region [{rkey.base:#x}, "
+                              f"{rkey.base + rkey.length:#x}) is read-only (its owner "
+                              "registered a read-only buffer): get from it, do not put")
         if st < 0:
             _raise(st, what, self)
         return Request(self.worker, out[0], (b, rkey), self, what, False)
@@ -1077,12 +1222,22 @@ class Endpoint(_Closing):
         dropped, pending operations fail as with any close, and the peer sees its connection
         go. For connections both sides know to be done (after an application's goodbye),
         whose worker closes soon after: the data endpoint (error mode NONE, which UCX cannot
-        force) is released with the worker, not before."""
+        force) is released with the worker, not before.
+
+        ``timeout``: seconds for the flush and the goodbye, a finite number >= 0 (None: the
+        default 1 s); a bad value raises before anything is closed."""
         if self._closed:
             return
+        if timeout is None:
+            timeout = 1.0
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"close: timeout must be a number of seconds, got {type(timeout).__name__}")
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise ValueError(f"close: timeout must be a finite number of seconds >= 0, got {timeout!r}")
+        ns = int(min(timeout * 1e9, _MAX_NS))
         self._closed = True
         if not self.worker._closed:
-            lib.gw_conn_close_mode(self._c, int(timeout * 1e9), int(bool(force)))
+            lib.gw_conn_close_mode(self._c, ns, int(bool(force)))
         # the C struct stays (closed) until this object is collected, so that a late
         # call through a prepared callable is an error, never a use after free
 
@@ -1100,14 +1255,19 @@ class Endpoint(_Closing):
 
 
 class MemoryRegion(_Closing):
-    """Memory registered with UCX: zero-copy sends/receives and RMA target."""
+    """Memory registered with UCX: zero-copy sends/receives and RMA target.
+
+    A read-only buffer (bytes, a read-only memoryview or array, a read-only RawBuffer)
+    registers read-only (``readonly``): ``view()`` is read-only, and a peer may get from it
+    but not put into it (its packed key says so; the put raises RMAReadOnly)."""
+    _m = None
 
     def __init__(self, ctx: Context, buf: Any, size: Optional[int]):
         if ctx._closed:
             raise ConnectionClosed("context is closed")
         out = ffi.new("gw_mem_t **")
         if buf is None:
-            if not isinstance(size, int) or size <= 0:
+            if not _is_int(size) or size <= 0:
                 raise ValueError(f"register: size must be a positive int, got {size!r}")
             st = lib.gw_mem_map(ctx._c, ffi.NULL, size, out)
             self._buf = None
@@ -1121,6 +1281,9 @@ class MemoryRegion(_Closing):
         if st:
             _raise(st, "register memory")
         self._m = out[0]
+        self.readonly = bool(self._buf is not None and self._buf.readonly)
+        if self.readonly:
+            lib.gw_mem_set_readonly(self._m, 1)
         self.ctx = ctx
         self.base = int(lib.gw_mem_base(self._m))
         self.length = int(lib.gw_mem_length(self._m))
@@ -1136,12 +1299,19 @@ class MemoryRegion(_Closing):
         self._check()
         if self._buf is not None:
             return self._buf
-        return Buffer(RawBuffer(self.base, self.length))
+        b = Buffer(RawBuffer(self.base, self.length))
+        b.obj = (b.obj, self)  # the region stays registered (and allocated) while it lives
+        return b
 
     def view(self) -> memoryview:
-        """The registered bytes as a memoryview (do not use it after close())."""
+        """The registered bytes as a memoryview (do not use it after close(); it keeps
+        the region from being collected). Read-only for a read-only region."""
         self._check()
-        return memoryview(ffi.buffer(ffi.cast("char *", self.base), self.length))
+        # (the pointer's destructor holds the region: a dropped region is not unregistered
+        # while a view of it lives)
+        p = ffi.gc(ffi.cast("char *", self.base), lambda _p, _keep=self: None)
+        mv = memoryview(ffi.buffer(p, self.length))
+        return mv.toreadonly() if self.readonly else mv
 
     def pack(self) -> bytes:
         """The remote key for peers (bytes; send it, then Endpoint.unpack_rkey)."""
@@ -1158,18 +1328,32 @@ class MemoryRegion(_Closing):
             lib.gw_mem_unmap(self._m)
         self._m = None
 
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
 
 class RemoteKey:
+    """A peer's memory region, unpacked from its packed key (Endpoint.unpack_rkey):
+    ``base``/``length`` bound every RMA; ``readonly``: the owner registered read-only
+    memory (gets only)."""
+
     def __init__(self, ep: Endpoint, k):
         self.endpoint = ep
         self._k = k
         self.base = int(lib.gw_rkey_base(k))
         self.length = int(lib.gw_rkey_length(k))
+        self.readonly = bool(lib.gw_rkey_readonly(k))
+
+    def _destroy(self) -> None:
+        k, self._k = self._k, None
+        if k is not None and not self.endpoint.worker._closed:
+            lib.gw_rkey_destroy(k)
 
     def __del__(self):
         try:
-            if self._k is not None and not self.endpoint.worker._closed:
-                lib.gw_rkey_destroy(self._k)
-            self._k = None
+            self._destroy()
         except Exception:
             pass

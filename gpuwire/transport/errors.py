@@ -42,3 +42,8 @@ class MessageTruncated(TransportError):
 
 class RMAOutOfRange(TransportError, ValueError):
     """Put/get outside the remote memory region the key was packed for."""
+
+
+class RMAReadOnly(TransportError, PermissionError):
+    """Put into a remote memory region its owner registered read-only (a read-only buffer,
+    e.g. bytes): the packed key says so, and the put is refused before it leaves."""

@@ -35,7 +35,8 @@ from ... import settings
 from .. import protocol as P
 from .base import CudaCallError, Executor, ExecutorSession, MemoryMap, check_align, fail
 
-settings.register("rpc_cpu_mem_gib", 4.0, float,
+_MEM_GIB_DEFAULT = 4.0
+settings.register("rpc_cpu_mem_gib", _MEM_GIB_DEFAULT, float,
                   "CPU executor: the 'device memory' size reported by cuMemGetInfo and enforced "
                   "across all sessions (GiB).", layer="rpc")
 settings.register("rpc_cpu_chunk", 0, int,
@@ -225,6 +226,14 @@ def _map(addr: Optional[int], size: int, prot: int, flags: int) -> int:
     return p
 
 
+def _host_ram() -> int:
+    """This host's physical memory in bytes (a CPU executor's device memory cannot be more)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):   # pragma: no cover - not Linux
+        return 1 << 62
+
+
 # ----------------------------------------------------------------------------- executor
 
 class CPUStream:
@@ -291,7 +300,17 @@ class CPUExecutor(Executor):
     granularity = 64 << 10
 
     def __init__(self, mem_bytes: Optional[int] = None):
-        self.total = int(mem_bytes if mem_bytes is not None else settings.get("rpc_cpu_mem_gib") * (1 << 30))
+        ram = _host_ram()
+        if mem_bytes is None:
+            gib = float(settings.get("rpc_cpu_mem_gib"))
+            mem_bytes = gib * (1 << 30) if gib - gib == 0 else -1     # (inf, nan: refused below)
+            if gib == _MEM_GIB_DEFAULT:
+                mem_bytes = min(mem_bytes, ram)     # (the default on a host with less RAM: all of it)
+        if not 0 < mem_bytes <= ram:
+            raise ValueError(f"CPU executor memory (--cpu-mem-gib, GPUWIRE_RPC_CPU_MEM_GIB) must be above 0 "
+                             f"and at most this host's RAM ({ram / (1 << 30):.1f} GiB), got "
+                             f"{mem_bytes / (1 << 30) if mem_bytes != -1 else settings.get('rpc_cpu_mem_gib')} GiB")
+        self.total = int(mem_bytes)
         self.bulk_chunk = max(0, int(settings.get("rpc_cpu_chunk")))
         self.used = 0
         self.lock = threading.Lock()
@@ -305,6 +324,15 @@ class CPUExecutor(Executor):
     def describe(self) -> Dict[str, Any]:
         return {"executor": "cpu", "device": "host RAM (gpuwire CPU executor)", "memory": self.total,
                 "kernels": sorted(_KERNELS)}
+
+    def check_va(self, va_size: int) -> None:
+        """At start: can a session reserve ``va_size`` bytes of address space (--va-gib)?"""
+        try:
+            p = _map(None, va_size, _PROT_NONE, _ANON | _MAP_NORESERVE)
+        except OSError as e:
+            raise ValueError(f"--va-gib: cannot reserve {va_size} B of address space for a session: "
+                             f"{e.strerror}") from None
+        _munmap(p, va_size)
 
     def open_session(self, device: int, va_size: int) -> "CPUSession":
         if device != 0:
@@ -426,11 +454,28 @@ class CPUSession(ExecutorSession):
 
     # host memory mirrors
     def host_alloc(self, size: int, flags: int) -> Any:
+        # (server RAM like device memory: counted against the same rpc_cpu_mem_gib budget)
+        ex = self.ex
+        with ex.lock:
+            if size > ex.total - ex.used:
+                raise fail(P.CUDA_ERROR_OUT_OF_MEMORY,
+                           f"host memory: {size} B more do not fit the CPU executor's memory "
+                           f"(rpc_cpu_mem_gib: {ex.used} of {ex.total} B in use)")
+            ex.used += size
+        try:
+            obj = bytearray(size)
+        except MemoryError:
+            with ex.lock:
+                ex.used -= size
+            raise fail(P.CUDA_ERROR_OUT_OF_MEMORY, f"host memory: {size} B: out of server memory") from None
         self.hosts += 1
-        return bytearray(size)
+        return obj
 
     def host_free(self, obj: Any) -> None:
         self.hosts -= 1
+        if isinstance(obj, bytearray):
+            with self.ex.lock:
+                self.ex.used -= len(obj)
 
     # device facts
     def cuDeviceGetName(self, ln, dev):
@@ -439,7 +484,7 @@ class CPUSession(ExecutorSession):
     def cuDeviceGetUuid(self, sink, dev):
         sink.put_bytes(b"gpuwire-cpu-exec"[:16])
 
-    _ATTRS = {1: 1024, 2: 1024, 3: 1024, 4: 64, 5: 1 << 31, 6: 65535, 7: 65535, 8: 48 << 10, 10: 32,
+    _ATTRS = {1: 1024, 2: 1024, 3: 1024, 4: 64, 5: (1 << 31) - 1, 6: 65535, 7: 65535, 8: 48 << 10, 10: 32,
               16: 0, 75: 0, 76: 0}
 
     def cuDeviceGetAttribute(self, attrib, dev):
@@ -482,6 +527,8 @@ class CPUSession(ExecutorSession):
         return None
 
     def cuStreamWaitEvent(self, s, e, flags):
+        if flags & ~0x1:    # (CU_EVENT_WAIT_DEFAULT 0, CU_EVENT_WAIT_EXTERNAL 1)
+            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"cuStreamWaitEvent: flags {flags:#x}")
         return None
 
     def cuEventCreate(self, hid, flags):
@@ -541,8 +588,16 @@ class CPUSession(ExecutorSession):
         return 0
 
     def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shmem, stream, params):
-        if min(gx, gy, gz, bx, by, bz) < 1 or bx * by * bz > 1024:
-            raise fail(P.CUDA_ERROR_INVALID_VALUE, f"cuLaunchKernel: grid ({gx},{gy},{gz}) block ({bx},{by},{bz})")
+        # the limits a GPU has (the attributes above: code that runs here must not fail there)
+        A = self._ATTRS
+        if min(gx, gy, gz, bx, by, bz) < 1 or bx * by * bz > A[1] or bx > A[2] or by > A[3] or bz > A[4] \
+                or gx > A[5] or gy > A[6] or gz > A[7]:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE,
+                       f"cuLaunchKernel: grid ({gx},{gy},{gz}) block ({bx},{by},{bz}) is outside the device's "
+                       f"limits (grid {A[5]}x{A[6]}x{A[7]}, block {A[2]}x{A[3]}x{A[4]}, {A[1]} threads)")
+        if shmem > A[8]:
+            raise fail(P.CUDA_ERROR_INVALID_VALUE,
+                       f"cuLaunchKernel: sharedMemBytes {shmem} is above the {A[8]} B a block may have")
         k = f.kernel
         data = params.read() if hasattr(params, "read") else params
         if len(data) != k.unpack.size:
