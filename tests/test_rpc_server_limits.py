@@ -378,3 +378,31 @@ def test_cli_gpu_executor_in_thread_mode_without_cuda_exits_2():
     rc, err = _serve("--executor", "gpu", "--isolation", "thread", "--token", "t",
                      "--listen", f"127.0.0.1:{_free_port()}")
     assert rc == 2 and len(err) == 1 and "cuda.bindings" in err[0], err
+
+
+def test_session_worker_stops_listening_once_its_client_is_in():
+    """Process isolation: the session worker's listener closes when its session has
+    authenticated, so no other connection can share the session's transport worker."""
+    from gpuwire import transport as t
+    from test_rpc_support import start_server
+    srv = start_server("cpu-proc")
+    try:
+        s = srv.connect()
+        try:
+            assert s.address != srv.address                   # redirected to the session worker
+            ctx = t.Context({"TLS": "tcp,self"})
+            try:
+                w = ctx.worker()
+                host, port = t.parse_hostport(s.address)
+                with pytest.raises((t.ConnectionRefused, t.ConnectTimeout, t.ConnectionLost)):
+                    ep = w.connect(f"{host}:{port}", timeout=3.0)
+                    ep.close()
+            finally:
+                ctx.close()
+            buf = s.alloc(64)                                  # the session itself goes on
+            s.memset(buf, 3, 64)
+            assert (s.copy_to_host(bytearray(64), buf) == bytes([3]) * 64)
+        finally:
+            s.close()
+    finally:
+        srv.stop()

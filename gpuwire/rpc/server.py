@@ -1143,6 +1143,14 @@ class ServerSession:
                     self.serve_c.detach()
         self.client = {"pid": pid, **{k: v for k, v in info.items() if k in ("name", "pid")}}
         self.ready = True
+        if srv.single:
+            # a session worker serves this one session: no later connection may share its
+            # transport worker (connections of one worker are told apart by an id the sender
+            # writes: docs/protocol.md "Security"), so its listener closes now
+            try:
+                srv.listener.close()
+            except Exception:
+                log.exception("session worker: closing the listener")
         self.call_seq = 1
         extras = {"session": self.id, "executor": srv.executor.kind, "server": __version__,
                   "protocol": P.PROTOCOL_VERSION, "va_base": self.es.va_base, "va_size": self.es.va_size,
