@@ -395,3 +395,16 @@ def test_a_copy_larger_than_the_servers_bulk_max_is_refused_at_once(s):
     s.sync()                                           # nothing half-sent: the session goes on
     s._bulk_max = 1 << 62
     s.copy_to_host(out, buf)
+
+
+@pytest.mark.parametrize("name,value", [("rpc_spin_us", "inf"), ("rpc_server_spin_us", "nan"),
+                                        ("rpc_timeout_s", -1), ("rpc_flush_us", "nan"),
+                                        ("rpc_bulk_timeout_s", 0), ("rpc_lane_wait_s", -2),
+                                        ("rpc_hello_timeout_s", "inf"), ("rpc_worker_claim_s", 0)])
+def test_rpc_time_settings_refuse_bad_values_by_name(name, value):
+    import gpuwire.rpc.server  # noqa: F401  (registers the server's settings)
+    with pytest.raises(ValueError, match="GPUWIRE_" + name.upper()):
+        with settings.override(**{name: value}):
+            pass
+    settings.set("rpc_spin_us", -1)                    # negative: the transport's spin_us (allowed)
+    settings.set("rpc_spin_us", 1000.0)

@@ -36,7 +36,17 @@ settings.register("rpc_batch_calls", 4096, int,
 settings.register("rpc_batch_first", 2, int,
                   "Client: after a sync point the first batch goes out at this many calls, the next at "
                   "twice as many, up to rpc_batch_calls (gets an idle server going early).", layer="rpc")
-settings.register("rpc_flush_us", 200.0, float,
+def _spin_us(value):
+    """A settings type: microseconds to spin, finite and at most settings.MAX_US; negative
+    means the transport's spin_us."""
+    v = float(value) if not isinstance(value, bool) else float("nan")
+    if not (v == v and abs(v) <= settings.MAX_US):
+        raise ValueError(f"must be a finite number of microseconds (negative: the transport's spin_us), "
+                         f"got {value!r}")
+    return v
+
+
+settings.register("rpc_flush_us", 200.0, settings.finite_us,
                   "Client: flush a started batch after this many microseconds (0: only on the other "
                   "triggers).", layer="rpc")
 def _on_off_auto(raw) -> str:
@@ -98,7 +108,7 @@ settings.register("rpc_lanes_max", 4, int,
 settings.register("rpc_lane_min", 256 << 10, int,
                   "Server: bulk payloads of at least this many bytes use a session's bulk lanes (smaller "
                   "ones, frames and replies stay on its connection).", layer="rpc")
-settings.register("rpc_lane_wait_s", 10.0, float,
+settings.register("rpc_lane_wait_s", 10.0, settings.positive_seconds,
                   "Seconds the lanes' set-up waits for a connection, its hello or its acknowledgement.",
                   layer="rpc")
 settings.register("rpc_hostmap", "auto", _on_off_auto,
@@ -111,9 +121,9 @@ settings.register("rpc_hostmap", "auto", _on_off_auto,
 settings.register("rpc_inline_max", 64 << 10, int,
                   "Client: host buffers up to this size travel inside the frame; larger ones as separate "
                   "zero-copy messages.", layer="rpc")
-settings.register("rpc_timeout_s", 0.0, float,
+settings.register("rpc_timeout_s", 0.0, settings.seconds,
                   "Client: seconds a sync call waits for its reply (0: forever).", layer="rpc")
-settings.register("rpc_spin_us", 1000.0, float,
+settings.register("rpc_spin_us", 1000.0, _spin_us,
                   "Client: microseconds a sync call spins on the connection before blocking (like CUDA's "
                   "spin-wait; a blocked thread wakes up tens of microseconds late). Negative: the "
                   "transport's spin_us.", layer="rpc")
@@ -124,7 +134,7 @@ settings.register("rpc_spin_adapt_us", 20000.0, settings.finite_us,
                   "ms) does not pay a wake-up per step, as CUDA's default spin-wait does not. 0: off. "
                   "Only on machines with 4 or more logical CPUs (CUDA's default yields instead where "
                   "threads outnumber CPUs).", layer="rpc")
-settings.register("rpc_server_spin_us", 1000.0, float,
+settings.register("rpc_server_spin_us", 1000.0, _spin_us,
                   "Server: microseconds a session spins waiting for its next frame before blocking. "
                   "Negative: the transport's spin_us.", layer="rpc")
 settings.register("rpc_tls", "", str,

@@ -57,7 +57,7 @@ settings.register("rpc_worker_spawn_cpus", "", cpu_list,
                   "UCX and CUDA initialisation: about a second of one CPU) on the CPUs of running sessions slows "
                   "them meanwhile (session 9: whole rounds of a pinned MLP bench 1.10-1.15x instead of 1.02x).",
                   layer="rpc")
-settings.register("rpc_worker_claim_s", 30.0, float,
+settings.register("rpc_worker_claim_s", 30.0, settings.positive_seconds,
                   "Server, process isolation: seconds a session worker waits for its client to reconnect.",
                   layer="rpc")
 settings.register("rpc_hostmap_offer", True, bool,
@@ -81,11 +81,11 @@ settings.register("rpc_server_session_cpu", -1, int,
                   "none of them preempts it. Placed when the session starts and again after its lanes "
                   "connect. -1: off (the OS places threads). Ignored with thread isolation (sessions share "
                   "the process) and when the CPU is not one the worker may use.", layer="rpc")
-settings.register("rpc_hello_timeout_s", 10.0, float,
+settings.register("rpc_hello_timeout_s", 10.0, settings.seconds,
                   "Server: seconds a new connection has to complete its hello (authenticate); after that "
                   "it is closed, so idle unauthenticated connections do not pile up (0: no limit).",
                   layer="rpc")
-settings.register("rpc_bulk_timeout_s", 120.0, float,
+settings.register("rpc_bulk_timeout_s", 120.0, settings.positive_seconds,
                   "Server: seconds to wait for a bulk payload a frame announced.", layer="rpc")
 settings.register("rpc_c_bulk", True, bool,
                   "Server (C): frames of async H2D copies (payloads received into a ring of staging slots "
