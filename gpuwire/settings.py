@@ -38,31 +38,29 @@ def _number(value: Any) -> float:
     return float(value)
 
 
+def _in_range(value: Any, lo_open: bool, hi: float, what: str) -> float:
+    """``value`` as a finite float in [0, hi] (or (0, hi] with lo_open), else ValueError
+    'must be a finite number {what}'."""
+    v = _number(value)
+    if not math.isfinite(v) or not (0 < v if lo_open else 0 <= v) or v > hi:
+        raise ValueError(f"must be a finite number {what}, got {value!r}")
+    return v
+
+
 def finite_us(value: Any) -> float:
     """A settings type shared by the layers: a finite number >= 0 (microseconds), at most
     MAX_US."""
-    v = _number(value)
-    if not math.isfinite(v) or not 0 <= v <= MAX_US:
-        raise ValueError(f"must be a finite number >= 0 and <= {MAX_US:g} (µs), got {value!r}")
-    return v
+    return _in_range(value, False, MAX_US, f">= 0 and <= {MAX_US:g} (µs)")
 
 
 def seconds(value: Any) -> float:
     """A settings type: a finite number of seconds >= 0, at most MAX_S."""
-    v = _number(value)
-    if not math.isfinite(v) or not 0 <= v <= MAX_S:
-        raise ValueError(f"must be a finite number of seconds >= 0 and <= {MAX_S:g}, "
-                         f"got {value!r}")
-    return v
+    return _in_range(value, False, MAX_S, f"of seconds >= 0 and <= {MAX_S:g}")
 
 
 def positive_seconds(value: Any) -> float:
     """A settings type: a finite number of seconds > 0, at most MAX_S."""
-    v = _number(value)
-    if not math.isfinite(v) or not 0 < v <= MAX_S:
-        raise ValueError(f"must be a finite number of seconds > 0 and <= {MAX_S:g}, "
-                         f"got {value!r}")
-    return v
+    return _in_range(value, True, MAX_S, f"of seconds > 0 and <= {MAX_S:g}")
 
 
 def one_of(*choices: str) -> Callable[[Any], str]:

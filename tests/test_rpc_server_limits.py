@@ -19,16 +19,9 @@ import pytest
 from gpuwire import transport as t
 from gpuwire.rpc import protocol as P
 from gpuwire.rpc.codegen import layout
-from gpuwire.rpc.spec import SPEC_VERSION, default_spec
-from test_rpc_support import TOKEN, start_server, wait_until
-from test_rpc_wire import Raw, err_of, frame, record
-
-
-def _hello(info: bytes, token=TOKEN) -> bytes:
-    tok = token.encode()
-    body = P.HELLO_REQ.pack(P.PROTOCOL_VERSION, P.PROTOCOL_VERSION, os.getpid(), len(tok), len(info)) + tok + info
-    body += record("gwHello", SPEC_VERSION, default_spec().fingerprint64)
-    return P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.F_HELLO | P.F_SYNC, 0, 1, len(body)) + body
+from gpuwire.rpc.spec import default_spec
+from test_rpc_support import start_server, wait_until
+from test_rpc_wire import Raw, err_of, frame, hello_frame, record
 
 
 def _hello_info(rep: bytes) -> dict:
@@ -101,10 +94,10 @@ def server():
 def test_bad_hello_info_gets_an_error_reply(server, info, why):
     raw = Raw(server)
     try:
-        st, msg = err_of(raw.call(_hello(info)))
+        st, msg = err_of(raw.call(hello_frame(info=info)))
         assert st == P.ST_MALFORMED and "hello info" in msg and why in msg, msg
         # the connection stays usable: a good hello on it opens the session
-        assert err_of(raw.call(_hello(json.dumps({"name": "raw"}).encode()))) is None
+        assert err_of(raw.call(hello_frame())) is None
         assert _sync(raw, 1) == (0, None)
     finally:
         raw.close()

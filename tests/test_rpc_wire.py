@@ -96,10 +96,11 @@ def frame(seq: int, recs, flags=0, version=P.PROTOCOL_VERSION, magic=P.MAGIC) ->
     return P.HEADER.pack(magic, version, flags, seq, len(recs), len(body)) + body
 
 
-def hello_frame(token=TOKEN, fingerprint=None, pmin=P.PROTOCOL_VERSION, pmax=P.PROTOCOL_VERSION) -> bytes:
+def hello_frame(token=TOKEN, fingerprint=None, pmin=P.PROTOCOL_VERSION, pmax=P.PROTOCOL_VERSION,
+                info: bytes = None) -> bytes:
     spec = default_spec()
     tok = token.encode() if token else b""
-    info = json.dumps({"name": "raw"}).encode()
+    info = json.dumps({"name": "raw"}).encode() if info is None else info
     body = P.HELLO_REQ.pack(pmin, pmax, os.getpid(), len(tok), len(info)) + tok + info
     body += record("gwHello", SPEC_VERSION, spec.fingerprint64 if fingerprint is None else fingerprint)
     return P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.F_HELLO | P.F_SYNC, 0, 1, len(body)) + body

@@ -41,12 +41,19 @@ def run_snippet(body, peer=None, tls="tcp,self", timeout=30, env=None):
                 return e
             print("NO-EXCEPTION", flush=True)
     """)
-    code = prelude + textwrap.dedent(body) + '\nprint("SNIPPET-END", flush=True)\n'
+    env = dict(env or {})
+    if peer is not None:
+        env["GW_PEER"] = peer.address
+        env["GW_PEER_PID"] = str(peer.pid)
+    return run_code(prelude + textwrap.dedent(body), timeout, env)
+
+
+def run_code(code, timeout, env=None):
+    """Run ``code`` (then print SNIPPET-END) in a fresh interpreter with ``env`` added to
+    the environment; returns (returncode or "timeout", stdout, stderr)."""
+    code += '\nprint("SNIPPET-END", flush=True)\n'
     full_env = dict(os.environ)
     full_env.update(env or {})
-    if peer is not None:
-        full_env["GW_PEER"] = peer.address
-        full_env["GW_PEER_PID"] = str(peer.pid)
     try:
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            timeout=timeout, env=full_env)

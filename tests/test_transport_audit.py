@@ -7,8 +7,6 @@ import gc
 import math
 import os
 import struct
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -20,6 +18,7 @@ from gpuwire import settings
 from gpuwire import transport as t
 from gpuwire.transport import core
 from conftest import TLS
+from test_transport_api import _pair, run_code, assert_snippet_ok as assert_ok
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,38 +56,7 @@ def run_py(body: str, timeout: float = 60, env=None):
                 ev.set(); th.join()
             return stop
     """)
-    code = prelude + textwrap.dedent(body) + '\nprint("SNIPPET-END", flush=True)\n'
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=timeout, env=full_env)
-    except subprocess.TimeoutExpired as e:
-        return "timeout", e.stdout or "", e.stderr or ""
-    return p.returncode, p.stdout, p.stderr
-
-
-def assert_ok(res, *lines):
-    rc, out, err = res
-    assert rc == 0, f"snippet died (rc={rc}); stdout:\n{out}\nstderr:\n{err[-3000:]}"
-    assert "SNIPPET-END" in out
-    for line in lines:
-        assert line in out, f"{line!r} not in output:\n{out}\nstderr:\n{err[-2000:]}"
-
-
-def _pair(ctx):
-    """(server worker, client worker, server ep, client ep) over 127.0.0.1, port 0."""
-    ws, wc = ctx.worker(), ctx.worker()
-    lst = ws.listen("127.0.0.1", 0)
-    got = {}
-    th = threading.Thread(target=lambda: got.setdefault("ep", lst.accept(timeout=10)))
-    th.start()
-    try:
-        cep = wc.connect("127.0.0.1", lst.port, timeout=10)
-    finally:
-        th.join(10)
-    lst.close()
-    return ws, wc, got["ep"], cep
+    return run_code(prelude + textwrap.dedent(body), timeout, env)
 
 
 class _Pump:

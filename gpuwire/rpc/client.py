@@ -37,7 +37,7 @@ from . import pinned as _pinned
 from . import protocol as P
 from .codegen import client_class, raw_class
 from .protocol import CudaError, DeferredCudaError, ProtocolError, SessionClosed
-from .spec import SPEC_VERSION, default_spec, image_bytes
+from .spec import SPEC_VERSION, default_spec, image_bytes, image_format
 
 _REPLY_CAP = (P.HEADER_SIZE + 4096 + (1 << 20))
 _SHM_TLS = frozenset(("posix", "sysv", "cma", "xpmem", "knem", "self"))   # UCX shared-memory transports
@@ -280,13 +280,17 @@ def _ptx_param_kinds(image: Any) -> Dict[str, List[str]]:
     if image is None:
         return {}
     try:
-        b = bytes(memoryview(image).cast("B")[:8])
-        if b[:4] == b"\x7fELF" or b[:4] == b"\x50\xed\x55\xba":
+        if image_format(image) != "ptx":
             return {}
         from .ptx_access import param_kinds
         return param_kinds(bytes(memoryview(image).cast("B")).decode("latin-1"))
     except Exception:   # (a PTX the scan cannot read: the values' types decide)
         return {}
+
+
+def _intlike(v: Any) -> bool:
+    """An integer (int, numpy integer, DeviceBuffer, handle: anything with __index__), not a bool."""
+    return not isinstance(v, bool) and hasattr(v, "__index__")
 
 
 _FLOAT_CODES = {2: "e", 4: "f", 8: "d"}
@@ -307,18 +311,14 @@ def _param_struct(kname: str, layout: List[Tuple[int, int]], args: Sequence[Any]
         c = False
         k = kinds[i] if kinds is not None else None
         isfloat = isinstance(a, float) or type(a).__name__.startswith("float")
-        isint = not isfloat and not isinstance(a, bool) and hasattr(a, "__index__")
+        isint = not isfloat and _intlike(a)
         where = f"kernel {kname}: parameter {i} ({size} B at offset {off}"
         if k == "f":
             if not (isfloat or isint):
                 raise TypeError(f"{where}, a float) takes a number, not {type(a).__name__}")
             code = _FLOAT_CODES.get(size)
-        elif k == "i":
-            if not isint:
-                raise TypeError(f"{where}, an integer) takes an int, not {type(a).__name__} {a!r}")
-            code = _INT_CODES.get(size)
-            if code and isinstance(a, (DeviceBuffer, _Handle)):
-                code = code.upper()
+        elif k == "i" and not isint:
+            raise TypeError(f"{where}, an integer) takes an int, not {type(a).__name__} {a!r}")
         elif k == "b" or not (isfloat or isint):
             try:
                 nb = memoryview(a).nbytes
@@ -330,7 +330,7 @@ def _param_struct(kname: str, layout: List[Tuple[int, int]], args: Sequence[Any]
             code, c = f"{size}s", True
         elif isfloat:
             code = _FLOAT_CODES.get(size)
-        else:
+        else:                   # an integer (a PTX integer parameter, or no PTX type)
             code = _INT_CODES.get(size)
             if code and isinstance(a, (DeviceBuffer, _Handle)):
                 code = code.upper()
@@ -915,8 +915,8 @@ class Session(Stubs):
         self._tseq = None         # where the C timer reads the seq of the frame being built
         try:
             # the hello is part of connecting: bounded by the connect timeout
-            self._hello_tmo = float(settings.get("connect_timeout_s") if timeout is None else timeout)
-            info = self._hello(token, name, device)
+            hello_tmo = float(settings.get("connect_timeout_s") if timeout is None else timeout)
+            info = self._hello(token, name, device, hello_tmo)
             if "redirect_port" in info:
                 # process isolation: the server hands us to a session worker of our own
                 host = t.parse_hostport(address)[0]
@@ -924,7 +924,7 @@ class Session(Stubs):
                 target = f"[{host}]:{info['redirect_port']}" if ":" in host else f"{host}:{info['redirect_port']}"
                 self._ep = self._w.connect(target, timeout=timeout)
                 self.address = target
-                info = self._hello(info["ticket"], name, device)
+                info = self._hello(info["ticket"], name, device, hello_tmo)
                 if "redirect_port" in info:
                     raise ProtocolError("gpuwire server redirected twice")
             self._setup(info)
@@ -979,15 +979,10 @@ class Session(Stubs):
         self._lane_eps = eps
 
     # ------------------------------------------------------------------ hello / bye
-    def _hello(self, token: Optional[str], name: str, device: Optional[int]) -> Dict[str, Any]:
+    def _hello(self, token: Optional[str], name: str, device: Optional[int], tmo: float) -> Dict[str, Any]:
         spec = default_spec()
         tok = (settings.get("rpc_token") if token is None else token) or ""
-        if isinstance(tok, str):
-            tokb = tok.encode()
-        elif isinstance(tok, (bytes, bytearray, memoryview)):
-            tokb = bytes(tok)
-        else:
-            raise TypeError(f"connect: token must be a str or bytes, not {type(tok).__name__}")
+        tokb = _as_bytes(tok, "connect: token must be a str or bytes")
         hello = {"name": name, "pid": os.getpid(), "device": device}
         if self._lanes_want:
             hello["lanes"] = self._lanes_want
@@ -1003,10 +998,10 @@ class Session(Stubs):
                                         len(body) + len(rec))) + body + rec
         try:
             n = self._ep.call(bytes(frame), self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
-                              timeout=self._hello_tmo)
+                              timeout=tmo)
         except t.OperationTimeout:
             raise t.ConnectTimeout(f"{self.address}: no answer to the gpuwire hello within "
-                                   f"{self._hello_tmo:g} s (not a gpuwire server, or one too busy to answer)") from None
+                                   f"{tmo:g} s (not a gpuwire server, or one too busy to answer)") from None
         rep = self._repmv
         magic, ver, flags, seq, _nc, blen = P.HEADER.unpack_from(rep, 0)
         if magic != P.MAGIC:
@@ -1119,7 +1114,6 @@ class Session(Stubs):
                 pass
             finally:
                 self.closed = True
-                self._cap = 0
                 self._timer_ev.set()
                 if self._tc is not None:
                     _rpc_lib.gw_rpc_timer_stop(self._tc)
@@ -1528,7 +1522,7 @@ class Session(Stubs):
 
     def _va_alloc(self, n: int, name: str) -> int:
         if type(n) is not int:
-            if isinstance(n, bool) or not hasattr(n, "__index__"):
+            if not _intlike(n):
                 raise TypeError(f"{name}: bytesize must be an int, got {n!r}")
             n = operator.index(n)            # (numpy integers)
         if n <= 0:
@@ -1607,12 +1601,7 @@ class Session(Stubs):
 
     @staticmethod
     def _cstring(s: Any) -> bytes:
-        if isinstance(s, str):
-            s = s.encode()
-        elif isinstance(s, (bytes, bytearray, memoryview)):
-            s = bytes(s)
-        else:
-            raise TypeError(f"expected a name (str or bytes), not {type(s).__name__}")
+        s = _as_bytes(s, "expected a name (str or bytes)")
         if b"\0" in s[:-1]:
             raise ValueError(f"name {s!r} holds a NUL byte")
         return s if s.endswith(b"\0") else s + b"\0"
@@ -2064,7 +2053,7 @@ def _dim3(d: Any, what: str = "grid") -> Tuple[int, int, int]:
                 return (d[0], d[1], 1)
         elif n == 1 and type(d[0]) is int:
             return (d[0], 1, 1)
-    if hasattr(d, "__index__") and not isinstance(d, bool):
+    if _intlike(d):
         return (operator.index(d), 1, 1)
     try:
         t_ = tuple(d)
@@ -2074,10 +2063,19 @@ def _dim3(d: Any, what: str = "grid") -> Tuple[int, int, int]:
         raise ValueError(f"launch: {what} must have 1-3 dimensions, got {len(t_)}: {d!r}")
     out = []
     for v in t_:
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
+        if not _intlike(v):
             raise TypeError(f"launch: {what} {d!r}: dimensions must be ints, not {type(v).__name__}")
         out.append(operator.index(v))
     return (tuple(out) + (1, 1, 1))[:3]  # type: ignore[return-value]
+
+
+def _as_bytes(x: Any, what: str) -> bytes:
+    """A str (UTF-8) or bytes-like value as bytes; anything else: TypeError ``what``."""
+    if isinstance(x, str):
+        return x.encode()
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return bytes(x)
+    raise TypeError(f"{what}, not {type(x).__name__}")
 
 
 def _nbytes_arg(what: str, arg: str, buf: Any, nbytes: Any) -> int:
@@ -2088,7 +2086,7 @@ def _nbytes_arg(what: str, arg: str, buf: Any, nbytes: Any) -> int:
         except TypeError:
             raise TypeError(f"{what}: {arg} must be a buffer (numpy array, bytes, bytearray, ...), "
                             f"not {type(buf).__name__}") from None
-    if isinstance(nbytes, bool) or not hasattr(nbytes, "__index__"):
+    if not _intlike(nbytes):
         raise TypeError(f"{what}: nbytes must be an int, not {type(nbytes).__name__}")
     n = operator.index(nbytes)
     if n < 0:

@@ -876,10 +876,11 @@ class ServerSession:
                     self._note_error(e, vals, blobs, P.CUDA_ERROR_INVALID_VALUE, pos, seq, cseq)
                     return None
             sinks = [OutSink(self, 0 if r == P.ROUTE_REPLY else r, n, call.deferred) for r, n in zip(routes, sizes)]
-            if not call.deferred and sum(n for r, n in zip(routes, sizes) if not r) > self.inline_max:
+            inline = 0 if call.deferred else sum(n for r, n in zip(routes, sizes) if not r)
+            if inline > self.inline_max:
                 # results inline in the reply (route 0): at most inline_max (the hello says it); larger
                 # ones need a bulk route (the reply buffer holds no more)
-                self.errmsg = (f"{call.name}: {sum(n for r, n in zip(routes, sizes) if not r)} B of results "
+                self.errmsg = (f"{call.name}: {inline} B of results "
                                f"do not fit inline in the reply (at most {self.inline_max} B; larger ones "
                                f"need a bulk route)")
                 for b in blobs:
@@ -1665,33 +1666,6 @@ class ServerSession:
 _VA_MAX = 1 << 47     # a session's VA range at most (a process's user address space)
 
 
-def _check_listen(host: str, port: int) -> None:
-    """Fail at start with a clear reason when ``host:port`` cannot be listened on (in use, not
-    an address of this machine); the transport's own error says 'Device is busy' and the like."""
-    import errno
-    import socket
-    if not port:
-        return
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        so = socket.socket(fam, socket.SOCK_STREAM)
-    except OSError:
-        return
-    try:
-        so.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        so.bind((host, port))
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            why = "address already in use"
-        elif e.errno == errno.EADDRNOTAVAIL:
-            why = f"{host} is not an address of this machine"
-        else:
-            why = e.strerror or str(e)
-        raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
-    finally:
-        so.close()
-
-
 def _hostmap_cap() -> int:
     """Bytes of client memory one session may have mapped (rpc_hostmap_max_gib)."""
     return int(float(settings.get("rpc_hostmap_max_gib")) * (1 << 30))
@@ -1771,7 +1745,10 @@ class Server:
         self.tls = tls
         self.pool: Optional[WorkerPool] = None
         host, port = t.parse_hostport(listen, default_port=DEFAULT_PORT)
-        _check_listen(host, port)
+        try:                                # (in use, not an address here: fail before the executor starts)
+            t.check_listen(host, port)
+        except t.TransportError as e:
+            raise ValueError(f"cannot {e}") from None
         if executor == "gpu" and executor_obj is None:
             try:  # fail at start, not at the first connect (importing initialises nothing)
                 from cuda.bindings import driver  # noqa: F401
@@ -1825,8 +1802,7 @@ class Server:
             self.ctx.close()
             if self.executor is not None and executor_obj is None:
                 self.executor.close()
-            why = "address already in use" if "busy" in str(e).lower() else str(e)
-            raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
+            raise ValueError(f"cannot {e}") from None
         self.address = self.listener.address
         self.port = self.listener.port
         self.sessions: Dict[int, ServerSession] = {}

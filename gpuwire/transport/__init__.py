@@ -11,7 +11,7 @@ Quick start::
 from ._lib import built_version, runtime_version, library_path, load_source, UCXLibraryError
 from .core import (
     ANY_TAG_MASK, ECHO_STOP_TAG, EXACT_TAG, MAX_TAG, Buffer, Context, Endpoint, Listener, MemoryRegion,
-    RawBuffer, Received, RemoteKey, Request, Worker, parse_hostport, status_string,
+    RawBuffer, Received, RemoteKey, Request, Worker, check_listen, parse_hostport, status_string,
 )
 from .errors import (
     ConnectionClosed, ConnectionLost, ConnectionRefused, ConnectTimeout, MessageTruncated,
@@ -24,5 +24,5 @@ __all__ = [
     "TransportError", "ConnectionLost", "ConnectionClosed", "ConnectionRefused",
     "ConnectTimeout", "OperationTimeout", "MessageTruncated", "RMAOutOfRange", "RMAReadOnly",
     "built_version", "runtime_version", "library_path", "load_source", "UCXLibraryError",
-    "parse_hostport", "status_string",
+    "check_listen", "parse_hostport", "status_string",
 ]

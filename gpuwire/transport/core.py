@@ -461,6 +461,34 @@ def parse_hostport(text: str, default_port: Optional[int] = None) -> Tuple[str, 
     return resolve_host(host), port
 
 
+def check_listen(host: str, port: int) -> None:
+    """TransportError 'listen on HOST:PORT: <why>' when ``host:port`` cannot be listened on
+    (the address is in use, or not an address of this machine), found with a plain socket
+    bind: UCX's own errors for these say 'Device is busy' or 'Input/output error'. Port 0
+    (any free port) is not checked."""
+    import errno
+    if not port:
+        return
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        so = socket.socket(fam, socket.SOCK_STREAM)
+    except OSError:
+        return
+    try:
+        so.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        so.bind((host, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            why = "address already in use"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            why = f"{host} is not an address of this machine"
+        else:
+            why = e.strerror or str(e)
+        raise TransportError(f"listen on {host}:{port}: {why}", 0) from None
+    finally:
+        so.close()
+
+
 def resolve_host(host: str) -> str:
     try:
         infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
@@ -599,6 +627,7 @@ class Worker(_Closing):
         no_tcp = self._no_tcp("a sockaddr listener")
         if no_tcp:
             raise TransportError(f"listen on {host}:{port}: {no_tcp}")
+        check_listen(ip, port)
         out = ffi.new("gw_listener_t **")
         st = lib.gw_listen(self._w, ip.encode(), port, out)
         if st == lib.UCS_ERR_BUSY:
