@@ -316,13 +316,41 @@ static int amap_ok(const amap_t *m, uint64_t p, uint64_t n) {
 #define GW_RPC_PARAMS 3 /* function id -> malloc'd parameter offsets (aux: count) */
 #define GW_RPC_MAXPARAMS 128
 
+/* a launch's signature in a graphed run: what must match for the run's graph to replay it */
+typedef struct {
+  uint64_t fid;     /* function (wire id) */
+  uint32_t dim[7];  /* grid x y z, block x y z, dynamic shared memory */
+  uint32_t plen;    /* parameter bytes */
+} gsig_t;
+
+/* a run the session has seen (a graph once it was seen twice) */
+typedef struct {
+  uint64_t key;     /* hash of the signatures (0: free slot) */
+  uint64_t used;    /* LRU tick */
+  uint32_t n;       /* launches */
+  int failed;       /* its graph failed once: the run goes one by one */
+  gsig_t *sig;
+  void *graph, *exec;
+  void **nodes;
+  uint8_t *params;  /* each node's parameter bytes as last set (at poff[k]) */
+  uint32_t *poff;
+} gent_t;
+
 struct gw_rpc_sess {
   htab_t tab[4];
   amap_t allocs;
   uint16_t ids[GW_RPC_NHOT];
   void *fn[GW_RPC_NHOT];
   int8_t hot_by_id[65536]; /* call id -> hot index, or -1 */
+  /* launch-run graphs (gw_rpc_graph_setup) */
+  gw_rpc_graph_fns_t g;
+  uint32_t g_min, g_cap;
+  gent_t *g_ents;
+  uint64_t g_tick;
+  uint64_t g_stat[GW_RPC_GS_N];
 };
+
+static void graph_flush(gw_rpc_sess_t *s, int count);
 
 gw_rpc_sess_t *gw_rpc_sess_new(void) {
   gw_rpc_sess_t *s = calloc(1, sizeof(*s));
@@ -333,6 +361,8 @@ gw_rpc_sess_t *gw_rpc_sess_new(void) {
 
 void gw_rpc_sess_free(gw_rpc_sess_t *s) {
   if (!s) return;
+  graph_flush(s, 0);
+  free(s->g_ents);
   htab_t *pt = &s->tab[GW_RPC_PARAMS];
   for (size_t i = 0; i < pt->cap; i++)
     if (pt->state[i] == 1) free((void *)(uintptr_t)pt->vals[i]);
@@ -352,6 +382,7 @@ void gw_rpc_set_call(gw_rpc_sess_t *s, int which, uint16_t call_id, void *fn) {
 
 int gw_rpc_bind(gw_rpc_sess_t *s, int kind, uint64_t id, uint64_t handle, uint32_t aux) {
   if (kind < 0 || kind > 2) return -1;
+  if (kind == GW_RPC_FUNCTION && htab_find(&s->tab[kind], id) >= 0) graph_flush(s, 1); /* (rebound) */
   return htab_put(&s->tab[kind], id, handle, aux);
 }
 
@@ -364,11 +395,15 @@ static void params_drop(gw_rpc_sess_t *s, uint64_t id) {
 
 int gw_rpc_unbind(gw_rpc_sess_t *s, int kind, uint64_t id) {
   if (kind < 0 || kind > 2) return -1;
-  if (kind == GW_RPC_FUNCTION) params_drop(s, id);
+  if (kind == GW_RPC_FUNCTION) {
+    params_drop(s, id);
+    graph_flush(s, 1); /* no graph may outlive a function it launches */
+  }
   return htab_del(&s->tab[kind], id);
 }
 
 int gw_rpc_bind_params(gw_rpc_sess_t *s, uint64_t id, const uint32_t *offs, uint32_t n) {
+  if (htab_find(&s->tab[GW_RPC_PARAMS], id) >= 0) graph_flush(s, 1);
   params_drop(s, id);
   if (n == 0 || n > GW_RPC_MAXPARAMS) return 0; /* the buffer form */
   uint32_t *a = malloc(n * sizeof(uint32_t));
@@ -579,14 +614,284 @@ static int exec_one(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t *
     return rc;
 }
 
+/* ------------------------------------------------------------------ launch-run graphs */
+
+typedef int (*g_create_fn)(void **, unsigned);
+typedef int (*g_add_fn)(void **, void *, void *const *, size_t, const gw_rpc_knode_t *);
+typedef int (*g_inst_fn)(void **, void *, unsigned long long);
+typedef int (*g_launch_fn)(void *, void *);
+typedef int (*g_set_fn)(void *, void *, const gw_rpc_knode_t *);
+typedef int (*g_destroy_fn)(void *);
+
+static void gent_clear(gw_rpc_sess_t *s, gent_t *e) {
+  if (e->exec) ((g_destroy_fn)s->g.exec_destroy)(e->exec);
+  if (e->graph) ((g_destroy_fn)s->g.destroy)(e->graph);
+  free(e->sig);
+  free(e->nodes);
+  free(e->params);
+  free(e->poff);
+  memset(e, 0, sizeof(*e));
+}
+
+static void graph_flush(gw_rpc_sess_t *s, int count) {
+  if (!s->g_ents) return;
+  int any = 0;
+  for (uint32_t i = 0; i < s->g_cap; i++)
+    if (s->g_ents[i].key) {
+      gent_clear(s, &s->g_ents[i]);
+      any = 1;
+    }
+  if (any && count) s->g_stat[GW_RPC_GS_FLUSHES]++;
+}
+
+void gw_rpc_graph_flush(gw_rpc_sess_t *s) { graph_flush(s, 1); }
+
+uint64_t gw_rpc_graph_stat(gw_rpc_sess_t *s, int which) {
+  return (which >= 0 && which < GW_RPC_GS_N) ? s->g_stat[which] : 0;
+}
+
+int gw_rpc_graph_setup(gw_rpc_sess_t *s, const gw_rpc_graph_fns_t *fns, uint32_t min_run, uint32_t cache) {
+  graph_flush(s, 0);
+  free(s->g_ents);
+  s->g_ents = NULL;
+  s->g_min = s->g_cap = 0;
+  if (!fns || min_run == 0 || cache == 0) return 0;
+  if (!fns->create || !fns->add_kernel || !fns->instantiate || !fns->launch || !fns->set_params ||
+      !fns->exec_destroy || !fns->destroy)
+    return -1;
+  s->g_ents = calloc(cache, sizeof(gent_t));
+  if (!s->g_ents) return -1;
+  s->g = *fns;
+  s->g_min = min_run < 2 ? 2 : min_run;
+  s->g_cap = cache;
+  return 0;
+}
+
+/* a launch record's parts the graph needs: function, stream wire id, parameter bytes and
+ * the parameter offsets (NULL with np 0: no parameters); 0 if C cannot graph it */
+static int g_rec(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t *r, void **fh, const uint8_t **pbuf,
+                 const uint32_t **offs, uint32_t *np) {
+  if (s->hot_by_id[r->id] != GW_RPC_LAUNCH || r->nvar < 1 || r->var_off[0] == 0xFFFFFFFFu) return 0;
+  const uint8_t *f = frame + r->fixed;
+  long j = htab_find(&s->tab[GW_RPC_FUNCTION], rd64(f));
+  if (j < 0) return 0;
+  uint32_t plen = r->var_len[0];
+  if (plen != s->tab[GW_RPC_FUNCTION].aux[j]) return 0;
+  *fh = (void *)(uintptr_t)s->tab[GW_RPC_FUNCTION].vals[j];
+  *pbuf = frame + r->var_off[0];
+  *offs = NULL;
+  *np = 0;
+  if (plen) {
+    long pj = htab_find(&s->tab[GW_RPC_PARAMS], rd64(f));
+    if (pj < 0) return 0; /* the buffer form: not graphed */
+    const uint32_t *o = (const uint32_t *)(uintptr_t)s->tab[GW_RPC_PARAMS].vals[pj];
+    uint32_t n = s->tab[GW_RPC_PARAMS].aux[pj];
+    for (uint32_t q = 0; q < n; q++)
+      if (o[q] >= plen) return 0;
+    *offs = o;
+    *np = n;
+  }
+  return 1;
+}
+
+static void g_node(gw_rpc_knode_t *kn, void *fh, const uint8_t *f, const uint8_t *pbuf, const uint32_t *offs,
+                   uint32_t np, void **kp) {
+  memset(kn, 0, sizeof(*kn));
+  kn->func = fh;
+  kn->gridDimX = rd32(f + 8);
+  kn->gridDimY = rd32(f + 12);
+  kn->gridDimZ = rd32(f + 16);
+  kn->blockDimX = rd32(f + 20);
+  kn->blockDimY = rd32(f + 24);
+  kn->blockDimZ = rd32(f + 28);
+  kn->sharedMemBytes = rd32(f + 32);
+  for (uint32_t q = 0; q < np; q++) kp[q] = (void *)(pbuf + offs[q]);
+  if (np < GW_RPC_MAXPARAMS) kp[np] = NULL; /* (the driver reads np of them) */
+  kn->kernelParams = np ? kp : NULL;
+}
+
+/* build and instantiate the graph of run e from the records at recs[i..]; 0 or a CUresult */
+static int g_build(gw_rpc_sess_t *s, gent_t *e, const uint8_t *frame, const gw_rpc_rec_t *recs, uint32_t i) {
+  uint32_t n = e->n;
+  size_t ptot = 0;
+  for (uint32_t k = 0; k < n; k++) ptot += e->sig[k].plen;
+  e->nodes = calloc(n, sizeof(void *));
+  e->poff = calloc(n + 1, sizeof(uint32_t));
+  e->params = malloc(ptot ? ptot : 1);
+  if (!e->nodes || !e->poff || !e->params) return GW_CU_INVALID_VALUE;
+  int rc = ((g_create_fn)s->g.create)(&e->graph, 0);
+  if (rc) {
+    e->graph = NULL;
+    return rc;
+  }
+  void *kp[GW_RPC_MAXPARAMS];
+  uint32_t off = 0;
+  for (uint32_t k = 0; k < n; k++) {
+    void *fh;
+    const uint8_t *pbuf;
+    const uint32_t *offs;
+    uint32_t np;
+    if (!g_rec(s, frame, &recs[i + k], &fh, &pbuf, &offs, &np)) return GW_CU_INVALID_VALUE;
+    gw_rpc_knode_t kn;
+    g_node(&kn, fh, frame + recs[i + k].fixed, pbuf, offs, np, kp);
+    void *const *dep = k ? &e->nodes[k - 1] : NULL;
+    rc = ((g_add_fn)s->g.add_kernel)(&e->nodes[k], e->graph, dep, k ? 1 : 0, &kn);
+    if (rc) return rc;
+    e->poff[k] = off;
+    memcpy(e->params + off, pbuf, e->sig[k].plen);
+    off += e->sig[k].plen;
+  }
+  e->poff[n] = off;
+  rc = ((g_inst_fn)s->g.instantiate)(&e->exec, e->graph, 0);
+  if (rc) e->exec = NULL;
+  return rc;
+}
+
+static inline uint64_t g_mix(uint64_t h, uint64_t v) {
+  h ^= v + 0x9E3779B97F4A7C15ULL + (h << 6) + (h >> 2);
+  return h * 0xBF58476D1CE4E5B9ULL;
+}
+
+/* Launch records from recs[i] (before `end`): if they start a run C graphs, replay it and
+ * return how many records it covered (> 0). 0: run recs[i] one by one; *skip_to is then where
+ * the next attempt may start (the records before it belong to a run that is not replayed). */
+static uint32_t graph_run(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t *recs, uint32_t i,
+                          uint32_t end, uint32_t *skip_to) {
+  *skip_to = i + 1;
+  if (!s->g_cap) return 0;
+  uint64_t stream_id = rd64(frame + recs[i].fixed + 36);
+  gsig_t sig[64];
+  gsig_t *sv = sig;
+  uint32_t m = 0, cap = 64;
+  uint64_t h = 0x2545F4914F6CDD1DULL;
+  while (i + m < end && m < GW_RPC_GRAPH_MAXRUN) {
+    const gw_rpc_rec_t *r = &recs[i + m];
+    void *fh;
+    const uint8_t *pbuf;
+    const uint32_t *offs;
+    uint32_t np;
+    if (!g_rec(s, frame, r, &fh, &pbuf, &offs, &np)) break;
+    const uint8_t *f = frame + r->fixed;
+    if (rd64(f + 36) != stream_id) break;
+    if (m == cap) {
+      gsig_t *nv = malloc(2 * cap * sizeof(gsig_t));
+      if (!nv) break;
+      memcpy(nv, sv, m * sizeof(gsig_t));
+      if (sv != sig) free(sv);
+      sv = nv;
+      cap *= 2;
+    }
+    gsig_t *g = &sv[m];
+    g->fid = rd64(f);
+    for (int q = 0; q < 7; q++) g->dim[q] = rd32(f + 8 + 4 * q);
+    g->plen = r->var_len[0];
+    h = g_mix(h, g->fid);
+    h = g_mix(h, ((uint64_t)g->dim[0] << 32) | g->dim[3]);
+    h = g_mix(h, ((uint64_t)g->dim[1] << 48) ^ ((uint64_t)g->dim[2] << 32) ^ ((uint64_t)g->dim[4] << 16) ^
+                     g->dim[5] ^ ((uint64_t)g->dim[6] << 20) ^ ((uint64_t)g->plen << 40));
+    m++;
+  }
+  uint32_t out = 0;
+  if (m < s->g_min) {
+    *skip_to = i + (m ? m : 1);
+    goto done;
+  }
+  *skip_to = i + m;
+  h = g_mix(h, m);
+  if (!h) h = 1;
+  s->g_tick++;
+  gent_t *e = NULL, *victim = NULL;
+  for (uint32_t k = 0; k < s->g_cap; k++) {
+    gent_t *x = &s->g_ents[k];
+    if (x->key == h && x->n == m && !memcmp(x->sig, sv, m * sizeof(gsig_t))) {
+      e = x;
+      break;
+    }
+    if (!victim || !x->key || (victim->key && x->used < victim->used)) victim = x;
+  }
+  if (!e) { /* first time: remember it, run it one by one */
+    if (victim->key) {
+      gent_clear(s, victim);
+      s->g_stat[GW_RPC_GS_EVICTED]++;
+    }
+    victim->sig = malloc(m * sizeof(gsig_t));
+    if (!victim->sig) goto done;
+    memcpy(victim->sig, sv, m * sizeof(gsig_t));
+    victim->key = h;
+    victim->n = m;
+    victim->used = s->g_tick;
+    goto done;
+  }
+  e->used = s->g_tick;
+  if (e->failed) goto done;
+  void *st = NULL;
+  if (tr_stream(s, stream_id, &st, NULL, 0)) goto done;
+  int rc = 0;
+  if (!e->exec) {
+    rc = g_build(s, e, frame, recs, i);
+    if (rc) goto failed;
+    s->g_stat[GW_RPC_GS_BUILT]++;
+  } else {
+    void *kp[GW_RPC_MAXPARAMS];
+    for (uint32_t k = 0; k < m; k++) {
+      const gw_rpc_rec_t *r = &recs[i + k];
+      const uint8_t *pnew = frame + r->var_off[0];
+      uint32_t pl = sv[k].plen;
+      if (!pl || !memcmp(e->params + e->poff[k], pnew, pl)) continue;
+      void *fh;
+      const uint8_t *pbuf;
+      const uint32_t *offs;
+      uint32_t np;
+      if (!g_rec(s, frame, r, &fh, &pbuf, &offs, &np)) goto failed;
+      gw_rpc_knode_t kn;
+      g_node(&kn, fh, frame + r->fixed, pbuf, offs, np, kp);
+      rc = ((g_set_fn)s->g.set_params)(e->exec, e->nodes[k], &kn);
+      if (rc) goto failed;
+      memcpy(e->params + e->poff[k], pnew, pl);
+      s->g_stat[GW_RPC_GS_UPDATES]++;
+    }
+  }
+  rc = ((g_launch_fn)s->g.launch)(e->exec, st);
+  if (rc) goto failed;
+  s->g_stat[GW_RPC_GS_RUNS]++;
+  s->g_stat[GW_RPC_GS_LAUNCHES] += m;
+  out = m;
+  goto done;
+failed:
+  /* never again for this run: keep its entry (failed) so it is not rebuilt each time */
+  {
+    gsig_t *keep = e->sig;
+    uint64_t key = e->key, used = e->used;
+    uint32_t n = e->n;
+    e->sig = NULL;
+    gent_clear(s, e);
+    e->sig = keep;
+    e->key = key;
+    e->used = used;
+    e->n = n;
+    e->failed = 1;
+  }
+  s->g_stat[GW_RPC_GS_FAILED]++;
+done:
+  if (sv != sig) free(sv);
+  return out;
+}
+
 uint32_t gw_rpc_exec(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t *recs, uint32_t from,
                      uint32_t n, int *res, char *err, size_t errlen) {
-  uint32_t i = from;
+  uint32_t i = from, gnext = from;
   *res = 0;
   for (; i < n; i++) {
     const gw_rpc_rec_t *r = &recs[i];
     int which = s->hot_by_id[r->id];
     if (which < 0) break;
+    if (which == GW_RPC_LAUNCH && s->g_cap && i >= gnext) {
+      uint32_t done = graph_run(s, frame, recs, i, n, &gnext);
+      if (done) {
+        i += done - 1;
+        continue;
+      }
+    }
     int rc = exec_one(s, frame, r, which, err, errlen);
     if (rc < 0) break;
     if (rc) {
@@ -732,12 +1037,22 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
    * since: a cuStreamSynchronize of it now has nothing to wait for (skip_ssync) */
   uint64_t synced = 0;
   int have_synced = 0;
+  uint32_t gnext = 0; /* (launch-run graphs: where the next run may start) */
   for (uint32_t i = 0; i < ncalls; i++) {
     const gw_rpc_rec_t *r = &v->recs[i];
     const uint8_t *f = fr + r->fixed;
     int k = srv_kind(v, r);
     int rc = 0;
     v->err[0] = 0;
+    if (k == GW_RPC_LAUNCH && v->s->g_cap && i >= gnext) {
+      uint32_t done = graph_run(v->s, fr, v->recs, i, ncalls, &gnext);
+      if (done) {
+        i += done - 1;
+        have_synced = 0;
+        if (tr && !tr->t_first) tr->t_first = tr_now();
+        continue;
+      }
+    }
     if (k < GW_RPC_NHOT) {
       rc = exec_one(v->s, fr, r, k, v->err, sizeof(v->err));
       have_synced = 0;
@@ -1017,6 +1332,8 @@ void gw_rpc_timer_stop(gw_rpc_timer_t *t) {
 static uint64_t host_counts[GW_RPC_NCALLS];
 
 static uint64_t host_last[3]; /* the last host launch: form (1 kernelParams, 2 buffer), params 0 and 1 */
+static uint64_t host_log[4096][3]; /* the last 4096 host launches: function, params 0 and 1 */
+static uint64_t host_log_n;
 
 static int h_launch(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                     unsigned shmem, void *st, void **kp, void **extra) {
@@ -1030,6 +1347,10 @@ static int h_launch(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
     memcpy(&v, kp[1], 4);
     host_last[2] = v;
   }
+  uint64_t li = __atomic_fetch_add(&host_log_n, 1, __ATOMIC_RELAXED) % 4096;
+  host_log[li][0] = (uint64_t)(uintptr_t)f;
+  host_log[li][1] = kp ? host_last[1] : 0;
+  host_log[li][2] = kp ? host_last[2] : 0;
   __atomic_fetch_add(&host_counts[GW_RPC_LAUNCH], 1, __ATOMIC_RELAXED);
   return 0;
 }
@@ -1086,6 +1407,133 @@ static int h_csync(void) {
   return 0;
 }
 
+/* host graphs: a node list; the exec's launch runs each node through h_launch with the
+ * parameters h_launch reads (u64 at kp[0], u32 at kp[1]: the test kernel's layout) */
+typedef struct {
+  void *func;
+  uint32_t dim[7];
+  int np;
+  uint64_t p0;
+  uint32_t p1;
+} hnode_t;
+typedef struct {
+  int is_exec;
+  uint32_t n, cap;
+  hnode_t *nodes;
+} hgraph_t;
+static uint64_t hg_counts[7];
+static int64_t hg_alive;
+static int hg_fail = -1; /* the next host graph call of this kind fails (tests) */
+static int hg_failing(int which) {
+  return __atomic_compare_exchange_n(&hg_fail, &which, -1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+void gw_rpc_graph_host_fail(int which) { __atomic_store_n(&hg_fail, which, __ATOMIC_SEQ_CST); }
+
+static void hn_set(hnode_t *x, const gw_rpc_knode_t *kn) {
+  x->func = kn->func;
+  x->dim[0] = kn->gridDimX; x->dim[1] = kn->gridDimY; x->dim[2] = kn->gridDimZ;
+  x->dim[3] = kn->blockDimX; x->dim[4] = kn->blockDimY; x->dim[5] = kn->blockDimZ;
+  x->dim[6] = kn->sharedMemBytes;
+  x->np = kn->kernelParams ? 2 : 0;
+  if (kn->kernelParams) { /* (test kernels with that layout only) */
+    memcpy(&x->p0, kn->kernelParams[0], 8);
+    x->p1 = 0;
+    if (kn->kernelParams[1]) memcpy(&x->p1, kn->kernelParams[1], 4);
+  }
+}
+static int hg_create(void **out, unsigned fl) {
+  (void)fl;
+  if (hg_failing(0)) return 999; /* CUDA_ERROR_UNKNOWN */
+  hgraph_t *g = calloc(1, sizeof(*g));
+  if (!g) return 2; /* CUDA_ERROR_OUT_OF_MEMORY */
+  __atomic_fetch_add(&hg_counts[0], 1, __ATOMIC_RELAXED);
+  __atomic_fetch_add(&hg_alive, 1, __ATOMIC_RELAXED);
+  *out = g;
+  return 0;
+}
+static int hg_add(void **node, void *graph, void *const *deps, size_t ndeps, const gw_rpc_knode_t *kn) {
+  hgraph_t *g = (hgraph_t *)graph;
+  if (hg_failing(1)) return 999; /* CUDA_ERROR_UNKNOWN */
+  __atomic_fetch_add(&hg_counts[1], 1, __ATOMIC_RELAXED);
+  if (ndeps > 1 || (ndeps && !deps)) return GW_CU_INVALID_VALUE;
+  if (kn->extra || kn->kern || kn->ctx) return GW_CU_INVALID_VALUE;
+  if (g->n == g->cap) {
+    uint32_t nc = g->cap ? 2 * g->cap : 16;
+    hnode_t *a = realloc(g->nodes, nc * sizeof(hnode_t));
+    if (!a) return 2;
+    g->nodes = a;
+    g->cap = nc;
+  }
+  hn_set(&g->nodes[g->n], kn);
+  *node = (void *)(uintptr_t)(g->n + 1); /* a node: its index + 1 */
+  g->n++;
+  return 0;
+}
+static int hg_inst(void **out, void *graph, unsigned long long fl) {
+  (void)fl;
+  hgraph_t *g = (hgraph_t *)graph;
+  if (hg_failing(2)) return 999; /* CUDA_ERROR_UNKNOWN */
+  __atomic_fetch_add(&hg_counts[2], 1, __ATOMIC_RELAXED);
+  hgraph_t *x = calloc(1, sizeof(*x));
+  if (!x) return 2;
+  x->is_exec = 1;
+  x->n = x->cap = g->n;
+  x->nodes = malloc((g->n ? g->n : 1) * sizeof(hnode_t));
+  if (!x->nodes) { free(x); return 2; }
+  memcpy(x->nodes, g->nodes, g->n * sizeof(hnode_t));
+  __atomic_fetch_add(&hg_alive, 1, __ATOMIC_RELAXED);
+  *out = x;
+  return 0;
+}
+static int hg_launch(void *exec, void *st) {
+  hgraph_t *x = (hgraph_t *)exec;
+  if (hg_failing(3)) return 999; /* CUDA_ERROR_UNKNOWN */
+  __atomic_fetch_add(&hg_counts[3], 1, __ATOMIC_RELAXED);
+  if (!x || !x->is_exec) return GW_CU_INVALID_VALUE;
+  for (uint32_t k = 0; k < x->n; k++) {
+    hnode_t *h = &x->nodes[k];
+    void *kp[2] = {&h->p0, &h->p1};
+    int rc = h_launch(h->func, h->dim[0], h->dim[1], h->dim[2], h->dim[3], h->dim[4], h->dim[5], h->dim[6], st,
+                      h->np ? kp : NULL, NULL);
+    if (rc) return rc;
+  }
+  return 0;
+}
+static int hg_set(void *exec, void *node, const gw_rpc_knode_t *kn) {
+  hgraph_t *x = (hgraph_t *)exec;
+  if (hg_failing(4)) return 999; /* CUDA_ERROR_UNKNOWN */
+  __atomic_fetch_add(&hg_counts[4], 1, __ATOMIC_RELAXED);
+  uintptr_t k = (uintptr_t)node;
+  if (!x || !x->is_exec || k < 1 || k > x->n) return GW_CU_INVALID_VALUE;
+  if (x->nodes[k - 1].func != kn->func) return GW_CU_INVALID_VALUE; /* (as the driver: same function) */
+  hn_set(&x->nodes[k - 1], kn);
+  return 0;
+}
+static int hg_free(hgraph_t *g, int exec, int which) {
+  __atomic_fetch_add(&hg_counts[which], 1, __ATOMIC_RELAXED);
+  if (!g || g->is_exec != exec) return GW_CU_INVALID_VALUE;
+  free(g->nodes);
+  free(g);
+  __atomic_fetch_sub(&hg_alive, 1, __ATOMIC_RELAXED);
+  return 0;
+}
+static int hg_exec_destroy(void *x) { return hg_free((hgraph_t *)x, 1, 5); }
+static int hg_destroy(void *g) { return hg_free((hgraph_t *)g, 0, 6); }
+
+void gw_rpc_graph_host_fns(gw_rpc_graph_fns_t *out) {
+  out->create = (void *)hg_create;
+  out->add_kernel = (void *)hg_add;
+  out->instantiate = (void *)hg_inst;
+  out->launch = (void *)hg_launch;
+  out->set_params = (void *)hg_set;
+  out->exec_destroy = (void *)hg_exec_destroy;
+  out->destroy = (void *)hg_destroy;
+}
+uint64_t gw_rpc_graph_host_count(int which) {
+  return (which >= 0 && which < 7) ? __atomic_load_n(&hg_counts[which], __ATOMIC_RELAXED) : 0;
+}
+int64_t gw_rpc_graph_host_alive(void) { return __atomic_load_n(&hg_alive, __ATOMIC_RELAXED); }
+
 void *gw_rpc_host_fn(int which) {
   switch (which) {
     case GW_RPC_LAUNCH: return (void *)h_launch;
@@ -1100,6 +1548,11 @@ void *gw_rpc_host_fn(int which) {
     case GW_RPC_CTX_SYNC: return (void *)h_csync;
   }
   return NULL;
+}
+
+uint64_t gw_rpc_host_log_n(void) { return __atomic_load_n(&host_log_n, __ATOMIC_RELAXED); }
+uint64_t gw_rpc_host_log(uint64_t i, int field) {
+  return (field >= 0 && field < 3) ? host_log[i % 4096][field] : 0;
 }
 
 uint64_t gw_rpc_host_last(int i) { return (i >= 0 && i < 3) ? host_last[i] : 0; }

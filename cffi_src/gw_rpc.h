@@ -117,6 +117,63 @@ int gw_rpc_range_ok(gw_rpc_sess_t *s, uint64_t ptr, uint64_t n);
  * not run. */
 uint32_t gw_rpc_exec(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_rec_t *recs, uint32_t from,
                      uint32_t n, int *res, char *err, size_t errlen);
+/* ---- launch-run graphs: a run of consecutive cuLaunchKernel records on one stream in one
+ * frame (at least min_run of them, kernel parameters known by offset) that the session has run
+ * before with the same functions, dimensions and parameter sizes is replayed as a CUDA graph
+ * (one kernel node per launch, in a chain): the second time a run is seen its graph is built
+ * and instantiated, from then on only the nodes whose parameter bytes changed are updated
+ * (cuGraphExecKernelNodeSetParams) before one cuGraphLaunch. A graph whose build, update or
+ * launch fails is never used again for that run: its launches go one by one, as without graphs
+ * (so a failing launch reports its own error). The entry points are the CUDA 12 ABI's
+ * (cuGetProcAddress version 12000): cuGraphCreate, cuGraphAddKernelNode (_v2),
+ * cuGraphInstantiateWithFlags, cuGraphLaunch, cuGraphExecKernelNodeSetParams (_v2),
+ * cuGraphExecDestroy, cuGraphDestroy. */
+typedef struct {
+  void *create;
+  void *add_kernel;
+  void *instantiate;
+  void *launch;
+  void *set_params;
+  void *exec_destroy;
+  void *destroy;
+} gw_rpc_graph_fns_t;
+/* the kernel node parameters of that ABI (CUDA_KERNEL_NODE_PARAMS_v2) */
+typedef struct {
+  void *func;
+  uint32_t gridDimX, gridDimY, gridDimZ;
+  uint32_t blockDimX, blockDimY, blockDimZ;
+  uint32_t sharedMemBytes;
+  void **kernelParams;
+  void **extra;
+  void *kern;
+  void *ctx;
+} gw_rpc_knode_t;
+#define GW_RPC_GRAPH_MAXRUN 1024
+/* graph statistics (gw_rpc_graph_stat) */
+#define GW_RPC_GS_RUNS 0      /* runs replayed as a graph */
+#define GW_RPC_GS_LAUNCHES 1  /* launches replayed in them */
+#define GW_RPC_GS_BUILT 2     /* graphs built and instantiated */
+#define GW_RPC_GS_FAILED 3    /* builds, updates or graph launches that failed (the run went one by one) */
+#define GW_RPC_GS_UPDATES 4   /* nodes whose parameters were set again */
+#define GW_RPC_GS_EVICTED 5   /* cached runs dropped for room */
+#define GW_RPC_GS_FLUSHES 6   /* whole-cache drops (a function unbound, the session ending) */
+#define GW_RPC_GS_N 7
+/* enable (min_run >= 2, cache >= 1 runs) or disable (min_run 0) launch-run graphs; the graphs
+ * already made are destroyed. Returns 0, or -1 when an entry point is missing. */
+int gw_rpc_graph_setup(gw_rpc_sess_t *s, const gw_rpc_graph_fns_t *fns, uint32_t min_run, uint32_t cache);
+/* destroy every cached graph (the context must still exist) */
+void gw_rpc_graph_flush(gw_rpc_sess_t *s);
+uint64_t gw_rpc_graph_stat(gw_rpc_sess_t *s, int which);
+/* the host versions of the graph entry points (CPU executor tests of the cache): a host graph
+ * records its nodes and its launch runs them through the host cuLaunchKernel */
+void gw_rpc_graph_host_fns(gw_rpc_graph_fns_t *out);
+/* host graph calls made (0 create, 1 add, 2 instantiate, 3 launch, 4 set params, 5 exec destroy,
+ * 6 destroy), and host graphs alive */
+uint64_t gw_rpc_graph_host_count(int which);
+/* the next host graph call of that kind (0-4 as above) fails with CUDA_ERROR_UNKNOWN (tests) */
+void gw_rpc_graph_host_fail(int which);
+int64_t gw_rpc_graph_host_alive(void);
+
 /* one launch through the driver entry point fn (CUresult cuLaunchKernel(...)) with a packed
  * parameter buffer */
 int gw_rpc_launch(void *fn, uint64_t f, uint32_t gx, uint32_t gy, uint32_t gz, uint32_t bx, uint32_t by,
@@ -464,5 +521,9 @@ uint64_t gw_rpc_host_count(int which);
 /* the last host launch: 0 = form (1 kernelParams, 2 parameter buffer); 1, 2 = its first two
  * parameters when it got kernelParams (a u64 and a u32; tests) */
 uint64_t gw_rpc_host_last(int i);
+/* the host cuLaunchKernel's log of its last 4096 launches: how many so far, and launch i's
+ * function (0), u64 parameter 0 (1) and u32 parameter 1 (2) */
+uint64_t gw_rpc_host_log_n(void);
+uint64_t gw_rpc_host_log(uint64_t i, int field);
 
 #endif

@@ -11,6 +11,12 @@
  * a data endpoint made from the peer's worker address in error mode NONE so
  * UCX may pick shared memory.  Liveness on the data endpoint comes from the
  * control endpoint and, on one node, from a pidfd of the peer process.
+ *
+ * Connection ids: the sender writes the receiver's connection id into the UCX tag (and
+ * into a BYE), so connections of one worker trust each other's peers not to forge it.
+ * A handoff listener (gw_listen_mode) lets each accepted connection live on a worker of
+ * its own (UCX accepts a connection request on any worker of the listener's context);
+ * ids start at a random index and generation per worker, so they are not predictable.
  */
 #define _GNU_SOURCE
 #include "gw_ucx.h"
@@ -26,6 +32,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -152,6 +159,7 @@ struct gw_conn {
   void *welcome_req;        /* server: the WELCOME send; accept waits for it to leave */
   void *welcome_blob;       /* its bytes (UCX reads them until it is sent) */
   int adopted;              /* handed to the caller (connect/accept): it frees the struct */
+  int handoff;              /* accepted from a handoff request: gw_connreq_accept waits for it */
   gw_listener_t *listener;  /* accepted through this listener */
   gw_conn_t *accept_next;
   gw_req_t *pending;        /* outstanding ops on this conn */
@@ -164,15 +172,38 @@ struct gw_conn {
   int epoll_added;
 };
 
+/* Listener lifetimes (g_lst below guards w, refs, accepting, user_closed and the struct's
+ * free): the struct lives until it was closed, no thread is inside gw_accept/take on it and
+ * no taken request is unresolved; UCX's listener lives until it was closed and no taken
+ * request is unresolved, or until its worker is destroyed (which destroys it first and sets
+ * w to NULL: a request of it then fails with GW_ERR_BAD_STATE without touching UCX). */
 struct gw_listener {
-  gw_worker_t *w;
-  ucp_listener_h l;
+  gw_worker_t *w;           /* NULL once the worker was destroyed */
+  ucp_listener_h l;         /* NULL once destroyed */
   int port;
-  int closed;
-  int accepting;            /* threads inside gw_accept on it (lock held to change) */
-  int free_on_last;         /* closed while some accepted: the last one frees it */
+  int handoff;
+  int closed;               /* no more requests or accepts (set under g_lst and the lock) */
+  int user_closed;          /* gw_listener_close was called */
+  int accepting;            /* threads inside gw_accept / gw_listener_take on it */
+  int refs;                 /* requests taken and not yet accepted or rejected */
+  gw_connreq_t *taken;      /* ... those requests (g_lst) */
   gw_conn_t *q_head, *q_tail;
+  gw_connreq_t *rq_head, *rq_tail; /* handoff: requests not taken yet (worker lock) */
+  struct gw_listener *lst_prev, *lst_next; /* the worker's listeners (g_lst) */
 };
+
+struct gw_connreq {
+  gw_listener_t *l;         /* NULL once accepted or rejected */
+  ucp_conn_request_h req;
+  int done;
+  gw_connreq_t *next;       /* the listener's queue (worker lock) */
+  gw_connreq_t *tprev, *tnext; /* the listener's taken requests (g_lst) */
+  char client[64];
+};
+
+/* guards listener lifetimes across workers; taken before any worker lock, never while
+ * one is held */
+static pthread_mutex_t g_lst = PTHREAD_MUTEX_INITIALIZER;
 
 /* emulated RTT: a received message whose receive was released (timed out, dropped) before
  * it showed; the next matching receive takes it (as on a real link it would still be on
@@ -222,6 +253,7 @@ struct gw_worker {
   ucp_address_t *ucx_addr;
   size_t ucx_addr_len;
   gw_conn_t *addr_q_head, *addr_q_tail; /* accepted by address */
+  gw_listener_t *listeners; /* listeners of this worker's not yet freed (g_lst) */
   uint32_t *lost;           /* ring of lost conn ids */
   int lost_n, lost_cap;
   int n_pidfds;
@@ -746,6 +778,7 @@ static int cond_req_done(void *arg) {
 }
 
 static int wait_cond(gw_worker_t *w, int (*cond)(void *), void *arg, int64_t timeout_ns);
+static void listener_teardown_locked(gw_listener_t *l);
 static int wait_cond_spin(gw_worker_t *w, int (*cond)(void *), void *arg, int64_t timeout_ns,
                           int64_t spin_ns);
 
@@ -822,10 +855,57 @@ static void peer_name(gw_conn_t *c, const gw_hello_t *h, const char *how) {
   snprintf(c->peer, sizeof(c->peer), "%s pid %d (%s)", h->host, h->pid, how);
 }
 
+/* "ip:port" of a connection request's client ("" if UCX does not say) */
+static void connreq_client_addr(ucp_conn_request_h req, char *buf, size_t len) {
+  ucp_conn_request_attr_t a;
+  memset(&a, 0, sizeof(a));
+  a.field_mask = UCP_CONN_REQUEST_ATTR_FIELD_CLIENT_ADDR;
+  buf[0] = 0;
+  if (ucp_conn_request_query(req, &a) != UCS_OK) return;
+  char ip[INET6_ADDRSTRLEN] = "";
+  if (a.client_address.ss_family == AF_INET) {
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&a.client_address;
+    inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip));
+    snprintf(buf, len, "%s:%d", ip, ntohs(s4->sin_port));
+  } else if (a.client_address.ss_family == AF_INET6) {
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&a.client_address;
+    inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip));
+    snprintf(buf, len, "[%s]:%d", ip, ntohs(s6->sin6_port));
+  }
+}
+
+/* the control endpoint of an accepted connection (error mode PEER) on w's control worker,
+ * from its connection request; c->ctrl_arg is its error-callback arg */
+static ucs_status_t ctrl_ep_accept(gw_worker_t *w, gw_conn_t *c, ucp_conn_request_h req) {
+  ucp_ep_params_t ep;
+  memset(&ep, 0, sizeof(ep));
+  ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.conn_request = req;
+  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  ep.err_handler.cb = ep_err_cb;
+  ep.err_handler.arg = c->ctrl_arg;
+  return ucp_ep_create(w->cw, &ep, &c->ctrl_ep);
+}
+
 static void handle_conn_request(gw_worker_t *w, gw_event_t *e) {
   gw_listener_t *l = e->listener;
   if (l->closed) {
-    ucp_listener_reject(l->l, e->conn_request);
+    if (l->l) ucp_listener_reject(l->l, e->conn_request);
+    return;
+  }
+  if (l->handoff) { /* queued for gw_listener_take; accepted on a worker of the taker's choice */
+    gw_connreq_t *r = calloc(1, sizeof(*r));
+    if (!r) {
+      ucp_listener_reject(l->l, e->conn_request);
+      return;
+    }
+    r->req = e->conn_request;
+    connreq_client_addr(r->req, r->client, sizeof(r->client));
+    if (l->rq_tail) l->rq_tail->next = r;
+    else l->rq_head = r;
+    l->rq_tail = r;
+    if (w->waiters) wake_waiters(w);
     return;
   }
   gw_conn_t *c = conn_new(w);
@@ -833,15 +913,8 @@ static void handle_conn_request(gw_worker_t *w, gw_event_t *e) {
     ucp_listener_reject(l->l, e->conn_request);
     return;
   }
-  ucp_ep_params_t ep;
-  memset(&ep, 0, sizeof(ep));
-  ep.field_mask = UCP_EP_PARAM_FIELD_CONN_REQUEST | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
-  ep.conn_request = e->conn_request;
-  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-  ep.err_handler.cb = ep_err_cb;
-  ep.err_handler.arg = c->ctrl_arg = eparg_new(c, 1);
-  if (!c->ctrl_arg || ucp_ep_create(w->cw, &ep, &c->ctrl_ep) != UCS_OK) {
+  c->ctrl_arg = eparg_new(c, 1);
+  if (!c->ctrl_arg || ctrl_ep_accept(w, c, e->conn_request) != UCS_OK) {
     if (!c->ctrl_arg) ucp_listener_reject(l->l, e->conn_request);
     eparg_free(c->ctrl_arg);
     w->conns[c->id & 0xFFFF] = NULL;
@@ -915,8 +988,13 @@ static void handle_hello(gw_worker_t *w, gw_event_t *e) {
     }
   }
   c->state = GW_CONN_UP;
-  if (c->listener) accept_push(&c->listener->q_head, &c->listener->q_tail, c);
-  else accept_push(&w->addr_q_head, &w->addr_q_tail, c);
+  if (c->handoff) { /* gw_connreq_accept waits for it */
+    if (w->waiters) wake_waiters(w);
+  } else if (c->listener) {
+    accept_push(&c->listener->q_head, &c->listener->q_tail, c);
+  } else {
+    accept_push(&w->addr_q_head, &w->addr_q_tail, c);
+  }
 }
 
 static void handle_welcome(gw_worker_t *w, gw_event_t *e) {
@@ -997,6 +1075,33 @@ static inline int progress_ctrl_locked(gw_worker_t *w) {
 
 /* ------------------------------------------------------------------ worker */
 
+/* n random bytes (getrandom; /dev/urandom or the clock if that fails) */
+static void random_fill(void *buf, size_t n) {
+  unsigned char *p = (unsigned char *)buf;
+  size_t got = 0;
+  while (got < n) {
+    ssize_t k = getrandom(p + got, n - got, GRND_NONBLOCK);
+    if (k <= 0) break;
+    got += (size_t)k;
+  }
+  if (got < n) {
+    FILE *f = fopen("/dev/urandom", "rb");
+    if (f) {
+      got += fread(p + got, 1, n - got, f);
+      fclose(f);
+    }
+  }
+  if (got < n) { /* last resort: not secret, but not the same for every worker */
+    uint64_t x = (uint64_t)now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)buf;
+    for (; got < n; got++) {
+      x ^= x << 13;
+      x ^= x >> 7;
+      x ^= x << 17;
+      p[got] = (unsigned char)x;
+    }
+  }
+}
+
 int gw_worker_create(gw_ctx_t *ctx, gw_worker_t **out) {
   gw_worker_t *w = calloc(1, sizeof(*w));
   if (!w) return UCS_ERR_NO_MEMORY;
@@ -1004,7 +1109,18 @@ int gw_worker_create(gw_ctx_t *ctx, gw_worker_t **out) {
   w->spin_ns = 50000; /* 50 us spin before blocking */
   w->conns = calloc(MAX_CONNS, sizeof(gw_conn_t *));
   w->gens = calloc(MAX_CONNS, sizeof(uint16_t));
-  w->next_idx = 1;
+  if (!w->conns || !w->gens) {
+    free(w->conns);
+    free(w->gens);
+    free(w);
+    return UCS_ERR_NO_MEMORY;
+  }
+  /* connection ids (generation << 16 | index) start at a random index and a random
+   * generation per index: a peer cannot predict the ids of other connections */
+  random_fill(w->gens, MAX_CONNS * sizeof(uint16_t));
+  uint16_t start;
+  random_fill(&start, sizeof(start));
+  w->next_idx = start ? start : 1;
   pthread_mutex_init(&w->lock, NULL);
   pthread_cond_init(&w->pump_cv, NULL);
   w->pump_min = 65536;
@@ -1093,6 +1209,32 @@ void gw_worker_destroy(gw_worker_t *w) {
     usleep(1000);
   }
   pthread_cond_destroy(&w->pump_cv);
+  /* UCX listeners first (UCX's own must go before its worker): requests queued or
+   * handed out are rejected or left to fail, and a listener still referenced by a taken
+   * request is marked gone (accepting it then fails without touching UCX) */
+  pthread_mutex_lock(&g_lst);
+  LOCK(w);
+  if (w->ev_head) process_events(w);
+  while (w->listeners) {
+    gw_listener_t *l = w->listeners;
+    w->listeners = l->lst_next;
+    while (l->taken) { /* taken, neither accepted nor rejected: rejected now (accepting one
+                        * later fails with GW_ERR_BAD_STATE, touching nothing) */
+      gw_connreq_t *r = l->taken;
+      l->taken = r->tnext;
+      if (l->l) ucp_listener_reject(l->l, r->req);
+      r->tprev = r->tnext = NULL;
+      r->l = NULL;
+      r->done = 1;
+      l->refs--;
+    }
+    listener_teardown_locked(l);
+    l->w = NULL;
+    l->lst_prev = l->lst_next = NULL;
+    if (l->user_closed && l->refs == 0 && l->accepting == 0) free(l);
+  }
+  UNLOCK(w);
+  pthread_mutex_unlock(&g_lst);
   LOCK(w);
   for (uint32_t i = 1; i < MAX_CONNS; i++) {
     gw_conn_t *c = w->conns[i];
@@ -1116,11 +1258,9 @@ void gw_worker_destroy(gw_worker_t *w) {
     ucp_worker_progress(w->w);
     ucp_worker_progress(w->cw);
   }
-  while (w->ev_head) {
+  while (w->ev_head) { /* (no connection request among them: the listeners are gone) */
     gw_event_t *e = w->ev_head;
     w->ev_head = e->next;
-    if (e->kind == EV_CONN_REQUEST && !e->listener->closed)
-      ucp_listener_reject(e->listener->l, e->conn_request);
     free(e);
   }
   ucp_worker_release_address(w->w, w->ucx_addr);
@@ -1458,13 +1598,19 @@ static int make_sockaddr(const char *ip, int port, struct sockaddr_storage *ss, 
 }
 
 int gw_listen(gw_worker_t *w, const char *ip, int port, gw_listener_t **out) {
+  return gw_listen_mode(w, ip, port, 0, out);
+}
+
+int gw_listen_mode(gw_worker_t *w, const char *ip, int port, int handoff, gw_listener_t **out) {
   if (port < 0 || port > 65535) return UCS_ERR_INVALID_PARAM;
   struct sockaddr_storage ss;
   socklen_t sl;
   int rc = make_sockaddr(ip, port, &ss, &sl);
   if (rc) return rc;
   gw_listener_t *l = calloc(1, sizeof(*l));
+  if (!l) return UCS_ERR_NO_MEMORY;
   l->w = w;
+  l->handoff = handoff != 0;
   ucp_listener_params_t p;
   memset(&p, 0, sizeof(p));
   p.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
@@ -1472,6 +1618,7 @@ int gw_listen(gw_worker_t *w, const char *ip, int port, gw_listener_t **out) {
   p.sockaddr.addrlen = sl;
   p.conn_handler.cb = conn_req_cb;
   p.conn_handler.arg = l;
+  pthread_mutex_lock(&g_lst);
   LOCK(w);
   ucs_status_t st = ucp_listener_create(w->cw, &p, &l->l);
   if (st == UCS_OK) {
@@ -1483,8 +1630,12 @@ int gw_listen(gw_worker_t *w, const char *ip, int port, gw_listener_t **out) {
       else
         l->port = ntohs(((struct sockaddr_in *)&a.sockaddr)->sin_port);
     }
+    l->lst_next = w->listeners;
+    if (w->listeners) w->listeners->lst_prev = l;
+    w->listeners = l;
   }
   UNLOCK(w);
+  pthread_mutex_unlock(&g_lst);
   if (st != UCS_OK) {
     free(l);
     return st;
@@ -1495,26 +1646,87 @@ int gw_listen(gw_worker_t *w, const char *ip, int port, gw_listener_t **out) {
 
 int gw_listener_port(gw_listener_t *l) { return l->port; }
 
+/* worker lock held: requests that came in are handled (a closed listener rejects them),
+ * queued ones rejected, and UCX's listener destroyed */
+static void listener_teardown_locked(gw_listener_t *l) {
+  gw_worker_t *w = l->w;
+  l->closed = 1;
+  progress_ctrl_locked(w);
+  while (l->rq_head) {
+    gw_connreq_t *r = l->rq_head;
+    l->rq_head = r->next;
+    if (l->l) ucp_listener_reject(l->l, r->req);
+    free(r);
+  }
+  l->rq_tail = NULL;
+  if (l->l) {
+    ucp_listener_destroy(l->l);
+    l->l = NULL;
+  }
+}
+
+/* g_lst held: free the struct once nothing refers to it any more */
+static void listener_maybe_free(gw_listener_t *l) {
+  if (!l->user_closed || l->refs || l->accepting) return;
+  gw_worker_t *w = l->w;
+  if (w) {
+    if (l->lst_prev) l->lst_prev->lst_next = l->lst_next;
+    else w->listeners = l->lst_next;
+    if (l->lst_next) l->lst_next->lst_prev = l->lst_prev;
+  }
+  free(l);
+}
+
 void gw_listener_close(gw_listener_t *l) {
   if (!l) return;
+  pthread_mutex_lock(&g_lst);
+  if (l->user_closed) {
+    pthread_mutex_unlock(&g_lst);
+    return;
+  }
+  l->user_closed = 1;
   gw_worker_t *w = l->w;
-  LOCK(w);
-  if (!l->closed) {
-    l->closed = 1;
-    progress_ctrl_locked(w); /* reject queued requests while the listener exists */
-    ucp_listener_destroy(l->l);
+  if (w) {
+    LOCK(w);
+    if (l->refs == 0) {
+      listener_teardown_locked(l);
+    } else { /* a taken request still needs UCX's listener: destroyed at its release */
+      l->closed = 1;
+      progress_ctrl_locked(w);
+      while (l->rq_head) {
+        gw_connreq_t *r = l->rq_head;
+        l->rq_head = r->next;
+        ucp_listener_reject(l->l, r->req);
+        free(r);
+      }
+      l->rq_tail = NULL;
+    }
+    /* conns accepted but never taken stay owned by the worker */
+    for (uint32_t i = 1; i < MAX_CONNS; i++)
+      if (w->conns[i] && w->conns[i]->listener == l) w->conns[i]->listener = NULL;
+    /* threads in gw_accept / gw_listener_take on it end with GW_ERR_BAD_STATE */
+    if (l->accepting) wake_waiters(w);
+    UNLOCK(w);
   }
-  /* conns accepted but never taken stay owned by the worker */
-  for (uint32_t i = 1; i < MAX_CONNS; i++)
-    if (w->conns[i] && w->conns[i]->listener == l) w->conns[i]->listener = NULL;
-  /* threads in gw_accept on it: they end with GW_ERR_BAD_STATE, the last one frees it */
-  int busy = l->accepting > 0;
-  if (busy) {
-    l->free_on_last = 1;
-    wake_waiters(w);
-  }
-  UNLOCK(w);
-  if (!busy) free(l);
+  l->closed = 1;
+  listener_maybe_free(l);
+  pthread_mutex_unlock(&g_lst);
+}
+
+/* a thread enters / leaves gw_accept or gw_listener_take: the struct stays meanwhile */
+static int listener_enter(gw_listener_t *l) {
+  pthread_mutex_lock(&g_lst);
+  int closed = l->closed || !l->w;
+  if (!closed) l->accepting++;
+  pthread_mutex_unlock(&g_lst);
+  return closed;
+}
+
+static void listener_leave(gw_listener_t *l) {
+  pthread_mutex_lock(&g_lst);
+  l->accepting--;
+  listener_maybe_free(l);
+  pthread_mutex_unlock(&g_lst);
 }
 
 typedef struct {
@@ -1529,6 +1741,17 @@ static int cond_queue(void *arg) {
   gw_conn_t *c = *a->head;
   if (!c) return 0;
   return !c->welcome_req || ucp_request_check_status(c->welcome_req) != UCS_INPROGRESS;
+}
+
+/* an accepted connection goes to its caller (lock held): its WELCOME has been sent, and
+ * the caller frees the struct from now on */
+static void conn_hand_out(gw_conn_t *c) {
+  if (c->welcome_req) {
+    ucp_request_free(c->welcome_req);
+    free(c->welcome_blob);
+    c->welcome_req = c->welcome_blob = NULL;
+  }
+  c->adopted = 1;
 }
 
 static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, gw_listener_t *l,
@@ -1554,35 +1777,218 @@ static int accept_from(gw_worker_t *w, gw_conn_t **head, gw_conn_t **tail, gw_li
   c = *head;
   *head = c->accept_next;
   if (!*head) *tail = NULL;
-  if (c->welcome_req) { /* sent */
-    ucp_request_free(c->welcome_req);
-    free(c->welcome_blob);
-    c->welcome_req = c->welcome_blob = NULL;
-  }
-  c->adopted = 1;
+  conn_hand_out(c);
   UNLOCK(w);
   *out = c;
   return 0;
 }
 
 int gw_accept(gw_listener_t *l, int64_t timeout_ns, gw_conn_t **out) {
+  if (l->handoff) return UCS_ERR_INVALID_PARAM; /* gw_listener_take + gw_connreq_accept */
   gw_worker_t *w = l->w;
-  if (worker_enter(w)) return GW_ERR_BAD_STATE;
-  LOCK(w);
-  if (l->closed) {
-    UNLOCK(w);
+  if (!w || worker_enter(w)) return GW_ERR_BAD_STATE;
+  if (listener_enter(l)) {
     worker_leave(w);
     return GW_ERR_BAD_STATE;
   }
-  l->accepting++;
-  UNLOCK(w);
   int rc = accept_from(w, &l->q_head, &l->q_tail, l, timeout_ns, out);
-  LOCK(w);
-  int free_it = --l->accepting == 0 && l->free_on_last;
-  UNLOCK(w);
-  if (free_it) free(l);
+  listener_leave(l);
   worker_leave(w);
   return rc;
+}
+
+/* ------------------------------------------------------- handoff requests */
+
+static int cond_rq(void *arg) {
+  gw_listener_t *l = (gw_listener_t *)arg;
+  return l->closed || l->rq_head != NULL;
+}
+
+int gw_listener_take(gw_listener_t *l, int64_t timeout_ns, gw_connreq_t **out) {
+  *out = NULL;
+  if (!l->handoff) return UCS_ERR_INVALID_PARAM;
+  gw_worker_t *w = l->w;
+  if (!w || worker_enter(w)) return GW_ERR_BAD_STATE;
+  if (listener_enter(l)) {
+    worker_leave(w);
+    return GW_ERR_BAD_STATE;
+  }
+  int64_t deadline = deadline_after(now_ns(), timeout_ns);
+  int rc;
+  for (;;) { /* (another thread may take the head first: wait again) */
+    int64_t left = deadline == INT64_MAX ? -1 : deadline - now_ns();
+    if (left < 0 && deadline != INT64_MAX) left = 0;
+    __atomic_fetch_add(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
+    rc = wait_cond(w, cond_rq, l, left);
+    __atomic_fetch_sub(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
+    if (rc) break;
+    pthread_mutex_lock(&g_lst);
+    LOCK(w);
+    gw_connreq_t *r = NULL;
+    if (l->closed) {
+      rc = GW_ERR_BAD_STATE;
+    } else if ((r = l->rq_head) != NULL) {
+      l->rq_head = r->next;
+      if (!l->rq_head) l->rq_tail = NULL;
+      r->next = NULL;
+      r->l = l;
+      l->refs++;
+      r->tnext = l->taken;
+      if (l->taken) l->taken->tprev = r;
+      l->taken = r;
+    }
+    UNLOCK(w);
+    pthread_mutex_unlock(&g_lst);
+    if (rc || r) {
+      *out = r;
+      break;
+    }
+  }
+  listener_leave(l);
+  worker_leave(w);
+  return rc;
+}
+
+/* g_lst held, no worker lock: the request is resolved; the listener's last reference
+ * destroys a closed listener's UCX listener and may free the struct */
+static void connreq_release(gw_connreq_t *r) {
+  gw_listener_t *l = r->l;
+  r->l = NULL;
+  r->done = 1;
+  if (!l) return;
+  if (r->tprev) r->tprev->tnext = r->tnext;
+  else l->taken = r->tnext;
+  if (r->tnext) r->tnext->tprev = r->tprev;
+  r->tprev = r->tnext = NULL;
+  l->refs--;
+  if (l->refs == 0 && l->closed && l->w && l->l) {
+    gw_worker_t *lw = l->w;
+    LOCK(lw);
+    listener_teardown_locked(l);
+    UNLOCK(lw);
+  }
+  listener_maybe_free(l);
+}
+
+void gw_connreq_reject(gw_connreq_t *r) {
+  if (!r) return;
+  pthread_mutex_lock(&g_lst);
+  if (!r->done) {
+    gw_listener_t *l = r->l;
+    if (l && l->w && l->l) {
+      LOCK(l->w);
+      ucp_listener_reject(l->l, r->req);
+      UNLOCK(l->w);
+    }
+    connreq_release(r);
+  }
+  pthread_mutex_unlock(&g_lst);
+}
+
+void gw_connreq_free(gw_connreq_t *r) {
+  if (!r) return;
+  gw_connreq_reject(r);
+  free(r);
+}
+
+int gw_connreq_client(gw_connreq_t *r, char *buf, size_t len) {
+  snprintf(buf, len, "%s", r->client);
+  return 0;
+}
+
+/* the handshake of an accepted request settled: up with its WELCOME out, or lost */
+static int cond_handoff_settled(void *arg) {
+  gw_conn_t *c = (gw_conn_t *)arg;
+  if (c->state == GW_CONN_CONNECTING) return 0;
+  if (c->state != GW_CONN_UP) return 1;
+  return !c->welcome_req || ucp_request_check_status(c->welcome_req) != UCS_INPROGRESS;
+}
+
+/* a half-made conn of w (its handshake failed or timed out): closed and freed */
+static void conn_discard(gw_worker_t *w, gw_conn_t *c) {
+  LOCK(w);
+  ep_close(w, c->data_ep, c->data_arg, 1, 200000000LL, 1);
+  ep_close(w, c->ctrl_ep, c->ctrl_arg, 1, 200000000LL, 1);
+  c->data_ep = c->ctrl_ep = NULL;
+  c->data_arg = c->ctrl_arg = NULL;
+  if (c->welcome_req) {
+    ucp_request_free(c->welcome_req);
+    defer_free(w, c->welcome_blob); /* UCX may read it until the worker goes */
+    c->welcome_req = c->welcome_blob = NULL;
+  }
+  pidfd_drop(c);
+  c->state = GW_CONN_CLOSED;
+  w->conns[c->id & 0xFFFF] = NULL;
+  progress_locked(w);
+  UNLOCK(w);
+  free(c);
+}
+
+int gw_connreq_accept(gw_connreq_t *r, gw_worker_t *w, int64_t timeout_ns, gw_conn_t **out) {
+  *out = NULL;
+  if (!r || !w) return UCS_ERR_INVALID_PARAM;
+  if (worker_enter(w)) return GW_ERR_BAD_STATE;
+  pthread_mutex_lock(&g_lst);
+  gw_listener_t *l = r->l;
+  if (r->done || !l || !l->w || !l->l) { /* resolved, or the listener's worker is gone */
+    if (!r->done) connreq_release(r);
+    pthread_mutex_unlock(&g_lst);
+    worker_leave(w);
+    return GW_ERR_BAD_STATE;
+  }
+  gw_worker_t *lw = l->w;
+  if (lw->ctx != w->ctx) {
+    pthread_mutex_unlock(&g_lst);
+    worker_leave(w);
+    return UCS_ERR_INVALID_PARAM;
+  }
+  /* lock order: g_lst, then the accepting worker, then the listener's */
+  LOCK(w);
+  if (lw != w) LOCK(lw);
+  ucs_status_t st = UCS_OK;
+  gw_conn_t *c = conn_new(w);
+  if (c) {
+    c->via_sockaddr = 1;
+    c->handoff = 1;
+    c->ctrl_arg = eparg_new(c, 1);
+  }
+  if (!c || !c->ctrl_arg) {
+    st = UCS_ERR_NO_MEMORY;
+    ucp_listener_reject(l->l, r->req);
+  } else {
+    st = ctrl_ep_accept(w, c, r->req); /* (UCX consumes the request either way) */
+  }
+  if (lw != w) UNLOCK(lw);
+  if (st != UCS_OK && c) {
+    eparg_free(c->ctrl_arg);
+    w->conns[c->id & 0xFFFF] = NULL;
+    free(c);
+    c = NULL;
+  }
+  UNLOCK(w);
+  connreq_release(r);
+  pthread_mutex_unlock(&g_lst);
+  if (st != UCS_OK) {
+    worker_leave(w);
+    return st;
+  }
+  /* the handshake runs on w: the client's HELLO comes to w's control worker, and the
+   * WELCOME carries w's data-worker address */
+  __atomic_fetch_add(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
+  int rc = wait_cond(w, cond_handoff_settled, c, timeout_ns);
+  __atomic_fetch_sub(&w->ctrl_hot, 1, __ATOMIC_RELAXED);
+  if (rc == 0 && c->state == GW_CONN_UP) {
+    LOCK(w);
+    conn_hand_out(c);
+    UNLOCK(w);
+    worker_leave(w);
+    *out = c;
+    return 0;
+  }
+  int fail = rc ? rc : (c->lost_status ? c->lost_status : GW_ERR_CONN_LOST);
+  conn_discard(w, c);
+  worker_leave(w);
+  return fail;
 }
 
 int gw_accept_any(gw_worker_t *w, int64_t timeout_ns, gw_conn_t **out) {
@@ -1790,6 +2196,14 @@ void gw_conn_free(gw_conn_t *c) {
 int gw_conn_state(gw_conn_t *c) { return c->state; }
 int gw_conn_lost_status(gw_conn_t *c) { return c->lost_status; }
 uint32_t gw_conn_id(gw_conn_t *c) { return c->id; }
+uint32_t gw_conn_remote_id(gw_conn_t *c) { return c->remote_id; }
+
+void gw_conn_debug_set_remote_id(gw_conn_t *c, uint32_t id) {
+  if (!c || c->state == GW_CONN_CLOSED) return;
+  LOCK(c->w);
+  c->remote_id = id;
+  UNLOCK(c->w);
+}
 int gw_conn_peer_pid(gw_conn_t *c) { return c->peer_pid; }
 
 int gw_conn_peer(gw_conn_t *c, char *buf, size_t len) {

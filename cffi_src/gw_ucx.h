@@ -14,6 +14,7 @@ typedef struct gw_ctx gw_ctx_t;
 typedef struct gw_worker gw_worker_t;
 typedef struct gw_conn gw_conn_t;
 typedef struct gw_listener gw_listener_t;
+typedef struct gw_connreq gw_connreq_t;
 typedef struct gw_mem gw_mem_t;
 typedef struct gw_rkey gw_rkey_t;
 typedef struct gw_req gw_req_t;
@@ -72,10 +73,32 @@ int gw_worker_poll_lost(gw_worker_t *w, uint32_t *ids, int cap);
 
 /* listener (sockaddr; needs tcp in UCX_TLS) */
 int gw_listen(gw_worker_t *w, const char *ip, int port, gw_listener_t **out);
+/* handoff 1: connection requests are queued for gw_listener_take, and each is accepted
+ * (gw_connreq_accept) on a worker of the caller's choice (of the same context) or rejected;
+ * handoff 0: gw_listen's listener (the handshake runs on the listener's worker, gw_accept) */
+int gw_listen_mode(gw_worker_t *w, const char *ip, int port, int handoff, gw_listener_t **out);
 int gw_listener_port(gw_listener_t *l);
+/* requests still queued are rejected; one taken and not yet accepted or rejected keeps
+ * UCX's listener (not the port's new requests) until it is */
 void gw_listener_close(gw_listener_t *l);
-/* wait for one connection to finish its handshake; GW: 0 and *out, or UCS_ERR_TIMED_OUT */
+/* wait for one connection to finish its handshake; GW: 0 and *out, or UCS_ERR_TIMED_OUT
+ * (UCS_ERR_INVALID_PARAM on a handoff listener) */
 int gw_accept(gw_listener_t *l, int64_t timeout_ns, gw_conn_t **out);
+/* handoff listener: the next connection request (0 and *out, UCS_ERR_TIMED_OUT,
+ * GW_ERR_BAD_STATE once closed, UCS_ERR_INVALID_PARAM on a listener not in handoff mode) */
+int gw_listener_take(gw_listener_t *l, int64_t timeout_ns, gw_connreq_t **out);
+/* accept a taken request on worker w (any worker of the listener's context): the control
+ * endpoint and the connection live on w, the handshake runs there (waited for up to
+ * timeout_ns: the WELCOME, carrying w's data address, has left). Errors: GW_ERR_BAD_STATE
+ * (already accepted/rejected, w closing, or the listener's worker destroyed), the
+ * handshake's failure or UCS_ERR_TIMED_OUT (the half-made connection is closed) */
+int gw_connreq_accept(gw_connreq_t *r, gw_worker_t *w, int64_t timeout_ns, gw_conn_t **out);
+/* reject it (the client's connect fails); nothing if already accepted or rejected */
+void gw_connreq_reject(gw_connreq_t *r);
+/* free it (rejected first if neither happened) */
+void gw_connreq_free(gw_connreq_t *r);
+/* the client's address "ip:port" as the listener saw it ("" if UCX did not say) */
+int gw_connreq_client(gw_connreq_t *r, char *buf, size_t len);
 /* connections accepted by address (connect_address from a peer) arrive here */
 int gw_accept_any(gw_worker_t *w, int64_t timeout_ns, gw_conn_t **out);
 
@@ -92,6 +115,10 @@ void gw_conn_free(gw_conn_t *c);                         /* after close */
 int gw_conn_state(gw_conn_t *c);
 int gw_conn_lost_status(gw_conn_t *c);
 uint32_t gw_conn_id(gw_conn_t *c);
+uint32_t gw_conn_remote_id(gw_conn_t *c);               /* the peer's id of this connection */
+/* TESTS ONLY: make later sends (and the BYE of the close) carry `id` as the receiver's
+ * connection id, i.e. impersonate another connection of the peer's worker */
+void gw_conn_debug_set_remote_id(gw_conn_t *c, uint32_t id);
 int gw_conn_peer(gw_conn_t *c, char *buf, size_t len);   /* "host pid N" */
 int gw_conn_transports(gw_conn_t *c, char *buf, size_t len); /* data path "tcp/lo,..." */
 int gw_conn_peer_pid(gw_conn_t *c);

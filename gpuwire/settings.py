@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator
 
 __all__ = ["Setting", "register", "get", "set", "override", "all_settings", "describe",
-           "reload_environment", "finite_us", "seconds", "positive_seconds", "one_of",
+           "reload_environment", "finite_us", "seconds", "positive_seconds", "one_of", "nonneg_int",
            "MAX_US", "MAX_S"]
 
 # Upper bounds of the time types below: the C engine takes nanoseconds as int64
@@ -61,6 +61,20 @@ def seconds(value: Any) -> float:
 def positive_seconds(value: Any) -> float:
     """A settings type: a finite number of seconds > 0, at most MAX_S."""
     return _in_range(value, True, MAX_S, f"of seconds > 0 and <= {MAX_S:g}")
+
+
+def nonneg_int(value: Any) -> int:
+    """A settings type: a whole number >= 0 (at most 2**31 - 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a whole number >= 0, got {value!r}")
+    try:
+        v = int(value, 0) if isinstance(value, str) else int(value)
+        ok = (not isinstance(value, float) or value == v) and 0 <= v <= 2**31 - 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"must be a whole number >= 0 (at most {2**31 - 1}), got {value!r}")
+    return v
 
 
 def one_of(*choices: str) -> Callable[[Any], str]:

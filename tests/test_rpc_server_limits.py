@@ -399,3 +399,45 @@ def test_session_worker_stops_listening_once_its_client_is_in():
             s.close()
     finally:
         srv.stop()
+
+
+def test_session_object_limit_is_a_clear_deferred_error():
+    """rpc_session_max_objects: a session's handles and allocations are bounded; one more is a
+    deferred CUDA_ERROR_OUT_OF_MEMORY naming the setting, freeing makes room again, and other
+    sessions count their own."""
+    from gpuwire.rpc.protocol import CudaError
+    srv = start_server("cpu", env={"GPUWIRE_RPC_SESSION_MAX_OBJECTS": "40"})
+    try:
+        s = srv.connect()
+        try:
+            evs = [s.event() for _ in range(25)]
+            bufs = [s.alloc(256) for _ in range(15)]
+            s.gwSync()                                   # 40: at the limit, all fine
+            s.alloc(256)
+            with pytest.raises(CudaError) as ei:
+                s.gwSync()
+            msg = str(ei.value)
+            assert "rpc_session_max_objects" in msg and "40" in msg and "cuMemAlloc" in msg, msg
+            s.event()
+            with pytest.raises(CudaError) as ei:
+                s.gwSync()
+            assert "a new event" in str(ei.value)
+            for b in bufs[:5]:
+                b.free()
+            more = [s.alloc(256) for _ in range(5)]      # room again
+            s.gwSync()
+            assert s.mem_get_info()[0] > 0
+            s2 = srv.connect()                           # its own count
+            try:
+                [s2.alloc(256) for _ in range(30)]
+                s2.gwSync()
+            finally:
+                s2.close()
+            del evs, more
+        finally:
+            try:
+                s.close()
+            except CudaError:
+                pass
+    finally:
+        srv.stop()

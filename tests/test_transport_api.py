@@ -24,6 +24,18 @@ pytestmark = pytest.mark.timeout(90)
 # ------------------------------------------------------------ helpers
 
 
+# the snippet runner's `expect(fn, *exc)`: prints GOT <exception> <message>, or NO-EXCEPTION
+EXPECT = textwrap.dedent("""
+    def expect(fn, *exc):
+        try:
+            fn()
+        except exc as e:
+            print("GOT", type(e).__name__, str(e).replace(chr(10), " "), flush=True)
+            return e
+        print("NO-EXCEPTION", flush=True)
+""")
+
+
 def run_snippet(body, peer=None, tls="tcp,self", timeout=30, env=None):
     """Run ``body`` in a fresh interpreter with ``ctx``, ``w`` and (given a peer)
     ``ep`` connected to it; returns (returncode or "timeout", stdout, stderr)."""
@@ -33,14 +45,7 @@ def run_snippet(body, peer=None, tls="tcp,self", timeout=30, env=None):
         ctx = t.Context({{"TLS": {tls!r}}})
         w = ctx.worker()
         ep = w.connect(os.environ["GW_PEER"], timeout=10) if os.environ.get("GW_PEER") else None
-        def expect(fn, *exc):
-            try:
-                fn()
-            except exc as e:
-                print("GOT", type(e).__name__, str(e).replace(chr(10), " "), flush=True)
-                return e
-            print("NO-EXCEPTION", flush=True)
-    """)
+    """) + EXPECT
     env = dict(env or {})
     if peer is not None:
         env["GW_PEER"] = peer.address

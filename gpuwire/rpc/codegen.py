@@ -447,6 +447,7 @@ def server_source(call: Call) -> str:
         emit(f"sess.bind({created.handle!r}, v_{created.name}, {invoke}, {parent})")
         emit("return None")
     elif rel is not None and rel.kind == "handle" and rel.handle in TABLE_HANDLES:
+        emit(f"sess.releasing({rel.handle!r}, v_{rel.name})")
         emit(f"_r = {invoke}")
         emit(f"sess.unbind({rel.handle!r}, v_{rel.name})")
         emit("return _r")

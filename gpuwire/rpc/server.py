@@ -1,7 +1,8 @@
 """``gpuwire serve``: runs clients' CUDA calls on this machine's GPU (or on the CPU executor).
 
-One UCX worker per server. The main thread accepts connections; each session gets
-a thread that receives its frames (endpoint receive on TAG_REQ), so one session
+The main thread takes connection requests; each session gets a transport worker of its
+own (its connection is accepted on it, so no other peer's connection shares it) and a
+thread that receives its frames (endpoint receive on TAG_REQ), so one session
 waiting on its GPU never holds up another, and a session's CUDA context stays
 current on its own thread. Per session the server keeps its own executor session
 (GPU: a CUDA context and a reserved VA range), handle tables, the allocation map
@@ -81,6 +82,11 @@ settings.register("rpc_server_session_cpu", -1, int,
                   "none of them preempts it. Placed when the session starts and again after its lanes "
                   "connect. -1: off (the OS places threads). Ignored with thread isolation (sessions share "
                   "the process) and when the CPU is not one the worker may use.", layer="rpc")
+settings.register("rpc_session_max_objects", 1 << 18, settings.nonneg_int,
+                  "Server: handles (streams, events, modules, functions) and device and host allocations "
+                  "one session may hold at once; one more is refused with CUDA_ERROR_OUT_OF_MEMORY naming "
+                  "this setting (0: no limit). Bounds the server memory a client's bookkeeping can take.",
+                  layer="rpc")
 settings.register("rpc_hello_timeout_s", 10.0, settings.seconds,
                   "Server: seconds a new connection has to complete its hello (authenticate); after that "
                   "it is closed, so idle unauthenticated connections do not pile up (0: no limit).",
@@ -311,7 +317,7 @@ class OutSink:
         for k, (off, ln) in enumerate(_chunks(n, s.chunk)):
             reqs.append(s.pep(self.route, k, n).send_nb(t.Buffer(t.RawBuffer(ptr + off, ln)) if ln else b"",
                                                         tag=self.route))
-        _lanes.wait_requests(reqs, s.server.worker, s.bulk_timeout)
+        _lanes.wait_requests(reqs, s.ep.worker, s.bulk_timeout)
         self.sent = True
 
     def put_ptr(self, ptr: int, n: int, view: Any = None) -> None:
@@ -326,7 +332,7 @@ class OutSink:
 
     def progress(self) -> None:
         """Drive the transport (sends in flight) while the caller waits for something else."""
-        self.s.server.worker.progress()
+        self.s.ep.worker.progress()
 
     def send_part_nb(self, ptr: int, ln: int):
         ep = self.s.pep(self.route, self.k, self.nbytes)
@@ -364,7 +370,7 @@ class OutSink:
                 return
             reqs = [s.pep(self.route, k, self.nbytes).send_nb(b"", tag=self.route)
                     for k in range(_nchunks(self.nbytes, split))]
-            _lanes.wait_requests(reqs, s.server.worker, s.bulk_timeout)
+            _lanes.wait_requests(reqs, s.ep.worker, s.bulk_timeout)
 
 
 # ----------------------------------------------------------------------------- session
@@ -457,6 +463,7 @@ class ServerSession:
         self.lane_eps: List[t.Endpoint] = []    # ... and in use (after gwBulkLanes)
         self.lane_min = 0
         self.bulk_max = 0             # the largest payload a copy of this session can have (at the hello)
+        self.max_objects = int(settings.get("rpc_session_max_objects"))
 
     # ------------------------------------------------------------------ loop
     def _place(self) -> None:
@@ -1132,6 +1139,9 @@ class ServerSession:
             try:
                 fns = self.es.c_calls()
                 self.disp = _cf.Dispatch(spec, fns)
+                gcfg = self.es.c_graphs() if hasattr(self.es, "c_graphs") else None
+                if gcfg:     # launch-run graphs (rpc_gpu_graph_min)
+                    self.disp.graphs(gcfg["fns"], gcfg["min_run"], gcfg["cache"])
                 if self.serve_c is not None:
                     scratch = self.es.c_scratch() if hasattr(self.es, "c_scratch") else None
                     prog = self.ep.worker.c_progress_entry() if hasattr(self.ep.worker, "c_progress_entry") else None
@@ -1206,6 +1216,8 @@ class ServerSession:
                "passed": int(sc.v.passed), "ssync_skipped": int(sc.v.ssync_skipped), "frames": rows}
         if self.bulk_stats is not None:   # the C bulk copies' counters and phase times (_cfast.BULK_STATS)
             doc["bulk"] = dict(self.bulk_stats)
+        if self.disp is not None:         # launch-run graphs (_cfast.GRAPH_STATS)
+            doc["graphs"] = self.disp.graph_stats()
         path = os.path.join(self.trace_dir, f"gpuwire-trace-{os.getpid()}-{self.id}.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -1273,6 +1285,8 @@ class ServerSession:
                 log.exception("session %d: writing the frame trace to %s", self.id, self.trace_dir)
         if self.serve_c is not None:
             self.serve_c.detach()
+        if self.disp is not None:
+            self.disp.graph_flush()     # (while the CUDA context exists)
         self.disp = None
         es, self.es = self.es, None
         if es is None:
@@ -1378,6 +1392,20 @@ class ServerSession:
     def fresh_id(self, kind: str, hid: int) -> None:
         if hid < P.FIRST_CLIENT_HANDLE or any(hid in tab for tab in self.tables.values()):
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"{kind} id {hid:#x} is reserved or already in use")
+        self._room(f"a new {kind}")
+
+    def _room(self, what: str) -> None:
+        """rpc_session_max_objects: refuse one more handle or allocation past the limit."""
+        cap = self.max_objects
+        if not cap:
+            return
+        n = sum(len(tab) for tab in self.tables.values()) + len(self.hosts)
+        if self.mm is not None:
+            n += len(self.mm.starts) + len(self.mm.external)
+        if n >= cap:
+            raise fail(P.CUDA_ERROR_OUT_OF_MEMORY,
+                       f"{what}: this session already holds {n} handles and allocations, the server's limit "
+                       f"(rpc_session_max_objects, GPUWIRE_RPC_SESSION_MAX_OBJECTS); free some first")
 
     def bind(self, kind: str, hid: int, obj: Any, parent: int) -> None:
         self.tables[kind][hid] = obj
@@ -1385,6 +1413,12 @@ class ServerSession:
             self.parents[hid] = parent
         if self.disp is not None:
             self.disp.bind(kind, hid, obj)
+
+    def releasing(self, kind: str, hid: int) -> None:
+        """Before the executor releases a handle: a module's functions leave the launch-run
+        graphs first (no graph may outlive a kernel it launches)."""
+        if kind == "module" and self.disp is not None:
+            self.disp.graph_flush()
 
     def unbind(self, kind: str, hid: int) -> None:
         self.tables[kind].pop(hid, None)
@@ -1447,6 +1481,7 @@ class ServerSession:
         return self.device
 
     def cuMemAlloc(self, dptr, bytesize):
+        self._room("cuMemAlloc")
         self.mm.alloc(dptr, bytesize)
         if self.disp is not None:
             self.disp.alloc(dptr, bytesize)
@@ -1461,6 +1496,7 @@ class ServerSession:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostAlloc: bytesize must be > 0")
         if pp in self.hosts:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, f"cuMemHostAlloc: {pp:#x} is already pinned")
+        self._room("cuMemHostAlloc")
         self.hosts[pp] = (bytesize, self.es.host_alloc(bytesize, flags))
 
     def cuMemFreeHost(self, p):
@@ -1470,6 +1506,7 @@ class ServerSession:
     def cuMemHostRegister(self, p, bytesize, flags):
         if bytesize <= 0 or p == 0:
             raise fail(P.CUDA_ERROR_INVALID_VALUE, "cuMemHostRegister: empty range")
+        self._room("cuMemHostRegister")
         for a, (sz, _o) in self.hosts.items():
             if a < p + bytesize and p < a + sz:
                 raise fail(P.CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED,
@@ -1671,6 +1708,13 @@ def _hostmap_cap() -> int:
     return int(float(settings.get("rpc_hostmap_max_gib")) * (1 << 30))
 
 
+# the acceptor re-makes the spare worker once no request came for this long: not while the last
+# client's connect (hello, lanes) or a close runs (on the 2-core CPU box, re-making it right after
+# a request doubled the client's close time; after 50 ms, connect and close were as fast as with
+# one shared worker when clients came 0.3 s apart)
+_SPARE_IDLE_S = 0.05
+
+
 def _read_token(token: Optional[str], token_file: Optional[str]) -> Optional[bytes]:
     if token_file:
         with open(token_file, "rb") as f:
@@ -1785,18 +1829,22 @@ class Server:
             if self.executor is not None and executor_obj is None:
                 self.executor.close()
             raise ValueError(f"cannot start the transport{f' (UCX_TLS {tls!r})' if tls else ''}: {e}") from None
+        # The listener's worker: it only takes connection requests. Every connection is accepted
+        # on a transport worker of its own (_session_worker), closed when its session ends: the
+        # connections of one worker are told apart by an id the sending peer writes, so sessions
+        # sharing one could be reached by each other's peers (docs/protocol.md "Security").
         self.worker = self.ctx.worker()
+        serving = single or isolation == "thread"
         spin = float(settings.get("rpc_server_spin_us"))
-        if spin >= 0 and (single or isolation == "thread"):
-            # the session threads wait on this worker (the acceptor of process isolation polls)
-            self.worker.spin_us = spin
-        if settings.get("rpc_server_progress_thread") and (single or isolation == "thread"):
-            # the worker's progress thread drives its big transfers while session threads
-            # handle frames (not on the acceptor of process isolation: it moves no payloads)
-            self.worker.start_progress_thread()
+        # the session threads wait on their workers (the pre-hello connections of process
+        # isolation only redirect: the transport's defaults)
+        self._session_spin: Optional[float] = spin if spin >= 0 and serving else None
+        # a worker's progress thread drives its big transfers while the session thread handles
+        # frames (not for process isolation's redirecting connections: they move no payloads)
+        self._session_pump = bool(settings.get("rpc_server_progress_thread")) and serving
         self.host = host
         try:
-            self.listener = self.worker.listen(host, port)
+            self.listener = self.worker.listen(host, port, handoff=True)
         except t.TransportError as e:
             self.worker.close()
             self.ctx.close()
@@ -1809,8 +1857,18 @@ class Server:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        # session threads still accepting their connection: sid -> [thread, worker or None]
+        self._accepting: Dict[int, List[Any]] = {}
         self.ended = 0
         self.served = 0
+        # a worker made (and warmed) ahead, so a client's connect waits for neither: making one
+        # costs ~20 ms on the 2-core CPU box (two UCX workers), and UCX's protocol selection on a
+        # worker's first accepted connection ~30 ms more (_warm). Re-made in the background once
+        # the acceptor is idle (_spare_thread)
+        self._spare: Optional[t.Worker] = None
+        self._warmer: Optional[t.Worker] = None
+        self._spare_thread: Optional[threading.Thread] = None
+        self._refill_spare()
         if isolation == "process":
             self.pool = WorkerPool(self, int(settings.get("rpc_worker_pool")))
 
@@ -1818,12 +1876,15 @@ class Server:
         """Accept clients until :meth:`shutdown` (or SIGINT/SIGTERM in the CLI)."""
         lst = self.listener
         idle = 0
+        last = time.monotonic()
         try:
             while not self._stop.is_set():
                 try:
-                    ep = lst.accept(timeout=0)
+                    req = lst.accept_request(timeout=0)
                 except t.OperationTimeout:
                     idle += 1
+                    if self._spare is None and not self.served and time.monotonic() - last >= _SPARE_IDLE_S:
+                        self._start_refill()       # (idle: off the clients' paths)
                     # poll fast right after activity, then settle
                     time.sleep(poll_s if idle < 500 else 0.02)
                     continue
@@ -1833,26 +1894,149 @@ class Server:
                     log.warning("accept: %s", e)
                     continue
                 idle = 0
+                last = time.monotonic()
                 if self.single:
-                    self._run_single(ep)
+                    self._run_single(req)
                     if self.served:
                         break
                 else:
-                    self._start_session(ep)
+                    self._start_session(req)
         finally:
             self._close()
 
-    def _run_single(self, ep: t.Endpoint) -> None:
+    def _session_worker(self) -> t.Worker:
+        """A transport worker for one session's connection, with the server's worker settings
+        (rpc_server_spin_us, rpc_server_progress_thread)."""
+        w = self.ctx.worker()
+        try:
+            if self._session_spin is not None:
+                w.spin_us = self._session_spin
+            if self._session_pump:
+                w.start_progress_thread()
+        except BaseException:
+            w.close()
+            raise
+        return w
+
+    def _take_spare(self) -> Optional[t.Worker]:
+        with self._lock:
+            w, self._spare = self._spare, None
+        return w
+
+    def _start_refill(self) -> None:
+        th = self._spare_thread
+        if th is not None and th.is_alive():
+            return
+        th = threading.Thread(target=self._refill_spare, name="gpuwire-spare-worker", daemon=True)
+        self._spare_thread = th
+        th.start()
+
+    def _refill_spare(self) -> None:
+        """Make (and warm) the spare session worker, unless one is there."""
+        if self._spare is not None or self._stop.is_set():
+            return
+        try:
+            w: Optional[t.Worker] = self._session_worker()
+        except Exception as e:
+            log.warning("spare session worker: %s (each session makes its own)", e)
+            time.sleep(0.05)
+            return
+        try:
+            if not self._warm(w):
+                w.close()
+                return
+        except Exception:   # pragma: no cover - a bug; the spare goes unwarmed
+            log.exception("warming the spare session worker")
+        with self._lock:
+            if self._spare is None and not self._stop.is_set():
+                self._spare, w = w, None
+        if w is not None:
+            w.close()
+
+    def _warm(self, w: t.Worker) -> bool:
+        """Accept one connection on ``w`` before a client's: UCX's protocol selection for a worker's
+        first connection accepted from a listener (~30 ms on the CPU box; with UCX_PROTO_ENABLE=n
+        none) then happens here, off the client's connect. The warm-up client is a worker of the
+        server's own (_warmer) connecting to a one-shot handoff listener of that worker on the
+        loopback: ``w`` never listens itself. False: a connection that is not the server's own
+        came in on ``w`` instead (the ids do not match): ``w`` must be discarded. A warm-up that
+        cannot be done leaves ``w`` cold but untouched (True)."""
+        try:
+            if self._warmer is None:
+                self._warmer = self.ctx.worker()
+            h = self._warmer
+            lst = h.listen("127.0.0.1", 0, handoff=True)
+        except Exception as e:
+            log.debug("no warm-up of the spare session worker: %s", e)
+            return True
+        got: Dict[str, Any] = {}
+
+        def connect() -> None:
+            try:
+                got["c"] = h.connect("127.0.0.1", lst.port, timeout=5.0)
+            except Exception as e:     # (the accept below says what went wrong)
+                got["err"] = e
+        th = threading.Thread(target=connect, name="gpuwire-warm-up", daemon=True)
+        th.start()
+        ep = None
+        try:
+            ep = lst.accept_request(timeout=5.0).accept(w, timeout=5.0)
+        except Exception as e:
+            log.debug("warm-up of the spare session worker: %s", e)
+        finally:
+            lst.close()
+            th.join(10)
+        c = got.get("c")
+        ours = ep is None or (c is not None and c.id == ep.remote_id and c.remote_id == ep.id)
+        # goodbye: the client's side closes first (flush, BYE); w's side then closes forced: its
+        # data endpoint (error mode NONE) goes with w, which lives no longer than its session
+        if c is not None:
+            c.close(timeout=0.5)
+        if ep is not None:
+            if ours:
+                ep.wait_peer_close(0.5)
+            ep.close(timeout=0.2, force=True)
+        if not ours:
+            log.warning("warm-up of the spare session worker: a connection that is not the server's own (%s) "
+                        "came in on it; discarded", ep.peer if ep is not None else "?")
+        return ours
+
+    def _accept_on(self, req: t.ConnRequest, w: t.Worker, sid: int) -> Optional[t.Endpoint]:
+        """The request's connection on ``w`` (its handshake waited for up to the transport's
+        connect timeout, in the calling session thread: a slow client stalls no one else)."""
+        try:
+            return req.accept(w)
+        except Exception as e:
+            log.info("session %d (%s): connection not established: %s", sid, req.client or "?", e)
+            return None
+
+    def _run_single(self, req: t.ConnRequest) -> None:
         """Session worker: run the connection here; stop after one authenticated session."""
         if self.home_cpus:
             self._go_home()
-        s = ServerSession(self, ep, next(self._ids))
-        with self._lock:
-            self.sessions[s.id] = s
-        s.thread = threading.current_thread()
-        s.run()
-        if s.ready:
-            self.served += 1
+        sid = next(self._ids)
+        w = self._take_spare()
+        try:
+            if w is None:
+                try:
+                    w = self._session_worker()
+                except t.TransportError as e:
+                    log.warning("session %d: no transport worker: %s", sid, e)
+                    req.reject()
+                    return
+            ep = self._accept_on(req, w, sid)
+            if ep is None:
+                return
+            s = ServerSession(self, ep, sid)
+            with self._lock:
+                self.sessions[s.id] = s
+            s.thread = threading.current_thread()
+            s.run()
+            if s.ready:
+                self.served += 1
+        finally:
+            if w is not None:
+                w.close()
 
     def _go_home(self) -> None:
         """A worker started on rpc_worker_spawn_cpus: every thread of it onto the server's
@@ -1864,14 +2048,44 @@ class Server:
         except ValueError as e:
             log.warning("session worker: could not move to the server's CPUs %s: %s", sorted(home), e)
 
-    def _start_session(self, ep: t.Endpoint) -> None:
+    def _start_session(self, req: t.ConnRequest) -> None:
         sid = next(self._ids)
-        s = ServerSession(self, ep, sid)
+        w = self._take_spare()
+        th = threading.Thread(target=self._session_main, args=(req, w, sid), name=f"gpuwire-session-{sid}",
+                              daemon=True)
         with self._lock:
-            self.sessions[sid] = s
-        th = threading.Thread(target=s.run, name=f"gpuwire-session-{sid}", daemon=True)
-        s.thread = th
+            self._accepting[sid] = [th, w]
         th.start()
+
+    def _session_main(self, req: t.ConnRequest, w: Optional[t.Worker], sid: int) -> None:
+        """A session thread: its connection accepted on a worker of its own (the spare, or one
+        made here), the session run, then the worker closed, however the session ended."""
+        try:
+            if w is None:
+                w = self._session_worker()
+                with self._lock:
+                    if self._stop.is_set():     # (_close did not see this worker: no accept now)
+                        req.reject()
+                        return
+                    self._accepting[sid][1] = w
+            ep = self._accept_on(req, w, sid)
+            if ep is None:
+                return
+            s = ServerSession(self, ep, sid)
+            s.thread = threading.current_thread()
+            with self._lock:
+                self._accepting.pop(sid, None)
+                self.sessions[sid] = s
+                if self._stop.is_set():
+                    s.stop = True
+            s.run()
+        except Exception:   # pragma: no cover - a bug; the server stays
+            log.exception("session %d failed to start", sid)
+        finally:
+            with self._lock:
+                self._accepting.pop(sid, None)
+            if w is not None:
+                w.close()
 
     def _session_done(self, s: ServerSession) -> None:
         # close the endpoint while the session is still listed: _close joins listed sessions'
@@ -1890,6 +2104,7 @@ class Server:
         self._stop.set()
 
     def _close(self) -> None:
+        self._stop.set()
         try:
             self.listener.close()
         except Exception:
@@ -1898,6 +2113,13 @@ class Server:
             self.pool.close()
         with self._lock:
             live = list(self.sessions.values())
+            accepting = [list(x) for x in self._accepting.values()]
+        for th, w in accepting:     # a handshake in progress: ends at once (its worker goes)
+            if w is not None:
+                try:
+                    w.close()
+                except Exception:
+                    pass
         for s in live:
             s.stop = True
             if getattr(s, "ending", False):
@@ -1909,12 +2131,23 @@ class Server:
         for s in live:
             if s.thread is not None and s.thread is not threading.current_thread():
                 s.thread.join(timeout=10)
+        for th, w in accepting:
+            if th is not threading.current_thread():
+                th.join(timeout=10)
+        th = self._spare_thread
+        if th is not None and th is not threading.current_thread():
+            th.join(timeout=15)
         try:
             if self.executor is not None:
                 self.executor.close()
         finally:
+            spare = self._take_spare()
+            if spare is not None:
+                spare.close()
+            if self._warmer is not None:
+                self._warmer.close()
             self.worker.close()
-            self.ctx.close()
+            self.ctx.close()    # (and any session worker still open)
 
 
 def serve(listen: str, executor: str = "cpu", token: Optional[str] = None, token_file: Optional[str] = None,

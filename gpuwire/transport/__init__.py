@@ -10,7 +10,8 @@ Quick start::
 """
 from ._lib import built_version, runtime_version, library_path, load_source, UCXLibraryError
 from .core import (
-    ANY_TAG_MASK, ECHO_STOP_TAG, EXACT_TAG, MAX_TAG, Buffer, Context, Endpoint, Listener, MemoryRegion,
+    ANY_TAG_MASK, ECHO_STOP_TAG, EXACT_TAG, MAX_TAG, Buffer, ConnRequest, Context, Endpoint, Listener,
+    MemoryRegion,
     RawBuffer, Received, RemoteKey, Request, Worker, check_listen, parse_hostport, status_string,
 )
 from .errors import (
@@ -19,7 +20,7 @@ from .errors import (
 )
 
 __all__ = [
-    "Context", "Worker", "Listener", "Endpoint", "Request", "Received", "MemoryRegion",
+    "Context", "Worker", "Listener", "ConnRequest", "Endpoint", "Request", "Received", "MemoryRegion",
     "RemoteKey", "Buffer", "RawBuffer", "ANY_TAG_MASK", "EXACT_TAG", "MAX_TAG", "ECHO_STOP_TAG",
     "TransportError", "ConnectionLost", "ConnectionClosed", "ConnectionRefused",
     "ConnectTimeout", "OperationTimeout", "MessageTruncated", "RMAOutOfRange", "RMAReadOnly",

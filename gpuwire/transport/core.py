@@ -618,24 +618,32 @@ class Worker(_Closing):
                 "add tcp, or connect by worker address (Worker.connect_address)")
 
     # -- connections
-    def listen(self, host: str = "0.0.0.0", port: int = 0) -> "Listener":
-        """Listen for sockaddr connections (needs tcp in UCX_TLS). port 0 picks a free port."""
+    def listen(self, host: str = "0.0.0.0", port: int = 0, handoff: bool = False) -> "Listener":
+        """Listen for sockaddr connections (needs tcp in UCX_TLS). port 0 picks a free port.
+
+        ``handoff=True``: each connection request is handed out
+        (:meth:`Listener.accept_request`) and accepted on a worker of the caller's choice
+        (:meth:`ConnRequest.accept`), so a connection can have a worker of its own: the
+        connections of one worker are told apart by an id their peers write, so peers that
+        must not reach each other's connections must not share a worker."""
         self._check()
         if not _is_int(port) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
+        if not isinstance(handoff, bool):
+            raise TypeError(f"handoff must be a bool, got {type(handoff).__name__}")
         ip = resolve_host(host)
         no_tcp = self._no_tcp("a sockaddr listener")
         if no_tcp:
             raise TransportError(f"listen on {host}:{port}: {no_tcp}")
         check_listen(ip, port)
         out = ffi.new("gw_listener_t **")
-        st = lib.gw_listen(self._w, ip.encode(), port, out)
+        st = lib.gw_listen_mode(self._w, ip.encode(), port, int(handoff), out)
         if st == lib.UCS_ERR_BUSY:
             raise TransportError(f"listen on {host}:{port}: address already in use "
                                  f"({status_string(st)})", st)
         if st:
             _raise(st, f"listen on {host}:{port}")
-        l = Listener(self, out[0], ip)
+        l = Listener(self, out[0], ip, handoff)
         self._listeners.add(l)
         return l
 
@@ -880,11 +888,15 @@ def _req_status(r: Request) -> int:
 
 
 class Listener(_Closing):
-    def __init__(self, worker: Worker, l, ip: str):
+    """A sockaddr listener (:meth:`Worker.listen`). ``handoff``: its connections are
+    accepted on workers of the caller's choice (:meth:`accept_request`)."""
+
+    def __init__(self, worker: Worker, l, ip: str, handoff: bool = False):
         self._closed = True  # (until set up: __del__ of a half-made one does nothing)
         self.worker = worker
         self._l = l
         self.ip = ip
+        self.handoff = handoff
         self.port = lib.gw_listener_port(l)
         self._closed = False
 
@@ -892,24 +904,54 @@ class Listener(_Closing):
     def address(self) -> str:
         return f"{self.ip}:{self.port}" if ":" not in self.ip else f"[{self.ip}]:{self.port}"
 
-    def accept(self, timeout: Optional[float] = None) -> "Endpoint":
-        """Wait for the next client whose handshake finished."""
+    def _check_open(self, what: str) -> None:
         if self._closed:
-            raise ConnectionClosed("listener is closed")
+            raise ConnectionClosed(f"{what} on {self.address}: the listener is closed")
+        if self.worker._closed:
+            raise ConnectionClosed(f"{what} on {self.address}: the listener's worker is closed")
+
+    def accept(self, timeout: Optional[float] = None, worker: Optional[Worker] = None) -> "Endpoint":
+        """Wait for the next client whose handshake finished.
+
+        On a handoff listener: the next connection request (within ``timeout``), accepted on
+        ``worker`` (default: the listener's own), its handshake waited for up to the connect
+        timeout (``GPUWIRE_CONNECT_TIMEOUT_S``). ``worker`` is for handoff listeners only."""
+        if self.handoff:
+            req = self.accept_request(timeout)
+            return req.accept(self.worker if worker is None else worker)
+        if worker is not None and worker is not self.worker:
+            raise ValueError(f"accept on {self.address}: a worker= other than the listener's needs a "
+                             "handoff listener (Worker.listen(..., handoff=True))")
+        self._check_open("accept")
         out = ffi.new("gw_conn_t **")
-        st = lib.gw_accept(self._l, _ns(timeout, None), out)
-        if st == lib.UCS_ERR_TIMED_OUT:
-            raise OperationTimeout(f"accept on {self.address}: nobody within {timeout}s")
-        if st == lib.GW_ERR_BAD_STATE:
-            raise ConnectionClosed(f"accept on {self.address}: the listener "
-                                   f"{'is closed' if self._closed else 'or its worker closed'}")
-        if st:
-            _raise(st, "accept")
+        self._took(lib.gw_accept(self._l, _ns(timeout, None), out), "accept", timeout)
         return self.worker._adopt(out[0], "accepted")
 
+    def _took(self, st: int, what: str, timeout: Optional[float]) -> None:
+        """Raise for the status of a wait for the next client (accept, accept_request)."""
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise OperationTimeout(f"{what} on {self.address}: nobody within {timeout}s")
+        if st == lib.GW_ERR_BAD_STATE:
+            raise ConnectionClosed(f"{what} on {self.address}: the listener "
+                                   f"{'is closed' if self._closed else 'or its worker closed'}")
+        if st:
+            _raise(st, f"{what} on {self.address}")
+
+    def accept_request(self, timeout: Optional[float] = None) -> "ConnRequest":
+        """Handoff listener: wait for the next connection request (``OperationTimeout`` after
+        ``timeout``). Accept it on a worker (:meth:`ConnRequest.accept`) or reject it."""
+        if not self.handoff:
+            raise ValueError(f"accept_request on {self.address}: the listener is not in handoff mode "
+                             "(Worker.listen(..., handoff=True)); use accept()")
+        self._check_open("accept_request")
+        out = ffi.new("gw_connreq_t **")
+        self._took(lib.gw_listener_take(self._l, _ns(timeout, None), out), "accept_request", timeout)
+        return ConnRequest(self, out[0])
+
     def close(self) -> None:
-        """Stop listening (frees the port). A thread blocked in :meth:`accept` gets
-        ConnectionClosed. Idempotent."""
+        """Stop listening (frees the port). A thread blocked in :meth:`accept` (or
+        :meth:`accept_request`) gets ConnectionClosed; requests not yet taken are rejected
+        (taken ones can still be accepted or rejected). Idempotent."""
         if not self._closed and not self.worker._closed:
             self._closed = True
             lib.gw_listener_close(self._l)
@@ -920,6 +962,77 @@ class Listener(_Closing):
             self.close()
         except Exception:
             pass
+
+
+class ConnRequest:
+    """A connection request of a handoff listener (:meth:`Listener.accept_request`):
+    :meth:`accept` it on a worker (its connection lives there), or :meth:`reject` it. One
+    dropped without either is rejected. ``client``: the client's address as the listener
+    saw it ("ip:port"; "" if UCX did not say)."""
+
+    def __init__(self, listener: Listener, r):
+        self.listener = listener
+        self._r = ffi.gc(r, lib.gw_connreq_free)
+        self._state = "pending"
+        buf = ffi.new("char[80]")
+        lib.gw_connreq_client(r, buf, 80)
+        self.client = ffi.string(buf).decode(errors="replace")
+
+    def __repr__(self):
+        return f"<ConnRequest from {self.client or '?'} on {self.listener.address} ({self._state})>"
+
+    @property
+    def state(self) -> str:
+        """'pending', 'accepted', 'rejected' or 'failed' (an accept whose handshake failed)."""
+        return self._state
+
+    def _check_pending(self, what: str) -> None:
+        if self._state != "pending":
+            raise TransportError(f"{what} of the connection request from {self.client or '?'}: "
+                                 f"it was already {self._state}")
+
+    def accept(self, worker: Worker, timeout: Optional[float] = None) -> "Endpoint":
+        """Accept the request on ``worker`` (a Worker of the listener's context): the
+        connection and its handshake live on that worker, and the returned Endpoint is
+        adopted by it (``ep.worker is worker``). Waits for the client's handshake up to
+        ``timeout`` (None: ``GPUWIRE_CONNECT_TIMEOUT_S``); a client that does not finish it
+        in time, or goes, fails the accept (``ConnectTimeout`` / ``ConnectionLost``; the
+        request counts as used). A request is accepted or rejected once."""
+        if not isinstance(worker, Worker):
+            raise TypeError(f"ConnRequest.accept: expected a transport Worker, got {type(worker).__name__}")
+        self._check_pending("accept")
+        if worker._closed:
+            raise ConnectionClosed(f"accept of the connection request from {self.client or '?'}: "
+                                   "the worker is closed")
+        if worker.ctx is not self.listener.worker.ctx:
+            raise ValueError(f"accept of the connection request from {self.client or '?'}: the worker "
+                             "belongs to another Context than the listener's (UCX accepts a request only "
+                             "on a worker of the listener's context)")
+        if timeout is None:
+            timeout = settings.get("connect_timeout_s")
+        out = ffi.new("gw_conn_t **")
+        st = lib.gw_connreq_accept(self._r, worker._w, _ns(timeout, None), out)
+        what = f"accept of the connection request from {self.client or '?'}"
+        if st == 0:
+            self._state = "accepted"
+            return worker._adopt(out[0], "accepted")
+        if st == lib.UCS_ERR_INVALID_PARAM:   # (the context check above makes this unlikely)
+            raise ValueError(f"{what}: UCX refused the worker ({status_string(st)})")
+        self._state = "failed"
+        if st == lib.GW_ERR_BAD_STATE:
+            raise ConnectionClosed(f"{what}: {'the worker is closed' if worker._closed else 'the listener worker is closed'}")
+        if st == lib.UCS_ERR_TIMED_OUT:
+            raise ConnectTimeout(f"{what}: no handshake within {timeout}s")
+        raise ConnectionLost(self.client or "?", status_string(st), what)
+
+    def reject(self) -> None:
+        """Reject the request: the client's connect fails (``ConnectionRefused``). Nothing if
+        it was already rejected; a TransportError if it was accepted."""
+        if self._state == "rejected":
+            return
+        self._check_pending("reject")
+        self._state = "rejected"
+        lib.gw_connreq_reject(self._r)
 
 
 class Endpoint(_Closing):
@@ -942,6 +1055,18 @@ class Endpoint(_Closing):
 
     def __repr__(self):
         return f"<Endpoint {self.id:#x} peer={self.peer!r} state={self.state}>"
+
+    @property
+    def remote_id(self) -> int:
+        """The peer's id of this connection (what this side writes into every message's tag)."""
+        return int(lib.gw_conn_remote_id(self._c))
+
+    def _test_forge_remote_id(self, conn_id: int) -> None:
+        """FOR TESTS ONLY: from now on this endpoint's messages (and the goodbye of its close)
+        name ``conn_id`` as the receiving connection: it impersonates another connection of
+        the peer's worker (what a malicious peer could do by hand)."""
+        self._check()
+        lib.gw_conn_debug_set_remote_id(self._c, conn_id)
 
     @property
     def state(self) -> str:

@@ -117,6 +117,28 @@ class Dispatch:
         if k is not None:
             lib.gw_rpc_unbind(self.s, k, hid)
 
+    def graphs(self, fns: Dict[str, int], min_run: int, cache: int) -> bool:
+        """Launch-run graphs (gw_rpc_graph_setup): runs of at least ``min_run`` launches the
+        session repeats are replayed as CUDA graphs, ``cache`` runs remembered. ``fns``: the
+        graph entry points (:func:`graph_driver_fns`, or :func:`graph_host_fns` for tests).
+        False (and off) when one is missing; ``min_run`` 0 turns them off."""
+        g = ffi.new("gw_rpc_graph_fns_t *")
+        for k in GRAPH_FNS:
+            fp = fns.get(k)
+            if not fp and min_run:
+                lib.gw_rpc_graph_setup(self.s, ffi.NULL, 0, 0)
+                return False
+            setattr(g, k, ffi.cast("void *", fp or 0))
+        return lib.gw_rpc_graph_setup(self.s, g, max(0, int(min_run)), max(0, int(cache))) == 0 and min_run > 0
+
+    def graph_stats(self) -> Dict[str, int]:
+        """The launch-run graph counters (GRAPH_STATS order)."""
+        return {k: int(lib.gw_rpc_graph_stat(self.s, i)) for i, k in enumerate(GRAPH_STATS)}
+
+    def graph_flush(self) -> None:
+        """Destroy the cached graphs (while the CUDA context still exists)."""
+        lib.gw_rpc_graph_flush(self.s)
+
     def alloc(self, start: int, size: int) -> None:
         lib.gw_rpc_alloc_add(self.s, start, size)
 
@@ -251,6 +273,42 @@ class Launcher:
                                  ffi.from_buffer(data) if n else ffi.NULL, n)
 
 
+# launch-run graphs: gw_rpc_graph_fns_t's fields and the driver entry points behind them
+# (the CUDA 12 ABI: cuGetProcAddress version 12000 gives the _v2 kernel-node calls)
+GRAPH_FNS = {"create": "cuGraphCreate", "add_kernel": "cuGraphAddKernelNode",
+             "instantiate": "cuGraphInstantiateWithFlags", "launch": "cuGraphLaunch",
+             "set_params": "cuGraphExecKernelNodeSetParams", "exec_destroy": "cuGraphExecDestroy",
+             "destroy": "cuGraphDestroy"}
+GRAPH_STATS = ("runs", "launches", "built", "failed", "updates", "evicted", "flushes")
+
+
+def _all_procs(d, names: Dict[str, str]) -> Dict[str, int]:
+    """key -> entry point of each driver call in ``names`` (key -> name) from cuda.bindings'
+    cuGetProcAddress (CUDA 12 ABI); empty if one is missing."""
+    out: Dict[str, int] = {}
+    for k, name in names.items():
+        try:
+            r = d.cuGetProcAddress(name.encode(), 12000, d.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
+        except Exception:
+            return {}
+        if int(r[0]) != 0 or not int(r[1]):
+            return {}
+        out[k] = int(r[1])
+    return out
+
+
+def graph_driver_fns(d) -> Dict[str, int]:
+    """The graph entry points (empty if one is missing)."""
+    return _all_procs(d, GRAPH_FNS)
+
+
+def graph_host_fns() -> Dict[str, int]:
+    """The host graph entry points (a node list replayed through the host cuLaunchKernel)."""
+    g = ffi.new("gw_rpc_graph_fns_t *")
+    lib.gw_rpc_graph_host_fns(g)
+    return {k: int(ffi.cast("uintptr_t", getattr(g, k))) for k in GRAPH_FNS}
+
+
 def driver_fns(d) -> Dict[int, int]:
     """Entry points of the hot calls from cuda.bindings' cuGetProcAddress."""
     out: Dict[int, int] = {}
@@ -295,17 +353,8 @@ def bulk_host_fns() -> Dict[str, int]:
 def bulk_driver_fns(d) -> Dict[str, int]:
     """cuMemcpyHtoDAsync, cuMemcpyDtoHAsync, cuEventRecord, cuEventQuery from cuGetProcAddress
     (an empty dict if one is missing)."""
-    out: Dict[str, int] = {}
-    for k, name in (("htod", "cuMemcpyHtoDAsync"), ("dtoh", "cuMemcpyDtoHAsync"), ("evrec", "cuEventRecord"),
-                    ("evquery", "cuEventQuery")):
-        try:
-            r = d.cuGetProcAddress(name.encode(), 12000, d.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
-        except Exception:
-            return {}
-        if int(r[0]) != 0 or not int(r[1]):
-            return {}
-        out[k] = int(r[1])
-    return out
+    return _all_procs(d, {"htod": "cuMemcpyHtoDAsync", "dtoh": "cuMemcpyDtoHAsync", "evrec": "cuEventRecord",
+                          "evquery": "cuEventQuery"})
 
 
 class Bulk:

@@ -444,7 +444,7 @@ class CPUSession(ExecutorSession):
                 reqs.append(sink.send_part_nb(0, 0))
             sink.sent = True
             from ..lanes import wait_requests    # (the parts may be on the session's bulk lanes)
-            wait_requests(reqs, sink.s.server.worker, sink.s.bulk_timeout)
+            wait_requests(reqs, sink.s.ep.worker, sink.s.bulk_timeout)
 
     def memset(self, dst: int, value: int, elem: int, count: int, stream: Any) -> None:
         check_align(dst, elem, "cuMemset")

@@ -34,6 +34,14 @@ settings.register("rpc_gpu_h2d_overlap", True, bool,
 settings.register("rpc_gpu_c_launch", True, bool,
                   "GPU executor: launch kernels through the C helper (gpuwire._rpc) when it is built.",
                   layer="rpc")
+settings.register("rpc_gpu_graph_min", 8, settings.nonneg_int,
+                  "GPU executor: a run of at least this many kernel launches on one stream in one frame, "
+                  "seen before with the same kernels, dimensions and parameter sizes, is replayed as a CUDA "
+                  "graph (built the second time the run is seen; later only nodes whose parameters changed "
+                  "are updated). 0: off (every launch is its own cuLaunchKernel).", layer="rpc")
+settings.register("rpc_gpu_graph_cache", 32, settings.nonneg_int,
+                  "GPU executor: launch runs (and their graphs) a session remembers, least recently used "
+                  "dropped first (see rpc_gpu_graph_min).", layer="rpc")
 
 _drv = None
 
@@ -138,6 +146,7 @@ class GPUExecutor(Executor):
                       for h in self.dev_handles]
         self.c = None
         self.fns = None
+        self.graph_fns = None      # (launch-run graph entry points, at the first session)
         if settings.get("rpc_gpu_c_launch"):
             try:
                 from . import _cfast
@@ -221,6 +230,19 @@ class GPUSession(ExecutorSession):
         if self.ex.fns is None:
             self.ex.fns = _cfast.driver_fns(self.d)
         return self.ex.fns
+
+    def c_graphs(self) -> Dict[str, Any]:
+        """The C dispatch loop's launch-run graphs: {"fns": entry points, "min_run", "cache"}
+        (rpc_gpu_graph_min, rpc_gpu_graph_cache); empty when off or an entry point is missing."""
+        from . import _cfast
+        min_run = int(settings.get("rpc_gpu_graph_min"))
+        if not min_run or not self.c_calls():
+            return {}
+        if getattr(self.ex, "graph_fns", None) is None:
+            self.ex.graph_fns = _cfast.graph_driver_fns(self.d)
+        if not self.ex.graph_fns:
+            return {}
+        return {"fns": self.ex.graph_fns, "min_run": min_run, "cache": int(settings.get("rpc_gpu_graph_cache"))}
 
     def c_scratch(self) -> Tuple[int, int]:
         """Pinned host memory the server's C loop copies pushed D2H bytes into: two halves of

@@ -1,0 +1,5 @@
+# session 15 run 2 (carry [".whl"]): the GPU suite on session 15's code (per-connection
+# transport workers, launch-run graphs)
+source .whl/setup_device.sh > $OUT/setup.log 2>&1 || { tail -20 $OUT/setup.log; exit 1; }
+nvidia-smi --query-gpu=name --format=csv,noheader
+timeout 570 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tail -25
