@@ -346,6 +346,8 @@ struct gw_rpc_sess {
   gw_rpc_graph_fns_t g;
   uint32_t g_min, g_cap;
   gent_t *g_ents;
+  gsig_t *g_sig;    /* the current run's signatures (grown as runs need; kept) */
+  uint32_t g_sig_cap;
   uint64_t g_tick;
   uint64_t g_stat[GW_RPC_GS_N];
 };
@@ -363,6 +365,7 @@ void gw_rpc_sess_free(gw_rpc_sess_t *s) {
   if (!s) return;
   graph_flush(s, 0);
   free(s->g_ents);
+  free(s->g_sig);
   htab_t *pt = &s->tab[GW_RPC_PARAMS];
   for (size_t i = 0; i < pt->cap; i++)
     if (pt->state[i] == 1) free((void *)(uintptr_t)pt->vals[i]);
@@ -760,9 +763,13 @@ static uint32_t graph_run(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_r
   *skip_to = i + 1;
   if (!s->g_cap) return 0;
   uint64_t stream_id = rd64(frame + recs[i].fixed + 36);
-  gsig_t sig[64];
-  gsig_t *sv = sig;
-  uint32_t m = 0, cap = 64;
+  if (!s->g_sig) {
+    s->g_sig = malloc(64 * sizeof(gsig_t));
+    if (!s->g_sig) return 0;
+    s->g_sig_cap = 64;
+  }
+  gsig_t *sv = s->g_sig;
+  uint32_t m = 0;
   uint64_t h = 0x2545F4914F6CDD1DULL;
   while (i + m < end && m < GW_RPC_GRAPH_MAXRUN) {
     const gw_rpc_rec_t *r = &recs[i + m];
@@ -773,13 +780,11 @@ static uint32_t graph_run(gw_rpc_sess_t *s, const uint8_t *frame, const gw_rpc_r
     if (!g_rec(s, frame, r, &fh, &pbuf, &offs, &np)) break;
     const uint8_t *f = frame + r->fixed;
     if (rd64(f + 36) != stream_id) break;
-    if (m == cap) {
-      gsig_t *nv = malloc(2 * cap * sizeof(gsig_t));
+    if (m == s->g_sig_cap) {
+      gsig_t *nv = realloc(sv, 2 * (size_t)m * sizeof(gsig_t));
       if (!nv) break;
-      memcpy(nv, sv, m * sizeof(gsig_t));
-      if (sv != sig) free(sv);
-      sv = nv;
-      cap *= 2;
+      s->g_sig = sv = nv;
+      s->g_sig_cap = 2 * m;
     }
     gsig_t *g = &sv[m];
     g->fid = rd64(f);
@@ -873,7 +878,6 @@ failed:
   }
   s->g_stat[GW_RPC_GS_FAILED]++;
 done:
-  if (sv != sig) free(sv);
   return out;
 }
 

@@ -21,7 +21,7 @@ from gpuwire.rpc import protocol as P
 from gpuwire.rpc.codegen import layout
 from gpuwire.rpc.spec import default_spec
 from test_rpc_support import start_server, wait_until
-from test_rpc_wire import Raw, err_of, frame, hello_frame, record
+from test_rpc_wire import Raw, _still_serving, err_of, frame, hello_frame, record
 
 
 def _hello_info(rep: bytes) -> dict:
@@ -67,14 +67,6 @@ def _status(pid: int) -> dict:
             if k in ("VmRSS", "Threads"):
                 d[k] = int(v.split()[0])
     return d
-
-
-def _still_serving(srv):
-    assert srv.alive(), "the server died"
-    with srv.connect(name="after") as s:
-        with s.alloc(4096) as d:
-            s.cuMemsetD8(d, 7, 4096)
-            assert (s.copy_to_host(np.zeros(4096, np.uint8), d) == 7).all()
 
 
 @pytest.fixture(scope="module")

@@ -684,10 +684,10 @@ def _send_recv(sep, cep, data, tag):
     return bytes(into[:n])
 
 
-def _pair(ctx):
-    """A listener's worker and a client worker connected over sockaddr on 127.0.0.1;
-    returns (server worker, client worker, server ep, client ep)."""
-    ws, wc = ctx.worker(), ctx.worker()
+def _pair(ctx, ws=None):
+    """A listener's worker (``ws``, or a new one) and a client worker connected over sockaddr
+    on 127.0.0.1; returns (server worker, client worker, server ep, client ep)."""
+    ws, wc = ws or ctx.worker(), ctx.worker()
     lst = ws.listen("127.0.0.1", 0)
     got = {}
     th = threading.Thread(target=lambda: got.setdefault("ep", lst.accept(timeout=10)))

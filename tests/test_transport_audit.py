@@ -319,16 +319,7 @@ def test_emulated_rtt_timed_out_receive_keeps_the_message_for_the_next():
     with t.Context({"TLS": "tcp,self"}) as ctx:
         with settings.override(emulate_rtt_us=400_000):   # visible 200 ms after arrival
             ws = ctx.worker()
-        wc = ctx.worker()
-        lst = ws.listen("127.0.0.1", 0)
-        got = {}
-        th = threading.Thread(target=lambda: got.setdefault("ep", lst.accept(timeout=10)))
-        th.start()
-        try:
-            cep = wc.connect("127.0.0.1", lst.port, timeout=10)
-        finally:
-            th.join(10)
-        sep = got["ep"]
+        ws, wc, sep, cep = _pair(ctx, ws)
         p, p2 = _Pump(wc), _Pump(ws)
         try:
             cep.send(b"important", tag=1, timeout=5)

@@ -1780,12 +1780,18 @@ class Session(Stubs):
     def event(self, flags: int = 0) -> Event:
         return Event(self, self.cuEventCreate(flags))
 
+    def _copy_args(self, what: str, name: str, host: Any, dev: Any, stream: Any, nbytes: Optional[int]) -> int:
+        """A copy's byte count (of host buffer ``name``, or ``nbytes``), its device side and
+        stream checked to be this session's."""
+        n = _nbytes_arg(what, name, host, nbytes)
+        self._own(dev, what)
+        if stream is not None:
+            self._own(stream, what)
+        return n
+
     def copy_to_device(self, dst: Any, array: Any, stream: Any = None, nbytes: Optional[int] = None) -> None:
         """Copy a host buffer (numpy array, bytes, ...) to device memory ``dst``."""
-        n = _nbytes_arg("copy_to_device", "array", array, nbytes)
-        self._own(dst, "copy_to_device")
-        if stream is not None:
-            self._own(stream, "copy_to_device")
+        n = self._copy_args("copy_to_device", "array", array, dst, stream, nbytes)
         if isinstance(dst, DeviceBuffer) and n > dst.nbytes:
             raise ValueError(f"copy_to_device: {n} bytes do not fit {dst!r}")
         if stream is None:
@@ -1796,10 +1802,7 @@ class Session(Stubs):
     def copy_to_host(self, out: Any, src: Any, stream: Any = None, nbytes: Optional[int] = None):
         """Copy device memory ``src`` into the writable buffer ``out`` (returned). With a
         stream the copy is deferred: ``out`` is filled at the next sync covering it."""
-        n = _nbytes_arg("copy_to_host", "out", out, nbytes)
-        self._own(src, "copy_to_host")
-        if stream is not None:
-            self._own(stream, "copy_to_host")
+        n = self._copy_args("copy_to_host", "out", out, src, stream, nbytes)
         if isinstance(src, DeviceBuffer) and n > src.nbytes:
             raise ValueError(f"copy_to_host: {n} bytes run past the end of {src!r}")
         if stream is None:
