@@ -117,11 +117,11 @@ def test_server_and_worker_stdout_go_to_stderr_after_the_ready_line(server):
     with server.connect(name="fds") as s:
 
         def workers_redirected():
-            kids = [int(x) for t in os.listdir(f"/proc/{server.p.pid}/task")
-                    for x in open(f"/proc/{server.p.pid}/task/{t}/children").read().split()]
             try:        # (a spare started at this connect writes its line within a second or so)
+                kids = [int(x) for t in os.listdir(f"/proc/{server.p.pid}/task")
+                        for x in open(f"/proc/{server.p.pid}/task/{t}/children").read().split()]
                 return bool(kids) and all(_fd_target(k, 1) == _fd_target(k, 2) for k in kids)
-            except OSError:   # (one exited meanwhile: look again)
+            except OSError:   # (a thread or worker exited meanwhile: look again)
                 return False
         assert wait_until(workers_redirected, timeout=30)
         s.gwSync()
