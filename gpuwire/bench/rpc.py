@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import struct
 import subprocess
 import sys
 import time
@@ -218,6 +219,12 @@ def bench_issue(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
                 h = fn.handle
                 launch = _issue_burst(s, s.cuLaunchKernel, (h, 1, 1, 1, 1, 1, 1, 0, st, b""), burst, 7)
                 row["launchKernel_us"] = launch * 1e6
+                # the stub with parameters: saxpy's 28 bytes (float, two pointers, int; n = 0)
+                sx = s.load_module(ptx).function("saxpy")
+                if sx is not None:
+                    p28 = struct.pack("<f4xQQi", 1.0, d.ptr, d.ptr, 0)
+                    row["launchKernel_p28_us"] = _issue_burst(
+                        s, s.cuLaunchKernel, (sx.handle, 1, 1, 1, 1, 1, 1, 0, st, p28), burst, 7) * 1e6
                 t0 = time.perf_counter()
                 for _ in range(min(args.burst, 2000)):
                     s.launch(fn, 1, 1, (), stream=st)

@@ -630,6 +630,7 @@ class _FastSync:
                     raise self._broken_after_send(e) from e
                 raise
         self._ncalls = 0
+        self._fa = 1
         fa = self._flush_at * 2
         self._flush_at = fa if fa < self._max_calls else self._max_calls
         fr = self._frames[st]
@@ -741,6 +742,7 @@ class _FastSync:
                 st = _bsync(f, self._cbuf, self._pos, self._cap, n0, arg, len(tail) if tail else 0, 0)
                 # the batch is gone (as in _roundtrip: also when the call fails)
                 self._ncalls = 0
+                self._fa = 1
                 self._pos = P.HEADER_SIZE
                 self._flush_at = self._ramp0
                 if st:
@@ -870,6 +872,7 @@ class Session(Stubs):
         self.raw = RawAPI(self)
         self._seq = 0
         self._ncalls = 0
+        self._fa = 1
         self._call_seq = 0
         self._inline_max = int(settings.get("rpc_inline_max"))
         self._max_calls = max(1, int(settings.get("rpc_batch_calls")))
@@ -1129,6 +1132,7 @@ class Session(Stubs):
         P.HEADER.pack_into(self._buf, 0, P.MAGIC, P.PROTOCOL_VERSION, P.F_BYE | P.F_SYNC, self._seq,
                            self._ncalls, end - P.HEADER_SIZE)
         self._ncalls = 0
+        self._fa = 1
         self._pos = P.HEADER_SIZE
         try:
             n = self._ep.call(memoryview(self._buf)[:end], self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
@@ -1215,6 +1219,44 @@ class Session(Stubs):
                 f"{'closed' if self.closed else 'open'}>")
 
     # ------------------------------------------------------------------ batching internals
+    # What a deferred stub tests per call (codegen.client_source): ``_lim``, the byte position
+    # a record may end at before the batch goes out first (the frame buffer's size or
+    # rpc_batch_bytes, whichever is less: kept by the two properties below), and ``_fa``, the
+    # call count at which _after runs (1 while the batch is empty: its first call arms the
+    # flush timer; 0 once a bulk payload is queued: the batch goes now; else the ramp's count).
+    _lim = -1
+    _fa = 1
+    _capv = 0
+    _maxbv = 1 << 62
+
+    @property
+    def _cap(self) -> int:
+        return self._capv
+
+    @_cap.setter
+    def _cap(self, v: int) -> None:
+        self._capv = v
+        self._lim = v if v < self._maxbv else self._maxbv
+
+    @property
+    def _max_bytes(self) -> int:
+        return self._maxbv
+
+    @_max_bytes.setter
+    def _max_bytes(self, v: int) -> None:
+        self._maxbv = v
+        self._lim = v if v < self._capv else self._capv
+
+    def _after(self) -> None:
+        """A deferred call was batched and the count reached ``_fa`` (the session lock is held)."""
+        k = self._ncalls
+        if k == 1:
+            self._arm_timer()
+        if k >= self._flush_at or self._bulk:
+            self._flush_locked()
+        else:
+            self._fa = self._flush_at
+
     def _set_frame(self, fr: "_Frame") -> None:
         self._frame = fr
         self._cbuf = fr.cptr
@@ -1248,6 +1290,7 @@ class Session(Stubs):
         frees the connection): the frame state is reset and every later call raises
         SessionClosed from _make_room before it writes into a frame buffer."""
         self._ncalls = 0
+        self._fa = 1
         self._pend = []
         self._bulk = []                   # (payloads of a frame that may not have arrived)
         self._pos = P.HEADER_SIZE
@@ -1284,6 +1327,7 @@ class Session(Stubs):
             self._tseq[0] = self._seq
         self._call_seq += self._ncalls
         self._ncalls = 0
+        self._fa = 1
         # batch ramp: small batches right after a sync point get the (idle) server going,
         # later ones grow while it is busy
         self._flush_at = min(self._flush_at * 2, self._max_calls)
@@ -1388,6 +1432,7 @@ class Session(Stubs):
             self._tseq[0] = self._seq
         self._call_seq += ncalls
         self._ncalls = 0
+        self._fa = 1
         self._pos = P.HEADER_SIZE
         self._flush_at = self._ramp0
         try:
@@ -1559,8 +1604,14 @@ class Session(Stubs):
         elif kind == "hostptr":
             self._host.pop(v, None)
 
-    def _nbytes(self, x: Any) -> int:
-        return memoryview(x).nbytes
+    def _kparams(self, x: Any, name: str) -> bytes:
+        """Packed kernel parameters given as another bytes-like object (bytearray,
+        memoryview, a numpy array): their bytes, taken when the call is made."""
+        try:
+            return memoryview(x).tobytes()
+        except TypeError:
+            raise TypeError(f"{name}: kernelParams must be the packed parameters as a bytes-like "
+                            f"object, not {type(x).__name__}") from None
 
     def _inbuf(self, x: Any, n: int, name: str, arg: str):
         if type(x) is bytes and len(x) == n:
@@ -1636,6 +1687,7 @@ class Session(Stubs):
         # the payload's pointer derived once: for the pinned check and for its send(s)
         b = t.Buffer(data)
         self._bulk.append((tag, b, n, is_async and self._is_pinned(b.ptr, n)))
+        self._fa = 0                      # (the stub's call sends the batch: _after)
         return p + P.BULK_SLOT.size
 
     def _is_pinned(self, a: int, n: int) -> bool:

@@ -180,6 +180,8 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
             emit(f"{local[a.name]} = S._hostaddr({local[a.name]})")
     # variable blobs
     var_src: List[Tuple[str, str, str]] = []    # (data var, nbytes var, kind)
+    fast_kp = (encoder == "py" and call.deferred and not L.routes and name not in RELEASES
+               and [k for _, k in L.var] == ["kernel_params"])
     kp_args = [a for a in call.args if a.kind == "kernel_params"]
     for i, (vname, kind) in enumerate(L.var):
         a = byname[vname]
@@ -190,7 +192,9 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
             for other in names[1:]:
                 emit(f"if {d} is None: {d} = {other}")
             emit(f"if {d} is None: {d} = b''")
-            emit(f"{n} = _len({d}) if _type({d}) is bytes else S._nbytes({d})")
+            if not fast_kp:
+                emit(f"if _type({d}) is not bytes: {d} = S._kparams({d}, {name!r})")
+                emit(f"{n} = _len({d})")
         elif kind == "hostbuf":
             emit(f"{n} = {sz(a)}")
             emit(f"{d} = S._inbuf({local[a.name]}, {n}, {name!r}, {a.name!r})")
@@ -229,11 +233,38 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
     fixed = L.client.size
     size_terms = [str(fixed)] + [f"(4 + {n} if {n} <= S._inline_max else 16)" for _, n, _ in var_src]
     size_terms += ["4"] * len(route_src)
-    emit(f"_need = {' + '.join(size_terms)}")
-    emit("with S._lock:")
     ind = "    "
+    if fast_kp:
+        # the common launch: parameters as bytes that fit inline; header, fixed part, length
+        # and parameter bytes in one pack_into (a struct per parameter length, made once)
+        d0, n0, _k = var_src[0]
+        emit(f"if _type({d0}) is bytes and ({n0} := _len({d0})) <= S._inline_max:")
+        emit(ind + f"_need = {fixed + 4} + {n0}")
+        emit(ind + "_l = S._lock")
+        emit(ind + "_l.acquire()")
+        emit(ind + "try:")
+        i2 = ind * 2
+        emit(i2 + "_pos = S._pos")
+        emit(i2 + "if _pos + _need > S._lim: _pos = S._make_room(_need)")
+        emit(i2 + "try:")
+        emit(i2 + f"    _KP[{n0}](S._buf, _pos, {cid}, 0, _need{''.join(', ' + v for v in fixed_vals)}, {n0}, {d0})")
+        emit(i2 + "except struct.error as _e:")
+        emit(i2 + f"    raise S._bad_args({name!r}, _e) from None")
+        emit(i2 + "S._pos = _pos + _need")
+        emit(i2 + "_k = S._ncalls = S._ncalls + 1")
+        emit(i2 + "if _k >= S._fa: S._after()")
+        emit(ind + "finally:")
+        emit(i2 + "_l.release()")
+        emit(ind + "return (0,)" if raw else ind + "return None")
+        emit(f"if _type({d0}) is not bytes: {d0} = S._kparams({d0}, {name!r})")
+        emit(f"{n0} = _len({d0})")
+    emit(f"_need = {' + '.join(size_terms)}")
+    # the session lock: acquire/release, not `with` (a third of a deferred stub's cost)
+    emit("_l = S._lock")
+    emit("_l.acquire()")
+    emit("try:")
     emit(ind + "_pos = S._pos")
-    emit(ind + "if _pos + _need > S._cap: _pos = S._make_room(_need)")
+    emit(ind + "if _pos + _need > S._lim: _pos = S._make_room(_need)")
     emit(ind + "_buf = S._buf")
     if encoder == "c":
         hv = {local[a.name] for a in call.args if a.kind in ("handle", "devptr") and a.name in local}
@@ -268,8 +299,11 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
     if call.deferred:
         emit(ind + "S._pos = _pos + _need")
         emit(ind + "_k = S._ncalls = S._ncalls + 1")
-        emit(ind + "if _k == 1: S._arm_timer()")
-        emit(ind + "if _k >= S._flush_at or _pos + _need >= S._max_bytes or S._bulk: S._flush_locked()")
+        # one test per call: S._fa is 1 for a batch's first call (arms the flush timer), 0
+        # once a bulk payload is queued (sent now), else the batch ramp's flush count
+        emit(ind + "if _k >= S._fa: S._after()")
+        emit("finally:")
+        emit(ind + "_l.release()")
         ret = list(outs)
         if raw:
             emit("return (0," + "".join(" " + x + "," for x in ret) + ")")
@@ -289,6 +323,8 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
         for i, (b, n, r) in enumerate(route_src):
             emit(ind + f"_off = S._rep_hostbuf(_rep, _off, {b}, {n}, {r})")
         emit(ind + f"_rpt = S._rep_report(_rep, _off, {name!r})")
+        emit("finally:")
+        emit(ind + "_l.release()")
         # outs in reply order: created handle (none for sync), scalars/handles, strings, hostbufs
         vals = [f"_v_{pyname(x)}" for x in L.rep_names if not x.endswith("?")]
         vals += [f"_v_{pyname(s)}" for s in L.out_strings]
@@ -323,6 +359,19 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
     return "\n".join(lines + ["    " + x for x in body]) + "\n"
 
 
+class _PackByLength(dict):
+    """n -> the pack_into of ``fmt.format(n)`` (made at first use): a record whose one
+    variable part of n bytes follows its fixed part, packed in one call."""
+
+    def __init__(self, fmt: str):
+        super().__init__()
+        self.fmt = fmt
+
+    def __missing__(self, n: int) -> Callable:
+        f = self[n] = struct.Struct(self.fmt.format(n)).pack_into
+        return f
+
+
 def _compile(src: str, name: str, ns: Dict[str, Any], filename: str) -> Callable:
     code = compile(src, filename, "exec")
     exec(code, ns)
@@ -331,7 +380,8 @@ def _compile(src: str, name: str, ns: Dict[str, Any], filename: str) -> Callable
 
 def _client_ns(L: Layout) -> Dict[str, Any]:
     ns = {"_C": L.client, "_R": L.reply, "_U32": P.U32, "struct": struct, "_len": len, "_type": type,
-          "_int": operator.index, "_CODES": L.fixed.format.lstrip("<").encode()}
+          "_int": operator.index, "_CODES": L.fixed.format.lstrip("<").encode(),
+          "_KP": _PackByLength(L.client.format + "I{}s")}
     try:
         from .. import _rpc
         ns["_put"] = _rpc.lib.gw_rpc_put

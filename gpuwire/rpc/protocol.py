@@ -30,7 +30,8 @@ from .. import settings
 
 # Settings of the rpc layer (docs/settings.md), registered here so client and server see them.
 settings.register("rpc_batch_bytes", 256 << 10, int,
-                  "Client: flush the batch of deferred calls when it holds this many bytes.", layer="rpc")
+                  "Client: a batch of deferred calls holds at most this many bytes (a call that would "
+                  "take it past goes into the next frame; a record larger than this goes alone).", layer="rpc")
 settings.register("rpc_batch_calls", 4096, int,
                   "Client: flush the batch of deferred calls when it holds this many calls.", layer="rpc")
 settings.register("rpc_batch_first", 2, int,
