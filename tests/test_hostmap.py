@@ -394,6 +394,29 @@ def test_host_alloc_from_several_threads(s):
         assert (out == i).all()
 
 
+def test_first_pinned_calls_from_several_threads_share_one_manager(server):
+    """The session's pinned manager is made once when threads make their first pinned call
+    together (two managers: the regions registered in the lost one were not found)."""
+    import threading
+    sess = server.connect(name="mgr")
+    try:
+        bar = threading.Barrier(12)
+        got = []
+
+        def one():
+            bar.wait()
+            got.append(pinned.manager(sess))
+
+        ts = [threading.Thread(target=one) for _ in range(12)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert len(got) == 12 and all(m is got[0] for m in got) and sess._pin is got[0]
+    finally:
+        sess.close()
+
+
 def test_bw_bench_copies_mapped_memory_by_default_on_shared_memory(tmp_path):
     """`bench rpc --tests bw` over shared memory copies host_alloc memory, mapped; with --host-mem
     registered it takes the UCX path. The rows say which (the bytes of mapped copies are checked

@@ -6,8 +6,12 @@ Tests (``--tests``, comma-separated; default all that apply):
                (``Endpoint.call`` against a C echo server), same transports, same run.
 * ``issue``    cost of issuing a deferred call from Python: bursts that fit one batch
                are timed on the client (the batch is sent and run untimed), for the
-               struct.pack_into stubs and the C encoder; ``sustained`` is the wall time
-               per call of a long stream including sends and server back-pressure.
+               struct.pack_into stubs and the C encoder, the kinds interleaved over 9
+               rounds (``X_us`` median, ``X_min_us`` fastest; ``*_int``: plain integer
+               pointers and handles; ``ref_python``: the same steps in plain Python on
+               a bare object, how fast the host ran Python meanwhile); ``sustained`` is
+               the wall time per call of a long stream including sends and server
+               back-pressure.
 * ``launch``   a launch-heavy loop (thousands of tiny kernels, a stream sync every
                ``--sync-every``) forwarded async vs fully synchronously (every launch
                waits for the server), at each ``--rtt-us`` emulated round trip.
@@ -39,6 +43,7 @@ import secrets
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -177,15 +182,30 @@ def _fsync_raw_mean(s, iters: int) -> Optional[float]:
     return (pc() - t0) / iters / 1e3
 
 
-def _issue_burst(s, fn, make_args, burst: int, reps: int) -> float:
-    """Client-side seconds per call: bursts that fit one batch (no send inside)."""
+_LOOPS: Dict[int, Any] = {}
+
+
+def _call_loop(nargs: int):
+    """``run(fn, n, *args)``: n calls ``fn(a0, a1, ...)`` written out, as a program makes
+    them (``fn(*args)`` would add the argument tuple's unpacking to every call timed)."""
+    run = _LOOPS.get(nargs)
+    if run is None:
+        names = ", ".join(f"a{i}" for i in range(nargs))
+        ns: Dict[str, Any] = {}
+        exec(f"def run(fn, n{', ' if names else ''}{names}):\n    for _ in range(n):\n        fn({names})\n", ns)
+        run = _LOOPS[nargs] = ns["run"]
+    return run
+
+
+def _issue_burst(s, fn, args, burst: int, reps: int) -> float:
+    """Client-side seconds per call (median of ``reps`` bursts): bursts that fit one batch
+    (no send inside)."""
+    run = _call_loop(len(args))
     best = []
     for _ in range(reps):
         s.gwSync()
-        args = make_args
         t0 = time.perf_counter()
-        for i in range(burst):
-            fn(*args)
+        run(fn, burst, *args)
         dt = time.perf_counter() - t0
         best.append(dt / burst)
         s.gwSync()
@@ -193,9 +213,48 @@ def _issue_burst(s, fn, make_args, burst: int, reps: int) -> float:
     return best[len(best) // 2]
 
 
+class _RefSession:
+    """The reference of the issue test: the state a deferred stub touches, on a bare object."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buf = bytearray(1 << 20)
+        self._pos, self._lim, self._ncalls, self._fa = 16, 1 << 20, 0, 1 << 62
+
+
+_REF_REC = struct.Struct("<HHIQIIQ")
+
+
+def _ref_stub(S, dst, value, count, stream, _pack=_REF_REC.pack_into):
+    """What a generated cuMemsetD32Async stub does per call (lock, one byte test, one
+    pack_into, position and count, one count test), in plain Python: timed next to the real
+    stubs, it shows how fast the host ran Python during the same bursts (a VM's vCPU can run
+    at half speed for a while; session 16 saw a pure-Python loop flip between 0.45 and 0.95
+    µs per call on the GPU box)."""
+    _l = S._lock
+    _l.acquire()
+    try:
+        p = S._pos
+        if p + 32 > S._lim:
+            p = S._pos = 16
+        _pack(S._buf, p, 35, 0, 32, dst, value, count, stream)
+        S._pos = p + 32
+        k = S._ncalls = S._ncalls + 1
+        if k >= S._fa:
+            S._ncalls = 0
+    finally:
+        _l.release()
+
+
 def bench_issue(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
+    """Client-side cost per deferred call: bursts of one call that fit one batch (no send
+    inside), the kinds interleaved round by round (``rounds``); ``X_us`` is the median of
+    the rounds, ``X_min_us`` the fastest. ``*_int_us``: plain integers for pointers and
+    handles, as a remoting runtime forwards them (a DeviceBuffer or Stream costs its
+    ``__index__``). ``ref_python_us``: the reference (:func:`_ref_stub`)."""
     from gpuwire import settings
     rows = []
+    rounds = 9
     for enc in ("py", "c"):
         # one batch per burst (no ramp, no timer): the client's own cost; back-pressure from
         # the server shows in `sustained`
@@ -209,27 +268,37 @@ def bench_issue(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
         try:
             d = s.alloc(1 << 16)
             st = s.stream()
-            fn = s.load_module(ptx).function("noop")
+            mod = s.load_module(ptx)
+            fn = mod.function("noop")
+            sx = mod.function("saxpy")
             s.gwSync()
             burst = min(args.burst, 12000)
-            memset = _issue_burst(s, s.cuMemsetD32Async, (d, 7, 16, st), burst, 7)
-            row = {"bench": "rpc", "test": "issue", "encoder": enc, "burst": burst,
-                   "memsetD32Async_us": memset * 1e6}
-            if fn is not None:
-                h = fn.handle
-                launch = _issue_burst(s, s.cuLaunchKernel, (h, 1, 1, 1, 1, 1, 1, 0, st, b""), burst, 7)
-                row["launchKernel_us"] = launch * 1e6
-                # the stub with parameters: saxpy's 28 bytes (float, two pointers, int; n = 0)
-                sx = s.load_module(ptx).function("saxpy")
-                if sx is not None:
-                    p28 = struct.pack("<f4xQQi", 1.0, d.ptr, d.ptr, 0)
-                    row["launchKernel_p28_us"] = _issue_burst(
-                        s, s.cuLaunchKernel, (sx.handle, 1, 1, 1, 1, 1, 1, 0, st, p28), burst, 7) * 1e6
+            p28 = struct.pack("<f4xQQi", 1.0, d.ptr, d.ptr, 0)     # saxpy's parameters (n = 0)
+            kinds = [("memsetD32Async", s.cuMemsetD32Async, (d, 7, 16, st)),
+                     ("memsetD32Async_int", s.cuMemsetD32Async, (d.ptr, 7, 16, st.handle)),
+                     ("launchKernel", s.cuLaunchKernel, (fn.handle, 1, 1, 1, 1, 1, 1, 0, st, b"")),
+                     ("launchKernel_p28", s.cuLaunchKernel, (sx.handle, 1, 1, 1, 1, 1, 1, 0, st, p28)),
+                     ("launchKernel_p28_int", s.cuLaunchKernel, (sx.handle, 1, 1, 1, 1, 1, 1, 0, st.handle, p28))]
+            times: Dict[str, List[float]] = {k: [] for k, _f, _a in kinds}
+            times["ref_python"] = []
+            ref = _RefSession()
+            for _ in range(rounds):
+                for k, f, a in kinds:
+                    times[k].append(_issue_burst(s, f, a, burst, 1))
+                run = _call_loop(4)
                 t0 = time.perf_counter()
-                for _ in range(min(args.burst, 2000)):
-                    s.launch(fn, 1, 1, (), stream=st)
-                row["launch_wrapper_us"] = (time.perf_counter() - t0) / min(args.burst, 2000) * 1e6
-                s.gwSync()
+                run(_ref_stub.__get__(ref), burst, d.ptr, 7, 16, st.handle)
+                times["ref_python"].append((time.perf_counter() - t0) / burst)
+            row = {"bench": "rpc", "test": "issue", "encoder": enc, "burst": burst, "rounds": rounds}
+            for k, v in times.items():
+                v.sort()
+                row[f"{k}_us"] = v[len(v) // 2] * 1e6
+                row[f"{k}_min_us"] = v[0] * 1e6
+            t0 = time.perf_counter()
+            for _ in range(min(args.burst, 2000)):
+                s.launch(fn, 1, 1, (), stream=st)
+            row["launch_wrapper_us"] = (time.perf_counter() - t0) / min(args.burst, 2000) * 1e6
+            s.gwSync()
             # sustained: many batches, sends and server included
             n = args.sustained
             t0 = time.perf_counter()
@@ -1075,6 +1144,8 @@ def summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
             out["rtt_ratio"] = r["rtt_ratio"]
         elif t == "issue" and r.get("encoder") == "py" and "launchKernel_us" in r:
             out["issue_us_py"] = r["launchKernel_us"]
+            if "launchKernel_min_us" in r:
+                out["issue_us_py_min"] = r["launchKernel_min_us"]
         elif t == "issue" and r.get("encoder") == "c" and "launchKernel_us" in r:
             out["issue_us_c"] = r["launchKernel_us"]
         elif t == "launch":

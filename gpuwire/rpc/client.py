@@ -1892,6 +1892,7 @@ class Session(Stubs):
         if type(stream) is Stream:
             if stream.session is not self or stream._dead:
                 self._own(stream, "launch")
+            stream = stream.handle        # (the stub packs the int: no __index__ call)
         elif stream is not None and type(stream) is not int:
             self._own(stream, "launch")
         gx, gy, gz = (grid, 1, 1) if type(grid) is int else _dim3(grid, "grid")

@@ -1501,11 +1501,19 @@ def _merge(into: Dict[int, Dict[int, int]], cov: Dict[int, Dict[int, int]]) -> N
 
 # ----------------------------------------------------------------------------- session entry points
 
+_MAKE_LOCK = threading.Lock()
+
+
 def manager(session: Any, create: bool = True) -> Optional[PinnedManager]:
-    """The session's :class:`PinnedManager` (made on first use)."""
+    """The session's :class:`PinnedManager` (made on first use: once, also when several
+    threads make their first pinned call at the same time; a second manager would lose the
+    regions registered in the first)."""
     m = session.__dict__.get("_pin")
     if m is None and create:
-        m = session._pin = PinnedManager(session)
+        with _MAKE_LOCK:
+            m = session.__dict__.get("_pin")
+            if m is None:
+                m = session._pin = PinnedManager(session)
     return m
 
 
