@@ -998,7 +998,7 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
   uint8_t ver = fr[2], flags = fr[3];
   uint32_t seq = rd32(fr + 4), ncalls = rd32(fr + 8), blen = rd32(fr + 12);
   if (magic != GW_MAGIC || ver != GW_VERSION || (flags & ~GW_F_KNOWN) || (flags & (GW_F_HELLO | GW_F_BYE)) ||
-      blen != len - GW_HDR || ncalls == 0 || ncalls > v->nrecs)
+      blen != len - GW_HDR || ncalls == 0 || ncalls > v->nrecs || (v->seq_on && seq != v->next_seq))
     return srv_pass(v, tr);
   int sync = (flags & GW_F_SYNC) != 0;
   if (gw_rpc_scan(fr, GW_HDR, len, ncalls, sync, v->desc, v->ndesc, v->recs, NULL, 0)) return srv_pass(v, tr);
@@ -1132,6 +1132,7 @@ int gw_rpc_serve_handler(void *arg, void *msg, size_t len, gw_rpc_msg_t *out, in
   }
   v->ran += ncalls;
   v->frames++;
+  v->next_seq = seq + 1;
   v->flip ^= 1; /* the next call uses the other half: this call's pushes may still be in flight */
   if (sync) {
     uint8_t *p = v->rep;
@@ -2338,7 +2339,7 @@ static int b_handler(gw_rpc_bulk_t *b, void *msg, size_t len, gw_rpc_msg_t *out,
     return b_pass(b, fr, len, t_in);
   }
   b_poll(b); /* payloads that came in while the serve loop waited: their copies start now */
-  if (b->nlate) {
+  if (b->nlate || (v->seq_on && len >= GW_HDR && rd32(fr + 4) != v->next_seq)) { /* (out of order: Python refuses it) */
     b_settle_all(b);
     ph_out(b, ph);
     return b_pass(b, fr, len, t_in);
@@ -2399,6 +2400,7 @@ static int b_handler(gw_rpc_bulk_t *b, void *msg, size_t len, gw_rpc_msg_t *out,
     b_run_d2h(b, fr, seq, first, ncalls);
   v->ran += ncalls;
   v->frames++;
+  v->next_seq = seq + 1;
   b->stat[GW_RPC_BS_FRAMES]++;
   if (tr) {
     int64_t t = tr_now();

@@ -263,6 +263,11 @@ typedef struct {
   /* bulk lanes (docs/protocol.md "Bulk lanes"): a D2H push of this many bytes or more goes
    * to Python, which sends it on the lanes (0: no lanes) */
   uint64_t lane_min;
+  /* frame order (docs/protocol.md "Security"): once seq_on, a frame is run here only when its
+   * seq is next_seq (then next_seq advances); any other goes to Python, which refuses it. The
+   * cell is shared with Python, which advances it for the frames it runs */
+  uint32_t seq_on;
+  uint32_t next_seq;
 } gw_rpc_srv_t;
 /* = the transport's GW_MSG_DEFER */
 #define GW_RPC_MSG_DEFER 1

@@ -290,7 +290,8 @@ def _error_script(s):
     try:
         s.cuStreamSynchronize(st)
     except DeferredCudaError as e:
-        got.append((e.result, e.call, e.batch_position, e.frame_seq, e.call_seq, e.later_failures, e.surfaced_at,
+        got.append((e.result, e.call, e.batch_position, (e.frame_seq - s._seq0) & 0xFFFFFFFF, e.call_seq,
+                    e.later_failures, e.surfaced_at,
                     "is not inside an allocation of this session" in e.call_args))
     got.append(bool((out == 5).all()))
     bad = np.zeros(16, np.uint32)
@@ -536,8 +537,9 @@ def _sync_script(s):
     try:
         s.cuCtxSynchronize()
     except DeferredCudaError as e:
-        got.append((e.result, e.call, e.batch_position, e.frame_seq, e.call_seq, e.surfaced_at))
-    got.append(s._seq)
+        got.append((e.result, e.call, e.batch_position, (e.frame_seq - s._seq0) & 0xFFFFFFFF, e.call_seq,
+                    e.surfaced_at))
+    got.append((s._seq - s._seq0) & 0xFFFFFFFF)      # (frame seqs count from the random first)
     got.append(s._call_seq)
     return got
 

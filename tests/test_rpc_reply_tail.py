@@ -117,8 +117,11 @@ def test_reply_route_outside_a_sync_frame_is_refused(server):
         d = s.alloc(64)
         s.gwSync()
         rec = _d2h_record(d.ptr, 4, 0, P.ROUTE_REPLY)
-        frame = P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, 0, 777, 1, len(rec)) + rec
-        s._ep.send(frame, tag=P.TAG_REQ)
+        with s._lock:                                # (the session's next seq: frames run in order)
+            seq = s._seq
+            frame = P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, 0, seq, 1, len(rec)) + rec
+            s._ep.send(frame, tag=P.TAG_REQ)
+            s._seq = (seq + 1) & 0xFFFFFFFF
         s.gwSync()                                   # the error reply came first: recorded
         assert any("reply tail" in m for m in s.protocol_errors), s.protocol_errors
         a = np.zeros(1, np.uint32)
@@ -145,7 +148,7 @@ def test_reply_route_above_the_limit_fails_that_call():
             req = s._ep.recv_nb(rep, tag=P.TAG_REP)
             s._ep.send(frame, tag=P.TAG_REQ)
             n = req.wait(timeout=10).nbytes
-            s._seq = seq + 1
+            s._seq = (seq + 1) & 0xFFFFFFFF
             magic, _v, flags, rseq, _nc, blen = P.HEADER.unpack_from(rep, 0)
             assert magic == P.MAGIC and not flags and rseq == seq and blen == n - P.HEADER_SIZE
             off = P.HEADER_SIZE + P.REPLY_HEAD.size

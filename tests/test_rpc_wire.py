@@ -47,17 +47,24 @@ class Raw:
         self.w = self.ctx.worker()
         self.ep = self.w.connect(srv.address)
         self.rep = bytearray(1 << 20)
+        self.next_seq = None      # after the hello: the seq the server expects next
 
-    def send(self, frame: bytes, tag: int = P.TAG_REQ):
-        self.ep.send(frame, tag=tag)
+    def send(self, frame: bytes, tag: int = P.TAG_REQ, keep_seq: bool = False):
+        """Send ``frame``; after the hello a frame with a whole header gets the session's next
+        seq written into it (the server runs frames in seq order), unless ``keep_seq``."""
+        if self.next_seq is not None and len(frame) >= P.HEADER_SIZE and not keep_seq:
+            frame = bytearray(frame)
+            struct.pack_into("<I", frame, 4, self.next_seq)
+            self.next_seq = (self.next_seq + 1) & 0xFFFFFFFF
+        self.ep.send(bytes(frame), tag=tag)
 
     def reply(self, timeout=5.0):
         r = self.ep.recv(self.rep, tag=P.TAG_REP, tag_mask=t.EXACT_TAG, timeout=timeout)
         return bytes(self.rep[:r.nbytes])
 
-    def call(self, frame: bytes, timeout=5.0):
+    def call(self, frame: bytes, timeout=5.0, keep_seq: bool = False):
         req = self.ep.recv_nb(self.rep, tag=P.TAG_REP, tag_mask=t.EXACT_TAG)
-        self.send(frame)
+        self.send(frame, keep_seq=keep_seq)
         r = req.wait(timeout=timeout)
         return bytes(self.rep[:r.nbytes])
 
@@ -73,6 +80,8 @@ class Raw:
                 self.ep = self.w.connect(f"127.0.0.1:{info['redirect_port']}")
                 kw["token"] = info["ticket"]
                 rep = self.call(hello_frame(**kw))
+        if err_of(rep) is None:
+            self.next_seq = 1     # (hello_frame's seq is 0)
         return rep
 
     def close(self):
@@ -228,7 +237,7 @@ def test_oversize_frame(server):
     try:
         assert err_of(raw.hello()) is None
         big = frame(3, [record("gwSync")], P.F_SYNC) + bytes(2 << 20)
-        st, msg = err_of(raw.call(big))
+        st, msg = err_of(raw.call(big, keep_seq=True))      # (refused unread: its seq does not count)
         assert st == P.ST_TOO_LARGE
         assert err_of(raw.call(frame(4, [record("gwSync")], P.F_SYNC))) is None
     finally:
@@ -291,6 +300,57 @@ def test_fuzzed_frames(server):
     finally:
         raw.close()
     _still_serving(server)
+
+
+# ----------------------------------------------------------------------------- frame order
+
+def _hand_frame(s, seq: int, recs) -> bytes:
+    """A sync frame ``recs + [gwSync]`` sent on session ``s``'s own connection with ``seq``;
+    returns its reply (the session's lock held: no frame of its own goes out meanwhile)."""
+    body = b"".join(recs) + record("gwSync")
+    fr = P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.F_SYNC, seq, len(recs) + 1, len(body)) + body
+    rep = bytearray(1 << 16)
+    req = s._ep.recv_nb(rep, tag=P.TAG_REP, tag_mask=t.EXACT_TAG)
+    s._ep.send(fr, tag=P.TAG_REQ)
+    return bytes(rep[:req.wait(timeout=10).nbytes])
+
+
+@pytest.mark.parametrize("ahead", [1, 2, -1, 1 << 31])
+def test_frames_out_of_order_are_refused_and_run_nothing(server, ahead):
+    """Frames of an established session must carry consecutive seqs: one that is not the
+    session's next (ahead or behind) gets an error reply naming both seqs and none of its calls
+    run (memsets the C server would run, a free); the session goes on from where it was."""
+    with server.connect(name="order") as s:
+        d = s.alloc(4096)
+        s.cuMemsetD32(d, 1, 1024)
+        with s._lock:
+            seq = s._seq
+            bad = (seq + ahead) & 0xFFFFFFFF
+            rep = _hand_frame(s, bad, [record("cuMemsetD32Async", d.ptr, 7, 1024, 0),
+                                       record("cuMemFree", d.ptr)])
+        st, msg = err_of(rep)
+        assert st == P.ST_MALFORMED and f"frame seq {bad} is out of order" in msg and f"next is {seq}" in msg
+        out = s.copy_to_host(np.zeros(1024, np.uint32), d)
+        assert (out == 1).all(), "a call of the refused frame ran"
+        with s._lock:                               # the session's next seq by hand: runs
+            rep = _hand_frame(s, s._seq, [record("cuMemsetD32Async", d.ptr, 9, 1024, 0)])
+            s._seq = (s._seq + 1) & 0xFFFFFFFF
+        assert err_of(rep) is None
+        assert (s.copy_to_host(np.zeros(1024, np.uint32), d) == 9).all()
+        assert s.protocol_errors == []
+
+
+def test_sessions_start_at_random_frame_seqs(server):
+    """A session's first frame seq is random (a peer cannot derive another session's), and
+    frames go on from it."""
+    firsts = []
+    for i in range(3):
+        with server.connect(name=f"seq{i}") as s:
+            s0 = s._seq
+            s.gwSync()
+            assert s._seq == (s0 + 1) & 0xFFFFFFFF
+            firsts.append(s0)
+    assert len(set(firsts)) == 3, firsts
 
 
 def test_raw_endpoint_that_vanishes(server):

@@ -870,7 +870,10 @@ class Session(Stubs):
             self._lanes_want = int(lanes_set)
         self.address = address
         self.raw = RawAPI(self)
-        self._seq = 0
+        # frame seqs start at a random value: the server runs only the frame that follows the
+        # one before it, so a peer that reached the session's transport worker would have to
+        # guess the seq on top of the connection id (docs/protocol.md "Security")
+        self._seq = secrets.randbits(32)
         self._ncalls = 0
         self._fa = 1
         self._call_seq = 0
@@ -997,7 +1000,8 @@ class Session(Stubs):
             self._set_frame(self._frames[0])
         body = P.HELLO_REQ.pack(P.PROTOCOL_VERSION, P.PROTOCOL_VERSION, os.getpid(), len(tokb), len(info)) + tokb + info
         rec = default_stub_record(spec.calls["gwHello"], (SPEC_VERSION, spec.fingerprint64))
-        frame = bytearray(P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.F_HELLO | P.F_SYNC, 0, 1,
+        self._seq0 = self._seq        # the hello's (random) seq: frame seqs count from it
+        frame = bytearray(P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, P.F_HELLO | P.F_SYNC, self._seq, 1,
                                         len(body) + len(rec))) + body + rec
         try:
             n = self._ep.call(bytes(frame), self._repb, tag=P.TAG_REQ, reply_tag=P.TAG_REP,
@@ -1035,7 +1039,7 @@ class Session(Stubs):
     def _setup(self, info: Dict[str, Any]) -> None:
         self.info = info
         cap = len(self._frames[0].buf)
-        self._seq = 1
+        self._seq = (self._seq + 1) & 0xFFFFFFFF      # (the hello had the first, random seq)
         self._call_seq = 1
         self._chunk = int(self.info.get("bulk_chunk", 0))
         self._bulk_max = int(self.info.get("bulk_max", 1 << 62))

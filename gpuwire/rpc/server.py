@@ -449,6 +449,7 @@ class ServerSession:
             self.serve_c.v.skip_ssync = 1 if settings.get("rpc_server_skip_ssync") else 0
             if self.trace_dir:
                 self.serve_c.trace_on(max(1, int(settings.get("rpc_trace_frames"))))
+        self.next_seq = 0             # (set from the hello's seq: _expect_seq)
         self.trace_t0 = time.monotonic_ns()   # the trace's session span starts (CLOCK_MONOTONIC)
         self.bulk_stats: Optional[Dict[str, int]] = None   # the C bulk copies' counters when they closed
         self.frames = 0
@@ -603,6 +604,13 @@ class ServerSession:
                 and not (self.es is not None and getattr(self.es, "sticky", None))
                 and not (fs is not None and fs.busy))   # gds reads in flight: their errors come at sync
 
+    def _expect_seq(self, nxt: int) -> None:
+        """The seq the session's next frame must carry (the C server's cell too)."""
+        self.next_seq = nxt
+        if self.serve_c is not None:
+            self.serve_c.v.next_seq = nxt
+            self.serve_c.v.seq_on = 1
+
     @property
     def c_frames(self) -> int:
         """Frames the C server answered without Python."""
@@ -615,6 +623,19 @@ class ServerSession:
             self._send_error(0, P.ST_TRUNCATED, f"frame of {n} bytes is shorter than the {P.HEADER_SIZE}-byte header")
             return True
         magic, ver, flags, seq, ncalls, blen = P.HEADER.unpack_from(mv, 0)
+        if self.ready:
+            # an established session's frames carry consecutive seqs from its hello's on (the
+            # client starts at a random one); a frame out of order was not sent in order by
+            # this session's client (a peer that found the session worker's transport address
+            # and guessed its connection id, or a client bug): nothing of it runs. A frame in
+            # order counts also when it is refused below.
+            v = self.serve_c.v if self.serve_c is not None else None
+            exp = int(v.next_seq) if v is not None else self.next_seq
+            if seq != exp:
+                self._send_error(seq, P.ST_MALFORMED, f"frame seq {seq} is out of order (this session's "
+                                 f"next is {exp}): refused, none of its calls ran")
+                return True
+            self._expect_seq((seq + 1) & 0xFFFFFFFF)
         if magic != P.MAGIC:
             self._send_error(seq if magic == P.MAGIC else 0, P.ST_BAD_MAGIC,
                              f"bad magic {magic:#06x}: not a gpuwire RPC frame")
@@ -634,7 +655,10 @@ class ServerSession:
             if not flags & P.F_HELLO:
                 self._send_error(seq, P.ST_HELLO_REQUIRED, "the first frame must be a hello")
                 return True
-            return self._hello(mv, n, seq)
+            r = self._hello(mv, n, seq)
+            if self.ready:                # frames follow the hello's seq one by one
+                self._expect_seq((seq + 1) & 0xFFFFFFFF)
+            return r
         if flags & P.F_HELLO:
             self._send_error(seq, P.ST_MALFORMED, "hello on an established session")
             return True
