@@ -340,6 +340,26 @@ def test_frames_out_of_order_are_refused_and_run_nothing(server, ahead):
         assert s.protocol_errors == []
 
 
+def test_stray_error_replies_keep_only_the_last_ones(server):
+    """Error replies to frames the client did not send (out of order here) are recorded in
+    protocol_errors, which keeps the last 256 and counts the rest: a peer disturbing a session
+    cannot grow it without bound. The session's own calls still work."""
+    with server.connect(name="stray") as s:
+        d = s.alloc(64)
+        with s._lock:
+            bad = (s._seq + 1000) & 0xFFFFFFFF
+            body = record("cuMemsetD8Async", d.ptr, 3, 64, 0)
+            fr = P.HEADER.pack(P.MAGIC, P.PROTOCOL_VERSION, 0, bad, 1, len(body)) + body
+            for _ in range(300):
+                s._ep.send(fr, tag=P.TAG_REQ)
+        s.cuMemsetD8(d, 5, 64)
+        assert (s.copy_to_host(np.zeros(64, np.uint8), d) == 5).all()
+        assert wait_until(lambda: (s.gwSync(), len(s.protocol_errors) + s.protocol_errors.dropped)[1] == 300,
+                          timeout=10)
+        assert len(s.protocol_errors) == 256 and s.protocol_errors.dropped == 44
+        assert all(f"frame {bad}:" in m and "out of order" in m for m in s.protocol_errors)
+
+
 def test_sessions_start_at_random_frame_seqs(server):
     """A session's first frame seq is random (a peer cannot derive another session's), and
     frames go on from it."""

@@ -902,7 +902,7 @@ class Session(Stubs):
         self._host: Dict[int, Any] = {}
         self._pinned: Dict[int, Any] = {}
         self.deferred_error: Optional[DeferredCudaError] = None
-        self.protocol_errors: List[str] = []
+        self.protocol_errors: List[str] = _RecentList(256)
         # seqs of sync frames whose caller gave up waiting (OperationTimeout): their replies
         # may still come and are then dropped, not taken for a later call's (ordered, bounded)
         self._late_seqs: Dict[int, None] = {}
@@ -1967,6 +1967,24 @@ class Session(Stubs):
         if r != P.CUDA_ERROR_INVALID_VALUE:
             raise CudaError(r, "cuFuncGetParamInfo")
         return out
+
+
+class _RecentList(list):
+    """A list that keeps its last ``keep`` items (``dropped``: how many went before): a
+    session's protocol errors, which a peer disturbing the session could otherwise grow
+    without bound (stray error replies, docs/protocol.md "Security")."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = keep
+        self.dropped = 0
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        if len(self) > self.keep:
+            k = len(self) - self.keep
+            del self[:k]
+            self.dropped += k
 
 
 class _Frame:
