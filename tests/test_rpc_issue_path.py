@@ -26,12 +26,17 @@ def server(request):
 MEMSET = 36     # cuMemsetD32Async's record: header 8 + dst 8 + value 4 + count 4 + stream 8 (bytes)
 
 
+def _kib_frames(server, name: str, flush_us: int = 0):
+    """A session whose batches are bounded only by rpc_batch_bytes=1024 (no call-count ramp)."""
+    with settings.override(rpc_batch_bytes=1024, rpc_batch_calls=1 << 20, rpc_batch_first=1 << 20,
+                           rpc_flush_us=flush_us):
+        return server.connect(name=name)
+
+
 def test_batch_never_passes_rpc_batch_bytes(server):
     """A frame holds records up to rpc_batch_bytes; the call that would pass it goes into
     the next frame (before it is written), and every call runs, in order."""
-    with settings.override(rpc_batch_bytes=1024, rpc_batch_calls=1 << 20, rpc_batch_first=1 << 20,
-                           rpc_flush_us=0):
-        s = server.connect(name="bytes")
+    s = _kib_frames(server, "bytes")
     try:
         per = (1024 - P.HEADER_SIZE) // MEMSET            # 28 records fill a frame of 1024 B
         d = s.alloc(4 * 3 * per)
@@ -54,9 +59,7 @@ def test_batch_never_passes_rpc_batch_bytes(server):
 def test_a_record_larger_than_the_byte_limit_goes_alone(server):
     """A record above rpc_batch_bytes that fits the frame buffer is sent in a frame of its
     own: the batch before it first, the calls after it in the next frame."""
-    with settings.override(rpc_batch_bytes=1024, rpc_batch_calls=1 << 20, rpc_batch_first=1 << 20,
-                           rpc_flush_us=0):
-        s = server.connect(name="big")
+    s = _kib_frames(server, "big")
     try:
         d = s.alloc(8192)
         st = s.stream()
@@ -79,9 +82,7 @@ def test_a_record_larger_than_the_byte_limit_goes_alone(server):
 def test_the_first_call_after_a_byte_limit_flush_arms_the_timer(server):
     """After a frame went out because the next record would pass rpc_batch_bytes, the new
     batch's first call arms the flush timer: the calls left over go out without a sync."""
-    with settings.override(rpc_batch_bytes=1024, rpc_batch_calls=1 << 20, rpc_batch_first=1 << 20,
-                           rpc_flush_us=3000):
-        s = server.connect(name="timer")
+    s = _kib_frames(server, "timer", flush_us=3000)
     try:
         d = s.alloc(4096)
         st = s.stream()

@@ -281,13 +281,13 @@ def bench_issue(connect, args, ptx: bytes) -> List[Dict[str, Any]]:
                      ("launchKernel_p28_int", s.cuLaunchKernel, (sx.handle, 1, 1, 1, 1, 1, 1, 0, st.handle, p28))]
             times: Dict[str, List[float]] = {k: [] for k, _f, _a in kinds}
             times["ref_python"] = []
-            ref = _RefSession()
+            ref, run = _RefSession(), _call_loop(4)
+            ref_call = _ref_stub.__get__(ref)
             for _ in range(rounds):
                 for k, f, a in kinds:
                     times[k].append(_issue_burst(s, f, a, burst, 1))
-                run = _call_loop(4)
                 t0 = time.perf_counter()
-                run(_ref_stub.__get__(ref), burst, d.ptr, 7, 16, st.handle)
+                run(ref_call, burst, d.ptr, 7, 16, st.handle)
                 times["ref_python"].append((time.perf_counter() - t0) / burst)
             row = {"bench": "rpc", "test": "issue", "encoder": enc, "burst": burst, "rounds": rounds}
             for k, v in times.items():

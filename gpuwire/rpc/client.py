@@ -1240,7 +1240,7 @@ class Session(Stubs):
     @_cap.setter
     def _cap(self, v: int) -> None:
         self._capv = v
-        self._lim = v if v < self._maxbv else self._maxbv
+        self._lim = min(v, self._maxbv)
 
     @property
     def _max_bytes(self) -> int:
@@ -1249,7 +1249,7 @@ class Session(Stubs):
     @_max_bytes.setter
     def _max_bytes(self, v: int) -> None:
         self._maxbv = v
-        self._lim = v if v < self._capv else self._capv
+        self._lim = min(self._capv, v)
 
     def _after(self) -> None:
         """A deferred call was batched and the count reached ``_fa`` (the session lock is held)."""

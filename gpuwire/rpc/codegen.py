@@ -234,37 +234,49 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
     size_terms = [str(fixed)] + [f"(4 + {n} if {n} <= S._inline_max else 16)" for _, n, _ in var_src]
     size_terms += ["4"] * len(route_src)
     ind = "    "
+
+    def lock_and_room(at: str) -> None:
+        # the session lock: acquire/release, not `with` (a third of a deferred stub's cost);
+        # the record's end checked against S._lim (frame buffer or rpc_batch_bytes)
+        emit(at + "_l = S._lock")
+        emit(at + "_l.acquire()")
+        emit(at + "try:")
+        emit(at + ind + "_pos = S._pos")
+        emit(at + ind + "if _pos + _need > S._lim: _pos = S._make_room(_need)")
+
+    def pack(at: str, src: str) -> None:
+        emit(at + "try:")
+        emit(at + ind + src)
+        emit(at + "except struct.error as _e:")
+        emit(at + ind + f"raise S._bad_args({name!r}, _e) from None")
+
+    def batched(at: str) -> None:
+        # one test per call: S._fa is 1 for a batch's first call (arms the flush timer), 0
+        # once a bulk payload is queued (sent now), else the batch ramp's flush count
+        emit(at + ind + "S._pos = _pos + _need")
+        emit(at + ind + "_k = S._ncalls = S._ncalls + 1")
+        emit(at + ind + "if _k >= S._fa: S._after()")
+
+    def unlock(at: str) -> None:
+        emit(at + "finally:")
+        emit(at + ind + "_l.release()")
+
+    packed = ''.join(', ' + v for v in fixed_vals)
     if fast_kp:
         # the common launch: parameters as bytes that fit inline; header, fixed part, length
         # and parameter bytes in one pack_into (a struct per parameter length, made once)
         d0, n0, _k = var_src[0]
         emit(f"if _type({d0}) is bytes and ({n0} := _len({d0})) <= S._inline_max:")
         emit(ind + f"_need = {fixed + 4} + {n0}")
-        emit(ind + "_l = S._lock")
-        emit(ind + "_l.acquire()")
-        emit(ind + "try:")
-        i2 = ind * 2
-        emit(i2 + "_pos = S._pos")
-        emit(i2 + "if _pos + _need > S._lim: _pos = S._make_room(_need)")
-        emit(i2 + "try:")
-        emit(i2 + f"    _KP[{n0}](S._buf, _pos, {cid}, 0, _need{''.join(', ' + v for v in fixed_vals)}, {n0}, {d0})")
-        emit(i2 + "except struct.error as _e:")
-        emit(i2 + f"    raise S._bad_args({name!r}, _e) from None")
-        emit(i2 + "S._pos = _pos + _need")
-        emit(i2 + "_k = S._ncalls = S._ncalls + 1")
-        emit(i2 + "if _k >= S._fa: S._after()")
-        emit(ind + "finally:")
-        emit(i2 + "_l.release()")
+        lock_and_room(ind)
+        pack(ind * 2, f"_KP[{n0}](S._buf, _pos, {cid}, 0, _need{packed}, {n0}, {d0})")
+        batched(ind)
+        unlock(ind)
         emit(ind + "return (0,)" if raw else ind + "return None")
         emit(f"if _type({d0}) is not bytes: {d0} = S._kparams({d0}, {name!r})")
         emit(f"{n0} = _len({d0})")
     emit(f"_need = {' + '.join(size_terms)}")
-    # the session lock: acquire/release, not `with` (a third of a deferred stub's cost)
-    emit("_l = S._lock")
-    emit("_l.acquire()")
-    emit("try:")
-    emit(ind + "_pos = S._pos")
-    emit(ind + "if _pos + _need > S._lim: _pos = S._make_room(_need)")
+    lock_and_room("")
     emit(ind + "_buf = S._buf")
     if encoder == "c":
         hv = {local[a.name] for a in call.args if a.kind in ("handle", "devptr") and a.name in local}
@@ -275,10 +287,7 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
         emit(ind + f"    raise S._bad_args({name!r}, _e) from None")
         emit(ind + f"if _q < 0: raise S._bad_args({name!r}, 'value out of range')")
     else:
-        emit(ind + "try:")
-        emit(ind + f"    _C.pack_into(_buf, _pos, {cid}, 0, _need{''.join(', ' + v for v in fixed_vals)})")
-        emit(ind + "except struct.error as _e:")
-        emit(ind + f"    raise S._bad_args({name!r}, _e) from None")
+        pack(ind, f"_C.pack_into(_buf, _pos, {cid}, 0, _need{packed})")
     if var_src or route_src:
         emit(ind + f"_p = _pos + {fixed}")
         for d, n, kind in var_src:
@@ -297,13 +306,8 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
         if rel.kind == "devptr" or (rel.kind == "handle" and rel.handle in ("devptr", "hostptr")):
             emit(ind + f"S._release({rel.handle!r}, {local[rel.name]})")
     if call.deferred:
-        emit(ind + "S._pos = _pos + _need")
-        emit(ind + "_k = S._ncalls = S._ncalls + 1")
-        # one test per call: S._fa is 1 for a batch's first call (arms the flush timer), 0
-        # once a bulk payload is queued (sent now), else the batch ramp's flush count
-        emit(ind + "if _k >= S._fa: S._after()")
-        emit("finally:")
-        emit(ind + "_l.release()")
+        batched("")
+        unlock("")
         ret = list(outs)
         if raw:
             emit("return (0," + "".join(" " + x + "," for x in ret) + ")")
@@ -323,8 +327,7 @@ def client_source(call: Call, raw: bool = False, encoder: str = "py") -> str:
         for i, (b, n, r) in enumerate(route_src):
             emit(ind + f"_off = S._rep_hostbuf(_rep, _off, {b}, {n}, {r})")
         emit(ind + f"_rpt = S._rep_report(_rep, _off, {name!r})")
-        emit("finally:")
-        emit(ind + "_l.release()")
+        unlock("")
         # outs in reply order: created handle (none for sync), scalars/handles, strings, hostbufs
         vals = [f"_v_{pyname(x)}" for x in L.rep_names if not x.endswith("?")]
         vals += [f"_v_{pyname(s)}" for s in L.out_strings]
